@@ -1,0 +1,40 @@
+# kantai-batch developer and user entry points. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+JOB ?= jobs/kantaibert.yaml
+RUN_DIR ?= runs/demo
+# Empty: the job's corpus.source (the public URL of kant.txt). Offline: CORPUS=path/to/kant.txt
+CORPUS ?=
+# The demo trains a bounded number of steps so it finishes in minutes on a laptop CPU.
+DEMO_STEPS ?= 12
+DEMO_BATCH ?= 16
+PYTEST_ARGS ?=
+
+.PHONY: help install demo test clean
+
+help:
+	@echo "make install   create $(VENV) with the package and its dependencies"
+	@echo "make demo      run the KantaiBERT job on the embedded defaults [CORPUS=path-or-url]"
+	@echo "make test      run the test suite"
+
+install: $(VENV)/.installed
+
+# Re-runs only when the dependency declarations change. torch is installed first, pinned by
+# constraints.txt, so no dependency can pull a newer (CUDA) build.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt torch
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/kantai-batch run --job $(JOB) --run-dir $(RUN_DIR) $(if $(CORPUS),--corpus $(CORPUS)) \
+		--set train.max_steps=$(DEMO_STEPS) --set train.per_device_batch_size=$(DEMO_BATCH)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

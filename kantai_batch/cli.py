@@ -1,0 +1,227 @@
+"""The ``kantai-batch`` command: one Click group, one subcommand per phase.
+
+This layer only parses options, loads the job once and turns user errors into one-line messages with
+the exit code of their kind. Phase modules (and torch/transformers with them) are imported inside
+the commands, so ``kantai-batch --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kantai_batch import __version__
+from kantai_batch.errors import KantaiError
+from kantai_batch.job import Job, load_job
+from kantai_batch.storage import RunDir, is_complete
+
+log = logging.getLogger("kantai_batch")
+
+DEFAULT_RUN_DIR = "runs/kantaibert"
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KantaiError as exc:
+            click.echo(f"kantai-batch: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="kantai-batch")
+@click.option(
+    "--log-level",
+    envvar="KANTAI_LOG_LEVEL",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    help="How much to log to stderr.",
+)
+def cli(log_level: str) -> None:
+    """Pretrain transformer language models from scratch, one phase per command.
+
+    Phases read and write one run dir: prepare -> corpus/, train-tokenizer -> tokenizer/,
+    pretrain -> checkpoints/ and model/, evaluate -> eval/. `run` does them all in order.
+    """
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    # Everything is trained from scratch: nothing may wait on the Hugging Face Hub, which batch
+    # pods usually cannot reach.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--job, --run-dir, --corpus and --set, resolved into ``job`` and ``run`` arguments."""
+
+    @click.option(
+        "--job",
+        "job_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="KANTAI_JOB",
+        help="Job YAML file; without one the embedded KantaiBERT defaults apply.",
+    )
+    @click.option(
+        "--run-dir",
+        envvar="KANTAI_RUN_DIR",
+        default=DEFAULT_RUN_DIR,
+        help="Folder holding every phase's outputs.",
+    )
+    @click.option("--corpus", "corpus", help="Corpus path or http(s) URL; overrides corpus.source.")
+    @click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a job field, e.g. --set train.max_steps=30 (repeatable).",
+    )
+    @functools.wraps(func)
+    def wrapper(job_file: Path | None, run_dir: str, corpus: str | None, overrides: tuple[str, ...], **kwargs: Any):
+        job = load_job(job_file, overrides, corpus=corpus)
+        return func(job=job, run=RunDir.from_uri(run_dir), **kwargs)
+
+    return wrapper
+
+
+tracking_option = click.option(
+    "--tracking/--no-tracking",
+    envvar="KANTAI_TRACKING",
+    default=True,
+    help="Log the training to MLflow (MLFLOW_TRACKING_URI, else MLflow's local default store).",
+)
+
+
+@cli.command()
+@job_options
+def prepare(job: Job, run: RunDir) -> None:
+    """Read, decode and clean the raw corpus; split it into RUN/corpus/{train,eval}.txt."""
+    from kantai_batch.corpus import prepare as prepare_phase
+
+    prepare_phase(job, run)
+
+
+@cli.command("train-tokenizer")
+@job_options
+def train_tokenizer(job: Job, run: RunDir) -> None:
+    """Train a byte-level BPE tokenizer on the train split into RUN/tokenizer/."""
+    from kantai_batch.tokenizer import train_tokenizer as train_tokenizer_phase
+
+    train_tokenizer_phase(job, run)
+
+
+@cli.command()
+@job_options
+@tracking_option
+def pretrain(job: Job, run: RunDir, tracking: bool) -> None:
+    """Pretrain the model from scratch; resumes from the newest complete checkpoint in the run dir."""
+    from kantai_batch.train import pretrain as pretrain_phase
+
+    pretrain_phase(job, run, track=tracking)
+
+
+@cli.command()
+@job_options
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder [default: RUN/model].")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def evaluate(job: Job, run: RunDir, model_dir: Path | None, as_json: bool) -> None:
+    """Eval loss, perplexity and masked-token accuracy on the held-out split (or --corpus)."""
+    from kantai_batch.evaluate import evaluate as evaluate_phase
+
+    # --corpus names the text to evaluate on here, not a corpus to prepare.
+    explicit_corpus = click.get_current_context().params.get("corpus")
+    metrics = evaluate_phase(job, run, model_dir=model_dir, corpus=explicit_corpus)
+    _print_metrics(metrics, as_json)
+
+
+@cli.command("fill-mask")
+@job_options
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder [default: RUN/model].")
+@click.option("--top-k", type=click.IntRange(min=1), help="Predictions per mask [default: infer.top_k].")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {token_str, score, sequence}.")
+@click.argument("text", required=False)
+def fill_mask(job: Job, run: RunDir, model_dir: Path | None, top_k: int | None, as_json: bool, text: str | None) -> None:
+    """Fill the <mask> in TEXT [default: infer.fill_mask_text] with the model's predictions."""
+    _show_fill_mask(model_dir or run.model, text or job.infer.fill_mask_text, top_k or job.infer.top_k, as_json)
+
+
+@cli.command()
+@job_options
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Inspect a saved model instead of the job's.")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def inspect(job: Job, run: RunDir, model_dir: Path | None, as_json: bool) -> None:
+    """Parameter count, tensors, and every tensor's name, shape and share of the total."""
+    from kantai_batch.model import model_for_job, parameter_rows, saved_model_skeleton
+
+    rows = parameter_rows(saved_model_skeleton(model_dir) if model_dir else model_for_job(job))
+    total = sum(row.count for row in rows)
+    if as_json:
+        tensors = [{"name": r.name, "shape": list(r.shape), "count": r.count, "share": r.count / total} for r in rows]
+        click.echo(json.dumps({"parameters": total, "tensors": len(rows), "table": tensors}, indent=2))
+        return
+    width = max(len(row.name) for row in rows)
+    for row in rows:
+        shape = "x".join(str(dim) for dim in row.shape)
+        click.echo(f"{row.name:<{width}}  {shape:>12}  {row.count:>12,}  {row.count / total:7.2%}")
+    click.echo(f"{total:,} parameters in {len(rows)} tensors")
+
+
+@cli.command("run")
+@job_options
+@tracking_option
+def run_all(job: Job, run: RunDir, tracking: bool) -> None:
+    """Every phase in order, skipping those whose output is already complete; then fill-mask."""
+    from kantai_batch.corpus import prepare as prepare_phase
+    from kantai_batch.evaluate import evaluate as evaluate_phase
+    from kantai_batch.tokenizer import train_tokenizer as train_tokenizer_phase
+    from kantai_batch.train import pretrain as pretrain_phase
+
+    phases = [
+        ("prepare", run.corpus, lambda: prepare_phase(job, run)),
+        ("train-tokenizer", run.tokenizer, lambda: train_tokenizer_phase(job, run)),
+        ("pretrain", run.model, lambda: pretrain_phase(job, run, track=tracking)),
+        ("evaluate", run.eval, lambda: evaluate_phase(job, run)),
+    ]
+    for name, output, phase in phases:
+        if is_complete(output):
+            log.info("%s: %s is complete, skipped (delete it to redo the phase)", name, output)
+            continue
+        log.info("%s: starting", name)
+        phase()
+    _show_fill_mask(run.model, job.infer.fill_mask_text, job.infer.top_k, as_json=False)
+
+
+def _show_fill_mask(model_dir: Path, text: str, top_k: int, as_json: bool) -> None:
+    from kantai_batch.infer import fill_mask as fill_mask_predictions
+
+    per_mask = fill_mask_predictions(model_dir, text, top_k)
+    if as_json:
+        click.echo(json.dumps(per_mask[0] if len(per_mask) == 1 else per_mask, indent=2, ensure_ascii=False))
+        return
+    click.echo(text)
+    for index, candidates in enumerate(per_mask, start=1):
+        if len(per_mask) > 1:
+            click.echo(f"mask {index}:")
+        for rank, candidate in enumerate(candidates, start=1):
+            click.echo(f"  {rank}. {candidate['token_str']!r:<16} {candidate['score']:.4f}  {candidate['sequence']}")
+
+
+def _print_metrics(metrics: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2))
+        return
+    for key, value in metrics.items():
+        click.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def main() -> None:
+    cli(prog_name="kantai-batch")

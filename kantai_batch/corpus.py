@@ -1,0 +1,155 @@
+"""prepare: read a raw corpus, decode it, clean it minimally, split it into train and eval.
+
+Writes ``RUN/corpus/{train,eval}.txt`` (UTF-8, LF, paragraphs separated by blank lines) and
+``stats.json``. The text's own characters are kept: dashes and curly quotes are content, not noise.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kantai_batch.errors import InputDataError, SourceUnavailableError
+from kantai_batch.job import Job
+from kantai_batch.storage import RunDir, committed_dir, fetched, file_sha256, is_url, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+TRAIN_FILE = "train.txt"
+EVAL_FILE = "eval.txt"
+STATS_FILE = "stats.json"
+
+# Encoding detection reads a sample, not the whole file: corpora can be gigabytes.
+_DETECTION_SAMPLE_BYTES = 4 << 20
+# Text with no blank lines would be one huge paragraph; cutting it bounds the split's granularity.
+_MAX_PARAGRAPH_LINES = 100
+# C0/C1 control characters (form feeds, NULs, ...) except tab; they are page furniture, not text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_REPLACEMENT = "\ufffd"
+
+
+def prepare(job: Job, run: RunDir) -> Path:
+    """Fetch and decode ``job.corpus.source``, write the train/eval split; return the corpus folder."""
+    source = job.corpus.source
+    try:
+        with fetched(source, "corpus") as path:
+            if path.stat().st_size == 0:
+                raise InputDataError(f"corpus {source} is empty")
+            encoding, detected = choose_encoding(path, job.corpus.encoding, source)
+            with committed_dir(run.corpus) as out:
+                stats = _write_split(path, encoding, out, job)
+                stats.update(source=source, source_sha256=file_sha256(path), encoding=encoding, encoding_detected=detected)
+                write_json_atomic(out / STATS_FILE, stats)
+    except SourceUnavailableError as exc:
+        if is_url(source):
+            raise SourceUnavailableError(
+                f"{exc}; download it yourself and pass the file with --corpus PATH (make demo CORPUS=PATH)"
+            ) from None
+        raise
+    log.info(
+        "corpus: %s bytes decoded as %s (%s), %s characters could not be decoded; "
+        "%s paragraphs for training, %s for evaluation",
+        f"{stats['source_bytes']:,}",
+        encoding,
+        "detected" if detected else "forced",
+        f"{stats['undecodable_chars']:,}",
+        f"{stats['train']['paragraphs']:,}",
+        f"{stats['eval']['paragraphs']:,}",
+    )
+    return run.corpus
+
+
+def choose_encoding(path: Path, configured: str, source: str) -> tuple[str, bool]:
+    """The codec to decode ``path`` with, and whether it was detected rather than configured."""
+    if configured != "auto":
+        return configured, False
+    import charset_normalizer
+
+    with path.open("rb") as handle:
+        sample = handle.read(_DETECTION_SAMPLE_BYTES)
+        if handle.read(1):
+            # Cut at a line end so the sample does not finish inside a multi-byte character.
+            sample = sample[: sample.rfind(b"\n") + 1] or sample
+    best = charset_normalizer.from_bytes(sample).best()
+    if best is None:
+        raise InputDataError(
+            f"corpus {source}: cannot detect a text encoding (is it a text file?); set corpus.encoding to force one"
+        )
+    candidates = best.could_be_from_charset
+    if best.bom and best.encoding == "utf_8":
+        return "utf_8_sig", True
+    if best.encoding == "ascii":
+        # The sample may be ASCII while later bytes are not; UTF-8 reads both.
+        return "utf_8", True
+    if "cp1252" in candidates:
+        # Several single-byte code pages decode this sample identically; Windows-1252 is by far the
+        # most common of them for Western text, so later bytes are most likely meant as cp1252 too.
+        return "cp1252", True
+    return best.encoding, True
+
+
+def read_lines(path: Path, encoding: str) -> Iterator[str]:
+    """Decoded lines without line ends (any of LF, CRLF, CR), cleaned; undecodable bytes become U+FFFD."""
+    with path.open("rb") as raw, io.TextIOWrapper(raw, encoding=encoding, errors="replace", newline=None) as text:
+        for line in text:
+            # Whitespace at a line's edges is wrapping debris in prose; inner spacing is kept.
+            yield _CONTROL.sub("", line).strip()
+
+
+def paragraphs(lines: Iterator[str]) -> Iterator[list[str]]:
+    """Group lines into paragraphs at blank lines (and every _MAX_PARAGRAPH_LINES lines)."""
+    current: list[str] = []
+    for line in lines:
+        if line:
+            current.append(line)
+            if len(current) < _MAX_PARAGRAPH_LINES:
+                continue
+        if current:
+            yield current
+            current = []
+    if current:
+        yield current
+
+
+def write_text(path: Path, encoding: str, dest: Path) -> int:
+    """Decode and clean ``path`` into ``dest`` as one UTF-8 text (no split); return its paragraphs."""
+    count = 0
+    with dest.open("w", encoding="utf-8", newline="\n") as out:
+        for paragraph in paragraphs(read_lines(path, encoding)):
+            out.write(("\n" if count else "") + "\n".join(paragraph) + "\n")
+            count += 1
+    return count
+
+
+def _write_split(path: Path, encoding: str, out: Path, job: Job) -> dict[str, Any]:
+    rng = random.Random(job.train.seed)
+    counts = {name: {"paragraphs": 0, "lines": 0, "chars": 0} for name in ("train", "eval")}
+    undecodable = 0
+    with (out / TRAIN_FILE).open("w", encoding="utf-8", newline="\n") as train, (out / EVAL_FILE).open(
+        "w", encoding="utf-8", newline="\n"
+    ) as held_out:
+        for paragraph in paragraphs(read_lines(path, encoding)):
+            name, handle = ("eval", held_out) if rng.random() < job.data.eval_fraction else ("train", train)
+            text = "\n".join(paragraph)
+            undecodable += text.count(_REPLACEMENT)
+            if counts[name]["paragraphs"]:
+                handle.write("\n")
+            handle.write(text + "\n")
+            counts[name]["paragraphs"] += 1
+            counts[name]["lines"] += len(paragraph)
+            counts[name]["chars"] += len(text)
+    source = job.corpus.source
+    if counts["train"]["paragraphs"] + counts["eval"]["paragraphs"] == 0:
+        raise InputDataError(f"corpus {source} has no text (only blank lines or control characters)")
+    for name in ("train", "eval"):
+        if counts[name]["paragraphs"] == 0:
+            raise InputDataError(
+                f"corpus {source} is too small to split: its {name} split got no paragraph "
+                f"(data.eval_fraction={job.data.eval_fraction}); use a larger corpus"
+            )
+    return {"source_bytes": path.stat().st_size, "undecodable_chars": undecodable, **counts}

@@ -1,0 +1,168 @@
+"""The run directory, atomic phase commits and fetching inputs by URI.
+
+Each phase writes its folder under a temporary name, writes a ``_COMPLETE`` manifest (file sizes and
+checksums) into it last, then renames it into place. Readers trust a folder only when its marker is
+there, so a killed phase never leaves something that a later phase mistakes for finished work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kantai_batch.errors import InputDataError, JobConfigError, SourceUnavailableError
+
+log = logging.getLogger(__name__)
+
+MARKER = "_COMPLETE"
+_DOWNLOAD_ATTEMPTS = 3
+_DOWNLOAD_TIMEOUT_S = 30
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The folders one run's phases read and write; the same layout for every job."""
+
+    root: Path
+
+    @classmethod
+    def from_uri(cls, uri: str) -> RunDir:
+        if "://" in uri:
+            raise JobConfigError(f"run dir {uri}: only local folders are supported so far")
+        return cls(Path(uri).expanduser())
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "corpus"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / MARKER).is_file()
+
+
+def require_complete(folder: Path, what: str, phase: str) -> None:
+    if not is_complete(folder):
+        raise InputDataError(f"{what} {folder} is missing or incomplete: run `kantai-batch {phase}` first")
+
+
+def read_marker(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / MARKER).read_text(encoding="utf-8"))
+
+
+def write_marker(folder: Path, **extra: Any) -> None:
+    """Record every file in ``folder`` with its size and checksum; written last, atomically."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER):
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    manifest = {"completed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": files, **extra}
+    write_json_atomic(folder / MARKER, manifest)
+
+
+@contextlib.contextmanager
+def committed_dir(final: Path, **marker_extra: Any) -> Iterator[Path]:
+    """Yield a scratch folder that replaces ``final`` (marker included) only if the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        yield scratch
+        write_marker(scratch, **marker_extra)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    retired = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(retired)
+    scratch.rename(final)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_url(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+@contextlib.contextmanager
+def fetched(uri: str, what: str) -> Iterator[Path]:
+    """A local file holding ``uri``: the file itself, or a download that is removed afterwards."""
+    if is_url(uri):
+        with tempfile.TemporaryDirectory(prefix="kantai-fetch-") as tmp:
+            yield _download(uri, Path(tmp) / "download", what)
+        return
+    if "://" in uri:
+        raise JobConfigError(f"{what} {uri}: unsupported URI scheme (use a local path or http(s) URL)")
+    path = Path(uri).expanduser()
+    if not path.exists():
+        raise SourceUnavailableError(f"{what} {uri} does not exist")
+    if not path.is_file():
+        raise SourceUnavailableError(f"{what} {uri} is not a file")
+    yield path
+
+
+def _download(url: str, dest: Path, what: str) -> Path:
+    from tqdm.auto import tqdm
+
+    request = urllib.request.Request(url, headers={"User-Agent": "kantai-batch"})
+    for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
+        try:
+            with urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT_S) as response, dest.open("wb") as out:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {what}", leave=False) as bar:
+                    for chunk in iter(lambda: response.read(1 << 16), b""):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+            return dest
+        except urllib.error.HTTPError as exc:
+            # 4xx will not change on a retry; 5xx might.
+            if exc.code < 500 or attempt == _DOWNLOAD_ATTEMPTS:
+                raise SourceUnavailableError(f"{what} {url}: download failed: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            if attempt == _DOWNLOAD_ATTEMPTS:
+                reason = getattr(exc, "reason", exc)
+                raise SourceUnavailableError(f"{what} {url}: download failed: {reason}") from None
+        log.warning("download of %s failed (attempt %d of %d), retrying", url, attempt, _DOWNLOAD_ATTEMPTS)
+        time.sleep(2 ** (attempt - 1))
+    raise AssertionError("unreachable")

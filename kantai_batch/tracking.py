@@ -1,0 +1,80 @@
+"""MLflow: one run per training job, continued across resumes, holding params, curves and the model.
+
+The tracking URI is MLflow's own: ``MLFLOW_TRACKING_URI`` when set, else MLflow's local default
+store, so ``mlflow ui`` in the same folder shows the runs. The Trainer's MLflow callback logs the
+loss curve and eval metrics into the run opened here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kantai_batch.job import Job
+from kantai_batch.storage import RunDir, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "mlflow_run.json"
+
+
+@contextlib.contextmanager
+def pretrain_run(job: Job, run: RunDir, enabled: bool) -> Iterator[Any]:
+    """The MLflow run of this run dir's training; ``None`` on ranks other than 0 or when disabled."""
+    if not enabled:
+        yield None
+        return
+    import mlflow
+
+    job_yaml = job.to_yaml()
+    job_sha = hashlib.sha256(job_yaml.encode()).hexdigest()
+    mlflow.set_experiment(job.name)
+    run_id = _run_to_continue(run.checkpoints / RUN_ID_FILE, job_sha)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{job.name}-pretrain") as active:
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run.checkpoints / RUN_ID_FILE, {"run_id": active.info.run_id, "job_sha256": job_sha})
+        if run_id is None:
+            mlflow.log_params({f"job.{key}": value for key, value in _flatten(job.model_dump(mode="json")).items()})
+            mlflow.log_text(job_yaml, "job.yaml")
+            mlflow.set_tags({"kantai.run_dir": str(run.root.resolve()), "kantai.corpus": job.corpus.source})
+        log.info("mlflow: %s run %s in %s", "continuing" if run_id else "started", active.info.run_id, mlflow.get_tracking_uri())
+        yield active
+
+
+def log_model(folder: Path) -> None:
+    import mlflow
+
+    mlflow.log_artifacts(str(folder), artifact_path="model")
+
+
+def _run_to_continue(id_file: Path, job_sha: str) -> str | None:
+    """The run a resumed training continues: the recorded one, if it exists and the job is unchanged."""
+    import mlflow
+
+    if not id_file.is_file():
+        return None
+    recorded = json.loads(id_file.read_text(encoding="utf-8"))
+    if recorded.get("job_sha256") != job_sha:
+        log.info("mlflow: the job changed since run %s, starting a new run", recorded.get("run_id"))
+        return None
+    try:
+        mlflow.get_run(recorded["run_id"])
+    except Exception:  # noqa: BLE001 - any lookup failure means there is nothing to continue
+        log.warning("mlflow: run %s is not in this tracking store, starting a new run", recorded["run_id"])
+        return None
+    return recorded["run_id"]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

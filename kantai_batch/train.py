@@ -1,0 +1,194 @@
+"""pretrain: MLM pretraining from scratch with the HF Trainer, resumable, committed atomically.
+
+Checkpoints go to ``RUN/checkpoints/checkpoint-N/``; each gets a ``_COMPLETE`` marker once the Trainer
+has written all of it, and a restart resumes from the newest marked one (model, optimizer,
+scheduler, RNG and data position). The final model, tokenizer and ``train_summary.json`` are
+committed to ``RUN/model/``.
+
+Imported only when a phase that trains runs, so transformers is imported at the top.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from kantai_batch import tracking
+from kantai_batch.corpus import EVAL_FILE, TRAIN_FILE
+from kantai_batch.data import MlmCollator, build_split
+from kantai_batch.job import Job
+from kantai_batch.model import init_model
+from kantai_batch.storage import RunDir, committed_dir, is_complete, require_complete, write_json_atomic, write_marker
+from kantai_batch.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "train_summary.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
+    """Train the job's model on the prepared corpus; return the committed model folder."""
+    from transformers import Trainer
+
+    require_complete(run.corpus, "corpus", "prepare")
+    tokenizer = load_tokenizer(run.tokenizer)
+    args = training_arguments(job, run.checkpoints, track=track)
+    with args.main_process_first(desc="tokenize"):
+        train_set = build_split(run.corpus / TRAIN_FILE, job, tokenizer, evaluation=False, what="train split")
+        eval_set = build_split(run.corpus / EVAL_FILE, job, tokenizer, evaluation=True, what="eval split")
+    model = init_model(job, len(tokenizer))
+    resume_from = newest_complete_checkpoint(run.checkpoints, prune_incomplete=args.process_index == 0)
+    throughput = ThroughputCallback()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=MlmCollator(tokenizer, job.train.mlm_probability),
+        processing_class=tokenizer,
+        callbacks=[CheckpointMarkerCallback(), throughput],
+        compute_metrics=masked_accuracy,
+        preprocess_logits_for_metrics=predicted_ids,
+    )
+    log.info(
+        "pretrain: %s parameters, %s training blocks, %s eval blocks, world size %d%s",
+        f"{model.num_parameters():,}",
+        f"{len(train_set):,}",
+        f"{len(eval_set):,}",
+        args.world_size,
+        f", resuming from {resume_from}" if resume_from else "",
+    )
+    with tracking.pretrain_run(job, run, enabled=track and trainer.is_world_process_zero()) as mlflow_run:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        eval_metrics = trainer.evaluate()
+        summary = {
+            "global_step": trainer.state.global_step,
+            "resumed_from_step": checkpoint_step(resume_from) if resume_from else 0,
+            "world_size": args.world_size,
+            "train_loss": result.training_loss,
+            "eval_loss": eval_metrics["eval_loss"],
+            "eval_perplexity": perplexity(eval_metrics["eval_loss"]),
+            "eval_masked_accuracy": eval_metrics["eval_masked_accuracy"],
+            "train_runtime_s": result.metrics["train_runtime"],
+            "real_tokens_trained": throughput.tokens,
+            "real_tokens_per_second": throughput.tokens_per_second,
+            "parameters": model.num_parameters(),
+            "mlflow_run_id": mlflow_run.info.run_id if mlflow_run else None,
+        }
+        if trainer.is_world_process_zero():
+            with committed_dir(run.model) as out:
+                trainer.save_model(str(out))
+                tokenizer.save_pretrained(str(out))
+                write_json_atomic(out / SUMMARY_FILE, summary)
+                (out / "job.yaml").write_text(job.to_yaml(), encoding="utf-8")
+            if mlflow_run:
+                tracking.log_model(run.model)
+    log.info(
+        "pretrain: step %d, train loss %.4f, eval loss %.4f, %.0f real tokens/s; model in %s",
+        summary["global_step"],
+        summary["train_loss"],
+        summary["eval_loss"],
+        summary["real_tokens_per_second"],
+        run.model,
+    )
+    return run.model
+
+
+def training_arguments(job: Job, output_dir: Path, *, track: bool):
+    from transformers import TrainingArguments
+
+    t = job.train
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=t.max_steps or -1,
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        logging_steps=t.logging_steps,
+        seed=t.seed,
+        report_to=["mlflow"] if track else "none",
+        run_name=job.name,
+        include_num_input_tokens_seen="non_padding",
+        # Pinning only helps copies to an accelerator; on a CPU-only host torch warns about it.
+        dataloader_pin_memory=_has_accelerator(),
+    )
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(_CHECKPOINT.match(path.name).group(1))
+
+
+def newest_complete_checkpoint(folder: Path, *, prune_incomplete: bool) -> Path | None:
+    """The newest checkpoint whose marker exists; incomplete ones are leftovers of a killed save."""
+    if not folder.is_dir():
+        return None
+    found = sorted((p for p in folder.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)), key=checkpoint_step)
+    complete = [p for p in found if is_complete(p)]
+    if prune_incomplete:
+        for partial in (p for p in found if not is_complete(p)):
+            log.warning("pretrain: removing incomplete checkpoint %s (its save did not finish)", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+    return complete[-1] if complete else None
+
+
+def predicted_ids(logits, labels):
+    # Keep only the argmax so evaluation does not hold vocabulary-sized logits for the whole eval set.
+    return logits.argmax(dim=-1)
+
+
+def masked_accuracy(eval_pred) -> dict[str, float]:
+    predictions, labels = eval_pred
+    masked = labels != -100
+    return {"masked_accuracy": float((predictions[masked] == labels[masked]).mean()) if masked.any() else 0.0}
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else math.inf
+
+
+class CheckpointMarkerCallback(TrainerCallback):
+    """Marks a checkpoint complete once the Trainer has written all of it."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_marker(Path(args.output_dir) / f"checkpoint-{state.global_step}", global_step=state.global_step)
+        return control
+
+
+class ThroughputCallback(TrainerCallback):
+    """Non-pad tokens trained on per second in this session (a resumed run counts only its own)."""
+
+    tokens = 0
+    tokens_per_second = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start_tokens = state.num_input_tokens_seen
+        self._start_time = time.perf_counter()
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.tokens = state.num_input_tokens_seen - self._start_tokens
+        elapsed = time.perf_counter() - self._start_time
+        self.tokens_per_second = self.tokens / elapsed if elapsed > 0 else 0.0
+        return control
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
