@@ -54,7 +54,7 @@ def build_split(path: Path, job: Job, tokenizer, *, evaluation: bool, what: str)
         )
     hf_logging.set_verbosity(verbosity)
     if len(samples) == 0:
-        tokens = sum(len(ids) for ids in tokenizer(raw["text"], add_special_tokens=False)["input_ids"])
+        tokens = sum(len(ids) for ids in tokenizer(list(raw["text"]), add_special_tokens=False)["input_ids"])
         raise InputDataError(
             f"{what} {path} is too small for one block: {tokens} tokens, data.block_size is {block}; "
             "use a larger corpus or a smaller data.block_size"

@@ -1,0 +1,107 @@
+"""Shared fixtures: an isolated environment, a generated corpus and a tiny job.
+
+Every model here is tiny (2 layers, width 64) so the whole suite trains on a laptop CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from kantai_batch.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+KANT = ROOT.parent / "shared" / "data" / "kant.txt"
+
+TINY = (
+    "model.num_hidden_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=2",
+    "model.intermediate_size=128",
+    "model.vocab_size=1024",
+    "model.max_position_embeddings=66",
+    "tokenizer.vocab_size=1000",
+    "data.block_size=32",
+    "train.per_device_batch_size=8",
+    "train.max_steps=12",
+    "train.save_steps=5",
+    "train.logging_steps=2",
+    "train.learning_rate=1e-3",
+)
+
+_SUBJECTS = ["reason", "experience", "the understanding", "pure intuition", "the mind", "human thinking", "nature"]
+_VERBS = ["involves", "determines", "transcends", "requires", "contains", "presupposes", "limits"]
+_OBJECTS = ["human reason", "a priori cognition", "the conditions of experience", "space and time", "every object"]
+
+
+def kantian_text(paragraphs: int, seed: int = 0) -> str:
+    """Wrapped English-like paragraphs with the characters real corpora have: em dashes, curly quotes."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(paragraphs):
+        sentences = []
+        for _ in range(rng.randint(2, 5)):
+            sentence = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
+            if rng.random() < 0.3:
+                sentence += f" \u2014 \u201c{rng.choice(_OBJECTS)}\u201d"
+            sentences.append(sentence[0].upper() + sentence[1:] + ".")
+        words = " ".join(sentences).split(" ")
+        lines, line = [], ""
+        for word in words:
+            if len(line) + len(word) > 60:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        lines.append(line)
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Caches and the MLflow store live in the test's temp folder, never in the user's home."""
+    home = tmp_path_factory.mktemp("env")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HOME", str(home / "hf"))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+        for name in ("KANTAI_RUN_DIR", "KANTAI_JOB", "KANTAI_TRACKING", "KANTAI_LOG_LEVEL"):
+            mp.delenv(name, raising=False)
+        yield home
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Windows-1252, CRLF corpus, like real scanned books."""
+    path = tmp_path_factory.mktemp("corpus") / "kantian.txt"
+    path.write_bytes(kantian_text(400).replace("\n", "\r\n").encode("cp1252"))
+    return path
+
+
+def invoke(*args: str, expect: int | None = 0) -> Result:
+    """Run the CLI in-process; check the exit code unless ``expect`` is None."""
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    if expect is not None:
+        assert result.exit_code == expect, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def tiny(*extra: str) -> list[str]:
+    args = []
+    for override in (*TINY, *extra):
+        args += ["--set", override]
+    return args
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path, isolated_env: Path) -> Iterator[Path]:
+    """One complete `run` of the tiny job, shared by the tests that only read its outputs."""
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    result = invoke("run", "--run-dir", str(run_dir), "--corpus", str(corpus_file), *tiny())
+    (run_dir.parent / "run_stdout.txt").write_text(result.stdout)
+    yield run_dir

@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import KANT, invoke, kantian_text
+from kantai_batch.corpus import choose_encoding, read_lines
+from kantai_batch.storage import MARKER, read_marker
+
+
+def _prepare(run_dir: Path, corpus: str | Path, *extra: str, expect: int = 0):
+    return invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus), *extra, expect=expect)
+
+
+def _stats(run_dir: Path) -> dict:
+    return json.loads((run_dir / "corpus" / "stats.json").read_text())
+
+
+def test_windows_1252_crlf_is_detected_and_decoded_losslessly(tmp_path: Path, corpus_file: Path):
+    _prepare(tmp_path, corpus_file)
+    stats = _stats(tmp_path)
+    assert (stats["encoding"], stats["encoding_detected"], stats["undecodable_chars"]) == ("cp1252", True, 0)
+    train = (tmp_path / "corpus" / "train.txt").read_bytes().decode("utf-8")
+    held_out = (tmp_path / "corpus" / "eval.txt").read_bytes().decode("utf-8")
+    assert "\r" not in train + held_out
+    assert "\u2014" in train and "\u201c" in train, "dashes and curly quotes must survive"
+    assert "\ufffd" not in train + held_out
+
+
+def test_split_is_disjoint_complete_and_follows_eval_fraction(tmp_path: Path, corpus_file: Path):
+    _prepare(tmp_path, corpus_file, "--set", "data.eval_fraction=0.25")
+    source = corpus_file.read_bytes().decode("cp1252").replace("\r\n", "\n")
+    expected = [p for p in source.split("\n\n") if p.strip()]
+    train = (tmp_path / "corpus" / "train.txt").read_text(encoding="utf-8").split("\n\n")
+    held_out = (tmp_path / "corpus" / "eval.txt").read_text(encoding="utf-8").split("\n\n")
+    train, held_out = [p.strip() for p in train], [p.strip() for p in held_out]
+    assert sorted(train + held_out) == sorted(p.strip() for p in expected)
+    assert 0.15 < len(held_out) / len(expected) < 0.35
+    assert _stats(tmp_path)["eval"]["paragraphs"] == len(held_out)
+
+
+def test_split_is_deterministic_for_a_seed(tmp_path: Path, corpus_file: Path):
+    _prepare(tmp_path / "a", corpus_file)
+    _prepare(tmp_path / "b", corpus_file)
+    _prepare(tmp_path / "c", corpus_file, "--set", "train.seed=7")
+    read = lambda name: (tmp_path / name / "corpus" / "eval.txt").read_bytes()  # noqa: E731
+    assert read("a") == read("b") != read("c")
+
+
+def test_forced_wrong_encoding_reports_undecodable_characters(tmp_path: Path, corpus_file: Path):
+    _prepare(tmp_path, corpus_file, "--set", "corpus.encoding=utf-8")
+    stats = _stats(tmp_path)
+    assert stats["encoding_detected"] is False
+    assert stats["undecodable_chars"] > 0
+
+
+def test_marker_lists_every_file_with_checksums(tmp_path: Path, corpus_file: Path):
+    _prepare(tmp_path, corpus_file)
+    manifest = read_marker(tmp_path / "corpus")
+    assert set(manifest["files"]) == {"train.txt", "eval.txt", "stats.json"}
+    assert manifest["files"]["train.txt"]["size"] == (tmp_path / "corpus" / "train.txt").stat().st_size
+
+
+def test_utf8_bom_and_form_feeds_are_removed(tmp_path: Path):
+    corpus = tmp_path / "bom.txt"
+    corpus.write_bytes("\ufeff".encode() + ("Grüße aus Königsberg\f, says the critic.\n\n" * 40).encode())
+    assert choose_encoding(corpus, "auto", str(corpus))[0] == "utf_8_sig"
+    lines = list(read_lines(corpus, "utf_8_sig"))
+    assert lines[0] == "Grüße aus Königsberg, says the critic."
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "is empty"), (b"\r\n \r\n\t\r\n\x0c\r\n" * 10, "has no text"), (b"one paragraph only\n", "too small to split")],
+)
+def test_unusable_corpus_is_a_one_line_error(tmp_path: Path, content: bytes, message: str):
+    corpus = tmp_path / "bad.txt"
+    corpus.write_bytes(content)
+    result = _prepare(tmp_path / "run", corpus, expect=3)
+    assert message in result.stderr and str(corpus) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "corpus").exists()
+    assert not list((tmp_path / "run").glob(".corpus*")), "no scratch folder may be left behind"
+
+
+def test_binary_file_is_rejected(tmp_path: Path):
+    corpus = tmp_path / "weights.bin"
+    corpus.write_bytes(bytes(range(256)) * 64)
+    result = _prepare(tmp_path / "run", corpus, expect=3)
+    assert "cannot detect a text encoding" in result.stderr
+
+
+def test_missing_corpus_is_exit_4(tmp_path: Path):
+    result = _prepare(tmp_path, tmp_path / "missing.txt", expect=4)
+    assert f"corpus {tmp_path / 'missing.txt'} does not exist" in result.stderr
+
+
+def test_failed_prepare_keeps_the_previous_corpus(tmp_path: Path, corpus_file: Path):
+    _prepare(tmp_path, corpus_file)
+    before = (tmp_path / "corpus" / "train.txt").read_bytes()
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    _prepare(tmp_path, empty, expect=3)
+    assert (tmp_path / "corpus" / MARKER).is_file()
+    assert (tmp_path / "corpus" / "train.txt").read_bytes() == before
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # the server's access log would mix into the CLI's stderr
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_corpus_from_an_http_url(tmp_path: Path, http_root: tuple[Path, str]):
+    root, base = http_root
+    (root / "kant.txt").write_bytes(kantian_text(50).encode("cp1252"))
+    _prepare(tmp_path / "run", f"{base}/kant.txt")
+    assert _stats(tmp_path / "run")["source"] == f"{base}/kant.txt"
+    assert (tmp_path / "run" / "corpus" / "train.txt").stat().st_size > 1000
+
+
+def test_http_404_names_the_url_and_the_local_alternative(tmp_path: Path, http_root: tuple[Path, str]):
+    _, base = http_root
+    result = _prepare(tmp_path / "run", f"{base}/missing.txt", expect=4)
+    error = result.stderr.strip()
+    assert len(error.splitlines()) == 1
+    assert f"{base}/missing.txt" in error and "HTTP 404" in error and "--corpus PATH" in error
+
+
+def test_unreachable_url_fails_after_bounded_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    monkeypatch.setattr("kantai_batch.storage.time.sleep", lambda _: None)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/kant.txt"
+    result = _prepare(tmp_path / "run", url, expect=4)
+    assert url in result.stderr and "download failed" in result.stderr and "CORPUS=PATH" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sum("retrying" in record.message for record in caplog.records) == 2
+
+
+@pytest.mark.skipif(not KANT.exists(), reason="../shared/data/kant.txt is not present")
+def test_real_kant_text_decodes_without_replacement_characters(tmp_path: Path):
+    raw = KANT.read_bytes()
+    # The recipe's decoding: UTF-8 with errors="replace" mangles every dash and curly quote.
+    assert raw.decode("utf-8", errors="replace").count("\ufffd") == 1736
+    _prepare(tmp_path, KANT)
+    stats = _stats(tmp_path)
+    assert stats["encoding"] == "cp1252" and stats["undecodable_chars"] == 0
+    text = "".join((tmp_path / "corpus" / name).read_text(encoding="utf-8") for name in ("train.txt", "eval.txt"))
+    assert "\r" not in text and "\ufffd" not in text
+    assert text.count("\u2014") == raw.decode("cp1252").count("\u2014") > 1000
+    assert "HUMAN REASON, in one sphere of its cognition" in text

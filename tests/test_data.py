@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import invoke, tiny
+from kantai_batch.data import MlmCollator, build_split
+from kantai_batch.errors import InputDataError
+from kantai_batch.job import load_job
+from kantai_batch.tokenizer import load_tokenizer
+
+TINY = [value for pair in zip(tiny()[::2], tiny()[1::2]) for value in pair][1::2]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Path:
+    run_dir = tmp_path_factory.mktemp("data")
+    invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file))
+    invoke("train-tokenizer", "--run-dir", str(run_dir), *tiny())
+    return run_dir
+
+
+def _build(run_dir: Path, *overrides: str, split: str = "train.txt", evaluation: bool = False):
+    job = load_job(None, [*TINY, *overrides])
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    return job, tokenizer, build_split(run_dir / "corpus" / split, job, tokenizer, evaluation=evaluation, what="split")
+
+
+def test_packed_blocks_are_full_and_framed(prepared: Path):
+    job, tokenizer, samples = _build(prepared)
+    assert len(samples) > 50
+    for ids in samples["input_ids"]:
+        assert len(ids) == job.data.block_size
+        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.pad_token_id not in ids
+    text = tokenizer.decode(samples["input_ids"][1], skip_special_tokens=False)
+    assert "\n" not in text, "wrapped lines are joined into paragraphs"
+    assert "</s>" in "".join(tokenizer.decode(ids) for ids in samples["input_ids"][:5]), "paragraphs are separated"
+
+
+def test_line_by_line_makes_one_sample_per_line(prepared: Path):
+    job, tokenizer, samples = _build(prepared, "data.mode=line_by_line")
+    lines = [line for line in (prepared / "corpus" / "train.txt").read_text().splitlines() if line.strip()]
+    assert len(samples) == len(lines)
+    assert tokenizer.decode(samples["input_ids"][0], skip_special_tokens=True) == lines[0]
+    assert max(len(ids) for ids in samples["input_ids"]) <= job.data.block_size
+
+
+def test_padding_is_never_a_target(prepared: Path):
+    job, tokenizer, samples = _build(prepared, "data.mode=line_by_line")
+    collate = MlmCollator(tokenizer, 0.5)
+    batch = collate([samples[i] for i in range(16)])
+    pad = batch["input_ids"] == tokenizer.pad_token_id
+    assert pad.any(), "lines differ in length, so the batch is padded"
+    assert (batch["labels"][pad] == -100).all()
+    assert (batch["labels"] != -100).any()
+
+
+def test_eval_masks_are_fixed_and_about_the_configured_share(prepared: Path):
+    _, tokenizer, first = _build(prepared, split="eval.txt", evaluation=True)
+    _, _, second = _build(prepared, split="eval.txt", evaluation=True)
+    assert first["labels"] == second["labels"] and first["input_ids"] == second["input_ids"]
+    labels = torch.tensor(first["labels"])
+    share = (labels != -100).float().mean().item()
+    assert 0.10 < share < 0.20
+    batch = MlmCollator(tokenizer, 0.15)([first[i] for i in range(4)])
+    assert torch.equal(batch["labels"], labels[:4]), "evaluation batches keep their fixed masks"
+
+
+def test_corpus_too_small_for_one_block(prepared: Path):
+    with pytest.raises(InputDataError, match="too small for one block: .* data.block_size is 64"):
+        job = load_job(None, [*TINY, "data.block_size=64", "model.max_position_embeddings=66"])
+        tiny_text = prepared / "tiny.txt"
+        tiny_text.write_text("Too short.\n")
+        build_split(tiny_text, job, load_tokenizer(prepared / "tokenizer"), evaluation=False, what="train split")

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from conftest import ROOT, invoke
+from kantai_batch.errors import JobConfigError
+from kantai_batch.job import Job, load_job
+
+
+def test_shipped_job_file_is_the_embedded_defaults():
+    assert load_job(ROOT / "jobs" / "kantaibert.yaml") == load_job(None) == Job()
+
+
+def test_overrides_are_typed_by_the_schema():
+    job = load_job(None, ["train.learning_rate=1e-4", "train.max_steps=30", "data.mode=line_by_line", "name=2024"])
+    assert job.train.learning_rate == pytest.approx(1e-4)
+    assert job.train.max_steps == 30
+    assert job.data.mode == "line_by_line"
+    assert job.name == "2024"
+
+
+def test_corpus_option_overrides_the_source(tmp_path: Path):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text("corpus:\n  source: a.txt\n  encoding: cp1252\n")
+    job = load_job(job_file, corpus="b.txt")
+    assert (job.corpus.source, job.corpus.encoding) == ("b.txt", "cp1252")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.hiden_size=64"], "model.hiden_size: unknown key"),
+        (["model.hidden_size=wide"], "model.hidden_size: Input should be a valid integer"),
+        (["train.mlm_probability=1.5"], "train.mlm_probability"),
+        (["data.mode=sentences"], "data.mode"),
+        (["corpus.encoding=klingon"], "unknown encoding 'klingon'"),
+        (["model.hidden_size=100"], "hidden_size 100 is not a multiple of num_attention_heads 12"),
+        (["data.block_size=600"], "data.block_size 600 needs model.max_position_embeddings of at least 602"),
+        (["infer.fill_mask_text=no mask here"], "infer.fill_mask_text has no <mask> token"),
+        (["train"], "expected dotted.key=value"),
+        (["model=3"], "model: Input should be a valid dictionary"),
+    ],
+)
+def test_invalid_values_name_the_key(overrides: list[str], message: str):
+    with pytest.raises(JobConfigError, match=re.escape(message)):
+        load_job(None, overrides)
+
+
+def test_bad_yaml_is_one_line_naming_file_and_line(tmp_path: Path):
+    job_file = tmp_path / "broken.yaml"
+    job_file.write_text("name: x\nmodel:\n  hidden_size: [64\n")
+    result = invoke("inspect", "--job", str(job_file), expect=2)
+    error = result.stderr.strip()
+    assert len(error.splitlines()) == 1
+    assert str(job_file) in error and "not valid YAML at line" in error
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("- a\n- b\n", "must be a mapping of sections"), ("model:\n  hidden: 3\n", "model.hidden: unknown key")],
+)
+def test_job_file_shape_errors(tmp_path: Path, content: str, message: str):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(content)
+    result = invoke("inspect", "--job", str(job_file), expect=2)
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_job_file_is_an_error(tmp_path: Path):
+    result = invoke("prepare", "--job", str(tmp_path / "nope.yaml"), "--run-dir", str(tmp_path), expect=2)
+    assert f"job file {tmp_path / 'nope.yaml'} does not exist" in result.stderr
+
+
+def test_unknown_set_key_is_an_error_at_the_cli(tmp_path: Path):
+    result = invoke("prepare", "--run-dir", str(tmp_path), "--set", "train.max_step=3", expect=2)
+    assert "train.max_step: unknown key" in result.stderr
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_readme_documents_every_job_field():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for section_name, section in Job.model_fields.items():
+        if isinstance(section.default, BaseModel):
+            for field in type(section.default).model_fields:
+                assert f"`{section_name}.{field}`" in readme, f"README does not document {section_name}.{field}"
+        else:
+            assert f"`{section_name}`" in readme, f"README does not document {section_name}"

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import invoke, tiny
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Path:
+    run_dir = tmp_path_factory.mktemp("tok")
+    invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file))
+    invoke("train-tokenizer", "--run-dir", str(run_dir), *tiny())
+    return run_dir
+
+
+def test_writes_the_recipe_files_and_a_loadable_tokenizer(tokenizer_run: Path):
+    folder = tokenizer_run / "tokenizer"
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "_COMPLETE"):
+        assert (folder / name).is_file(), name
+    vocab = json.loads((folder / "vocab.json").read_text())
+    assert [vocab[t] for t in ("<s>", "<pad>", "</s>", "<unk>", "<mask>")] == [0, 1, 2, 3, 4]
+    assert 256 < len(vocab) <= 1000
+
+
+def test_auto_tokenizer_gets_roberta_post_processing(tokenizer_run: Path):
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_run / "tokenizer"))
+    assert tokenizer.model_max_length == 512
+    ids = tokenizer("Human thinking involves human reason.")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id == 0 and ids[-1] == tokenizer.eos_token_id == 2
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "Human thinking involves human reason."
+    assert tokenizer.pad_token_id == 1 and tokenizer.mask_token_id == 4
+
+
+def test_mask_token_absorbs_the_space_before_it(tokenizer_run: Path):
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_run / "tokenizer"))
+    tokens = lambda text: tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"])  # noqa: E731
+    plain = tokens("Human thinking involves human reason.")
+    # " reason" is one piece with its leading space ("Ġreason"); the mask must stand for it whole,
+    # not leave a lone "Ġ" before it as a plain added token would.
+    assert "Ġreason" in plain
+    assert tokens("Human thinking involves human <mask>.") == ["<mask>" if t == "Ġreason" else t for t in plain]
+
+
+def test_undecodable_bytes_never_become_unknown_tokens(tokenizer_run: Path):
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_run / "tokenizer"))
+    ids = tokenizer("Königsberg \u2014 \u201cnoumenon\u201d \U0001f914", add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == "Königsberg \u2014 \u201cnoumenon\u201d \U0001f914"
+
+
+def test_needs_a_prepared_corpus(tmp_path: Path):
+    result = invoke("train-tokenizer", "--run-dir", str(tmp_path), expect=3)
+    assert "run `kantai-batch prepare` first" in result.stderr
