@@ -7,12 +7,13 @@ the commands, so ``kantai-batch --help`` answers at once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,13 @@ def cli(log_level: str) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+@contextlib.contextmanager
+def results_only_on_stdout() -> Iterator[None]:
+    """Send what phases print (the Trainer's log lines) to stderr; stdout carries results only."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
 def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--job, --run-dir, --corpus and --set, resolved into ``job`` and ``run`` arguments."""
 
@@ -107,7 +115,8 @@ def prepare(job: Job, run: RunDir) -> None:
     """Read, decode and clean the raw corpus; split it into RUN/corpus/{train,eval}.txt."""
     from kantai_batch.corpus import prepare as prepare_phase
 
-    prepare_phase(job, run)
+    with results_only_on_stdout():
+        prepare_phase(job, run)
 
 
 @cli.command("train-tokenizer")
@@ -116,7 +125,8 @@ def train_tokenizer(job: Job, run: RunDir) -> None:
     """Train a byte-level BPE tokenizer on the train split into RUN/tokenizer/."""
     from kantai_batch.tokenizer import train_tokenizer as train_tokenizer_phase
 
-    train_tokenizer_phase(job, run)
+    with results_only_on_stdout():
+        train_tokenizer_phase(job, run)
 
 
 @cli.command()
@@ -126,7 +136,8 @@ def pretrain(job: Job, run: RunDir, tracking: bool) -> None:
     """Pretrain the model from scratch; resumes from the newest complete checkpoint in the run dir."""
     from kantai_batch.train import pretrain as pretrain_phase
 
-    pretrain_phase(job, run, track=tracking)
+    with results_only_on_stdout():
+        pretrain_phase(job, run, track=tracking)
 
 
 @cli.command()
@@ -139,7 +150,8 @@ def evaluate(job: Job, run: RunDir, model_dir: Path | None, as_json: bool) -> No
 
     # --corpus names the text to evaluate on here, not a corpus to prepare.
     explicit_corpus = click.get_current_context().params.get("corpus")
-    metrics = evaluate_phase(job, run, model_dir=model_dir, corpus=explicit_corpus)
+    with results_only_on_stdout():
+        metrics = evaluate_phase(job, run, model_dir=model_dir, corpus=explicit_corpus)
     _print_metrics(metrics, as_json)
 
 
@@ -196,14 +208,16 @@ def run_all(job: Job, run: RunDir, tracking: bool) -> None:
             log.info("%s: %s is complete, skipped (delete it to redo the phase)", name, output)
             continue
         log.info("%s: starting", name)
-        phase()
+        with results_only_on_stdout():
+            phase()
     _show_fill_mask(run.model, job.infer.fill_mask_text, job.infer.top_k, as_json=False)
 
 
 def _show_fill_mask(model_dir: Path, text: str, top_k: int, as_json: bool) -> None:
     from kantai_batch.infer import fill_mask as fill_mask_predictions
 
-    per_mask = fill_mask_predictions(model_dir, text, top_k)
+    with results_only_on_stdout():
+        per_mask = fill_mask_predictions(model_dir, text, top_k)
     if as_json:
         click.echo(json.dumps(per_mask[0] if len(per_mask) == 1 else per_mask, indent=2, ensure_ascii=False))
         return

@@ -18,7 +18,7 @@ from kantai_batch.errors import InputDataError
 from kantai_batch.job import Job
 from kantai_batch.model import load_model_config, require_masked_lm
 from kantai_batch.storage import RunDir, committed_dir, fetched, require_complete, write_json_atomic
-from kantai_batch.train import masked_accuracy, perplexity, predicted_ids
+from kantai_batch.train import has_accelerator, masked_accuracy, perplexity, predicted_ids
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,10 @@ def _evaluate(job: Job, model_dir: Path, text: Path, scratch: Path) -> dict[str,
     trainer = Trainer(
         model=model,
         args=TrainingArguments(
-            output_dir=str(scratch), per_device_eval_batch_size=job.train.per_device_batch_size, report_to="none"
+            output_dir=str(scratch),
+            per_device_eval_batch_size=job.train.per_device_batch_size,
+            report_to="none",
+            dataloader_pin_memory=has_accelerator(),
         ),
         data_collator=MlmCollator(tokenizer, job.train.mlm_probability),
         compute_metrics=masked_accuracy,

@@ -125,7 +125,7 @@ def training_arguments(job: Job, output_dir: Path, *, track: bool):
         run_name=job.name,
         include_num_input_tokens_seen="non_padding",
         # Pinning only helps copies to an accelerator; on a CPU-only host torch warns about it.
-        dataloader_pin_memory=_has_accelerator(),
+        dataloader_pin_memory=has_accelerator(),
     )
 
 
@@ -188,7 +188,7 @@ class ThroughputCallback(TrainerCallback):
         return control
 
 
-def _has_accelerator() -> bool:
+def has_accelerator() -> bool:
     import torch
 
     return torch.cuda.is_available()

@@ -27,9 +27,9 @@ TINY = (
     "tokenizer.vocab_size=1000",
     "data.block_size=32",
     "train.per_device_batch_size=8",
-    "train.max_steps=12",
-    "train.save_steps=5",
-    "train.logging_steps=2",
+    "train.max_steps=40",
+    "train.save_steps=10",
+    "train.logging_steps=5",
     "train.learning_rate=1e-3",
 )
 

@@ -1,0 +1,194 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from transformers import RobertaForMaskedLM, pipeline
+
+from conftest import ROOT, invoke, tiny
+from kantai_batch.storage import MARKER
+
+pytestmark = pytest.mark.slow
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "model" / "train_summary.json").read_text())
+
+
+def test_run_commits_every_phase(trained_run: Path):
+    for phase in ("corpus", "tokenizer", "model", "eval"):
+        assert (trained_run / phase / MARKER).is_file(), phase
+    assert not list(trained_run.glob(".*partial*")), "no scratch folders are left behind"
+
+
+def test_summary_reports_the_training(trained_run: Path):
+    summary = _summary(trained_run)
+    assert summary["global_step"] == 40
+    assert summary["resumed_from_step"] == 0
+    assert summary["world_size"] == 1
+    assert summary["real_tokens_trained"] == 40 * 8 * 32, "packed blocks have no padding"
+    assert 0 < summary["real_tokens_per_second"] < summary["real_tokens_trained"] / 0.01
+    assert 0 < summary["train_loss"] < 10 and 0 < summary["eval_loss"] < 10
+    assert summary["train_runtime_s"] > 0
+
+
+def test_model_loads_in_the_stock_fill_mask_pipeline(trained_run: Path):
+    model_dir = trained_run / "model"
+    assert (model_dir / "model.safetensors").is_file()
+    fill = pipeline("fill-mask", model=str(model_dir))
+    assert isinstance(fill.model, RobertaForMaskedLM)
+    predictions = fill("Human thinking involves human <mask>.", top_k=3)
+    assert len(predictions) == 3 and all(p["sequence"].startswith("Human thinking involves human") for p in predictions)
+
+
+def test_run_ends_with_the_fill_mask_predictions(trained_run: Path):
+    stdout = (trained_run.parent / "run_stdout.txt").read_text()
+    assert stdout.startswith("Human thinking involves human <mask>.\n")
+    assert stdout.count("Human thinking involves human") == 6, "the text, then top 5"
+
+
+def test_tiny_model_learns_the_corpus(trained_run: Path):
+    # 40 steps at lr 1e-3 on a corpus of a few repeated phrases: far below an untrained model's
+    # ln(1024) = 6.93 and below the uniform guess over the 424 tokens actually used (ln 424 = 6.05).
+    assert _summary(trained_run)["eval_loss"] < 5.5
+
+
+def test_checkpoints_are_marked_and_limited(trained_run: Path):
+    checkpoints = sorted(p.name for p in (trained_run / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-30", "checkpoint-40"], "save_total_limit keeps two"
+    assert all((trained_run / "checkpoints" / name / MARKER).is_file() for name in checkpoints)
+
+
+def test_mlflow_has_params_loss_curve_eval_metrics_and_model(trained_run: Path):
+    run_id = _summary(trained_run)["mlflow_run_id"]
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    assert run.data.params["job.model.hidden_size"] == "64"
+    losses = client.get_metric_history(run_id, "loss")
+    assert [m.step for m in losses] == list(range(5, 41, 5))
+    assert "eval_loss" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run_id, "model")}
+    assert {"model/config.json", "model/model.safetensors", "model/train_summary.json"} <= artifacts
+
+
+def test_rerun_skips_complete_phases(trained_run: Path, corpus_file: Path):
+    before = {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()}
+    result = invoke("run", "--run-dir", str(trained_run), "--corpus", str(corpus_file), *tiny())
+    assert result.stdout.startswith("Human thinking involves human <mask>.")
+    after = {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_evaluate_reproduces_the_training_eval_and_writes_metrics(trained_run: Path):
+    result = invoke("evaluate", "--run-dir", str(trained_run), "--json", *tiny())
+    metrics = json.loads(result.stdout)
+    assert metrics["eval_loss"] == pytest.approx(_summary(trained_run)["eval_loss"], rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"], rel=1e-6)
+    assert 0 <= metrics["masked_accuracy"] <= 1 and metrics["masked_tokens"] > 100
+    assert json.loads((trained_run / "eval" / "metrics.json").read_text())["eval_loss"] == metrics["eval_loss"]
+
+
+def test_evaluate_on_a_raw_corpus(trained_run: Path, tmp_path: Path):
+    text = tmp_path / "other.txt"
+    text.write_bytes(("Reason determines every object \u2014 \u201cspace and time\u201d.\r\n\r\n" * 60).encode("cp1252"))
+    result = invoke("evaluate", "--run-dir", str(tmp_path / "run"), "--model", str(trained_run / "model"),
+                    "--corpus", str(text), "--json", *tiny())
+    metrics = json.loads(result.stdout)
+    assert metrics["corpus"] == str(text) and metrics["samples"] > 0
+
+
+def test_fill_mask_json(trained_run: Path):
+    result = invoke("fill-mask", "--model", str(trained_run / "model"), "--top-k", "4", "--json", "Reason <mask> space.")
+    candidates = json.loads(result.stdout)
+    assert len(candidates) == 4
+    assert set(candidates[0]) == {"token_str", "score", "sequence"}
+    assert candidates == sorted(candidates, key=lambda c: -c["score"])
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["fill-mask", "Human thinking involves human reason."], 3, "has no <mask> token"),
+        (["fill-mask", "--model", "{tmp}", "A <mask>."], 3, "is not a model folder (no config.json)"),
+        (["fill-mask", "--model", "{tmp}/nope", "A <mask>."], 3, "does not exist"),
+        (["evaluate", "--model", "{tmp}"], 3, "is not a model folder"),
+    ],
+)
+def test_model_errors_are_one_line(trained_run: Path, tmp_path: Path, args: list[str], code: int, message: str):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--model" not in args:
+        args = [args[0], "--model", str(trained_run / "model"), *args[1:]]
+    result = invoke(*args, expect=code)
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_a_saved_model(trained_run: Path):
+    result = invoke("inspect", "--model", str(trained_run / "model"), "--json")
+    table = json.loads(result.stdout)
+    assert table["parameters"] == _summary(trained_run)["parameters"]
+
+
+def test_pretrain_needs_tokenizer(tmp_path: Path, corpus_file: Path):
+    invoke("prepare", "--run-dir", str(tmp_path), "--corpus", str(corpus_file))
+    result = invoke("pretrain", "--run-dir", str(tmp_path), *tiny(), expect=3)
+    assert "run `kantai-batch train-tokenizer` first" in result.stderr
+
+
+def test_model_vocab_smaller_than_tokenizer_is_a_config_error(tmp_path: Path, corpus_file: Path):
+    invoke("prepare", "--run-dir", str(tmp_path), "--corpus", str(corpus_file))
+    invoke("train-tokenizer", "--run-dir", str(tmp_path), *tiny())
+    result = invoke("pretrain", "--run-dir", str(tmp_path), "--no-tracking", *tiny("model.vocab_size=300"), expect=2)
+    assert "model.vocab_size 300 is smaller than the tokenizer's" in result.stderr
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kantai_batch", "--log-level", "warning", *args]
+
+
+def test_killed_pretrain_resumes_from_the_newest_complete_checkpoint(tmp_path: Path, corpus_file: Path):
+    run_dir = tmp_path / "run"
+    job = tiny("train.max_steps=400", "train.save_steps=10", "train.save_total_limit=3", "train.logging_steps=10")
+    invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file))
+    invoke("train-tokenizer", "--run-dir", str(run_dir), *job)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(_cli("pretrain", "--run-dir", str(run_dir), *job), env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = run_dir / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not (checkpoints / "checkpoint-20" / MARKER).exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "model").exists()
+    # What a kill in the middle of a save leaves: a newer checkpoint folder without its marker.
+    partial = checkpoints / "checkpoint-900"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half written")
+    newest = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if (p / MARKER).exists())
+    tokens_at = lambda step: json.loads((checkpoints / f"checkpoint-{step}" / "trainer_state.json").read_text())[  # noqa: E731
+        "num_input_tokens_seen"
+    ]
+    tokens_before = tokens_at(newest)
+
+    invoke("pretrain", "--run-dir", str(run_dir), *job)
+    summary = _summary(run_dir)
+    assert summary["resumed_from_step"] == newest >= 20
+    assert summary["global_step"] == 400
+    assert summary["real_tokens_trained"] == tokens_at(400) - tokens_before > 0, "only this session's tokens count"
+    assert not partial.exists()
+
+    # The same MLflow run continues: its loss history spans both sessions without a restart at step 0.
+    client = mlflow.MlflowClient()
+    steps = [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "loss")]
+    assert steps[0] == 10 and steps[-1] == 400
+    assert set(steps) == set(range(10, 401, 10))
