@@ -8,7 +8,7 @@ RUN_DIR ?= runs/demo
 # Empty: the job's corpus.source (the public URL of kant.txt). Offline: CORPUS=path/to/kant.txt
 CORPUS ?=
 # The demo trains a bounded number of steps so it finishes in minutes on a laptop CPU.
-DEMO_STEPS ?= 12
+DEMO_STEPS ?= 20
 DEMO_BATCH ?= 16
 PYTEST_ARGS ?=
 
@@ -31,7 +31,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: install
 	$(BIN)/kantai-batch run --job $(JOB) --run-dir $(RUN_DIR) $(if $(CORPUS),--corpus $(CORPUS)) \
-		--set train.max_steps=$(DEMO_STEPS) --set train.per_device_batch_size=$(DEMO_BATCH)
+		--set train.max_steps=$(DEMO_STEPS) --set train.per_device_batch_size=$(DEMO_BATCH) \
+		--set train.logging_steps=5
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

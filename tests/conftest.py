@@ -105,3 +105,14 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path, iso
     result = invoke("run", "--run-dir", str(run_dir), "--corpus", str(corpus_file), *tiny())
     (run_dir.parent / "run_stdout.txt").write_text(result.stdout)
     yield run_dir
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

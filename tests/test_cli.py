@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, invoke
+
+
+def test_inspect_reports_the_kantaibert_parameter_count():
+    result = invoke("inspect", "--job", str(ROOT / "jobs" / "kantaibert.yaml"))
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "83,504,416 parameters in 106 tensors"
+    assert lines[0].split()[:3] == ["roberta.embeddings.word_embeddings.weight", "52000x768", "39,936,000"]
+    assert lines[0].split()[3] == "47.83%"
+
+
+def test_inspect_json_follows_overrides():
+    result = invoke("inspect", "--json", "--set", "model.num_hidden_layers=2")
+    table = json.loads(result.stdout)
+    assert table["tensors"] == 106 - 4 * 16
+    assert table["parameters"] == sum(row["count"] for row in table["table"])
+    assert abs(sum(row["share"] for row in table["table"]) - 1) < 1e-9
+
+
+def test_module_entry_point_and_help_do_not_import_torch():
+    # `python -m kantai_batch` is what `accelerate launch -m kantai_batch` starts.
+    result = subprocess.run([sys.executable, "-m", "kantai_batch", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0
+    for command in ("prepare", "train-tokenizer", "pretrain", "evaluate", "fill-mask", "inspect", "run"):
+        assert command in result.stdout
+    probe = "import sys, kantai_batch.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert imported.stdout.strip() == "[]", "help must answer without loading torch"
+
+
+def test_every_phase_accepts_the_job_options():
+    for command in ("prepare", "train-tokenizer", "pretrain", "evaluate", "fill-mask", "inspect", "run"):
+        help_text = invoke(command, "--help").stdout
+        for option in ("--job", "--run-dir", "--corpus", "--set"):
+            assert option in help_text, f"{command} lacks {option}"
