@@ -36,6 +36,11 @@ class _Group(click.Group):
         except KantaiError as exc:
             click.echo(f"kantai-batch: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:
+            # The machine refused (permissions, a full disk): name the path, no traceback.
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"kantai-batch: error: {where}{exc.strerror or exc}", err=True)
+            ctx.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

@@ -42,7 +42,10 @@ class RunDir:
     def from_uri(cls, uri: str) -> RunDir:
         if "://" in uri:
             raise JobConfigError(f"run dir {uri}: only local folders are supported so far")
-        return cls(Path(uri).expanduser())
+        root = Path(uri).expanduser()
+        if root.exists() and not root.is_dir():
+            raise JobConfigError(f"run dir {uri} is not a folder")
+        return cls(root)
 
     @property
     def corpus(self) -> Path:

@@ -98,6 +98,13 @@ def tiny(*extra: str) -> list[str]:
     return args
 
 
+def prepared_run(run_dir: Path, corpus: Path, *extra: str) -> Path:
+    """A run dir with a prepared corpus and a trained tiny tokenizer."""
+    invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus))
+    invoke("train-tokenizer", "--run-dir", str(run_dir), *tiny(*extra))
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path, isolated_env: Path) -> Iterator[Path]:
     """One complete `run` of the tiny job, shared by the tests that only read its outputs."""

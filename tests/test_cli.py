@@ -39,3 +39,24 @@ def test_every_phase_accepts_the_job_options():
         help_text = invoke(command, "--help").stdout
         for option in ("--job", "--run-dir", "--corpus", "--set"):
             assert option in help_text, f"{command} lacks {option}"
+
+
+def test_run_dir_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = invoke("prepare", "--run-dir", str(tmp_path / "file"), expect=2)
+    assert f"run dir {tmp_path / 'file'} is not a folder" in result.stderr
+
+
+def test_unwritable_run_dir_is_one_line(tmp_path, corpus_file):
+    import os
+
+    if os.geteuid() == 0:
+        # root writes anywhere; a run dir below a file fails the same way for everyone.
+        (tmp_path / "blocker").write_text("x")
+        run_dir = tmp_path / "blocker" / "run"
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        run_dir = tmp_path / "ro" / "run"
+    result = invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file), expect=1)
+    assert result.stderr.startswith("kantai-batch: error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr

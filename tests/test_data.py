@@ -5,21 +5,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import invoke, tiny
+from conftest import TINY, prepared_run
 from kantai_batch.data import MlmCollator, build_split
 from kantai_batch.errors import InputDataError
 from kantai_batch.job import load_job
 from kantai_batch.tokenizer import load_tokenizer
 
-TINY = [value for pair in zip(tiny()[::2], tiny()[1::2]) for value in pair][1::2]
-
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Path:
-    run_dir = tmp_path_factory.mktemp("data")
-    invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file))
-    invoke("train-tokenizer", "--run-dir", str(run_dir), *tiny())
-    return run_dir
+    return prepared_run(tmp_path_factory.mktemp("data"), corpus_file)
 
 
 def _build(run_dir: Path, *overrides: str, split: str = "train.txt", evaluation: bool = False):

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 from transformers import RobertaForMaskedLM, pipeline
 
-from conftest import ROOT, invoke, tiny
+from conftest import ROOT, invoke, prepared_run, tiny
 from kantai_batch.storage import MARKER
 
 pytestmark = pytest.mark.slow
@@ -143,8 +143,7 @@ def test_pretrain_needs_tokenizer(tmp_path: Path, corpus_file: Path):
 
 
 def test_model_vocab_smaller_than_tokenizer_is_a_config_error(tmp_path: Path, corpus_file: Path):
-    invoke("prepare", "--run-dir", str(tmp_path), "--corpus", str(corpus_file))
-    invoke("train-tokenizer", "--run-dir", str(tmp_path), *tiny())
+    prepared_run(tmp_path, corpus_file)
     result = invoke("pretrain", "--run-dir", str(tmp_path), "--no-tracking", *tiny("model.vocab_size=300"), expect=2)
     assert "model.vocab_size 300 is smaller than the tokenizer's" in result.stderr
 
@@ -156,8 +155,7 @@ def _cli(*args: str) -> list[str]:
 def test_killed_pretrain_resumes_from_the_newest_complete_checkpoint(tmp_path: Path, corpus_file: Path):
     run_dir = tmp_path / "run"
     job = tiny("train.max_steps=400", "train.save_steps=10", "train.save_total_limit=3", "train.logging_steps=10")
-    invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file))
-    invoke("train-tokenizer", "--run-dir", str(run_dir), *job)
+    prepared_run(run_dir, corpus_file)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(_cli("pretrain", "--run-dir", str(run_dir), *job), env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -6,15 +6,12 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import invoke, tiny
+from conftest import invoke, prepared_run
 
 
 @pytest.fixture(scope="module")
 def tokenizer_run(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Path:
-    run_dir = tmp_path_factory.mktemp("tok")
-    invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file))
-    invoke("train-tokenizer", "--run-dir", str(run_dir), *tiny())
-    return run_dir
+    return prepared_run(tmp_path_factory.mktemp("tok"), corpus_file)
 
 
 def test_writes_the_recipe_files_and_a_loadable_tokenizer(tokenizer_run: Path):
