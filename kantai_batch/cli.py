@@ -39,7 +39,8 @@ class _Group(click.Group):
         except OSError as exc:
             # The machine refused (permissions, a full disk): name the path, no traceback.
             where = f"{exc.filename}: " if exc.filename else ""
-            click.echo(f"kantai-batch: error: {where}{exc.strerror or exc}", err=True)
+            reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
+            click.echo(f"kantai-batch: error: {where}{reason}", err=True)
             ctx.exit(1)
 
 

@@ -22,7 +22,8 @@ from transformers import TrainerCallback
 from kantai_batch import tracking
 from kantai_batch.corpus import EVAL_FILE, TRAIN_FILE
 from kantai_batch.data import MlmCollator, build_split
-from kantai_batch.job import Job
+from kantai_batch.errors import JobConfigError
+from kantai_batch.job import Job, ModelSection
 from kantai_batch.model import init_model
 from kantai_batch.storage import RunDir, committed_dir, is_complete, require_complete, write_json_atomic, write_marker
 from kantai_batch.tokenizer import load_tokenizer
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "train_summary.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+ARCHITECTURE_KEYS = tuple(ModelSection.model_fields)
 
 
 def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
@@ -45,6 +47,8 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
         eval_set = build_split(run.corpus / EVAL_FILE, job, tokenizer, evaluation=True, what="eval split")
     model = init_model(job, len(tokenizer))
     resume_from = newest_complete_checkpoint(run.checkpoints, prune_incomplete=args.process_index == 0)
+    if resume_from:
+        require_same_architecture(resume_from, model.config)
     throughput = ThroughputCallback()
     trainer = Trainer(
         model=model,
@@ -144,6 +148,20 @@ def newest_complete_checkpoint(folder: Path, *, prune_incomplete: bool) -> Path 
             log.warning("pretrain: removing incomplete checkpoint %s (its save did not finish)", partial)
             shutil.rmtree(partial, ignore_errors=True)
     return complete[-1] if complete else None
+
+
+def require_same_architecture(checkpoint: Path, config) -> None:
+    """A checkpoint of another architecture cannot be resumed; say so instead of a shape mismatch."""
+    import json
+
+    saved = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    wanted = config.to_dict()
+    changed = [f"{key} {saved.get(key)} -> {wanted[key]}" for key in ARCHITECTURE_KEYS if saved.get(key) != wanted[key]]
+    if changed:
+        raise JobConfigError(
+            f"checkpoint {checkpoint} has another architecture ({', '.join(changed)}): "
+            "use a fresh run dir or delete its checkpoints/ to start over"
+        )
 
 
 def predicted_ids(logits, labels):

@@ -190,3 +190,10 @@ def test_killed_pretrain_resumes_from_the_newest_complete_checkpoint(tmp_path: P
     steps = [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "loss")]
     assert steps[0] == 10 and steps[-1] == 400
     assert set(steps) == set(range(10, 401, 10))
+
+
+def test_checkpoints_of_another_architecture_are_not_resumed(trained_run: Path):
+    before = sorted(p.name for p in (trained_run / "checkpoints").iterdir())
+    result = invoke("pretrain", "--run-dir", str(trained_run), *tiny("model.num_hidden_layers=3"), expect=2)
+    assert "has another architecture (num_hidden_layers 2 -> 3)" in result.stderr
+    assert sorted(p.name for p in (trained_run / "checkpoints").iterdir()) == before
