@@ -10,6 +10,7 @@ Imported only when a phase that trains runs, so transformers is imported at the 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -17,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kantai_batch import tracking
 from kantai_batch.corpus import EVAL_FILE, TRAIN_FILE
@@ -37,8 +38,6 @@ ARCHITECTURE_KEYS = tuple(ModelSection.model_fields)
 
 def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     """Train the job's model on the prepared corpus; return the committed model folder."""
-    from transformers import Trainer
-
     require_complete(run.corpus, "corpus", "prepare")
     tokenizer = load_tokenizer(run.tokenizer)
     args = training_arguments(job, run.checkpoints, track=track)
@@ -105,9 +104,7 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     return run.model
 
 
-def training_arguments(job: Job, output_dir: Path, *, track: bool):
-    from transformers import TrainingArguments
-
+def training_arguments(job: Job, output_dir: Path, *, track: bool) -> TrainingArguments:
     t = job.train
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -152,8 +149,6 @@ def newest_complete_checkpoint(folder: Path, *, prune_incomplete: bool) -> Path 
 
 def require_same_architecture(checkpoint: Path, config) -> None:
     """A checkpoint of another architecture cannot be resumed; say so instead of a shape mismatch."""
-    import json
-
     saved = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     wanted = config.to_dict()
     changed = [f"{key} {saved.get(key)} -> {wanted[key]}" for key in ARCHITECTURE_KEYS if saved.get(key) != wanted[key]]

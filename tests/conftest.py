@@ -67,6 +67,8 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Caches and the MLflow store live in the test's temp folder, never in the user's home."""
     home = tmp_path_factory.mktemp("env")
     with pytest.MonkeyPatch.context() as mp:
+        # MLflow's sqlite store puts artifacts in ./mlruns: keep them out of the checkout.
+        mp.chdir(home)
         mp.setenv("HF_HOME", str(home / "hf"))
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")

@@ -157,7 +157,7 @@ def test_killed_pretrain_resumes_from_the_newest_complete_checkpoint(tmp_path: P
     job = tiny("train.max_steps=400", "train.save_steps=10", "train.save_total_limit=3", "train.logging_steps=10")
     prepared_run(run_dir, corpus_file)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(_cli("pretrain", "--run-dir", str(run_dir), *job), env=env, cwd=ROOT,
+    proc = subprocess.Popen(_cli("pretrain", "--run-dir", str(run_dir), *job), env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoints = run_dir / "checkpoints"
     deadline = time.monotonic() + 240
