@@ -16,7 +16,7 @@ from kantai_batch.corpus import EVAL_FILE, choose_encoding, write_text
 from kantai_batch.data import MlmCollator, build_split
 from kantai_batch.errors import InputDataError
 from kantai_batch.job import Job
-from kantai_batch.model import load_model_config, require_masked_lm
+from kantai_batch.model import load_masked_lm, load_masked_lm_tokenizer
 from kantai_batch.storage import RunDir, committed_dir, fetched, require_complete, write_json_atomic
 from kantai_batch.train import has_accelerator, masked_accuracy, perplexity, predicted_ids
 
@@ -28,8 +28,8 @@ METRICS_FILE = "metrics.json"
 def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: str | None = None) -> dict[str, Any]:
     """Evaluate ``model_dir`` (default: the run's model) and commit the metrics to ``RUN/eval/``."""
     model_dir = model_dir or run.model
-    config = load_model_config(model_dir)
-    require_masked_lm(config, model_dir)
+    tokenizer = load_masked_lm_tokenizer(model_dir)
+    model = load_masked_lm(model_dir)
     with tempfile.TemporaryDirectory(prefix="kantai-eval-") as scratch:
         if corpus is None:
             require_complete(run.corpus, "corpus", "prepare")
@@ -40,7 +40,7 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
                 text, corpus_name = Path(scratch) / "eval.txt", corpus
                 if write_text(source, encoding, text) == 0:
                     raise InputDataError(f"corpus {corpus} has no text")
-        metrics = _evaluate(job, model_dir, text, Path(scratch) / "trainer")
+        metrics = _evaluate(job, model, tokenizer, text, Path(scratch) / "trainer")
     metrics.update(model=str(model_dir), corpus=corpus_name)
     with committed_dir(run.eval) as out:
         write_json_atomic(out / METRICS_FILE, metrics)
@@ -54,11 +54,9 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
     return metrics
 
 
-def _evaluate(job: Job, model_dir: Path, text: Path, scratch: Path) -> dict[str, Any]:
-    from transformers import AutoModelForMaskedLM, AutoTokenizer, Trainer, TrainingArguments
+def _evaluate(job: Job, model, tokenizer, text: Path, scratch: Path) -> dict[str, Any]:
+    from transformers import Trainer, TrainingArguments
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForMaskedLM.from_pretrained(str(model_dir))
     samples = build_split(text, job, tokenizer, evaluation=True, what="eval corpus")
     trainer = Trainer(
         model=model,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,3 +93,29 @@ def require_masked_lm(config, model_dir: Path) -> None:
         raise InputDataError(
             f"model {model_dir} is not a masked language model ({', '.join(architectures) or config.model_type})"
         )
+
+
+def load_masked_lm_tokenizer(folder: Path):
+    """The tokenizer of a saved masked LM (checked to be one), without reading the weights."""
+    from transformers import AutoTokenizer
+
+    require_masked_lm(load_model_config(folder), folder)
+    with _unusable_model(folder):
+        return AutoTokenizer.from_pretrained(str(folder))
+
+
+def load_masked_lm(folder: Path):
+    """The weights of a saved masked LM, or a one-line error naming the folder."""
+    from transformers import AutoModelForMaskedLM
+
+    with _unusable_model(folder):
+        return AutoModelForMaskedLM.from_pretrained(str(folder))
+
+
+@contextlib.contextmanager
+def _unusable_model(folder: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - safetensors, tokenizers and OS errors all mean "unusable"
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise InputDataError(f"model {folder} cannot be loaded: {first_line}") from None

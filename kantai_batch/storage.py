@@ -94,8 +94,10 @@ def write_marker(folder: Path, **extra: Any) -> None:
 def committed_dir(final: Path, **marker_extra: Any) -> Iterator[Path]:
     """Yield a scratch folder that replaces ``final`` (marker included) only if the block succeeds."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    # One writer per folder: scratch folders left by a killed earlier attempt are garbage.
+    for stale in final.parent.glob(f".{final.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     scratch = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     try:
         yield scratch

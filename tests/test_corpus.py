@@ -171,3 +171,12 @@ def test_real_kant_text_decodes_without_replacement_characters(tmp_path: Path):
     assert "\r" not in text and "\ufffd" not in text
     assert text.count("\u2014") == raw.decode("cp1252").count("\u2014") > 1000
     assert "HUMAN REASON, in one sphere of its cognition" in text
+
+
+def test_scratch_left_by_a_killed_prepare_is_cleaned_up(tmp_path: Path, corpus_file: Path):
+    stale = tmp_path / ".corpus.partial-999999"
+    stale.mkdir(parents=True)
+    (stale / "train.txt").write_text("half")
+    _prepare(tmp_path, corpus_file)
+    assert not stale.exists()
+    assert (tmp_path / "corpus" / MARKER).is_file()

@@ -197,3 +197,15 @@ def test_checkpoints_of_another_architecture_are_not_resumed(trained_run: Path):
     result = invoke("pretrain", "--run-dir", str(trained_run), *tiny("model.num_hidden_layers=3"), expect=2)
     assert "has another architecture (num_hidden_layers 2 -> 3)" in result.stderr
     assert sorted(p.name for p in (trained_run / "checkpoints").iterdir()) == before
+
+
+def test_corrupt_weights_are_a_one_line_error(trained_run: Path, tmp_path: Path):
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(trained_run / "model", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = invoke("fill-mask", "--model", str(broken), "A <mask>.", expect=3)
+    assert f"model {broken} cannot be loaded" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
