@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,12 @@ import click
 from kantai_batch import __version__
 from kantai_batch.errors import KantaiError
 from kantai_batch.job import Job, load_job
-from kantai_batch.storage import RunDir, is_complete
+from kantai_batch.storage import RunDir
 
 log = logging.getLogger("kantai_batch")
 
 DEFAULT_RUN_DIR = "runs/kantaibert"
+_RESULTS = "kantai.results"
 
 
 class _Group(click.Group):
@@ -68,11 +69,9 @@ def cli(log_level: str) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
-@contextlib.contextmanager
-def results_only_on_stdout() -> Iterator[None]:
-    """Send what phases print (the Trainer's log lines) to stderr; stdout carries results only."""
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
+def emit(text: str) -> None:
+    """Print a result (predictions, metrics, a table) to the command's real stdout."""
+    click.echo(text, file=click.get_current_context().meta.get(_RESULTS))
 
 
 def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -102,7 +101,12 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(job_file: Path | None, run_dir: str, corpus: str | None, overrides: tuple[str, ...], **kwargs: Any):
         job = load_job(job_file, overrides, corpus=corpus)
-        return func(job=job, run=RunDir.from_uri(run_dir), **kwargs)
+        run = RunDir.from_uri(run_dir)
+        # stdout carries results only: what the libraries print (the Trainer's log lines) goes
+        # to stderr with the logs and progress bars.
+        click.get_current_context().meta[_RESULTS] = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            return func(job=job, run=run, **kwargs)
 
     return wrapper
 
@@ -121,8 +125,7 @@ def prepare(job: Job, run: RunDir) -> None:
     """Read, decode and clean the raw corpus; split it into RUN/corpus/{train,eval}.txt."""
     from kantai_batch.corpus import prepare as prepare_phase
 
-    with results_only_on_stdout():
-        prepare_phase(job, run)
+    prepare_phase(job, run)
 
 
 @cli.command("train-tokenizer")
@@ -131,8 +134,7 @@ def train_tokenizer(job: Job, run: RunDir) -> None:
     """Train a byte-level BPE tokenizer on the train split into RUN/tokenizer/."""
     from kantai_batch.tokenizer import train_tokenizer as train_tokenizer_phase
 
-    with results_only_on_stdout():
-        train_tokenizer_phase(job, run)
+    train_tokenizer_phase(job, run)
 
 
 @cli.command()
@@ -142,8 +144,7 @@ def pretrain(job: Job, run: RunDir, tracking: bool) -> None:
     """Pretrain the model from scratch; resumes from the newest complete checkpoint in the run dir."""
     from kantai_batch.train import pretrain as pretrain_phase
 
-    with results_only_on_stdout():
-        pretrain_phase(job, run, track=tracking)
+    pretrain_phase(job, run, track=tracking)
 
 
 @cli.command()
@@ -156,8 +157,7 @@ def evaluate(job: Job, run: RunDir, model_dir: Path | None, as_json: bool) -> No
 
     # --corpus names the text to evaluate on here, not a corpus to prepare.
     explicit_corpus = click.get_current_context().params.get("corpus")
-    with results_only_on_stdout():
-        metrics = evaluate_phase(job, run, model_dir=model_dir, corpus=explicit_corpus)
+    metrics = evaluate_phase(job, run, model_dir=model_dir, corpus=explicit_corpus)
     _print_metrics(metrics, as_json)
 
 
@@ -184,13 +184,13 @@ def inspect(job: Job, run: RunDir, model_dir: Path | None, as_json: bool) -> Non
     total = sum(row.count for row in rows)
     if as_json:
         tensors = [{"name": r.name, "shape": list(r.shape), "count": r.count, "share": r.count / total} for r in rows]
-        click.echo(json.dumps({"parameters": total, "tensors": len(rows), "table": tensors}, indent=2))
+        emit(json.dumps({"parameters": total, "tensors": len(rows), "table": tensors}, indent=2))
         return
     width = max(len(row.name) for row in rows)
     for row in rows:
         shape = "x".join(str(dim) for dim in row.shape)
-        click.echo(f"{row.name:<{width}}  {shape:>12}  {row.count:>12,}  {row.count / total:7.2%}")
-    click.echo(f"{total:,} parameters in {len(rows)} tensors")
+        emit(f"{row.name:<{width}}  {shape:>12}  {row.count:>12,}  {row.count / total:7.2%}")
+    emit(f"{total:,} parameters in {len(rows)} tensors")
 
 
 @cli.command("run")
@@ -198,49 +198,33 @@ def inspect(job: Job, run: RunDir, model_dir: Path | None, as_json: bool) -> Non
 @tracking_option
 def run_all(job: Job, run: RunDir, tracking: bool) -> None:
     """Every phase in order, skipping those whose output is already complete; then fill-mask."""
-    from kantai_batch.corpus import prepare as prepare_phase
-    from kantai_batch.evaluate import evaluate as evaluate_phase
-    from kantai_batch.tokenizer import train_tokenizer as train_tokenizer_phase
-    from kantai_batch.train import pretrain as pretrain_phase
+    from kantai_batch.pipeline import run_pipeline
 
-    phases = [
-        ("prepare", run.corpus, lambda: prepare_phase(job, run)),
-        ("train-tokenizer", run.tokenizer, lambda: train_tokenizer_phase(job, run)),
-        ("pretrain", run.model, lambda: pretrain_phase(job, run, track=tracking)),
-        ("evaluate", run.eval, lambda: evaluate_phase(job, run)),
-    ]
-    for name, output, phase in phases:
-        if is_complete(output):
-            log.info("%s: %s is complete, skipped (delete it to redo the phase)", name, output)
-            continue
-        log.info("%s: starting", name)
-        with results_only_on_stdout():
-            phase()
+    run_pipeline(job, run, track=tracking)
     _show_fill_mask(run.model, job.infer.fill_mask_text, job.infer.top_k, as_json=False)
 
 
 def _show_fill_mask(model_dir: Path, text: str, top_k: int, as_json: bool) -> None:
     from kantai_batch.infer import fill_mask as fill_mask_predictions
 
-    with results_only_on_stdout():
-        per_mask = fill_mask_predictions(model_dir, text, top_k)
+    per_mask = fill_mask_predictions(model_dir, text, top_k)
     if as_json:
-        click.echo(json.dumps(per_mask[0] if len(per_mask) == 1 else per_mask, indent=2, ensure_ascii=False))
+        emit(json.dumps(per_mask[0] if len(per_mask) == 1 else per_mask, indent=2, ensure_ascii=False))
         return
-    click.echo(text)
+    emit(text)
     for index, candidates in enumerate(per_mask, start=1):
         if len(per_mask) > 1:
-            click.echo(f"mask {index}:")
+            emit(f"mask {index}:")
         for rank, candidate in enumerate(candidates, start=1):
-            click.echo(f"  {rank}. {candidate['token_str']!r:<16} {candidate['score']:.4f}  {candidate['sequence']}")
+            emit(f"  {rank}. {candidate['token_str']!r:<16} {candidate['score']:.4f}  {candidate['sequence']}")
 
 
 def _print_metrics(metrics: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(metrics, indent=2))
+        emit(json.dumps(metrics, indent=2))
         return
     for key, value in metrics.items():
-        click.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+        emit(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
 
 
 def main() -> None:
