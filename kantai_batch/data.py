@@ -31,7 +31,7 @@ def build_split(path: Path, job: Job, tokenizer, *, evaluation: bool, what: str)
     from transformers.utils import logging as hf_logging
 
     sample_by = "paragraph" if job.data.mode == "packed" else "line"
-    raw = load_dataset("text", data_files={"split": str(path)}, sample_by=sample_by, split="split")
+    raw = load_dataset("text", data_files={"corpus": str(path)}, sample_by=sample_by, split="corpus")
     raw = raw.filter(lambda row: bool(row["text"].strip()), desc=f"{what}: drop blank lines")
     block = job.data.block_size
     # Long paragraphs exceed model_max_length before they are cut into blocks; the warning is noise.

@@ -60,3 +60,12 @@ def test_unwritable_run_dir_is_one_line(tmp_path, corpus_file):
     result = invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file), expect=1)
     assert result.stderr.startswith("kantai-batch: error: ") and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+def test_make_install_is_idempotent():
+    if not (ROOT / ".venv" / ".installed").exists():
+        import pytest
+
+        pytest.skip("the suite is not running from `make test`'s .venv")
+    # `make -q` exits 0 only when the target is up to date, i.e. a second install would do nothing.
+    assert subprocess.run(["make", "-q", "install"], cwd=ROOT).returncode == 0
