@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, invoke
 
 
@@ -64,8 +66,6 @@ def test_unwritable_run_dir_is_one_line(tmp_path, corpus_file):
 
 def test_make_install_is_idempotent():
     if not (ROOT / ".venv" / ".installed").exists():
-        import pytest
-
         pytest.skip("the suite is not running from `make test`'s .venv")
     # `make -q` exits 0 only when the target is up to date, i.e. a second install would do nothing.
     assert subprocess.run(["make", "-q", "install"], cwd=ROOT).returncode == 0
