@@ -56,7 +56,7 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
         eval_dataset=eval_set,
         data_collator=MlmCollator(tokenizer, job.train.mlm_probability),
         processing_class=tokenizer,
-        callbacks=[CheckpointMarkerCallback(), throughput],
+        callbacks=[CheckpointMarkerCallback(keep=job.train.save_total_limit), throughput],
         compute_metrics=masked_accuracy,
         preprocess_logits_for_metrics=predicted_ids,
     )
@@ -117,7 +117,6 @@ def training_arguments(job: Job, output_dir: Path, *, track: bool) -> TrainingAr
         weight_decay=t.weight_decay,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
         eval_strategy="steps" if t.eval_steps else "no",
         eval_steps=t.eval_steps,
         logging_steps=t.logging_steps,
@@ -136,15 +135,20 @@ def checkpoint_step(path: Path) -> int:
 
 def newest_complete_checkpoint(folder: Path, *, prune_incomplete: bool) -> Path | None:
     """The newest checkpoint whose marker exists; incomplete ones are leftovers of a killed save."""
-    if not folder.is_dir():
-        return None
-    found = sorted((p for p in folder.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)), key=checkpoint_step)
+    found = checkpoints_in(folder)
     complete = [p for p in found if is_complete(p)]
     if prune_incomplete:
         for partial in (p for p in found if not is_complete(p)):
             log.warning("pretrain: removing incomplete checkpoint %s (its save did not finish)", partial)
             shutil.rmtree(partial, ignore_errors=True)
     return complete[-1] if complete else None
+
+
+def checkpoints_in(folder: Path) -> list[Path]:
+    """The checkpoint folders in ``folder``, oldest first."""
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)), key=checkpoint_step)
 
 
 def require_same_architecture(checkpoint: Path, config) -> None:
@@ -175,11 +179,23 @@ def perplexity(loss: float) -> float:
 
 
 class CheckpointMarkerCallback(TrainerCallback):
-    """Marks a checkpoint complete once the Trainer has written all of it."""
+    """Marks a checkpoint complete once the Trainer has written all of it, then prunes old ones.
+
+    Pruning happens here rather than through the Trainer's ``save_total_limit`` because the
+    Trainer deletes old checkpoints before this marker exists on the new one: a kill in between
+    would leave no complete checkpoint when the limit is 1.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            write_marker(Path(args.output_dir) / f"checkpoint-{state.global_step}", global_step=state.global_step)
+            folder = Path(args.output_dir)
+            write_marker(folder / f"checkpoint-{state.global_step}", global_step=state.global_step)
+            complete = [p for p in checkpoints_in(folder) if is_complete(p)]
+            for old in complete[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
         return control
 
 
