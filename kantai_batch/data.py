@@ -110,8 +110,3 @@ class MlmCollator:
         if "labels" in features[0]:
             return self._pad(features)
         return self._mask(features)
-
-
-def count_tokens(samples) -> int:
-    """Non-pad tokens in a built split."""
-    return sum(sum(mask) for mask in samples["attention_mask"])

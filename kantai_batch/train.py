@@ -202,8 +202,11 @@ class CheckpointMarkerCallback(TrainerCallback):
 class ThroughputCallback(TrainerCallback):
     """Non-pad tokens trained on per second in this session (a resumed run counts only its own)."""
 
-    tokens = 0
-    tokens_per_second = 0.0
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.tokens_per_second = 0.0
+        self._start_tokens = 0
+        self._start_time = time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start_tokens = state.num_input_tokens_seen
