@@ -12,12 +12,13 @@ DEMO_STEPS ?= 20
 DEMO_BATCH ?= 16
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test clean
+.PHONY: help install demo test lint clean
 
 help:
 	@echo "make install   create $(VENV) with the package and its dependencies"
 	@echo "make demo      run the KantaiBERT job on the embedded defaults [CORPUS=path-or-url]"
 	@echo "make test      run the test suite"
+	@echo "make lint      ruff check and format check"
 
 install: $(VENV)/.installed
 
@@ -36,6 +37,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check kantai_batch tests
+	$(BIN)/ruff format --check kantai_batch tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -167,14 +167,18 @@ def evaluate(job: Job, run: RunDir, model_dir: Path | None, as_json: bool) -> No
 @click.option("--top-k", type=click.IntRange(min=1), help="Predictions per mask [default: infer.top_k].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {token_str, score, sequence}.")
 @click.argument("text", required=False)
-def fill_mask(job: Job, run: RunDir, model_dir: Path | None, top_k: int | None, as_json: bool, text: str | None) -> None:
+def fill_mask(
+    job: Job, run: RunDir, model_dir: Path | None, top_k: int | None, as_json: bool, text: str | None
+) -> None:
     """Fill the <mask> in TEXT [default: infer.fill_mask_text] with the model's predictions."""
     _show_fill_mask(model_dir or run.model, text or job.infer.fill_mask_text, top_k or job.infer.top_k, as_json)
 
 
 @cli.command()
 @job_options
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Inspect a saved model instead of the job's.")
+@click.option(
+    "--model", "model_dir", type=click.Path(path_type=Path), help="Inspect a saved model instead of the job's."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 def inspect(job: Job, run: RunDir, model_dir: Path | None, as_json: bool) -> None:
     """Parameter count, tensors, and every tensor's name, shape and share of the total."""

@@ -43,7 +43,9 @@ def prepare(job: Job, run: RunDir) -> Path:
             encoding, detected = choose_encoding(path, job.corpus.encoding, source)
             with committed_dir(run.corpus) as out:
                 stats = _write_split(path, encoding, out, job)
-                stats.update(source=source, source_sha256=file_sha256(path), encoding=encoding, encoding_detected=detected)
+                stats.update(
+                    source=source, source_sha256=file_sha256(path), encoding=encoding, encoding_detected=detected
+                )
                 write_json_atomic(out / STATS_FILE, stats)
     except SourceUnavailableError as exc:
         if is_url(source):
@@ -130,9 +132,10 @@ def _write_split(path: Path, encoding: str, out: Path, job: Job) -> dict[str, An
     rng = random.Random(job.train.seed)
     counts = {name: {"paragraphs": 0, "lines": 0, "chars": 0} for name in ("train", "eval")}
     undecodable = 0
-    with (out / TRAIN_FILE).open("w", encoding="utf-8", newline="\n") as train, (out / EVAL_FILE).open(
-        "w", encoding="utf-8", newline="\n"
-    ) as held_out:
+    with (
+        (out / TRAIN_FILE).open("w", encoding="utf-8", newline="\n") as train,
+        (out / EVAL_FILE).open("w", encoding="utf-8", newline="\n") as held_out,
+    ):
         for paragraph in paragraphs(read_lines(path, encoding)):
             name, handle = ("eval", held_out) if rng.random() < job.data.eval_fraction else ("train", train)
             text = "\n".join(paragraph)

@@ -164,7 +164,9 @@ class Job(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def load_job(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (), corpus: str | None = None) -> Job:
+def load_job(
+    path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (), corpus: str | None = None
+) -> Job:
     """Read a job file (or the embedded defaults), apply ``key=value`` overrides, validate once."""
     where = str(path) if path else "embedded defaults"
     raw: dict[str, Any] = {}

@@ -49,7 +49,12 @@ def train_tokenizer(job: Job, run: RunDir) -> Path:
             model_max_length=MODEL_MAX_LENGTH,
         )
         tokenizer.save_pretrained(str(out))
-    log.info("tokenizer: %s tokens (vocab_size limit %s) in %s", f"{len(tokenizer):,}", f"{job.tokenizer.vocab_size:,}", run.tokenizer)
+    log.info(
+        "tokenizer: %s tokens (vocab_size limit %s) in %s",
+        f"{len(tokenizer):,}",
+        f"{job.tokenizer.vocab_size:,}",
+        run.tokenizer,
+    )
     return run.tokenizer
 
 

@@ -42,7 +42,12 @@ def pretrain_run(job: Job, run: RunDir, enabled: bool) -> Iterator[Any]:
             mlflow.log_params({f"job.{key}": value for key, value in _flatten(job.model_dump(mode="json")).items()})
             mlflow.log_text(job_yaml, "job.yaml")
             mlflow.set_tags({"kantai.run_dir": str(run.root.resolve()), "kantai.corpus": job.corpus.source})
-        log.info("mlflow: %s run %s in %s", "continuing" if run_id else "started", active.info.run_id, mlflow.get_tracking_uri())
+        log.info(
+            "mlflow: %s run %s in %s",
+            "continuing" if run_id else "started",
+            active.info.run_id,
+            mlflow.get_tracking_uri(),
+        )
         yield active
 
 

@@ -89,7 +89,9 @@ def invoke(*args: str, expect: int | None = 0) -> Result:
     """Run the CLI in-process; check the exit code unless ``expect`` is None."""
     result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
     if expect is not None:
-        assert result.exit_code == expect, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        assert result.exit_code == expect, (
+            f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
     return result
 
 

@@ -78,7 +78,11 @@ def test_utf8_bom_and_form_feeds_are_removed(tmp_path: Path):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(b"", "is empty"), (b"\r\n \r\n\t\r\n\x0c\r\n" * 10, "has no text"), (b"one paragraph only\n", "too small to split")],
+    [
+        (b"", "is empty"),
+        (b"\r\n \r\n\t\r\n\x0c\r\n" * 10, "has no text"),
+        (b"one paragraph only\n", "too small to split"),
+    ],
 )
 def test_unusable_corpus_is_a_one_line_error(tmp_path: Path, content: bytes, message: str):
     corpus = tmp_path / "bad.txt"

@@ -97,15 +97,28 @@ def test_evaluate_reproduces_the_training_eval_and_writes_metrics(trained_run: P
 
 def test_evaluate_on_a_raw_corpus(trained_run: Path, tmp_path: Path):
     text = tmp_path / "other.txt"
-    text.write_bytes(("Reason determines every object \u2014 \u201cspace and time\u201d.\r\n\r\n" * 60).encode("cp1252"))
-    result = invoke("evaluate", "--run-dir", str(tmp_path / "run"), "--model", str(trained_run / "model"),
-                    "--corpus", str(text), "--json", *tiny())
+    text.write_bytes(
+        ("Reason determines every object \u2014 \u201cspace and time\u201d.\r\n\r\n" * 60).encode("cp1252")
+    )
+    result = invoke(
+        "evaluate",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--model",
+        str(trained_run / "model"),
+        "--corpus",
+        str(text),
+        "--json",
+        *tiny(),
+    )
     metrics = json.loads(result.stdout)
     assert metrics["corpus"] == str(text) and metrics["samples"] > 0
 
 
 def test_fill_mask_json(trained_run: Path):
-    result = invoke("fill-mask", "--model", str(trained_run / "model"), "--top-k", "4", "--json", "Reason <mask> space.")
+    result = invoke(
+        "fill-mask", "--model", str(trained_run / "model"), "--top-k", "4", "--json", "Reason <mask> space."
+    )
     candidates = json.loads(result.stdout)
     assert len(candidates) == 4
     assert set(candidates[0]) == {"token_str", "score", "sequence"}
@@ -157,8 +170,13 @@ def test_killed_pretrain_resumes_from_the_newest_complete_checkpoint(tmp_path: P
     job = tiny("train.max_steps=400", "train.save_steps=10", "train.save_total_limit=3", "train.logging_steps=10")
     prepared_run(run_dir, corpus_file)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(_cli("pretrain", "--run-dir", str(run_dir), *job), env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _cli("pretrain", "--run-dir", str(run_dir), *job),
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     checkpoints = run_dir / "checkpoints"
     deadline = time.monotonic() + 240
     while not (checkpoints / "checkpoint-20" / MARKER).exists():
