@@ -227,3 +227,11 @@ def test_corrupt_weights_are_a_one_line_error(trained_run: Path, tmp_path: Path)
     result = invoke("fill-mask", "--model", str(broken), "A <mask>.", expect=3)
     assert f"model {broken} cannot be loaded" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_fill_mask_with_two_masks_gives_a_list_per_mask(trained_run: Path):
+    result = invoke(
+        "fill-mask", "--model", str(trained_run / "model"), "--top-k", "2", "--json", "<mask> reason <mask>."
+    )
+    per_mask = json.loads(result.stdout)
+    assert [len(candidates) for candidates in per_mask] == [2, 2]
