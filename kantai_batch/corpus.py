@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.errors import InputDataError, SourceUnavailableError
+from kantai_batch.errors import InputDataError
 from kantai_batch.job import Job
-from kantai_batch.storage import RunDir, committed_dir, fetched, file_sha256, is_url, write_json_atomic
+from kantai_batch.storage import RunDir, committed_dir, fetched, file_sha256, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +36,14 @@ _REPLACEMENT = "\ufffd"
 def prepare(job: Job, run: RunDir) -> Path:
     """Fetch and decode ``job.corpus.source``, write the train/eval split; return the corpus folder."""
     source = job.corpus.source
-    try:
-        with fetched(source, "corpus") as path:
-            if path.stat().st_size == 0:
-                raise InputDataError(f"corpus {source} is empty")
-            encoding, detected = choose_encoding(path, job.corpus.encoding, source)
-            with committed_dir(run.corpus) as out:
-                stats = _write_split(path, encoding, out, job)
-                stats.update(
-                    source=source, source_sha256=file_sha256(path), encoding=encoding, encoding_detected=detected
-                )
-                write_json_atomic(out / STATS_FILE, stats)
-    except SourceUnavailableError as exc:
-        if is_url(source):
-            raise SourceUnavailableError(
-                f"{exc}; download it yourself and pass the file with --corpus PATH (make demo CORPUS=PATH)"
-            ) from None
-        raise
+    with fetched(source, "corpus") as path:
+        if path.stat().st_size == 0:
+            raise InputDataError(f"corpus {source} is empty")
+        encoding, detected = choose_encoding(path, job.corpus.encoding, source)
+        with committed_dir(run.corpus) as out:
+            stats = _write_split(path, encoding, out, job)
+            stats.update(source=source, source_sha256=file_sha256(path), encoding=encoding, encoding_detected=detected)
+            write_json_atomic(out / STATS_FILE, stats)
     log.info(
         "corpus: %s bytes decoded as %s (%s), %s characters could not be decoded; "
         "%s paragraphs for training, %s for evaluation",

@@ -4,6 +4,11 @@ A Kubernetes ``podFailurePolicy`` fails a Job at once on the codes of errors tha
 (a bad job file, bad data) and retries the rest (an unreachable source, a preempted pod).
 """
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
 
 class KantaiError(Exception):
     """An error the user can fix; the CLI prints it as one line, without a traceback."""
@@ -27,3 +32,15 @@ class SourceUnavailableError(KantaiError):
     """An input could not be reached (download failed, file missing); a retry may succeed."""
 
     exit_code = 4
+
+
+@contextlib.contextmanager
+def unusable_as(description: str) -> Iterator[None]:
+    """Turn any library failure to load ``description`` into a one-line InputDataError."""
+    try:
+        yield
+    except KantaiError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors, tokenizers and OS errors all mean "unusable"
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise InputDataError(f"{description} cannot be loaded: {first_line}") from None

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kantai_batch.errors import InputDataError, JobConfigError
+from kantai_batch.errors import InputDataError, JobConfigError, unusable_as
 from kantai_batch.job import Job
 
 
@@ -73,13 +71,17 @@ def load_model_config(folder: Path):
 
 
 def saved_model_skeleton(folder: Path):
-    """A saved model's architecture on the meta device (its weights are not read)."""
+    """A saved model's architecture, as its config names it, on the meta device (no weights read)."""
     import torch
-    from transformers import AutoModelForMaskedLM
+    import transformers
 
     config = load_model_config(folder)
-    with torch.device("meta"):
-        return AutoModelForMaskedLM.from_config(config)
+    name = (config.architectures or [""])[0]
+    model_class = getattr(transformers, name, None) if name else None
+    if model_class is None:
+        raise InputDataError(f"model {folder}: config.json names no known architecture ({name or 'none'})")
+    with torch.device("meta"), unusable_as(f"model {folder}"):
+        return model_class(config)
 
 
 def parameter_rows(model) -> list[ParameterRow]:
@@ -100,7 +102,7 @@ def load_masked_lm_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     require_masked_lm(load_model_config(folder), folder)
-    with _unusable_model(folder):
+    with unusable_as(f"model {folder}"):
         return AutoTokenizer.from_pretrained(str(folder))
 
 
@@ -108,14 +110,5 @@ def load_masked_lm(folder: Path):
     """The weights of a saved masked LM, or a one-line error naming the folder."""
     from transformers import AutoModelForMaskedLM
 
-    with _unusable_model(folder):
+    with unusable_as(f"model {folder}"):
         return AutoModelForMaskedLM.from_pretrained(str(folder))
-
-
-@contextlib.contextmanager
-def _unusable_model(folder: Path) -> Iterator[None]:
-    try:
-        yield
-    except Exception as exc:  # noqa: BLE001 - safetensors, tokenizers and OS errors all mean "unusable"
-        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise InputDataError(f"model {folder} cannot be loaded: {first_line}") from None

@@ -91,7 +91,7 @@ def write_marker(folder: Path, **extra: Any) -> None:
 
 
 @contextlib.contextmanager
-def committed_dir(final: Path, **marker_extra: Any) -> Iterator[Path]:
+def committed_dir(final: Path) -> Iterator[Path]:
     """Yield a scratch folder that replaces ``final`` (marker included) only if the block succeeds."""
     final.parent.mkdir(parents=True, exist_ok=True)
     # One writer per folder: scratch folders left by a killed earlier attempt are garbage.
@@ -101,7 +101,7 @@ def committed_dir(final: Path, **marker_extra: Any) -> Iterator[Path]:
     scratch.mkdir()
     try:
         yield scratch
-        write_marker(scratch, **marker_extra)
+        write_marker(scratch)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
@@ -135,7 +135,13 @@ def fetched(uri: str, what: str) -> Iterator[Path]:
     """A local file holding ``uri``: the file itself, or a download that is removed afterwards."""
     if is_url(uri):
         with tempfile.TemporaryDirectory(prefix="kantai-fetch-") as tmp:
-            yield _download(uri, Path(tmp) / "download", what)
+            try:
+                local = _download(uri, Path(tmp) / "download", what)
+            except SourceUnavailableError as exc:
+                raise SourceUnavailableError(
+                    f"{exc}; download it yourself and pass the file with --{what} PATH (make demo {what.upper()}=PATH)"
+                ) from None
+            yield local
         return
     if "://" in uri:
         raise JobConfigError(f"{what} {uri}: unsupported URI scheme (use a local path or http(s) URL)")

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from kantai_batch.corpus import TRAIN_FILE
+from kantai_batch.errors import unusable_as
 from kantai_batch.job import Job
 from kantai_batch.storage import RunDir, committed_dir, require_complete
 
@@ -62,4 +63,5 @@ def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     require_complete(folder, "tokenizer", "train-tokenizer")
-    return AutoTokenizer.from_pretrained(str(folder))
+    with unusable_as(f"tokenizer {folder}"):
+        return AutoTokenizer.from_pretrained(str(folder))

@@ -69,3 +69,9 @@ def test_make_install_is_idempotent():
         pytest.skip("the suite is not running from `make test`'s .venv")
     # `make -q` exits 0 only when the target is up to date, i.e. a second install would do nothing.
     assert subprocess.run(["make", "-q", "install"], cwd=ROOT).returncode == 0
+
+
+def test_inspect_a_config_without_a_known_architecture(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "roberta", "architectures": ["NoSuchModel"]}')
+    result = invoke("inspect", "--model", str(tmp_path), expect=3)
+    assert "names no known architecture (NoSuchModel)" in result.stderr

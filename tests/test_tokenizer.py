@@ -52,3 +52,11 @@ def test_undecodable_bytes_never_become_unknown_tokens(tokenizer_run: Path):
 def test_needs_a_prepared_corpus(tmp_path: Path):
     result = invoke("train-tokenizer", "--run-dir", str(tmp_path), expect=3)
     assert "run `kantai-batch prepare` first" in result.stderr
+
+
+def test_corrupt_tokenizer_is_a_one_line_error(tmp_path: Path, corpus_file: Path):
+    run_dir = prepared_run(tmp_path, corpus_file)
+    (run_dir / "tokenizer" / "tokenizer.json").write_text("{not json")
+    result = invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", expect=3)
+    assert f"tokenizer {run_dir / 'tokenizer'} cannot be loaded" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
