@@ -37,22 +37,26 @@ def build_split(path: Path, job: Job, tokenizer, *, evaluation: bool, what: str)
     # Long paragraphs exceed model_max_length before they are cut into blocks; the warning is noise.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    if job.data.mode == "packed":
-        samples = raw.map(
-            _pack,
-            batched=True,
-            remove_columns=raw.column_names,
-            fn_kwargs={"tokenizer": tokenizer, "block_size": block},
-            desc=f"{what}: tokenize and pack into blocks of {block}",
-        )
-    else:
-        samples = raw.map(
-            lambda batch: tokenizer(batch["text"], truncation=True, max_length=block, return_special_tokens_mask=True),
-            batched=True,
-            remove_columns=raw.column_names,
-            desc=f"{what}: tokenize line by line",
-        )
-    hf_logging.set_verbosity(verbosity)
+    try:
+        if job.data.mode == "packed":
+            samples = raw.map(
+                _pack,
+                batched=True,
+                remove_columns=raw.column_names,
+                fn_kwargs={"tokenizer": tokenizer, "block_size": block},
+                desc=f"{what}: tokenize and pack into blocks of {block}",
+            )
+        else:
+            samples = raw.map(
+                lambda batch: tokenizer(
+                    batch["text"], truncation=True, max_length=block, return_special_tokens_mask=True
+                ),
+                batched=True,
+                remove_columns=raw.column_names,
+                desc=f"{what}: tokenize line by line",
+            )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if len(samples) == 0:
         tokens = sum(len(ids) for ids in tokenizer(list(raw["text"]), add_special_tokens=False)["input_ids"])
         raise InputDataError(

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kantai_batch.errors import SourceUnavailableError
 from kantai_batch.job import Job
 from kantai_batch.storage import RunDir, write_json_atomic
 
@@ -24,8 +25,12 @@ RUN_ID_FILE = "mlflow_run.json"
 
 
 @contextlib.contextmanager
-def pretrain_run(job: Job, run: RunDir, enabled: bool) -> Iterator[Any]:
-    """The MLflow run of this run dir's training; ``None`` on ranks other than 0 or when disabled."""
+def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool) -> Iterator[Any]:
+    """The MLflow run of this run dir's training; ``None`` on ranks other than 0 or when disabled.
+
+    A resumed training continues the run its checkpoints were logged to; a fresh one starts a new
+    run, so a loss history never restarts at step 0 inside one run.
+    """
     if not enabled:
         yield None
         return
@@ -33,9 +38,14 @@ def pretrain_run(job: Job, run: RunDir, enabled: bool) -> Iterator[Any]:
 
     job_yaml = job.to_yaml()
     job_sha = hashlib.sha256(job_yaml.encode()).hexdigest()
-    mlflow.set_experiment(job.name)
-    run_id = _run_to_continue(run.checkpoints / RUN_ID_FILE, job_sha)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{job.name}-pretrain") as active:
+    try:
+        mlflow.set_experiment(job.name)
+        run_id = _run_to_continue(run.checkpoints / RUN_ID_FILE, job_sha) if resuming else None
+        active = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{job.name}-pretrain")
+    except mlflow.exceptions.MlflowException as exc:
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise SourceUnavailableError(f"MLflow tracking store {mlflow.get_tracking_uri()}: {first_line}") from None
+    with active:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run.checkpoints / RUN_ID_FILE, {"run_id": active.info.run_id, "job_sha256": job_sha})
         if run_id is None:

@@ -41,34 +41,36 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     require_complete(run.corpus, "corpus", "prepare")
     tokenizer = load_tokenizer(run.tokenizer)
     args = training_arguments(job, run.checkpoints, track=track)
-    with args.main_process_first(desc="tokenize"):
-        train_set = build_split(run.corpus / TRAIN_FILE, job, tokenizer, evaluation=False, what="train split")
-        eval_set = build_split(run.corpus / EVAL_FILE, job, tokenizer, evaluation=True, what="eval split")
-    model = init_model(job, len(tokenizer))
     resume_from = newest_complete_checkpoint(run.checkpoints, prune_incomplete=args.process_index == 0)
+    model = init_model(job, len(tokenizer))
     if resume_from:
         require_same_architecture(resume_from, model.config)
-    throughput = ThroughputCallback()
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=MlmCollator(tokenizer, job.train.mlm_probability),
-        processing_class=tokenizer,
-        callbacks=[CheckpointMarkerCallback(keep=job.train.save_total_limit), throughput],
-        compute_metrics=masked_accuracy,
-        preprocess_logits_for_metrics=predicted_ids,
-    )
-    log.info(
-        "pretrain: %s parameters, %s training blocks, %s eval blocks, world size %d%s",
-        f"{model.num_parameters():,}",
-        f"{len(train_set):,}",
-        f"{len(eval_set):,}",
-        args.world_size,
-        f", resuming from {resume_from}" if resume_from else "",
-    )
-    with tracking.pretrain_run(job, run, enabled=track and trainer.is_world_process_zero()) as mlflow_run:
+    # The tracking store is reached before any data work, so an unreachable one fails in seconds.
+    tracked = track and args.process_index == 0
+    with tracking.pretrain_run(job, run, enabled=tracked, resuming=resume_from is not None) as mlflow_run:
+        with args.main_process_first(desc="tokenize"):
+            train_set = build_split(run.corpus / TRAIN_FILE, job, tokenizer, evaluation=False, what="train split")
+            eval_set = build_split(run.corpus / EVAL_FILE, job, tokenizer, evaluation=True, what="eval split")
+        throughput = ThroughputCallback()
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            data_collator=MlmCollator(tokenizer, job.train.mlm_probability),
+            processing_class=tokenizer,
+            callbacks=[CheckpointMarkerCallback(keep=job.train.save_total_limit), throughput],
+            compute_metrics=masked_accuracy,
+            preprocess_logits_for_metrics=predicted_ids,
+        )
+        log.info(
+            "pretrain: %s parameters, %s training blocks, %s eval blocks, world size %d%s",
+            f"{model.num_parameters():,}",
+            f"{len(train_set):,}",
+            f"{len(eval_set):,}",
+            args.world_size,
+            f", resuming from {resume_from}" if resume_from else "",
+        )
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         eval_metrics = trainer.evaluate()
         summary = {

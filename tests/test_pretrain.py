@@ -235,3 +235,13 @@ def test_fill_mask_with_two_masks_gives_a_list_per_mask(trained_run: Path):
     )
     per_mask = json.loads(result.stdout)
     assert [len(candidates) for candidates in per_mask] == [2, 2]
+
+
+def test_unreachable_tracking_store_is_one_line(tmp_path: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch):
+    prepared_run(tmp_path, corpus_file)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    result = invoke("pretrain", "--run-dir", str(tmp_path), *tiny(), expect=4)
+    assert "MLflow tracking store http://127.0.0.1:9" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "model").exists()
