@@ -1,7 +1,9 @@
-"""prepare: read a raw corpus, decode it, clean it minimally, split it into train and eval.
+"""prepare: read a raw corpus, decode it, clean it, split its examples into train and eval.
 
-Writes ``RUN/corpus/{train,eval}.txt`` (UTF-8, LF, paragraphs separated by blank lines) and
-``stats.json``. The text's own characters are kept: dashes and curly quotes are content, not noise.
+Writes ``RUN/corpus/{train,eval}.txt`` (UTF-8, LF, examples separated by blank lines) and
+``stats.json``. For plain text an example is a paragraph, and the text's own characters are kept:
+dashes and curly quotes are content, not noise. For the twcs CSV an example is a tweet or a
+conversation on one line, cleaned as the job says (see ``twcs``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import io
 import logging
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +43,33 @@ def prepare(job: Job, run: RunDir) -> Path:
             raise InputDataError(f"corpus {source} is empty")
         encoding, detected = choose_encoding(path, job.corpus.encoding, source)
         with committed_dir(run.corpus) as out:
-            stats = _write_split(path, encoding, out, job)
-            stats.update(source=source, source_sha256=file_sha256(path), encoding=encoding, encoding_detected=detected)
+            if job.corpus.format == "twcs":
+                from kantai_batch.twcs import TwcsReader
+
+                reader = TwcsReader(path, encoding, job.corpus, source)
+                stats = _write_split(reader.examples(), out, job, nothing_kept=reader.counts.describe)
+                stats["twcs"] = reader.counts.as_dict()
+                log.info("corpus: %s", reader.counts.describe())
+            else:
+                stats = _write_split(("\n".join(p) for p in paragraphs(read_lines(path, encoding))), out, job)
+            stats.update(
+                format=job.corpus.format,
+                source=source,
+                source_bytes=path.stat().st_size,
+                source_sha256=file_sha256(path),
+                encoding=encoding,
+                encoding_detected=detected,
+            )
             write_json_atomic(out / STATS_FILE, stats)
     log.info(
         "corpus: %s bytes decoded as %s (%s), %s characters could not be decoded; "
-        "%s paragraphs for training, %s for evaluation",
+        "%s examples for training, %s for evaluation",
         f"{stats['source_bytes']:,}",
         encoding,
         "detected" if detected else "forced",
         f"{stats['undecodable_chars']:,}",
-        f"{stats['train']['paragraphs']:,}",
-        f"{stats['eval']['paragraphs']:,}",
+        f"{stats['train']['examples']:,}",
+        f"{stats['eval']['examples']:,}",
     )
     return run.corpus
 
@@ -119,31 +136,34 @@ def write_text(path: Path, encoding: str, dest: Path) -> int:
     return count
 
 
-def _write_split(path: Path, encoding: str, out: Path, job: Job) -> dict[str, Any]:
+def _write_split(
+    examples: Iterator[str], out: Path, job: Job, *, nothing_kept: Callable[[], str] | None = None
+) -> dict[str, Any]:
     rng = random.Random(job.train.seed)
-    counts = {name: {"paragraphs": 0, "lines": 0, "chars": 0} for name in ("train", "eval")}
+    counts = {name: {"examples": 0, "lines": 0, "chars": 0} for name in ("train", "eval")}
     undecodable = 0
     with (
         (out / TRAIN_FILE).open("w", encoding="utf-8", newline="\n") as train,
         (out / EVAL_FILE).open("w", encoding="utf-8", newline="\n") as held_out,
     ):
-        for paragraph in paragraphs(read_lines(path, encoding)):
+        for text in examples:
             name, handle = ("eval", held_out) if rng.random() < job.data.eval_fraction else ("train", train)
-            text = "\n".join(paragraph)
             undecodable += text.count(_REPLACEMENT)
-            if counts[name]["paragraphs"]:
+            if counts[name]["examples"]:
                 handle.write("\n")
             handle.write(text + "\n")
-            counts[name]["paragraphs"] += 1
-            counts[name]["lines"] += len(paragraph)
+            counts[name]["examples"] += 1
+            counts[name]["lines"] += text.count("\n") + 1
             counts[name]["chars"] += len(text)
     source = job.corpus.source
-    if counts["train"]["paragraphs"] + counts["eval"]["paragraphs"] == 0:
+    if counts["train"]["examples"] + counts["eval"]["examples"] == 0:
+        if nothing_kept is not None:
+            raise InputDataError(f"corpus {source}: no example passed the filters ({nothing_kept()})")
         raise InputDataError(f"corpus {source} has no text (only blank lines or control characters)")
     for name in ("train", "eval"):
-        if counts[name]["paragraphs"] == 0:
+        if counts[name]["examples"] == 0:
             raise InputDataError(
-                f"corpus {source} is too small to split: its {name} split got no paragraph "
+                f"corpus {source} is too small to split: its {name} split got no example "
                 f"(data.eval_fraction={job.data.eval_fraction}); use a larger corpus"
             )
-    return {"source_bytes": path.stat().st_size, "undecodable_chars": undecodable, **counts}
+    return {"undecodable_chars": undecodable, **counts}

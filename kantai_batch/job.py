@@ -32,13 +32,44 @@ class _Section(BaseModel):
     )
 
 
+# The corpus fields that only the twcs format reads; setting one for plain text is a mistake.
+TWCS_FIELDS = (
+    "min_words",
+    "letters_only",
+    "brand_replies_only",
+    "strip_handles",
+    "strip_urls",
+    "dedupe",
+    "conversation",
+    "separator",
+)
+
+
 class CorpusSection(_Section):
     source: str = DEFAULT_CORPUS_URL
     """Where the raw corpus comes from: a local path or an http(s) URL (`--corpus` overrides it)."""
-    format: Literal["text"] = "text"
-    """How the source is laid out: `text` is plain text, paragraphs separated by blank lines."""
+    format: Literal["text", "twcs"] = "text"
+    """How the source is laid out: `text` is plain text, paragraphs separated by blank lines; `twcs` is
+    the Kaggle "Customer Support on Twitter" CSV, one example per tweet (or per conversation)."""
     encoding: str = "auto"
     """`auto` detects the encoding (charset-normalizer); any Python codec name forces one."""
+    min_words: int = Field(30, ge=0)
+    """twcs: keep an example only if it has more than this many words after cleaning."""
+    letters_only: bool = True
+    """twcs: lowercase, then keep only a-z, whitespace and apostrophes (the recipe's cleaning)."""
+    brand_replies_only: bool = False
+    """twcs: keep only the brands' tweets (`inbound` is False), not the customers'."""
+    strip_handles: bool = False
+    """twcs: remove @handles."""
+    strip_urls: bool = False
+    """twcs: remove http(s) links."""
+    dedupe: bool = False
+    """twcs: drop examples whose cleaned text repeats an earlier one."""
+    conversation: bool = False
+    """twcs: one example per customer tweet and the brand's reply to it, joined by `separator`."""
+    separator: str = "<reply>"
+    """twcs conversation mode: the special token between a customer tweet and the reply; generate and
+    chat put it after the prompt so the model answers."""
 
     @field_validator("encoding")
     @classmethod
@@ -49,6 +80,18 @@ class CorpusSection(_Section):
             except LookupError:
                 raise ValueError(f"unknown encoding {value!r} (use 'auto' or a Python codec name)") from None
         return value
+
+    @model_validator(mode="after")
+    def _options_fit_the_format(self) -> CorpusSection:
+        if self.format != "twcs":
+            misplaced = sorted(set(TWCS_FIELDS) & self.model_fields_set)
+            if misplaced:
+                raise ValueError(f"{', '.join(misplaced)} only apply to format twcs, not {self.format}")
+        if self.conversation and self.brand_replies_only:
+            raise ValueError("conversation pairs customer tweets with replies; it excludes brand_replies_only")
+        if not self.separator.strip() or any(ch.isspace() for ch in self.separator):
+            raise ValueError(f"separator must be one token without whitespace, got {self.separator!r}")
+        return self
 
 
 class TokenizerSection(_Section):
@@ -110,7 +153,7 @@ class TrainSection(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
     """AdamW weight decay."""
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
-    """Share of tokens selected for masking."""
+    """mlm: share of tokens selected for masking."""
     save_steps: int = Field(10_000, ge=1)
     """Write a checkpoint every this many steps."""
     save_total_limit: int = Field(2, ge=1)
@@ -125,16 +168,34 @@ class TrainSection(_Section):
 
 class InferSection(_Section):
     fill_mask_text: str = "Human thinking involves human <mask>."
-    """The text `run` fills in at the end, as the recipe does."""
+    """mlm: the text `run` fills in at the end, as the recipe does."""
     top_k: int = Field(5, ge=1)
-    """Predictions shown per mask."""
+    """mlm: predictions shown per mask."""
+
+
+class GenerateSection(_Section):
+    """clm: what `run` generates at the end, and the defaults of `generate` and `chat`."""
+
+    prompt: str = "my package was supposed to arrive yesterday and it still has not shown up"
+    """The prompt `run` continues at the end."""
+    max_new_tokens: int = Field(40, ge=1)
+    """Tokens generated at most (generation also stops at the end-of-text token)."""
+    temperature: float = Field(0.8, ge=0.0)
+    """Sampling temperature; 0 means greedy decoding (always the most likely token)."""
+    top_k: int = Field(50, ge=0)
+    """Sample among the k most likely tokens only; 0 disables the cut."""
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    """Sample among the most likely tokens whose probabilities sum to p; 1 disables the cut."""
+    seed: int | None = 0
+    """Seed for sampling, so the same prompt gives the same answer; null draws a fresh one each time."""
 
 
 class Job(_Section):
     name: str = "kantaibert"
     """The job's name; also the MLflow experiment."""
-    task: Literal["mlm"] = "mlm"
-    """Training objective: `mlm` is RoBERTa's masked language modelling."""
+    task: Literal["mlm", "clm"] = "mlm"
+    """Training objective: `mlm` is RoBERTa's masked language modelling (`RobertaForMaskedLM`); `clm` is
+    next-token prediction with a decoder (`RobertaForCausalLM`, `is_decoder`) that can generate text."""
     corpus: CorpusSection = CorpusSection()
     """The raw corpus and how to read it (`prepare`)."""
     tokenizer: TokenizerSection = TokenizerSection()
@@ -146,7 +207,9 @@ class Job(_Section):
     train: TrainSection = TrainSection()
     """The Trainer's settings (`pretrain`)."""
     infer: InferSection = InferSection()
-    """What `run` shows at the end."""
+    """What `run` shows at the end of an mlm job."""
+    generate: GenerateSection = GenerateSection()
+    """What `run` shows at the end of a clm job; the defaults of `generate` and `chat`."""
 
     @model_validator(mode="after")
     def _sections_agree(self) -> Job:
@@ -156,8 +219,10 @@ class Job(_Section):
                 f"{self.data.block_size + 2}, got {self.model.max_position_embeddings}"
             )
         mask = self.tokenizer.special_tokens[4]
-        if mask not in self.infer.fill_mask_text:
+        if self.task == "mlm" and mask not in self.infer.fill_mask_text:
             raise ValueError(f"infer.fill_mask_text has no {mask} token")
+        if self.corpus.conversation and self.corpus.separator in self.tokenizer.special_tokens:
+            raise ValueError(f"corpus.separator {self.corpus.separator} is already one of tokenizer.special_tokens")
         return self
 
     def to_yaml(self) -> str:

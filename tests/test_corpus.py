@@ -43,7 +43,7 @@ def test_split_is_disjoint_complete_and_follows_eval_fraction(tmp_path: Path, co
     train, held_out = [p.strip() for p in train], [p.strip() for p in held_out]
     assert sorted(train + held_out) == sorted(p.strip() for p in expected)
     assert 0.15 < len(held_out) / len(expected) < 0.35
-    assert _stats(tmp_path)["eval"]["paragraphs"] == len(held_out)
+    assert _stats(tmp_path)["eval"]["examples"] == len(held_out)
 
 
 def test_split_is_deterministic_for_a_seed(tmp_path: Path, corpus_file: Path):
