@@ -1,18 +1,17 @@
-"""From corpus text to training samples: tokenization, the two dataset modes, the MLM collator.
+"""From corpus text to training samples: tokenization, the two dataset modes, fixed eval masks.
 
 ``packed`` (the default) unwraps each paragraph, joins paragraphs with ``</s>`` and cuts the token
 stream into full blocks of ``block_size``, each ``<s> … </s>``, like RoBERTa's FULL-SENTENCES input
 and run_mlm.py's group_texts. ``line_by_line`` is the recipe's LineByLineTextDataset: one sample per
 non-empty line, truncated to ``block_size`` and padded per batch.
 
-Evaluation samples are masked once, with a fixed seed, when they are built, so eval loss compares
-like with like across steps, resumed runs and separate ``evaluate`` calls.
+For masked LM evaluation, samples are masked once, with a fixed seed, when they are built, so eval
+loss compares like with like across steps, resumed runs and separate ``evaluate`` calls.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,12 @@ from kantai_batch.job import Job
 
 log = logging.getLogger(__name__)
 
-# Pad to a multiple of 8 so line-by-line batches keep tensor-core friendly shapes on GPUs.
-_PAD_MULTIPLE = 8
 
+def build_split(path: Path, job: Job, tokenizer, *, fix_masks: bool, what: str):
+    """Tokenize one text file (a prepared split) into a ``datasets.Dataset`` of samples.
 
-def build_split(path: Path, job: Job, tokenizer, *, evaluation: bool, what: str):
-    """Tokenize one text file (a prepared split) into a ``datasets.Dataset`` of samples."""
+    ``fix_masks`` masks every sample once, for masked-LM evaluation.
+    """
     from datasets import load_dataset
     from transformers.utils import logging as hf_logging
 
@@ -63,7 +62,7 @@ def build_split(path: Path, job: Job, tokenizer, *, evaluation: bool, what: str)
             f"{what} {path} is too small for one block: {tokens} tokens, data.block_size is {block}; "
             "use a larger corpus or a smaller data.block_size"
         )
-    if evaluation:
+    if fix_masks:
         samples = _mask_once(samples, job, tokenizer, what)
     return samples
 
@@ -93,24 +92,3 @@ def _mask_once(samples, job: Job, tokenizer, what: str):
         return {key: value[0].tolist() for key, value in batch.items()}
 
     return samples.map(mask, remove_columns=samples.column_names, desc=f"{what}: fix evaluation masks")
-
-
-@dataclass
-class MlmCollator:
-    """Masks training batches at random; pads evaluation batches, whose masks were fixed at build time."""
-
-    tokenizer: Any
-    mlm_probability: float
-
-    def __post_init__(self) -> None:
-        from transformers import DataCollatorForLanguageModeling, DataCollatorForTokenClassification
-
-        self._mask = DataCollatorForLanguageModeling(
-            self.tokenizer, mlm_probability=self.mlm_probability, pad_to_multiple_of=_PAD_MULTIPLE
-        )
-        self._pad = DataCollatorForTokenClassification(self.tokenizer, pad_to_multiple_of=_PAD_MULTIPLE)
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        if "labels" in features[0]:
-            return self._pad(features)
-        return self._mask(features)

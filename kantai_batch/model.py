@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kantai_batch.errors import InputDataError, JobConfigError, unusable_as
 from kantai_batch.job import Job
+from kantai_batch.objective import model_class, task_of
 
 
 @dataclass(frozen=True)
@@ -32,28 +33,29 @@ def roberta_config(job: Job):
         bos_token_id=0,
         pad_token_id=1,
         eos_token_id=2,
+        # A causal LM is RoBERTa with causal self-attention: each position sees only those before it.
+        is_decoder=job.task == "clm",
     )
 
 
 def init_model(job: Job, tokenizer_size: int):
-    """A randomly initialized masked LM for the job; its vocabulary must cover the tokenizer's."""
-    from transformers import RobertaForMaskedLM, set_seed
+    """A randomly initialized model for the job's task; its vocabulary must cover the tokenizer's."""
+    from transformers import set_seed
 
     if tokenizer_size > job.model.vocab_size:
         raise JobConfigError(
             f"model.vocab_size {job.model.vocab_size} is smaller than the tokenizer's {tokenizer_size} tokens"
         )
     set_seed(job.train.seed)
-    return RobertaForMaskedLM(roberta_config(job))
+    return model_class(job.task)(roberta_config(job))
 
 
 def model_for_job(job: Job):
     """The job's model on the meta device: shapes without allocating or initializing weights."""
     import torch
-    from transformers import RobertaForMaskedLM
 
     with torch.device("meta"):
-        return RobertaForMaskedLM(roberta_config(job))
+        return model_class(job.task)(roberta_config(job))
 
 
 def load_model_config(folder: Path):
@@ -89,26 +91,39 @@ def parameter_rows(model) -> list[ParameterRow]:
     return [ParameterRow(name, tuple(p.shape), p.numel()) for name, p in model.named_parameters()]
 
 
-def require_masked_lm(config, model_dir: Path) -> None:
-    architectures = config.architectures or []
-    if getattr(config, "is_decoder", False) or not any(name.endswith("ForMaskedLM") for name in architectures):
-        raise InputDataError(
-            f"model {model_dir} is not a masked language model ({', '.join(architectures) or config.model_type})"
-        )
+_USE_INSTEAD = {"mlm": "fill-mask", "clm": "generate or chat"}
+_DESCRIBED = {"mlm": "a masked language model", "clm": "a causal language model"}
 
 
-def load_masked_lm_tokenizer(folder: Path):
-    """The tokenizer of a saved masked LM (checked to be one), without reading the weights."""
+def require_task(config, model_dir: Path, task: str, command: str) -> None:
+    """A model of the other kind gives nonsense, not an error, in the other command: refuse it here."""
+    found = task_of(config)
+    if found == task:
+        return
+    architectures = ", ".join(config.architectures or []) or config.model_type
+    if found is None:
+        raise InputDataError(f"model {model_dir} ({architectures}) is not a language model {command} can use")
+    raise InputDataError(
+        f"model {model_dir} is {_DESCRIBED[found]} ({architectures}); {command} needs {_DESCRIBED[task]} "
+        f"(task: {task}); use {_USE_INSTEAD[found]} with this model"
+    )
+
+
+def load_lm_tokenizer(folder: Path, task: str, command: str):
+    """The tokenizer of a saved model checked to be trained for ``task``, without reading the weights."""
+    require_task(load_model_config(folder), folder, task, command)
+    return load_model_tokenizer(folder)
+
+
+def load_model_tokenizer(folder: Path):
+    """The tokenizer saved with a model, or a one-line error naming the folder."""
     from transformers import AutoTokenizer
 
-    require_masked_lm(load_model_config(folder), folder)
     with unusable_as(f"model {folder}"):
         return AutoTokenizer.from_pretrained(str(folder))
 
 
-def load_masked_lm(folder: Path):
-    """The weights of a saved masked LM, or a one-line error naming the folder."""
-    from transformers import AutoModelForMaskedLM
-
+def load_lm(folder: Path, task: str):
+    """The weights of a saved model of ``task``, or a one-line error naming the folder."""
     with unusable_as(f"model {folder}"):
-        return AutoModelForMaskedLM.from_pretrained(str(folder))
+        return model_class(task).from_pretrained(str(folder))

@@ -64,7 +64,9 @@ def train_tokenizer(job: Job, run: RunDir) -> Path:
         show_progress=True,
     )
     backend = Tokenizer.from_str(bpe.to_str())
-    backend.post_processor = processors.RobertaProcessing((eos, backend.token_to_id(eos)), (bos, backend.token_to_id(bos)))
+    backend.post_processor = processors.RobertaProcessing(
+        (eos, backend.token_to_id(eos)), (bos, backend.token_to_id(bos))
+    )
     # The generic fast tokenizer loads tokenizer.json exactly as trained; transformers 5's
     # RobertaTokenizer rebuilds its pipeline from vocab and merges and would drop the normalizer.
     tokenizer = PreTrainedTokenizerFast(

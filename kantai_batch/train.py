@@ -1,4 +1,4 @@
-"""pretrain: MLM pretraining from scratch with the HF Trainer, resumable, committed atomically.
+"""pretrain: pretraining from scratch (masked or causal LM) with the HF Trainer, resumable, committed atomically.
 
 Checkpoints go to ``RUN/checkpoints/checkpoint-N/``; each gets a ``_COMPLETE`` marker once the Trainer
 has written all of it, and a restart resumes from the newest marked one (model, optimizer,
@@ -22,10 +22,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kantai_batch import tracking
 from kantai_batch.corpus import EVAL_FILE, TRAIN_FILE
-from kantai_batch.data import MlmCollator, build_split
+from kantai_batch.data import build_split
 from kantai_batch.errors import JobConfigError
 from kantai_batch.job import Job, ModelSection
 from kantai_batch.model import init_model
+from kantai_batch.objective import ACCURACY, accuracy_metric, collator, predicted_ids
 from kantai_batch.storage import RunDir, committed_dir, is_complete, require_complete, write_json_atomic, write_marker
 from kantai_batch.tokenizer import load_tokenizer
 
@@ -49,18 +50,20 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     tracked = track and args.process_index == 0
     with tracking.pretrain_run(job, run, enabled=tracked, resuming=resume_from is not None) as mlflow_run:
         with args.main_process_first(desc="tokenize"):
-            train_set = build_split(run.corpus / TRAIN_FILE, job, tokenizer, evaluation=False, what="train split")
-            eval_set = build_split(run.corpus / EVAL_FILE, job, tokenizer, evaluation=True, what="eval split")
+            train_set = build_split(run.corpus / TRAIN_FILE, job, tokenizer, fix_masks=False, what="train split")
+            eval_set = build_split(
+                run.corpus / EVAL_FILE, job, tokenizer, fix_masks=job.task == "mlm", what="eval split"
+            )
         throughput = ThroughputCallback()
         trainer = Trainer(
             model=model,
             args=args,
             train_dataset=train_set,
             eval_dataset=eval_set,
-            data_collator=MlmCollator(tokenizer, job.train.mlm_probability),
+            data_collator=collator(job.task, tokenizer, job),
             processing_class=tokenizer,
             callbacks=[CheckpointMarkerCallback(keep=job.train.save_total_limit), throughput],
-            compute_metrics=masked_accuracy,
+            compute_metrics=accuracy_metric(job.task),
             preprocess_logits_for_metrics=predicted_ids,
         )
         log.info(
@@ -80,7 +83,7 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
             "train_loss": result.training_loss,
             "eval_loss": eval_metrics["eval_loss"],
             "eval_perplexity": perplexity(eval_metrics["eval_loss"]),
-            "eval_masked_accuracy": eval_metrics["eval_masked_accuracy"],
+            f"eval_{ACCURACY[job.task]}": eval_metrics[f"eval_{ACCURACY[job.task]}"],
             "train_runtime_s": result.metrics["train_runtime"],
             "real_tokens_trained": throughput.tokens,
             "real_tokens_per_second": throughput.tokens_per_second,
@@ -157,23 +160,13 @@ def require_same_architecture(checkpoint: Path, config) -> None:
     """A checkpoint of another architecture cannot be resumed; say so instead of a shape mismatch."""
     saved = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     wanted = config.to_dict()
-    changed = [f"{key} {saved.get(key)} -> {wanted[key]}" for key in ARCHITECTURE_KEYS if saved.get(key) != wanted[key]]
+    keys = (*ARCHITECTURE_KEYS, "is_decoder")
+    changed = [f"{key} {saved.get(key)} -> {wanted[key]}" for key in keys if saved.get(key, False) != wanted[key]]
     if changed:
         raise JobConfigError(
             f"checkpoint {checkpoint} has another architecture ({', '.join(changed)}): "
             "use a fresh run dir or delete its checkpoints/ to start over"
         )
-
-
-def predicted_ids(logits, labels):
-    # Keep only the argmax so evaluation does not hold vocabulary-sized logits for the whole eval set.
-    return logits.argmax(dim=-1)
-
-
-def masked_accuracy(eval_pred) -> dict[str, float]:
-    predictions, labels = eval_pred
-    masked = labels != -100
-    return {"masked_accuracy": float((predictions[masked] == labels[masked]).mean()) if masked.any() else 0.0}
 
 
 def perplexity(loss: float) -> float:

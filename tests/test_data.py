@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from conftest import TINY, prepared_run
-from kantai_batch.data import MlmCollator, build_split
+from kantai_batch.data import build_split
 from kantai_batch.errors import InputDataError
 from kantai_batch.job import load_job
+from kantai_batch.objective import MlmCollator
 from kantai_batch.tokenizer import load_tokenizer
 
 
@@ -20,7 +21,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Pat
 def _build(run_dir: Path, *overrides: str, split: str = "train.txt", evaluation: bool = False):
     job = load_job(None, [*TINY, *overrides])
     tokenizer = load_tokenizer(run_dir / "tokenizer")
-    return job, tokenizer, build_split(run_dir / "corpus" / split, job, tokenizer, evaluation=evaluation, what="split")
+    return job, tokenizer, build_split(run_dir / "corpus" / split, job, tokenizer, fix_masks=evaluation, what="split")
 
 
 def test_packed_blocks_are_full_and_framed(prepared: Path):
@@ -69,4 +70,4 @@ def test_corpus_too_small_for_one_block(prepared: Path):
         job = load_job(None, [*TINY, "data.block_size=64", "model.max_position_embeddings=66"])
         tiny_text = prepared / "tiny.txt"
         tiny_text.write_text("Too short.\n")
-        build_split(tiny_text, job, load_tokenizer(prepared / "tokenizer"), evaluation=False, what="train split")
+        build_split(tiny_text, job, load_tokenizer(prepared / "tokenizer"), fix_masks=False, what="train split")

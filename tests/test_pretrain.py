@@ -91,7 +91,7 @@ def test_evaluate_reproduces_the_training_eval_and_writes_metrics(trained_run: P
     metrics = json.loads(result.stdout)
     assert metrics["eval_loss"] == pytest.approx(_summary(trained_run)["eval_loss"], rel=1e-5)
     assert metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"], rel=1e-6)
-    assert 0 <= metrics["masked_accuracy"] <= 1 and metrics["masked_tokens"] > 100
+    assert 0 <= metrics["masked_accuracy"] <= 1 and metrics["scored_tokens"] > 100
     assert json.loads((trained_run / "eval" / "metrics.json").read_text())["eval_loss"] == metrics["eval_loss"]
 
 
