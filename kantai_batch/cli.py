@@ -119,6 +119,33 @@ tracking_option = click.option(
 )
 
 
+def sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--max-new-tokens, --temperature, --top-k, --top-p, --seed; unset ones come from the job's generate section."""
+
+    @click.option("--max-new-tokens", type=int, help="Tokens to generate at most [default: generate.max_new_tokens].")
+    @click.option("--temperature", type=float, help="0 is greedy, above 0 samples [default: generate.temperature].")
+    @click.option(
+        "--top-k", type=int, help="Sample among the k most likely tokens; 0 is off [default: generate.top_k]."
+    )
+    @click.option("--top-p", type=float, help="Nucleus sampling threshold; 1 is off [default: generate.top_p].")
+    @click.option("--seed", type=int, help="Sampling seed [default: generate.seed].")
+    @functools.wraps(func)
+    def wrapper(job: Job, **kwargs: Any):
+        from kantai_batch.generate import Sampling
+
+        names = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+        given = {name: kwargs.pop(name) for name in names}
+        extra = {"num_return_sequences": kwargs.pop("num_return_sequences")} if "num_return_sequences" in kwargs else {}
+        return func(job=job, sampling=Sampling.from_job(job.generate, **given, **extra), **kwargs)
+
+    return wrapper
+
+
+model_option = click.option(
+    "--model", "model_dir", type=click.Path(path_type=Path), help="Model folder [default: RUN/model]."
+)
+
+
 @cli.command()
 @job_options
 def prepare(job: Job, run: RunDir) -> None:
@@ -149,10 +176,10 @@ def pretrain(job: Job, run: RunDir, tracking: bool) -> None:
 
 @cli.command()
 @job_options
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder [default: RUN/model].")
+@model_option
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def evaluate(job: Job, run: RunDir, model_dir: Path | None, as_json: bool) -> None:
-    """Eval loss, perplexity and masked-token accuracy on the held-out split (or --corpus)."""
+    """Eval loss, perplexity and token accuracy on the held-out split (or --corpus)."""
     from kantai_batch.evaluate import evaluate as evaluate_phase
 
     # --corpus names the text to evaluate on here, not a corpus to prepare.
@@ -163,7 +190,7 @@ def evaluate(job: Job, run: RunDir, model_dir: Path | None, as_json: bool) -> No
 
 @cli.command("fill-mask")
 @job_options
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder [default: RUN/model].")
+@model_option
 @click.option("--top-k", type=click.IntRange(min=1), help="Predictions per mask [default: infer.top_k].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {token_str, score, sequence}.")
 @click.argument("text", required=False)
@@ -197,15 +224,73 @@ def inspect(job: Job, run: RunDir, model_dir: Path | None, as_json: bool) -> Non
     emit(f"{total:,} parameters in {len(rows)} tensors")
 
 
+@cli.command()
+@job_options
+@model_option
+@click.option("--num-return-sequences", type=int, default=1, help="Continuations to generate (needs sampling).")
+@sampling_options
+@click.option(
+    "--raw",
+    is_flag=True,
+    help="Continue the prompt as given, even with a model trained on conversations (no reply separator).",
+)
+@click.option("--json", "as_json", is_flag=True, help='Print {"prompt", "text", "new_tokens"} as JSON.')
+@click.argument("prompt", required=False)
+def generate(
+    job: Job, run: RunDir, model_dir: Path | None, sampling, raw: bool, as_json: bool, prompt: str | None
+) -> None:
+    """Continue PROMPT [default: generate.prompt] with a causal LM; stops at </s>."""
+    from kantai_batch.generate import Generator
+
+    generator = Generator(model_dir or run.model)
+    _show_generation(generator(prompt or job.generate.prompt, sampling, as_message=not raw), as_json)
+
+
+@cli.command()
+@job_options
+@model_option
+@sampling_options
+@click.option("--serve", is_flag=True, help="Serve a web page with a prompt box instead of a terminal session.")
+@click.option("--host", default="127.0.0.1", help="Address to serve on (with --serve).")
+@click.option("--port", type=click.IntRange(0, 65535), default=7860, help="Port to serve on; 0 picks a free one.")
+def chat(job: Job, run: RunDir, model_dir: Path | None, sampling, serve: bool, host: str, port: int) -> None:
+    """Talk to a causal LM: prompt, answer, repeat (Ctrl-D leaves), or a web page with --serve."""
+    from kantai_batch.chat import repl, serve_page
+    from kantai_batch.generate import Generator
+
+    generator = Generator(model_dir or run.model, command="chat")
+    results = click.get_current_context().meta[_RESULTS]
+    if serve:
+        serve_page(generator, sampling, host=host, port=port, announce=results)
+    else:
+        repl(generator, sampling, stdin=sys.stdin, stdout=results)
+
+
 @cli.command("run")
 @job_options
 @tracking_option
 def run_all(job: Job, run: RunDir, tracking: bool) -> None:
-    """Every phase in order, skipping those whose output is already complete; then fill-mask."""
+    """Every phase in order, skipping those whose output is complete; then fill-mask or generate."""
     from kantai_batch.pipeline import run_pipeline
 
     run_pipeline(job, run, track=tracking)
-    _show_fill_mask(run.model, job.infer.fill_mask_text, job.infer.top_k, as_json=False)
+    if job.task == "clm":
+        from kantai_batch.generate import Generator, Sampling
+
+        generation = Generator(run.model)(job.generate.prompt, Sampling.from_job(job.generate))
+        _show_generation(generation, as_json=False)
+    else:
+        _show_fill_mask(run.model, job.infer.fill_mask_text, job.infer.top_k, as_json=False)
+
+
+def _show_generation(generation, as_json: bool) -> None:
+    if as_json:
+        emit(json.dumps(generation.as_json(), indent=2, ensure_ascii=False))
+        return
+    for index, text in enumerate(generation.texts, start=1):
+        if len(generation.texts) > 1:
+            emit(f"--- {index} ({generation.new_tokens[index - 1]} new tokens)")
+        emit(text)
 
 
 def _show_fill_mask(model_dir: Path, text: str, top_k: int, as_json: bool) -> None:

@@ -8,6 +8,7 @@ conversation on one line, cleaned as the job says (see ``twcs``).
 
 from __future__ import annotations
 
+import codecs
 import io
 import logging
 import random
@@ -82,6 +83,9 @@ def choose_encoding(path: Path, configured: str, source: str) -> tuple[str, bool
 
     with path.open("rb") as handle:
         sample = handle.read(_DETECTION_SAMPLE_BYTES)
+        if sample.startswith(codecs.BOM_UTF8):
+            # A UTF-8 byte-order mark is a declaration: a few bad bytes later do not overrule it.
+            return "utf_8_sig", True
         if handle.read(1):
             # Cut at a line end so the sample does not finish inside a multi-byte character.
             sample = sample[: sample.rfind(b"\n") + 1] or sample

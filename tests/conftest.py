@@ -5,6 +5,8 @@ Every model here is tiny (2 layers, width 64) so the whole suite trains on a lap
 
 from __future__ import annotations
 
+import csv
+import io
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +62,42 @@ def kantian_text(paragraphs: int, seed: int = 0) -> str:
         lines.append(line)
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
+
+
+TWCS_HEADER = ["tweet_id", "author_id", "inbound", "created_at", "text", "response_tweet_id", "in_response_to_tweet_id"]
+_ITEMS = ["package", "order", "refund", "card", "phone", "laptop", "ticket", "subscription"]
+_PROBLEMS = ["has not arrived", "was charged twice", "is broken", "was cancelled", "keeps crashing", "is missing"]
+_ASKS = ["can you help me", "what should i do", "i want my money back", "this is the third time", "please fix it"]
+_REPLIES = [
+    "we are sorry to hear that please send us a dm with your order number and we will look into it right away",
+    "thanks for reaching out could you follow the link we sent and share your account email so we can help",
+    "we apologise for the trouble our team is checking this now and will get back to you within the day",
+]
+
+
+def support_conversations(count: int, seed: int = 0) -> list[list[str]]:
+    """twcs rows: a customer tweet and the brand's reply to it, ``count`` times, ids as Kaggle writes them."""
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        customer, brand = 2 * index + 1, 2 * index + 2
+        item, problem = rng.choice(_ITEMS), rng.choice(_PROBLEMS)
+        ask = " ".join(rng.sample(_ASKS, 2))
+        text = f"@Brand my {item} {problem} since {rng.randint(2, 9)} days {ask} https://t.co/x{index}"
+        reply = f"@cust{index} Hi! {rng.choice(_REPLIES)} about your {item} ^AB"
+        rows.append([str(customer), f"cust{index}", "True", "Tue Oct 31 22:10:47 +0000 2017", text, str(brand), ""])
+        rows.append([str(brand), "Brand", "False", "Tue Oct 31 22:12:47 +0000 2017", reply, "", f"{customer}.0"])
+    return rows
+
+
+def twcs_csv(path: Path, rows: list[list[str]], *, bom: bool = False, tail: bytes = b"") -> Path:
+    """Write rows under the Kaggle header the way pandas does (quoting only where needed)."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(TWCS_HEADER)
+    writer.writerows(rows)
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + buffer.getvalue().encode("utf-8") + tail)
+    return path
 
 
 @pytest.fixture(scope="session", autouse=True)

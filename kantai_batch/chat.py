@@ -1,0 +1,160 @@
+"""chat: a trained causal LM behind a terminal session or a small web page.
+
+Each prompt is answered on its own: the models are trained on single exchanges (a tweet, or a
+customer tweet and its reply), so feeding them a growing transcript would only push them off the
+text they know.
+
+The web page is a single HTML file and a JSON endpoint served by the standard library: no web
+framework to install in the training image, and nothing to keep in step with one. It binds to
+loopback by default; it is a demo and review tool, not a production inference server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import replace
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any, TextIO
+
+from kantai_batch.errors import KantaiError
+from kantai_batch.generate import Generator, Sampling
+
+log = logging.getLogger(__name__)
+
+_PROMPT = "you> "
+_MAX_BODY_BYTES = 64 << 10
+
+
+def repl(generator: Generator, sampling: Sampling, *, stdin: TextIO, stdout: TextIO) -> None:
+    """Read a prompt per line and print the answer, until end of input (Ctrl-D)."""
+    interactive = stdin.isatty()
+    if interactive:
+        stdout.write(f"chatting with {generator.model_dir}; Ctrl-D leaves.\n")
+    while True:
+        if interactive:
+            stdout.write(_PROMPT)
+            stdout.flush()
+        line = stdin.readline()
+        if not line:
+            if interactive:
+                stdout.write("\n")
+            return
+        prompt = line.strip()
+        if not prompt:
+            continue
+        try:
+            generation = generator(prompt, sampling)
+        except KantaiError as exc:
+            # A prompt too long for the model ends that turn, not the session.
+            stdout.write(f"error: {exc}\n")
+        else:
+            stdout.write(generation.continuations[0] + "\n")
+        stdout.flush()
+
+
+def serve_page(generator: Generator, sampling: Sampling, *, host: str, port: int, announce: TextIO) -> None:
+    """Serve the chat page until interrupted (Ctrl-C or SIGTERM ends it cleanly)."""
+    server = ThreadingHTTPServer((host, port), _handler(generator, sampling))
+    url = f"http://{host}:{server.server_address[1]}/"
+    announce.write(f"serving {generator.model_dir} on {url}\n")
+    announce.flush()
+    log.info("chat: serving on %s (Ctrl-C stops)", url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def _handler(generator: Generator, defaults: Sampling) -> type[BaseHTTPRequestHandler]:
+    page = resources.files("kantai_batch").joinpath("chat.html").read_text(encoding="utf-8")
+    # One generation at a time: the model is shared, and a CPU has no spare cores for a second one.
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/api/defaults":
+                self._send_json(HTTPStatus.OK, {**_sampling_json(defaults), "answers": generator.answers})
+            elif self.path in ("/", "/index.html"):
+                self._send(HTTPStatus.OK, page.encode("utf-8"), "text/html; charset=utf-8")
+            else:
+                self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no page {self.path}"})
+
+        def do_POST(self) -> None:
+            if self.path != "/api/generate":
+                self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no endpoint {self.path}"})
+                return
+            try:
+                request = self._read_json()
+                sampling = _sampling_from(request, defaults)
+                with lock:
+                    generation = generator(str(request.get("prompt", "")), sampling)
+            except (KantaiError, ValueError, TypeError) as exc:
+                self._send_json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+                return
+            self._send_json(
+                HTTPStatus.OK,
+                {
+                    "prompt": generation.prompt,
+                    "text": generation.texts[0],
+                    "answer": generation.continuations[0],
+                    "new_tokens": generation.new_tokens[0],
+                },
+            )
+
+        def _read_json(self) -> dict[str, Any]:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > _MAX_BODY_BYTES:
+                raise ValueError(f"request body over {_MAX_BODY_BYTES} bytes")
+            body = json.loads(self.rfile.read(length) or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("the request must be a JSON object")
+            return body
+
+        def _send_json(self, status: HTTPStatus, body: dict[str, Any]) -> None:
+            self._send(status, json.dumps(body, ensure_ascii=False).encode("utf-8"), "application/json")
+
+        def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+            log.debug("chat: %s %s", self.address_string(), format % args)
+
+    return Handler
+
+
+def _sampling_json(sampling: Sampling) -> dict[str, Any]:
+    return {
+        "max_new_tokens": sampling.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_k": sampling.top_k,
+        "top_p": sampling.top_p,
+        "seed": sampling.seed,
+    }
+
+
+def _sampling_from(request: dict[str, Any], defaults: Sampling) -> Sampling:
+    """The page's settings over the command's defaults; an empty field keeps the default."""
+    casts = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
+    given = {}
+    for name, cast in casts.items():
+        value = request.get(name)
+        if value is None or value == "":
+            continue
+        try:
+            given[name] = cast(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name.replace('_', '-')} must be a number, got {value!r}") from None
+    sampling = replace(defaults, **given)
+    sampling.validate()
+    return sampling

@@ -1,0 +1,146 @@
+"""generate: continue a prompt with a trained causal LM and the tokenizer saved with it.
+
+Greedy decoding when the temperature is 0, sampling otherwise (the recipe passed a temperature
+without ``do_sample`` and transformers silently ignored it). Generation stops at ``</s>``. A model
+trained on conversations has a chat template in its tokenizer: the prompt is then rendered as a
+customer message followed by the separator, so the continuation is the reply.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from kantai_batch.errors import InputDataError, JobConfigError
+from kantai_batch.job import GenerateSection
+from kantai_batch.model import load_lm, load_lm_tokenizer
+
+log = logging.getLogger(__name__)
+
+# RoBERTa numbers positions from padding_idx + 1, so two position embeddings are never used.
+_POSITION_OFFSET = 2
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens; built from the job's ``generate`` section and command-line options."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    num_return_sequences: int = 1
+
+    @classmethod
+    def from_job(cls, section: GenerateSection, **given: object) -> Sampling:
+        values = {name: getattr(section, name) for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")}
+        values.update({name: value for name, value in given.items() if value is not None})
+        sampling = cls(**values)
+        sampling.validate()
+        return sampling
+
+    def validate(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be 0 (greedy) or more, got {self.temperature}")
+        if self.top_k < 0:
+            problems.append(f"top-k must be 0 (off) or more, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.num_return_sequences < 1:
+            problems.append(f"num-return-sequences must be at least 1, got {self.num_return_sequences}")
+        elif self.num_return_sequences > 1 and self.temperature == 0:
+            problems.append("greedy decoding (temperature 0) gives one answer; use a temperature above 0 for several")
+        if problems:
+            raise JobConfigError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt: str
+    """The prompt as given."""
+    texts: list[str]
+    """Per returned sequence: the prompt (as the model read it, when a chat template applied) and its continuation."""
+    continuations: list[str]
+    """Per returned sequence: the generated text alone."""
+    new_tokens: list[int]
+    """Per returned sequence: tokens generated before the end-of-text token."""
+
+    def as_json(self) -> dict[str, object]:
+        single = len(self.texts) == 1
+        return {
+            "prompt": self.prompt,
+            "text": self.texts[0] if single else self.texts,
+            "new_tokens": self.new_tokens[0] if single else self.new_tokens,
+        }
+
+
+class Generator:
+    """A causal LM and its tokenizer loaded once, ready for many prompts (chat keeps one per session)."""
+
+    def __init__(self, model_dir: Path, command: str = "generate") -> None:
+        self.model_dir = model_dir
+        self.tokenizer = load_lm_tokenizer(model_dir, "clm", command)
+        self.model = load_lm(model_dir, "clm").eval()
+        self.max_length = self.model.config.max_position_embeddings - _POSITION_OFFSET
+
+    @property
+    def answers(self) -> bool:
+        """Whether the model was trained on conversations (and so answers a prompt rather than continuing it)."""
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def __call__(self, prompt: str, sampling: Sampling, *, as_message: bool = True) -> Generation:
+        import torch
+        from transformers import GenerationConfig, set_seed
+
+        if not prompt.strip():
+            raise InputDataError("the prompt is empty")
+        tok = self.tokenizer
+        use_template = as_message and self.answers
+        rendered = (
+            tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False) if use_template else prompt
+        )
+        ids = [tok.bos_token_id, *tok(rendered, add_special_tokens=False)["input_ids"]]
+        room = self.max_length - len(ids)
+        if room < 1:
+            raise InputDataError(f"the prompt is {len(ids)} tokens; the model reads at most {self.max_length}")
+        max_new = sampling.max_new_tokens
+        if max_new > room:
+            log.warning("generate: only %d tokens fit after the prompt (max-new-tokens %d)", room, max_new)
+            max_new = room
+        greedy = sampling.temperature == 0
+        config = GenerationConfig(
+            max_new_tokens=max_new,
+            do_sample=not greedy,
+            num_return_sequences=sampling.num_return_sequences,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **(
+                {}
+                if greedy
+                else {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
+            ),
+        )
+        if sampling.seed is not None:
+            set_seed(sampling.seed)
+        inputs = torch.tensor([ids], device=self.model.device)
+        with torch.inference_mode():
+            output = self.model.generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=config)
+        texts, continuations, counts = [], [], []
+        for row in output[:, len(ids) :].tolist():
+            generated = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+            continuation = tok.decode(generated, skip_special_tokens=True)
+            if use_template:
+                # The reply's first token carries no leading space: it follows the separator token.
+                continuation = continuation.strip()
+                texts.append(f"{rendered.rstrip()} {continuation}")
+            else:
+                texts.append(prompt + continuation)
+            continuations.append(continuation)
+            counts.append(len(generated))
+        return Generation(prompt=prompt, texts=texts, continuations=continuations, new_tokens=counts)

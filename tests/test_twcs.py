@@ -1,0 +1,203 @@
+"""prepare with corpus.format twcs: the recipe's filter, the options, hostile rows, streaming."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import tracemalloc
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import invoke, support_conversations, twcs_csv
+from kantai_batch.job import load_job
+from kantai_batch.storage import MARKER, RunDir
+
+TWCS = ("--set", "corpus.format=twcs")
+
+
+def _examples(run_dir: Path) -> list[str]:
+    examples = []
+    for split in ("train.txt", "eval.txt"):
+        text = (run_dir / "corpus" / split).read_text(encoding="utf-8")
+        examples += [example for example in text.split("\n\n") if example.strip()]
+    return [example.strip() for example in examples]
+
+
+def _twcs_stats(run_dir: Path) -> dict:
+    return json.loads((run_dir / "corpus" / "stats.json").read_text())["twcs"]
+
+
+def _prepare(run_dir: Path, csv_path: Path, *sets: str, expect: int = 0):
+    args = ["prepare", "--run-dir", str(run_dir), "--corpus", str(csv_path), *TWCS]
+    for value in sets:
+        args += ["--set", value]
+    return invoke(*args, expect=expect)
+
+
+def _recipe(text: str) -> str:
+    """The recipe's cleaning, written the way the notebook does it."""
+    return re.sub(r"[^a-z\s']", "", text.lower())
+
+
+def _well_formed_rows() -> list[list[str]]:
+    rows = support_conversations(150)
+    long_tail = " ".join(["and", "then", "nothing", "happened", "at", "all"] * 5)
+    rows += [
+        ["9001", "a", "True", "t", f'He said "it is BROKEN",\nand then\r\nI\'m stuck {long_tail}', "", ""],
+        ["9002", "b", "True", "t", f"Café naïve résumé 😀 über straße don't {long_tail}", "", ""],
+        ["9003", "c", "False", "t", f"@x We're on it: https://t.co/abc {long_tail} #help", "", "9001"],
+        ["9004", "d", "True", "t", "too short to keep", "", ""],
+    ]
+    return rows
+
+
+def test_cleaning_and_length_filter_match_the_recipe(tmp_path: Path):
+    rows = _well_formed_rows()
+    source = twcs_csv(tmp_path / "twcs.csv", rows, bom=True)
+    _prepare(tmp_path / "run", source)
+    expected = []
+    with source.open(encoding="utf-8-sig", newline="") as handle:
+        for row in csv.DictReader(handle):
+            cleaned = _recipe(row["text"])
+            if len(cleaned.split()) > 30:
+                expected.append(" ".join(cleaned.split()))
+    assert 0 < len(expected) < len(rows), "the generated rows exercise both sides of the filter"
+    assert Counter(_examples(tmp_path / "run")) == Counter(expected)
+    counts = _twcs_stats(tmp_path / "run")
+    assert counts["rows_read"] == len(rows)
+    assert counts["examples_kept"] == len(expected)
+    assert counts["examples_dropped"] == {"too_short": len(rows) - len(expected)}
+
+
+def test_hostile_rows_are_counted_and_skipped(tmp_path: Path):
+    words = " ".join(f"word{i} plain" for i in range(20))
+    rows = [
+        *support_conversations(60),
+        ["8001", "a", "False"],  # missing columns
+        ["8002", "a", "False", "t", words, "", "", "surplus"],  # one field too many
+        ["8003", "a", "False", "t", "", "", ""],  # empty text
+        ["8004", "a", "False", "t", "   \t ", "", ""],  # blank text
+        ["8005", "a", "False", "t", "12345 67890 !!! 42", "", ""],  # nothing left after cleaning
+        ["8006", "a", "maybe", "t", words, "", ""],  # inbound neither True nor False
+    ]
+    tail = b'8007,a,False,t,"bytes \xff\xfe that are not utf-8 ' + words.encode() + b'",,\n'
+    source = twcs_csv(tmp_path / "twcs.csv", rows, bom=True, tail=tail)
+    _prepare(tmp_path / "run", source, "corpus.min_words=10", "corpus.brand_replies_only=true")
+    assert json.loads((tmp_path / "run" / "corpus" / "stats.json").read_text())["encoding"] == "utf_8_sig"
+    counts = _twcs_stats(tmp_path / "run")
+    assert counts["rows_read"] == len(rows) + 1
+    assert counts["rows_dropped"] == {
+        "wrong_field_count": 2,
+        "empty_text": 2,
+        "nothing_left_after_cleaning": 1,
+        "bad_inbound": 1,
+        "undecodable": 1,
+        "customer_tweet": 60,
+    }
+    assert counts["examples_kept"] == 60, "every brand reply survives"
+    assert all("word" not in example for example in _examples(tmp_path / "run"))
+
+
+def test_unterminated_quote_at_the_end_does_not_crash(tmp_path: Path):
+    source = twcs_csv(tmp_path / "twcs.csv", support_conversations(40), tail=b'9999,a,True,t,"never closed ' * 3)
+    _prepare(tmp_path / "run", source, "corpus.min_words=5")
+    counts = _twcs_stats(tmp_path / "run")
+    assert counts["examples_kept"] == 80
+    assert counts["rows_read"] == 81 and sum(counts["rows_dropped"].values()) == 1
+
+
+def test_conversation_mode_pairs_each_customer_tweet_with_the_reply(tmp_path: Path):
+    rows = support_conversations(50)
+    rows.append(["7001", "c", "True", "t", "nobody ever answered this one " * 3, "", ""])
+    rows.append(["7002", "Brand", "False", "t", "a reply to a tweet that is not in the file " * 3, "", "6999"])
+    rows.append(["7003", "Brand", "False", "t", "a brand tweet that starts a thread " * 3, "", ""])
+    source = twcs_csv(tmp_path / "twcs.csv", rows)
+    _prepare(
+        tmp_path / "run",
+        source,
+        "corpus.conversation=true",
+        "corpus.strip_handles=true",
+        "corpus.strip_urls=true",
+        "corpus.min_words=5",
+    )
+    examples = _examples(tmp_path / "run")
+    assert len(examples) == 50
+    for customer, brand in zip(rows[0:100:2], rows[1:100:2], strict=True):
+        expected_customer = " ".join(_recipe(re.sub(r"https?://\S+|@\w+", " ", customer[4])).split())
+        expected_reply = " ".join(_recipe(re.sub(r"https?://\S+|@\w+", " ", brand[4])).split())
+        assert f"{expected_customer} <reply> {expected_reply}" in examples
+    assert not any("http" in example or "brand my" in example for example in examples)
+    counts = _twcs_stats(tmp_path / "run")
+    assert counts["rows_dropped"] == {"not_a_reply": 1}
+    assert counts["examples_dropped"]["customer_tweet_unanswered"] == 1
+    assert counts["examples_dropped"]["reply_to_no_customer_tweet"] == 1
+
+
+def test_dedupe_drops_repeated_examples(tmp_path: Path):
+    rows = support_conversations(30)
+    repeated = [[str(9000 + i), "Brand", "False", "t", rows[1][4], "", ""] for i in range(5)]
+    source = twcs_csv(tmp_path / "twcs.csv", rows + repeated)
+    _prepare(tmp_path / "plain", source, "corpus.min_words=5")
+    _prepare(tmp_path / "deduped", source, "corpus.min_words=5", "corpus.dedupe=true")
+    plain, deduped = _examples(tmp_path / "plain"), _examples(tmp_path / "deduped")
+    assert len(plain) == 65
+    assert len(deduped) == len(set(plain)) < len(plain)
+    assert _twcs_stats(tmp_path / "deduped")["examples_dropped"]["duplicate"] == len(plain) - len(set(plain))
+
+
+def test_missing_text_column_names_the_file_and_its_columns(tmp_path: Path):
+    source = tmp_path / "tweets.csv"
+    source.write_text("tweet_id,author_id,body\n1,a,hello there\n", encoding="utf-8")
+    result = _prepare(tmp_path / "run", source, expect=3)
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1
+    assert str(source) in message and "no text column" in message and "tweet_id, author_id, body" in message
+    assert not (tmp_path / "run" / "corpus").exists(), "nothing half-written"
+
+
+def test_conversation_mode_needs_the_id_columns(tmp_path: Path):
+    source = tmp_path / "tweets.csv"
+    source.write_text("text,inbound\n" + "hello there friend,True\n" * 5, encoding="utf-8")
+    result = _prepare(tmp_path / "run", source, "corpus.conversation=true", expect=3)
+    assert "no tweet_id or in_response_to_tweet_id column" in result.stderr
+
+
+def test_filters_that_keep_nothing_say_what_they_dropped(tmp_path: Path):
+    source = twcs_csv(tmp_path / "twcs.csv", support_conversations(20))
+    result = _prepare(tmp_path / "run", source, "corpus.min_words=500", expect=3)
+    assert "no example passed the filters" in result.stderr and "too_short 40" in result.stderr
+
+
+def test_twcs_options_are_refused_for_plain_text():
+    from kantai_batch.errors import JobConfigError
+
+    with pytest.raises(JobConfigError, match="min_words only apply to format twcs"):
+        load_job(None, ["corpus.min_words=3"])
+    with pytest.raises(JobConfigError, match="excludes brand_replies_only"):
+        load_job(None, ["corpus.format=twcs", "corpus.conversation=true", "corpus.brand_replies_only=true"])
+
+
+def test_the_csv_is_streamed_not_loaded(tmp_path: Path):
+    """Python's peak allocations stay a small fraction of the file while it is read."""
+    from kantai_batch.corpus import prepare
+
+    source = twcs_csv(tmp_path / "twcs.csv", support_conversations(40_000))
+    size = source.stat().st_size
+    assert size > 10_000_000
+    job = load_job(
+        None,
+        ["corpus.format=twcs", "corpus.encoding=utf-8", "corpus.dedupe=true", "corpus.min_words=5"],
+        corpus=str(source),
+    )
+    run = RunDir.from_uri(str(tmp_path / "run"))
+    tracemalloc.start()
+    try:
+        prepare(job, run)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (run.corpus / MARKER).is_file()
+    assert peak < size / 5, f"peak {peak:,} bytes for a {size:,}-byte file"
