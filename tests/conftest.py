@@ -156,6 +156,24 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path, iso
     yield run_dir
 
 
+SUPPORT_JOB = str(ROOT / "jobs" / "customer-support.yaml")
+# Conversations are short, so the tiny model's blocks of 32 tokens still span one or two.
+SUPPORT_OVERRIDES = ("corpus.min_words=10", "train.max_steps=150", "train.save_steps=50")
+
+
+@pytest.fixture(scope="session")
+def support_run(tmp_path_factory: pytest.TempPathFactory, isolated_env: Path) -> Iterator[Path]:
+    """One `run` of the customer-support job, tiny model, on generated conversations."""
+    root = tmp_path_factory.mktemp("support")
+    source = twcs_csv(root / "twcs.csv", support_conversations(300), bom=True)
+    run_dir = root / "run"
+    result = invoke(
+        "run", "--job", SUPPORT_JOB, "--run-dir", str(run_dir), "--corpus", str(source), *tiny(*SUPPORT_OVERRIDES)
+    )
+    (root / "run_stdout.txt").write_text(result.stdout)
+    yield run_dir
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 

@@ -1,0 +1,109 @@
+"""`chat --serve`: the web page in a real headless Chromium, and its JSON endpoint's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import invoke
+
+pytestmark = pytest.mark.slow
+
+# The flags the machine's probe found necessary: no sandbox as root, and no background
+# connections, which a closed network refuses many at a time.
+_CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def page_url(support_run: Path) -> Iterator[str]:
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "kantai_batch", "chat", "--serve", "--port", "0",
+            "--model", str(support_run / "model"), "--temperature", "0", "--max-new-tokens", "12",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "KANTAI_LOG_LEVEL": "error"},
+    )  # fmt: skip
+    try:
+        line = server.stdout.readline()
+        match = re.search(r"on (http://127\.0\.0\.1:\d+/)$", line.strip())
+        assert match, f"the server announces its address, got {line!r}"
+        yield match.group(1)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url + "api/generate", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_page_generates_in_a_headless_browser(page_url: str, support_run: Path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser_path is None:
+        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium)")
+    prompt = "my refund is missing what should i do"
+    expected = json.loads(
+        invoke(
+            "generate", "--model", str(support_run / "model"), "--temperature", "0", "--max-new-tokens", "5",
+            "--json", prompt,
+        ).stdout
+    )  # fmt: skip
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path, args=_CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(page_url)
+            # The sampling settings show the command's defaults once the page has asked for them.
+            sync_api.expect(page.locator("#temperature")).to_have_value("0")
+            sync_api.expect(page.locator("#max_new_tokens")).to_have_value("12")
+            page.fill("#prompt", prompt)
+            page.fill("#max_new_tokens", "5")
+            page.click("#generate")
+            sync_api.expect(page.locator("#meta")).to_contain_text("new tokens", timeout=60_000)
+            answer = page.locator("#answer").inner_text()
+            meta = page.locator("#meta").inner_text()
+        finally:
+            browser.close()
+    assert answer and expected["text"].endswith(answer), "the page answers as generate does"
+    assert int(meta.split()[0]) == expected["new_tokens"] <= 5
+
+
+def test_endpoint_answers_and_rejects_bad_settings(page_url: str):
+    status, body = _post(page_url, {"prompt": "my card was charged twice", "max_new_tokens": 4})
+    assert status == 200 and body["new_tokens"] <= 4 and body["text"].startswith("my card was charged twice <reply>")
+    status, body = _post(page_url, {"prompt": "hello", "temperature": "warm"})
+    assert status == 400 and "temperature must be a number" in body["error"]
+    status, body = _post(page_url, {"prompt": "  "})
+    assert status == 400 and "prompt is empty" in body["error"]
+    status, body = _post(page_url, {"prompt": "hello", "top_p": 3})
+    assert status == 400 and "top-p" in body["error"]

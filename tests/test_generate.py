@@ -1,0 +1,160 @@
+"""The customer-support job end to end: causal LM pretraining, generate, and the terminal chat."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer, RobertaForCausalLM
+
+from conftest import SUPPORT_JOB as JOB
+from conftest import invoke
+from kantai_batch.storage import MARKER
+
+pytestmark = pytest.mark.slow
+
+
+def _generate_json(model: Path, *args: str) -> dict:
+    result = invoke("generate", "--job", JOB, "--model", str(model), "--json", *args)
+    return json.loads(result.stdout)
+
+
+def test_run_trains_a_causal_lm_with_its_own_tokenizer(support_run: Path):
+    for phase in ("corpus", "tokenizer", "model", "eval"):
+        assert (support_run / phase / MARKER).is_file(), phase
+    model = RobertaForCausalLM.from_pretrained(str(support_run / "model"))
+    assert model.config.is_decoder and model.config.architectures == ["RobertaForCausalLM"]
+    tokenizer = AutoTokenizer.from_pretrained(str(support_run / "model"))
+    assert "<reply>" in tokenizer.all_special_tokens
+    assert len(tokenizer) < 1000, "trained on the tweets, not a pretrained vocabulary"
+    summary = json.loads((support_run / "model" / "train_summary.json").read_text())
+    assert summary["global_step"] == 150
+    tokens = summary["real_tokens_trained"]
+    assert tokens % 32 == 0 and 0.9 * 150 * 8 * 32 <= tokens <= 150 * 8 * 32, "packed blocks have no padding"
+    # ln(1024) = 6.93 for an untrained model; the generated conversations are very repetitive.
+    assert summary["eval_loss"] < 4.0
+    assert 0 < summary["eval_next_token_accuracy"] <= 1
+    metrics = json.loads((support_run / "eval" / "metrics.json").read_text())
+    assert metrics["task"] == "clm" and metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"])
+
+
+def test_run_ends_with_a_reply_to_the_jobs_prompt(support_run: Path):
+    stdout = (support_run.parent / "run_stdout.txt").read_text()
+    assert stdout.startswith("my package was supposed to arrive yesterday and it still has not shown up <reply> ")
+
+
+def test_the_model_learned_to_answer(support_run: Path):
+    reply = _generate_json(support_run / "model", "--temperature", "0", "my laptop is broken can you help me")
+    answer = reply["text"].split("<reply>", 1)[1]
+    assert any(word in answer.split() for word in ("sorry", "thanks", "we", "apologise")), reply
+
+
+def test_generate_continues_the_prompt_and_respects_max_new_tokens(support_run: Path):
+    prompt = "My ORDER was cancelled!!"
+    raw = _generate_json(support_run / "model", "--raw", "--max-new-tokens", "5", "--temperature", "0", prompt)
+    assert raw["prompt"] == prompt and raw["text"].startswith(prompt) and len(raw["text"]) > len(prompt)
+    assert 1 <= raw["new_tokens"] <= 5
+    answered = _generate_json(support_run / "model", "--max-new-tokens", "7", prompt)
+    assert answered["text"].startswith(f"{prompt} <reply> ") and answered["new_tokens"] <= 7
+
+
+def test_generate_is_reproducible_with_a_seed_and_varies_without(support_run: Path):
+    model = support_run / "model"
+    sampled = ("--temperature", "1.5", "--top-k", "0", "--top-p", "1", "--max-new-tokens", "12")
+    first = _generate_json(model, *sampled, "--seed", "7", "my card")
+    again = _generate_json(model, *sampled, "--seed", "7", "my card")
+    assert first == again
+    others = {_generate_json(model, *sampled, "--seed", str(seed), "my card")["text"] for seed in range(1, 6)}
+    assert len(others | {first["text"]}) > 1, "sampling draws different texts for different seeds"
+
+
+def test_several_sequences_come_as_lists(support_run: Path):
+    reply = _generate_json(support_run / "model", "--num-return-sequences", "3", "--max-new-tokens", "6", "hello")
+    assert len(reply["text"]) == 3 and len(reply["new_tokens"]) == 3
+    assert all(text.startswith("hello <reply>") for text in reply["text"])
+    assert all(count <= 6 for count in reply["new_tokens"])
+
+
+def test_greedy_with_several_sequences_is_refused(support_run: Path):
+    result = invoke(
+        "generate", "--model", str(support_run / "model"), "--temperature", "0", "--num-return-sequences", "2",
+        "hi", expect=2,
+    )  # fmt: skip
+    assert "greedy decoding" in result.stderr
+
+
+def test_generate_refuses_a_masked_lm(trained_run: Path):
+    result = invoke("generate", "--model", str(trained_run / "model"), "hello", expect=3)
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1
+    assert "masked language model" in message and "use fill-mask" in message
+
+
+def test_fill_mask_refuses_a_causal_lm(support_run: Path):
+    result = invoke("fill-mask", "--model", str(support_run / "model"), "my <mask> is late", expect=3)
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1
+    assert "causal language model" in message and "use generate or chat" in message
+
+
+def test_line_by_line_clm_batches_never_target_padding(support_run: Path):
+    from kantai_batch.data import build_split
+    from kantai_batch.job import load_job
+    from kantai_batch.objective import collator
+    from kantai_batch.tokenizer import load_tokenizer
+
+    job = load_job(JOB, ["data.mode=line_by_line"])
+    tokenizer = load_tokenizer(support_run / "tokenizer")
+    samples = build_split(support_run / "corpus" / "eval.txt", job, tokenizer, fix_masks=False, what="eval")
+    batch = collator("clm", tokenizer, job)([samples[i] for i in range(8)])
+    pad = batch["input_ids"] == tokenizer.pad_token_id
+    assert pad.any(), "lines of different lengths are padded"
+    assert (batch["labels"][pad] == -100).all()
+    assert (batch["labels"][~pad] == batch["input_ids"][~pad]).all(), "every real token is a target"
+
+
+def _chat_env() -> dict[str, str]:
+    return {**os.environ, "KANTAI_LOG_LEVEL": "error", "PYTHONUNBUFFERED": "1"}
+
+
+def test_chat_answers_each_line_of_stdin(support_run: Path):
+    done = subprocess.run(
+        [sys.executable, "-m", "kantai_batch", "chat", "--model", str(support_run / "model"), "--temperature", "0"],
+        input="my phone keeps crashing\n\nmy refund is missing\n",
+        capture_output=True,
+        text=True,
+        env=_chat_env(),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    answers = done.stdout.splitlines()
+    assert len(answers) == 2, "one answer per non-blank line"
+    single = _generate_json(support_run / "model", "--temperature", "0", "my phone keeps crashing")
+    assert single["text"].endswith(answers[0]), "the REPL answers as generate does"
+
+
+def test_chat_in_a_terminal_prompts_answers_and_leaves_on_ctrl_d(support_run: Path):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "kantai_batch", "chat", "--model", str(support_run / "model"), "--max-new-tokens", "8"],
+        env=_chat_env(),
+        encoding="utf-8",
+        timeout=120,
+    )
+    try:
+        child.expect_exact("you> ")
+        child.sendline("where is my package")
+        child.expect_exact("you> ")
+        answer = child.before.replace("\r", "").split("\n")
+        assert answer[0] == "where is my package", "the terminal echoes the prompt"
+        assert answer[1].strip(), "then prints a non-empty answer"
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
