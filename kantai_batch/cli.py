@@ -208,10 +208,18 @@ def fill_mask(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 def inspect(job: Job, run: RunDir, model_dir: Path | None, as_json: bool) -> None:
-    """Parameter count, tensors, and every tensor's name, shape and share of the total."""
+    """Parameter count, tensors, and every tensor's name, shape and share of the total.
+
+    With model.vocab_size auto, the job's model is sized for RUN/tokenizer once it is trained, and for
+    the tokenizer.vocab_size limit before that.
+    """
     from kantai_batch.model import model_for_job, parameter_rows, saved_model_skeleton
 
-    rows = parameter_rows(saved_model_skeleton(model_dir) if model_dir else model_for_job(job))
+    if model_dir:
+        model = saved_model_skeleton(model_dir)
+    else:
+        model = model_for_job(job, _tokenizer_size(job, run))
+    rows = parameter_rows(model)
     total = sum(row.count for row in rows)
     if as_json:
         tensors = [{"name": r.name, "shape": list(r.shape), "count": r.count, "share": r.count / total} for r in rows]
@@ -222,6 +230,21 @@ def inspect(job: Job, run: RunDir, model_dir: Path | None, as_json: bool) -> Non
         shape = "x".join(str(dim) for dim in row.shape)
         emit(f"{row.name:<{width}}  {shape:>12}  {row.count:>12,}  {row.count / total:7.2%}")
     emit(f"{total:,} parameters in {len(rows)} tensors")
+
+
+def _tokenizer_size(job: Job, run: RunDir) -> int:
+    from kantai_batch.storage import is_complete
+
+    if job.model.vocab_size != "auto":
+        return 0
+    if is_complete(run.tokenizer):
+        from kantai_batch.tokenizer import load_tokenizer
+
+        return len(load_tokenizer(run.tokenizer))
+    log.info(
+        "inspect: model.vocab_size auto, no trained tokenizer in %s: sized for tokenizer.vocab_size", run.tokenizer
+    )
+    return job.tokenizer.vocab_size
 
 
 @cli.command()
@@ -264,6 +287,45 @@ def chat(job: Job, run: RunDir, model_dir: Path | None, sampling, serve: bool, h
         serve_page(generator, sampling, host=host, port=port, announce=results)
     else:
         repl(generator, sampling, stdin=sys.stdin, stdout=results)
+
+
+@cli.command()
+@job_options
+@click.option(
+    "--steps",
+    type=click.IntRange(min=2),
+    help="Training steps per configuration [default: 10, or no limit with --seconds].",
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=1),
+    help="Train each configuration for this long instead (--steps is then the upper bound).",
+)
+@click.option("--baseline", type=click.Choice(["recipe"]), help="Also train the notebook recipe, for the ratio.")
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
+    help="Folder for the JSON record.",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON record instead of the table.")
+def bench(
+    job: Job,
+    run: RunDir,
+    steps: int | None,
+    seconds: float | None,
+    baseline: str | None,
+    out_dir: Path,
+    as_json: bool,
+) -> None:
+    """Training throughput (tokens/s, step time, MFU, peak memory) and eval loss, optionally vs the recipe.
+
+    The corpus and tokenizer come from the run dir, prepared there first if needed.
+    """
+    from kantai_batch.bench import bench as bench_phase
+    from kantai_batch.bench import format_table
+
+    steps = steps or (1_000_000 if seconds else 10)
+    record = bench_phase(job, run, steps=steps, seconds=seconds, baseline=baseline, out_dir=out_dir)
+    emit(json.dumps(record, indent=2) if as_json else format_table(record) + f"\nwritten to {record['path']}")
 
 
 @cli.command("run")

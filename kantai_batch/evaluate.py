@@ -16,11 +16,12 @@ from typing import Any
 from kantai_batch.corpus import EVAL_FILE, choose_encoding, write_text
 from kantai_batch.data import build_split
 from kantai_batch.errors import InputDataError
+from kantai_batch.hardware import has_accelerator
 from kantai_batch.job import Job
 from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer, require_task
 from kantai_batch.objective import ACCURACY, accuracy_metric, collator, predicted_ids, task_of
 from kantai_batch.storage import RunDir, committed_dir, fetched, require_complete, write_json_atomic
-from kantai_batch.train import has_accelerator, perplexity
+from kantai_batch.train import perplexity
 
 log = logging.getLogger(__name__)
 

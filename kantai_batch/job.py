@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import codecs
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -84,7 +84,9 @@ class CorpusSection(_Section):
     @model_validator(mode="after")
     def _options_fit_the_format(self) -> CorpusSection:
         if self.format != "twcs":
-            misplaced = sorted(set(TWCS_FIELDS) & self.model_fields_set)
+            # Compared with the defaults, not with what was set: a full dump of a job reloads.
+            fields = type(self).model_fields
+            misplaced = [name for name in TWCS_FIELDS if getattr(self, name) != fields[name].default]
             if misplaced:
                 raise ValueError(f"{', '.join(misplaced)} only apply to format twcs, not {self.format}")
         if self.conversation and self.brand_replies_only:
@@ -106,8 +108,9 @@ class TokenizerSection(_Section):
 class ModelSection(_Section):
     """The `RobertaConfig` fields that define the architecture."""
 
-    vocab_size: int = Field(52_000, ge=1)
-    """Embedding rows; must be at least the trained tokenizer's size."""
+    vocab_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    """Embedding rows: `auto` is the trained tokenizer's size rounded up to a multiple of 64; a number
+    (at least the tokenizer's size) fixes it, e.g. the recipe's 52000."""
     hidden_size: int = Field(768, ge=1)
     """Width of the hidden states."""
     num_hidden_layers: int = Field(6, ge=1)
@@ -120,6 +123,10 @@ class ModelSection(_Section):
     """Position embeddings; RoBERTa offsets positions by 2, so usable length is this minus 2."""
     type_vocab_size: int = Field(1, ge=1)
     """Token type embeddings (RoBERTa uses 1)."""
+    hidden_dropout_prob: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on embeddings and layer outputs while training; the recipe (RoBERTa's default) uses 0.1."""
+    attention_probs_dropout_prob: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on attention weights while training; the recipe uses 0.1."""
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelSection:
@@ -164,6 +171,17 @@ class TrainSection(_Section):
     """Log the training loss every this many steps."""
     seed: int = 42
     """Seed for initialization, masking and data order."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Mixed precision (autocast; weights stay fp32): `auto` is bf16 where the hardware runs it natively
+    (Ampere+ GPUs, CPUs with avx512-bf16 or AMX), fp16 on older GPUs, fp32 otherwise."""
+    sparse_prediction: bool = True
+    """mlm: run the LM head on masked positions only while training (same loss, a fraction of the
+    head's compute); the saved model is a standard RobertaForMaskedLM either way."""
+    torch_compile: bool = False
+    """Compile the model with torch.compile: faster steps after a compile of a minute or more."""
+    dataloader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    """Processes collating batches: `auto` is 2 per GPU process and 0 on a CPU, whose cores the
+    training step needs."""
 
 
 class InferSection(_Section):

@@ -17,19 +17,35 @@ class ParameterRow:
     count: int
 
 
-def roberta_config(job: Job):
+# Embedding and output rows in multiples of 64 keep the LM head's matmul on fast kernel shapes.
+VOCAB_MULTIPLE = 64
+
+
+def resolved_vocab_size(job: Job, tokenizer_size: int) -> int:
+    """``model.vocab_size``, with ``auto`` sized to the tokenizer; a fixed size must cover it."""
+    wanted = job.model.vocab_size
+    if wanted == "auto":
+        return -(-tokenizer_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if tokenizer_size > wanted:
+        raise JobConfigError(f"model.vocab_size {wanted} is smaller than the tokenizer's {tokenizer_size} tokens")
+    return wanted
+
+
+def roberta_config(job: Job, vocab_size: int):
     from transformers import RobertaConfig
 
     m = job.model
     # Special-token ids follow the tokenizer's training order: bos 0, pad 1, eos 2 (RoBERTa's own).
     return RobertaConfig(
-        vocab_size=m.vocab_size,
+        vocab_size=vocab_size,
         hidden_size=m.hidden_size,
         num_hidden_layers=m.num_hidden_layers,
         num_attention_heads=m.num_attention_heads,
         intermediate_size=m.intermediate_size,
         max_position_embeddings=m.max_position_embeddings,
         type_vocab_size=m.type_vocab_size,
+        hidden_dropout_prob=m.hidden_dropout_prob,
+        attention_probs_dropout_prob=m.attention_probs_dropout_prob,
         bos_token_id=0,
         pad_token_id=1,
         eos_token_id=2,
@@ -42,20 +58,18 @@ def init_model(job: Job, tokenizer_size: int):
     """A randomly initialized model for the job's task; its vocabulary must cover the tokenizer's."""
     from transformers import set_seed
 
-    if tokenizer_size > job.model.vocab_size:
-        raise JobConfigError(
-            f"model.vocab_size {job.model.vocab_size} is smaller than the tokenizer's {tokenizer_size} tokens"
-        )
+    config = roberta_config(job, resolved_vocab_size(job, tokenizer_size))
     set_seed(job.train.seed)
-    return model_class(job.task)(roberta_config(job))
+    return model_class(job.task)(config)
 
 
-def model_for_job(job: Job):
+def model_for_job(job: Job, tokenizer_size: int):
     """The job's model on the meta device: shapes without allocating or initializing weights."""
     import torch
 
+    config = roberta_config(job, resolved_vocab_size(job, tokenizer_size))
     with torch.device("meta"):
-        return model_class(job.task)(roberta_config(job))
+        return model_class(job.task)(config)
 
 
 def load_model_config(folder: Path):

@@ -15,8 +15,9 @@ import logging
 import math
 import re
 import shutil
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -24,10 +25,12 @@ from kantai_batch import tracking
 from kantai_batch.corpus import EVAL_FILE, TRAIN_FILE
 from kantai_batch.data import build_split
 from kantai_batch.errors import JobConfigError
+from kantai_batch.hardware import has_accelerator, peak_flops, resolve_precision, training_flops_per_token
 from kantai_batch.job import Job, ModelSection
 from kantai_batch.model import init_model
-from kantai_batch.objective import ACCURACY, accuracy_metric, collator, predicted_ids
+from kantai_batch.objective import ACCURACY, accuracy_metric, collator, enable_sparse_prediction, predicted_ids
 from kantai_batch.storage import RunDir, committed_dir, is_complete, require_complete, write_json_atomic, write_marker
+from kantai_batch.throughput import ThroughputCallback
 from kantai_batch.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -49,31 +52,12 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     # The tracking store is reached before any data work, so an unreachable one fails in seconds.
     tracked = track and args.process_index == 0
     with tracking.pretrain_run(job, run, enabled=tracked, resuming=resume_from is not None) as mlflow_run:
-        with args.main_process_first(desc="tokenize"):
-            train_set = build_split(run.corpus / TRAIN_FILE, job, tokenizer, fix_masks=False, what="train split")
-            eval_set = build_split(
-                run.corpus / EVAL_FILE, job, tokenizer, fix_masks=job.task == "mlm", what="eval split"
-            )
-        throughput = ThroughputCallback()
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=train_set,
-            eval_dataset=eval_set,
-            data_collator=collator(job.task, tokenizer, job),
-            processing_class=tokenizer,
-            callbacks=[CheckpointMarkerCallback(keep=job.train.save_total_limit), throughput],
-            compute_metrics=accuracy_metric(job.task),
-            preprocess_logits_for_metrics=predicted_ids,
+        session = build_trainer(
+            job, model, tokenizer, args, run.corpus, callbacks=[CheckpointMarkerCallback(job.train.save_total_limit)]
         )
-        log.info(
-            "pretrain: %s parameters, %s training blocks, %s eval blocks, world size %d%s",
-            f"{model.num_parameters():,}",
-            f"{len(train_set):,}",
-            f"{len(eval_set):,}",
-            args.world_size,
-            f", resuming from {resume_from}" if resume_from else "",
-        )
+        trainer = session.trainer
+        if resume_from:
+            log.info("pretrain: resuming from %s", resume_from)
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         eval_metrics = trainer.evaluate()
         summary = {
@@ -85,9 +69,7 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
             "eval_perplexity": perplexity(eval_metrics["eval_loss"]),
             f"eval_{ACCURACY[job.task]}": eval_metrics[f"eval_{ACCURACY[job.task]}"],
             "train_runtime_s": result.metrics["train_runtime"],
-            "real_tokens_trained": throughput.tokens,
-            "real_tokens_per_second": throughput.tokens_per_second,
-            "parameters": model.num_parameters(),
+            **session.summary(),
             "mlflow_run_id": mlflow_run.info.run_id if mlflow_run else None,
         }
         if trainer.is_world_process_zero():
@@ -99,19 +81,99 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
             if mlflow_run:
                 tracking.log_model(run.model)
     log.info(
-        "pretrain: step %d, train loss %.4f, eval loss %.4f, %.0f real tokens/s; model in %s",
+        "pretrain: step %d, train loss %.4f, eval loss %.4f, %.0f real tokens/s, MFU %.1f%%; model in %s",
         summary["global_step"],
         summary["train_loss"],
         summary["eval_loss"],
         summary["real_tokens_per_second"],
+        100 * summary["mfu"],
         run.model,
     )
     return run.model
 
 
-def training_arguments(job: Job, output_dir: Path, *, track: bool) -> TrainingArguments:
+@dataclass
+class TrainingSession:
+    """A Trainer set up for a job, with what the summary reports about how it trains."""
+
+    trainer: Trainer
+    throughput: ThroughputCallback
+    precision: str
+    sparse: bool
+    torch_compile: bool
+
+    def summary(self) -> dict[str, Any]:
+        model = self.trainer.model
+        return {
+            **self.throughput.summary(),
+            "precision": self.precision,
+            "sparse_prediction": self.sparse,
+            "torch_compile": self.torch_compile,
+            "vocab_size": model.config.vocab_size,
+            "parameters": model.num_parameters(),
+        }
+
+
+def build_trainer(
+    job: Job, model, tokenizer, args: TrainingArguments, corpus: Path, *, callbacks: list[TrainerCallback] = ()
+) -> TrainingSession:
+    """The job's datasets, collator, speed settings and throughput accounting around a Trainer."""
+    sparse = job.task == "mlm" and job.train.sparse_prediction
+    if sparse:
+        enable_sparse_prediction(model)
+    with args.main_process_first(desc="tokenize"):
+        train_set = build_split(corpus / TRAIN_FILE, job, tokenizer, fix_masks=False, what="train split")
+        eval_set = build_split(corpus / EVAL_FILE, job, tokenizer, fix_masks=job.task == "mlm", what="eval split")
+    precision = resolve_precision(job.train.precision)
+    flops_per_token = training_flops_per_token(
+        model.config,
+        sequence_length=job.data.block_size,
+        scored_fraction=job.train.mlm_probability if sparse else 1.0,
+    )
+    peak, peak_source = peak_flops(precision)
+    throughput = ThroughputCallback(flops_per_token, peak, args.world_size)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=collator(job.task, tokenizer, job),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        compute_metrics=accuracy_metric(job.task),
+        preprocess_logits_for_metrics=predicted_ids,
+    )
+    # First in line, so the throughput it adds to each log reaches the console and MLflow callbacks.
+    trainer.callback_handler.callbacks.insert(0, throughput)
+    log.info(
+        "pretrain: %s parameters (vocab %s), %s training blocks, %s eval blocks, world size %d, %s%s%s",
+        f"{model.num_parameters():,}",
+        f"{model.config.vocab_size:,}",
+        f"{len(train_set):,}",
+        f"{len(eval_set):,}",
+        args.world_size,
+        precision,
+        ", sparse prediction" if sparse else "",
+        ", torch.compile" if job.train.torch_compile else "",
+    )
+    log.info(
+        "pretrain: %.0f MFLOP per token; peak %.1f TFLOP/s per device (%s)",
+        flops_per_token / 1e6,
+        peak / 1e12,
+        peak_source,
+    )
+    return TrainingSession(trainer, throughput, precision, sparse, job.train.torch_compile)
+
+
+def training_arguments(job: Job, output_dir: Path, *, track: bool, **overrides: Any) -> TrainingArguments:
+    """The Trainer's arguments for the job; ``overrides`` replace any of them (the bench uses this)."""
     t = job.train
-    return TrainingArguments(
+    precision = resolve_precision(t.precision)
+    accelerator = has_accelerator()
+    workers = t.dataloader_workers
+    if workers == "auto":
+        workers = 2 if accelerator else 0
+    settings: dict[str, Any] = dict(
         output_dir=str(output_dir),
         max_steps=t.max_steps or -1,
         num_train_epochs=t.epochs,
@@ -130,8 +192,18 @@ def training_arguments(job: Job, output_dir: Path, *, track: bool) -> TrainingAr
         run_name=job.name,
         include_num_input_tokens_seen="non_padding",
         # Pinning only helps copies to an accelerator; on a CPU-only host torch warns about it.
-        dataloader_pin_memory=has_accelerator(),
+        dataloader_pin_memory=accelerator,
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        # The Trainer refuses bf16 without a GPU unless told the CPU is meant.
+        use_cpu=not accelerator,
+        torch_compile=t.torch_compile,
+        # Fused AdamW: one kernel per parameter group instead of a loop of small ones (CPU and GPU).
+        optim="adamw_torch_fused",
     )
+    return TrainingArguments(**{**settings, **overrides})
 
 
 def checkpoint_step(path: Path) -> int:
@@ -192,30 +264,3 @@ class CheckpointMarkerCallback(TrainerCallback):
             for old in complete[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         return control
-
-
-class ThroughputCallback(TrainerCallback):
-    """Non-pad tokens trained on per second in this session (a resumed run counts only its own)."""
-
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.tokens_per_second = 0.0
-        self._start_tokens = 0
-        self._start_time = time.perf_counter()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._start_tokens = state.num_input_tokens_seen
-        self._start_time = time.perf_counter()
-        return control
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.tokens = state.num_input_tokens_seen - self._start_tokens
-        elapsed = time.perf_counter() - self._start_time
-        self.tokens_per_second = self.tokens / elapsed if elapsed > 0 else 0.0
-        return control
-
-
-def has_accelerator() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

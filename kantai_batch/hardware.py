@@ -1,0 +1,103 @@
+"""What the machine can do: accelerator, supported precision, peak matmul throughput for MFU."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' data sheets, FLOP/s. Matched by
+# substring of torch.cuda.get_device_name(), most specific first.
+_GPU_PEAK_BF16 = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+)
+
+
+def has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cpu_supports_bf16() -> bool:
+    """avx512-bf16 or AMX: bf16 matmuls run natively rather than being emulated (which is slower than fp32)."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(setting: str) -> str:
+    """``auto`` becomes bf16 where the hardware runs it natively, fp16 on older GPUs, else fp32."""
+    import torch
+
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def peak_flops(precision: str) -> tuple[float, str]:
+    """The device's peak FLOP/s for ``precision`` and where the number comes from."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for marker, bf16_peak in _GPU_PEAK_BF16:
+            if marker in name:
+                # fp32 without tensor cores is far lower; TF32 is not what fp32 training uses by default.
+                return (bf16_peak if precision in ("bf16", "fp16") else bf16_peak / 16), f"data sheet ({name})"
+        return _measured_peak(precision), f"measured matmul ({name})"
+    return _measured_peak(precision), "measured 2048x2048 matmul on this CPU"
+
+
+@functools.cache
+def _measured_peak(precision: str) -> float:
+    """The best of a few large matmuls in ``precision``: what this device actually sustains."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    size = 2048
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    peak = 2 * size**3 / best
+    log.info("hardware: %s matmul peak measured at %.0f GFLOP/s", precision, peak / 1e9)
+    return peak
+
+
+def training_flops_per_token(config, *, sequence_length: int, scored_fraction: float) -> float:
+    """Forward + backward FLOPs per token of a RoBERTa model: 6 x matmul parameters + attention.
+
+    ``scored_fraction`` is the share of positions the LM head runs on (the masked 15% with sparse
+    prediction, 1.0 for a dense head). Embedding lookups are not matmuls and do not count.
+    """
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    per_layer = 4 * hidden * hidden + 2 * hidden * config.intermediate_size
+    head = (hidden * hidden + hidden * config.vocab_size) * scored_fraction
+    attention = 2 * 2 * layers * sequence_length * hidden  # QK^T and AV per token, forward
+    return 6 * (layers * per_layer + head) + 3 * attention

@@ -1,0 +1,114 @@
+"""Training throughput as the Trainer runs: real tokens/s, samples/s, step time, MFU, peak memory.
+
+"Real" tokens are the non-padding ones (the Trainer's ``include_num_input_tokens_seen="non_padding"``,
+summed over all ranks): padding is work the model does for nothing, so it does not count. MFU (model
+FLOPs utilization) is the training FLOPs those tokens need, per second, over the peak of the devices
+doing it (``hardware.peak_flops``).
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+
+from transformers import TrainerCallback
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds throughput to every training log line and keeps the session's totals for the summary.
+
+    A resumed run counts only its own session. The steady-state figures leave out the first step
+    (allocations, kernel selection, compilation) and measure from one step's end to the next, data
+    loading included, so a starved dataloader shows.
+    """
+
+    def __init__(self, flops_per_token: float, peak_flops: float, world_size: int) -> None:
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops * world_size
+        self.tokens = 0
+        self.samples = 0
+        self.elapsed = 0.0
+        self._step_times: list[float] = []
+        self._steady_tokens = 0
+        self._last_step: tuple[float, int] | None = None
+        self._start_time = time.perf_counter()
+        self._start_tokens = 0
+        self._start_step = 0
+        self._window = (0.0, 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start_time = time.perf_counter()
+        self._start_tokens = state.num_input_tokens_seen
+        self._start_step = state.global_step
+        self._window = (self._start_time, state.num_input_tokens_seen)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if self._last_step is not None:
+            then, tokens_then = self._last_step
+            self._step_times.append(now - then)
+            self._steady_tokens += state.num_input_tokens_seen - tokens_then
+        self._last_step = (now, state.num_input_tokens_seen)
+        return control
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        # Evaluation is not a training step; the next step's time starts after it.
+        self._last_step = None
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self._last_step = None
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return control
+        now = time.perf_counter()
+        since, tokens_then = self._window
+        if now > since:
+            rate = (state.num_input_tokens_seen - tokens_then) / (now - since)
+            logs["real_tokens_per_second"] = round(rate, 1)
+            logs["mfu"] = round(self.mfu(rate), 4)
+        self._window = (now, state.num_input_tokens_seen)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.elapsed = time.perf_counter() - self._start_time
+        self.tokens = state.num_input_tokens_seen - self._start_tokens
+        steps = state.global_step - self._start_step
+        self.samples = steps * args.per_device_train_batch_size * args.world_size
+        return control
+
+    def mfu(self, tokens_per_second: float) -> float:
+        return tokens_per_second * self.flops_per_token / self.peak_flops if self.peak_flops else 0.0
+
+    def summary(self) -> dict[str, float]:
+        tokens_per_second = self.tokens / self.elapsed if self.elapsed > 0 else 0.0
+        steady_time = sum(self._step_times)
+        steady = self._steady_tokens / steady_time if steady_time > 0 else tokens_per_second
+        return {
+            "real_tokens_trained": self.tokens,
+            "real_tokens_per_second": tokens_per_second,
+            "samples_per_second": self.samples / self.elapsed if self.elapsed > 0 else 0.0,
+            "step_time_s": statistics.median(self._step_times) if self._step_times else None,
+            "steady_tokens_per_second": steady,
+            "mfu": self.mfu(tokens_per_second),
+            "steady_mfu": self.mfu(steady),
+            "flops_per_token": self.flops_per_token,
+            "peak_flops": self.peak_flops,
+            "peak_memory_bytes": peak_memory_bytes(),
+        }
+
+
+def peak_memory_bytes() -> int:
+    """Peak accelerator memory allocated by torch, or on a CPU the process's peak resident size."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is kilobytes on Linux and bytes on macOS.
+    return int(peak if sys.platform == "darwin" else peak * 1024)
