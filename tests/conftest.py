@@ -24,7 +24,6 @@ TINY = (
     "model.hidden_size=64",
     "model.num_attention_heads=2",
     "model.intermediate_size=128",
-    "model.vocab_size=1024",
     "model.max_position_embeddings=66",
     "tokenizer.vocab_size=1000",
     "data.block_size=32",

@@ -6,15 +6,25 @@ import sys
 
 import pytest
 
-from conftest import ROOT, invoke
+from conftest import ROOT, invoke, prepared_run, tiny
+from kantai_batch.tokenizer import load_tokenizer
 
 
 def test_inspect_reports_the_kantaibert_parameter_count():
-    result = invoke("inspect", "--job", str(ROOT / "jobs" / "kantaibert.yaml"))
+    result = invoke("inspect", "--job", str(ROOT / "jobs" / "kantaibert.yaml"), "--set", "model.vocab_size=52000")
     lines = result.stdout.strip().splitlines()
     assert lines[-1] == "83,504,416 parameters in 106 tensors"
     assert lines[0].split()[:3] == ["roberta.embeddings.word_embeddings.weight", "52000x768", "39,936,000"]
     assert lines[0].split()[3] == "47.83%"
+
+
+def test_inspect_sizes_an_auto_vocabulary_to_the_trained_tokenizer(tmp_path, corpus_file):
+    before = invoke("inspect", "--run-dir", str(tmp_path), *tiny()).stdout.splitlines()[0].split()
+    assert before[1] == "1024x64", "no tokenizer yet: tokenizer.vocab_size 1000 rounded up to 64"
+    prepared_run(tmp_path, corpus_file)
+    size = len(load_tokenizer(tmp_path / "tokenizer"))
+    after = invoke("inspect", "--run-dir", str(tmp_path), *tiny()).stdout.splitlines()[0].split()
+    assert after[1] == f"{-(-size // 64) * 64}x64" and size < 1000
 
 
 def test_inspect_json_follows_overrides():

@@ -1,0 +1,139 @@
+"""The speed levers change how fast the model learns, not what it learns; throughput is reported."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from transformers import AutoConfig, RobertaConfig, RobertaForMaskedLM
+
+from conftest import invoke, tiny
+from kantai_batch.errors import JobConfigError
+from kantai_batch.hardware import cpu_supports_bf16, resolve_precision, training_flops_per_token
+from kantai_batch.job import load_job
+from kantai_batch.model import resolved_vocab_size
+from kantai_batch.objective import enable_sparse_prediction
+from kantai_batch.tokenizer import load_tokenizer
+
+
+def _tiny_mlm(vocab: int = 300) -> RobertaForMaskedLM:
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=1,
+    )
+    return RobertaForMaskedLM(config)
+
+
+def _masked_batch(vocab: int = 300) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, vocab, (4, 32), generator=generator)
+    labels = torch.full_like(ids, -100)
+    chosen = torch.rand(ids.shape, generator=generator) < 0.15
+    labels[chosen] = ids[chosen]
+    ids[chosen] = 4
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def test_sparse_prediction_gives_the_dense_loss_and_gradients():
+    dense, sparse = _tiny_mlm(), _tiny_mlm()
+    enable_sparse_prediction(sparse)
+    dense.train()
+    sparse.train()
+    batch = _masked_batch()
+    dense_out, sparse_out = dense(**batch), sparse(**batch)
+    assert sparse_out.logits.shape[0] == int((batch["labels"] != -100).sum()), "the head ran on masked positions only"
+    assert sparse_out.loss.item() == pytest.approx(dense_out.loss.item(), rel=1e-5)
+    dense_out.loss.backward()
+    sparse_out.loss.backward()
+    for (name, p_dense), p_sparse in zip(dense.named_parameters(), sparse.parameters(), strict=True):
+        assert torch.allclose(p_dense.grad, p_sparse.grad, atol=1e-6), name
+
+
+def test_sparse_prediction_leaves_evaluation_and_saving_standard(tmp_path: Path):
+    model = _tiny_mlm()
+    reference = copy.deepcopy(model).eval()
+    enable_sparse_prediction(model)
+    model.eval()
+    batch = _masked_batch()
+    assert torch.equal(model(**batch).logits, reference(**batch).logits), "evaluation keeps per-position logits"
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).architectures == ["RobertaForMaskedLM"]
+    reloaded = RobertaForMaskedLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(reloaded(**batch).logits, reference(**batch).logits)
+
+
+def test_vocab_auto_rounds_the_tokenizer_up_to_64():
+    assert resolved_vocab_size(load_job(None), 8736) == 8768
+    assert resolved_vocab_size(load_job(None), 8768) == 8768
+    assert resolved_vocab_size(load_job(None, ["model.vocab_size=52000"]), 8736) == 52000
+    with pytest.raises(JobConfigError, match="smaller than the tokenizer's 8736"):
+        resolved_vocab_size(load_job(None, ["model.vocab_size=8000"]), 8736)
+
+
+def test_flops_per_token_match_the_architecture():
+    # The issue's figures for KantaiBERT (6 x 768, block 128): ~505 MFLOP per trained token with
+    # the dense 52,000-logit head, ~269 MFLOP with a right-sized vocabulary and a masked-only head.
+    config = RobertaConfig(vocab_size=52_000, hidden_size=768, num_hidden_layers=6, intermediate_size=3072)
+    assert training_flops_per_token(config, sequence_length=128, scored_fraction=1.0) / 1e6 == pytest.approx(505, 0.005)
+    config.vocab_size = 8768
+    assert training_flops_per_token(config, sequence_length=128, scored_fraction=0.15) / 1e6 == pytest.approx(
+        269, 0.005
+    )
+
+
+def test_precision_auto_follows_the_hardware():
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    if torch.cuda.is_available():
+        expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    else:
+        expected = "bf16" if cpu_supports_bf16() else "fp32"
+    assert resolve_precision("auto") == expected
+
+
+@pytest.mark.slow
+def test_trained_run_used_the_levers_and_reports_throughput(trained_run: Path):
+    summary = json.loads((trained_run / "model" / "train_summary.json").read_text())
+    tokenizer_size = len(load_tokenizer(trained_run / "tokenizer"))
+    assert summary["vocab_size"] == math.ceil(tokenizer_size / 64) * 64
+    assert summary["sparse_prediction"] is True and summary["precision"] == resolve_precision("auto")
+    assert AutoConfig.from_pretrained(trained_run / "model").architectures == ["RobertaForMaskedLM"]
+    assert summary["steady_tokens_per_second"] > 0 and summary["step_time_s"] > 0
+    assert 0 < summary["mfu"] < 1 and 0 < summary["steady_mfu"] < 1
+    assert summary["flops_per_token"] > 0 and summary["peak_memory_bytes"] > 2**20
+    history = mlflow.MlflowClient().get_metric_history(summary["mlflow_run_id"], "real_tokens_per_second")
+    assert len(history) == 8 and all(m.value > 0 for m in history), "logged with every loss line"
+
+
+@pytest.mark.slow
+def test_bench_measures_the_job_and_the_recipe_side_by_side(tmp_path: Path, corpus_file: Path):
+    out = tmp_path / "results"
+    result = invoke(
+        "bench", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file), *tiny(),
+        "--steps", "3", "--baseline", "recipe", "--out", str(out),
+    )  # fmt: skip
+    (record_file,) = out.glob("kantaibert-*.json")
+    record = json.loads(record_file.read_text())
+    job, recipe = record["results"]
+    assert (job["name"], recipe["name"]) == ("job", "recipe")
+    assert (recipe["vocab_size"], recipe["data_mode"], recipe["precision"]) == (52_000, "line_by_line", "fp32")
+    assert recipe["sparse_prediction"] is False and recipe["dropout"] == 0.1
+    assert job["vocab_size"] < 1024 and job["data_mode"] == "packed" and job["sparse_prediction"] is True
+    assert job["global_step"] == recipe["global_step"] == 3
+    ratio = job["steady_tokens_per_second"] / recipe["steady_tokens_per_second"]
+    assert record["speedup"]["steady_tokens_per_second"] == pytest.approx(ratio)
+    for row in (job, recipe):
+        assert row["eval_loss_packed"] > 0 and row["eval_loss_lines"] > 0 and row["peak_memory_bytes"] > 0
+    assert "speedup over the recipe" in result.stdout and str(record_file) in result.stdout
