@@ -11,12 +11,14 @@ CORPUS ?=
 DEMO_STEPS ?= 20
 DEMO_BATCH ?= 16
 PYTEST_ARGS ?=
+BENCH_ARGS ?= --steps 10 --baseline recipe
 
-.PHONY: help install browser demo test lint clean
+.PHONY: help install browser demo bench test lint clean
 
 help:
 	@echo "make install   create $(VENV) with the package and its dependencies"
 	@echo "make demo      run the KantaiBERT job on the embedded defaults [CORPUS=path-or-url]"
+	@echo "make bench     the job's training throughput vs the recipe [CORPUS=... BENCH_ARGS=...]"
 	@echo "make test      run the test suite (installs Chromium for the chat page test when root)"
 	@echo "make lint      ruff check and format check"
 
@@ -42,6 +44,9 @@ browser:
 		{ apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || \
 		  { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
 		echo "make: no Chromium could be installed; the chat page test will be skipped"
+
+bench: install
+	$(BIN)/kantai-batch bench --job $(JOB) --run-dir runs/bench $(if $(CORPUS),--corpus $(CORPUS)) $(BENCH_ARGS)
 
 test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -21,7 +21,7 @@ from typing import Any
 
 from kantai_batch.errors import KantaiError
 from kantai_batch.job import Job
-from kantai_batch.storage import RunDir, is_complete, write_json_atomic
+from kantai_batch.storage import RunDir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +138,9 @@ def _prepare_inputs(job: Job, run: RunDir) -> None:
     from kantai_batch.corpus import prepare
     from kantai_batch.tokenizer import train_tokenizer
 
-    if not is_complete(run.corpus):
+    if not run.is_complete(run.corpus):
         prepare(job, run)
-    if not is_complete(run.tokenizer):
+    if not run.is_complete(run.tokenizer):
         train_tokenizer(job, run)
 
 
@@ -186,7 +186,8 @@ def _measure(
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job = Job.model_validate(job)
     run = RunDir.from_uri(run_root)
-    tokenizer = load_tokenizer(run.tokenizer)
+    run.require(run.corpus, "corpus", "prepare")
+    tokenizer = load_tokenizer(run.require(run.tokenizer, "tokenizer", "train-tokenizer"))
     model = init_model(job, len(tokenizer))
 
     class TimeLimit(TrainerCallback):

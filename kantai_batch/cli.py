@@ -142,8 +142,23 @@ def sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 model_option = click.option(
-    "--model", "model_dir", type=click.Path(path_type=Path), help="Model folder [default: RUN/model]."
+    "--model",
+    "model_uri",
+    metavar="URI",
+    help="Model folder, s3:// URI or models:/NAME@ALIAS (or /VERSION) [default: RUN/model].",
 )
+
+
+def _model(model_uri: str | None, run: RunDir) -> Path:
+    """The local folder of --model (S3 and registry models are downloaded and verified), else RUN/model."""
+    from kantai_batch.registry import cached_pull, is_registry_uri
+    from kantai_batch.storage import cache_dir, local_model
+
+    if model_uri and is_registry_uri(model_uri):
+        return cached_pull(model_uri, cache_dir())
+    if model_uri:
+        return local_model(model_uri)
+    return run.require(run.model, "model", "pretrain")
 
 
 @cli.command()
@@ -178,13 +193,13 @@ def pretrain(job: Job, run: RunDir, tracking: bool) -> None:
 @job_options
 @model_option
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def evaluate(job: Job, run: RunDir, model_dir: Path | None, as_json: bool) -> None:
+def evaluate(job: Job, run: RunDir, model_uri: str | None, as_json: bool) -> None:
     """Eval loss, perplexity and token accuracy on the held-out split (or --corpus)."""
     from kantai_batch.evaluate import evaluate as evaluate_phase
 
     # --corpus names the text to evaluate on here, not a corpus to prepare.
     explicit_corpus = click.get_current_context().params.get("corpus")
-    metrics = evaluate_phase(job, run, model_dir=model_dir, corpus=explicit_corpus)
+    metrics = evaluate_phase(job, run, model_dir=_model(model_uri, run), corpus=explicit_corpus)
     _print_metrics(metrics, as_json)
 
 
@@ -194,20 +209,18 @@ def evaluate(job: Job, run: RunDir, model_dir: Path | None, as_json: bool) -> No
 @click.option("--top-k", type=click.IntRange(min=1), help="Predictions per mask [default: infer.top_k].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {token_str, score, sequence}.")
 @click.argument("text", required=False)
-def fill_mask(
-    job: Job, run: RunDir, model_dir: Path | None, top_k: int | None, as_json: bool, text: str | None
-) -> None:
+def fill_mask(job: Job, run: RunDir, model_uri: str | None, top_k: int | None, as_json: bool, text: str | None) -> None:
     """Fill the <mask> in TEXT [default: infer.fill_mask_text] with the model's predictions."""
-    _show_fill_mask(model_dir or run.model, text or job.infer.fill_mask_text, top_k or job.infer.top_k, as_json)
+    _show_fill_mask(_model(model_uri, run), text or job.infer.fill_mask_text, top_k or job.infer.top_k, as_json)
 
 
 @cli.command()
 @job_options
 @click.option(
-    "--model", "model_dir", type=click.Path(path_type=Path), help="Inspect a saved model instead of the job's."
+    "--model", "model_uri", metavar="URI", help="Inspect a saved model (folder or s3:// URI) instead of the job's."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
-def inspect(job: Job, run: RunDir, model_dir: Path | None, as_json: bool) -> None:
+def inspect(job: Job, run: RunDir, model_uri: str | None, as_json: bool) -> None:
     """Parameter count, tensors, and every tensor's name, shape and share of the total.
 
     With model.vocab_size auto, the job's model is sized for RUN/tokenizer once it is trained, and for
@@ -215,8 +228,8 @@ def inspect(job: Job, run: RunDir, model_dir: Path | None, as_json: bool) -> Non
     """
     from kantai_batch.model import model_for_job, parameter_rows, saved_model_skeleton
 
-    if model_dir:
-        model = saved_model_skeleton(model_dir)
+    if model_uri:
+        model = saved_model_skeleton(_model(model_uri, run))
     else:
         model = model_for_job(job, _tokenizer_size(job, run))
     rows = parameter_rows(model)
@@ -233,14 +246,12 @@ def inspect(job: Job, run: RunDir, model_dir: Path | None, as_json: bool) -> Non
 
 
 def _tokenizer_size(job: Job, run: RunDir) -> int:
-    from kantai_batch.storage import is_complete
-
     if job.model.vocab_size != "auto":
         return 0
-    if is_complete(run.tokenizer):
+    if run.is_complete(run.tokenizer):
         from kantai_batch.tokenizer import load_tokenizer
 
-        return len(load_tokenizer(run.tokenizer))
+        return len(load_tokenizer(run.require(run.tokenizer, "tokenizer", "train-tokenizer")))
     log.info(
         "inspect: model.vocab_size auto, no trained tokenizer in %s: sized for tokenizer.vocab_size", run.tokenizer
     )
@@ -260,12 +271,12 @@ def _tokenizer_size(job: Job, run: RunDir) -> int:
 @click.option("--json", "as_json", is_flag=True, help='Print {"prompt", "text", "new_tokens"} as JSON.')
 @click.argument("prompt", required=False)
 def generate(
-    job: Job, run: RunDir, model_dir: Path | None, sampling, raw: bool, as_json: bool, prompt: str | None
+    job: Job, run: RunDir, model_uri: str | None, sampling, raw: bool, as_json: bool, prompt: str | None
 ) -> None:
     """Continue PROMPT [default: generate.prompt] with a causal LM; stops at </s>."""
     from kantai_batch.generate import Generator
 
-    generator = Generator(model_dir or run.model)
+    generator = Generator(_model(model_uri, run))
     _show_generation(generator(prompt or job.generate.prompt, sampling, as_message=not raw), as_json)
 
 
@@ -276,12 +287,12 @@ def generate(
 @click.option("--serve", is_flag=True, help="Serve a web page with a prompt box instead of a terminal session.")
 @click.option("--host", default="127.0.0.1", help="Address to serve on (with --serve).")
 @click.option("--port", type=click.IntRange(0, 65535), default=7860, help="Port to serve on; 0 picks a free one.")
-def chat(job: Job, run: RunDir, model_dir: Path | None, sampling, serve: bool, host: str, port: int) -> None:
+def chat(job: Job, run: RunDir, model_uri: str | None, sampling, serve: bool, host: str, port: int) -> None:
     """Talk to a causal LM: prompt, answer, repeat (Ctrl-D leaves), or a web page with --serve."""
     from kantai_batch.chat import repl, serve_page
     from kantai_batch.generate import Generator
 
-    generator = Generator(model_dir or run.model, command="chat")
+    generator = Generator(_model(model_uri, run), command="chat")
     results = click.get_current_context().meta[_RESULTS]
     if serve:
         serve_page(generator, sampling, host=host, port=port, announce=results)
@@ -328,6 +339,33 @@ def bench(
     emit(json.dumps(record, indent=2) if as_json else format_table(record) + f"\nwritten to {record['path']}")
 
 
+@cli.command()
+@job_options
+@model_option
+@click.option("--name", required=True, help="Registered model name.")
+@click.option("--alias", help="Alias to point at the new version, e.g. champion.")
+def register(job: Job, run: RunDir, model_uri: str | None, name: str, alias: str | None) -> None:
+    """Log a trained model to MLflow as a transformers model and register a new version of it."""
+    from kantai_batch.registry import register as register_model
+
+    emit(json.dumps(register_model(_model(model_uri, run), name, alias), indent=2))
+
+
+@cli.command()
+@click.argument("uri")
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write."
+)
+def pull(uri: str, out_dir: Path) -> None:
+    """Download models:/NAME/VERSION or models:/NAME@ALIAS as a model folder the other commands load."""
+    from kantai_batch.registry import pull as pull_model
+
+    results = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        pull_model(uri, out_dir)
+    click.echo(str(out_dir), file=results)
+
+
 @cli.command("run")
 @job_options
 @tracking_option
@@ -339,10 +377,10 @@ def run_all(job: Job, run: RunDir, tracking: bool) -> None:
     if job.task == "clm":
         from kantai_batch.generate import Generator, Sampling
 
-        generation = Generator(run.model)(job.generate.prompt, Sampling.from_job(job.generate))
+        generation = Generator(_model(None, run))(job.generate.prompt, Sampling.from_job(job.generate))
         _show_generation(generation, as_json=False)
     else:
-        _show_fill_mask(run.model, job.infer.fill_mask_text, job.infer.top_k, as_json=False)
+        _show_fill_mask(_model(None, run), job.infer.fill_mask_text, job.infer.top_k, as_json=False)
 
 
 def _show_generation(generation, as_json: bool) -> None:

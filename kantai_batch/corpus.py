@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from kantai_batch.errors import InputDataError
+from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.job import Job
-from kantai_batch.storage import RunDir, committed_dir, fetched, file_sha256, write_json_atomic
+from kantai_batch.storage import RunDir, fetched, file_sha256, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def prepare(job: Job, run: RunDir) -> Path:
         if path.stat().st_size == 0:
             raise InputDataError(f"corpus {source} is empty")
         encoding, detected = choose_encoding(path, job.corpus.encoding, source)
-        with committed_dir(run.corpus) as out:
+        with run.committed(run.corpus, inputs_sha256=fingerprint_of(job, "prepare")) as out:
             if job.corpus.format == "twcs":
                 from kantai_batch.twcs import TwcsReader
 

@@ -12,6 +12,7 @@ loss compares like with like across steps, resumed runs and separate ``evaluate`
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ from kantai_batch.errors import InputDataError
 from kantai_batch.job import Job
 
 log = logging.getLogger(__name__)
+
+_PARALLEL_FROM_EXAMPLES = 100_000
+_MAX_TOKENIZE_WORKERS = 8
 
 
 def build_split(path: Path, job: Job, tokenizer, *, fix_masks: bool, what: str):
@@ -32,6 +36,9 @@ def build_split(path: Path, job: Job, tokenizer, *, fix_masks: bool, what: str):
     sample_by = "paragraph" if job.data.mode == "packed" else "line"
     raw = load_dataset("text", data_files={"corpus": str(path)}, sample_by=sample_by, split="corpus")
     raw = raw.filter(lambda row: bool(row["text"].strip()), desc=f"{what}: drop blank lines")
+    # Worker processes pay off only on large corpora (the twcs CSV has millions of examples); on a
+    # book they cost more to start than they save.
+    workers = min(_MAX_TOKENIZE_WORKERS, os.cpu_count() or 1) if len(raw) >= _PARALLEL_FROM_EXAMPLES else None
     block = job.data.block_size
     # Long paragraphs exceed model_max_length before they are cut into blocks; the warning is noise.
     verbosity = hf_logging.get_verbosity()
@@ -43,6 +50,7 @@ def build_split(path: Path, job: Job, tokenizer, *, fix_masks: bool, what: str):
                 batched=True,
                 remove_columns=raw.column_names,
                 fn_kwargs={"tokenizer": tokenizer, "block_size": block},
+                num_proc=workers,
                 desc=f"{what}: tokenize and pack into blocks of {block}",
             )
         else:
@@ -52,6 +60,7 @@ def build_split(path: Path, job: Job, tokenizer, *, fix_masks: bool, what: str):
                 ),
                 batched=True,
                 remove_columns=raw.column_names,
+                num_proc=workers,
                 desc=f"{what}: tokenize line by line",
             )
     finally:

@@ -34,6 +34,15 @@ class SourceUnavailableError(KantaiError):
     exit_code = 4
 
 
+class PreemptedError(KantaiError):
+    """Training stopped on SIGTERM after committing a checkpoint; a retry resumes from it.
+
+    128 + SIGTERM, the code a process killed by SIGTERM reports, so schedulers treat it alike.
+    """
+
+    exit_code = 143
+
+
 @contextlib.contextmanager
 def unusable_as(description: str) -> Iterator[None]:
     """Turn any library failure to load ``description`` into a one-line InputDataError."""

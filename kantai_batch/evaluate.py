@@ -16,11 +16,12 @@ from typing import Any
 from kantai_batch.corpus import EVAL_FILE, choose_encoding, write_text
 from kantai_batch.data import build_split
 from kantai_batch.errors import InputDataError
+from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.hardware import has_accelerator
 from kantai_batch.job import Job
 from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer, require_task
 from kantai_batch.objective import ACCURACY, accuracy_metric, collator, predicted_ids, task_of
-from kantai_batch.storage import RunDir, committed_dir, fetched, require_complete, write_json_atomic
+from kantai_batch.storage import RunDir, fetched, write_json_atomic
 from kantai_batch.train import perplexity
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ METRICS_FILE = "metrics.json"
 
 def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: str | None = None) -> dict[str, Any]:
     """Evaluate ``model_dir`` (default: the run's model) and commit the metrics to ``RUN/eval/``."""
-    model_dir = model_dir or run.model
+    model_dir = model_dir or run.require(run.model, "model", "pretrain")
     config = load_model_config(model_dir)
     task = task_of(config) or job.task
     require_task(config, model_dir, task, "evaluate")
@@ -38,7 +39,7 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
     model = load_lm(model_dir, task)
     with tempfile.TemporaryDirectory(prefix="kantai-eval-") as scratch:
         if corpus is None:
-            require_complete(run.corpus, "corpus", "prepare")
+            run.require(run.corpus, "corpus", "prepare")
             text, corpus_name = run.corpus / EVAL_FILE, str(run.corpus / EVAL_FILE)
         else:
             with fetched(corpus, "corpus") as source:
@@ -48,7 +49,7 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
                     raise InputDataError(f"corpus {corpus} has no text")
         metrics = _evaluate(job, task, model, tokenizer, text, Path(scratch) / "trainer")
     metrics.update(model=str(model_dir), corpus=corpus_name)
-    with committed_dir(run.eval) as out:
+    with run.committed(run.eval, inputs_sha256=fingerprint_of(job, "evaluate", run, model_dir=model_dir)) as out:
         write_json_atomic(out / METRICS_FILE, metrics)
     log.info(
         "evaluate: loss %.4f, perplexity %.2f, %s %.4f on %s tokens",

@@ -165,6 +165,9 @@ class TrainSection(_Section):
     """Write a checkpoint every this many steps."""
     save_total_limit: int = Field(2, ge=1)
     """Checkpoints kept in the run dir; older ones are deleted."""
+    preemption_grace_s: float = Field(120.0, gt=0)
+    """On SIGTERM, checkpoint at the next step boundary and exit within this many seconds (keep it
+    below the pod's terminationGracePeriodSeconds)."""
     eval_steps: int | None = Field(None, ge=1)
     """Evaluate every this many steps; when unset, only at the end."""
     logging_steps: int = Field(50, ge=1)

@@ -1,4 +1,4 @@
-"""run: every phase in order against one run dir, skipping the ones already complete."""
+"""run: every phase in order against one run dir, skipping those complete with unchanged inputs."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.job import Job
-from kantai_batch.storage import RunDir, is_complete
+from kantai_batch.storage import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,14 @@ def run_pipeline(job: Job, run: RunDir, *, track: bool = True) -> list[str]:
     ]
     ran = []
     for name, output, phase in phases:
-        if is_complete(output):
-            log.info("%s: %s is complete, skipped (delete it to redo the phase)", name, output)
-            continue
-        log.info("%s: starting", name)
+        marker = run.marker(output)
+        if marker is not None:
+            if marker.get("inputs_sha256") == fingerprint_of(job, name, run):
+                log.info("%s: %s is complete and its inputs are unchanged, skipped", name, run.uri(output))
+                continue
+            log.info("%s: %s is complete but its inputs changed, redoing it", name, run.uri(output))
+        else:
+            log.info("%s: starting", name)
         phase()
         ran.append(name)
     return ran

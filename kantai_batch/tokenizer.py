@@ -18,8 +18,9 @@ from pathlib import Path
 
 from kantai_batch.corpus import TRAIN_FILE
 from kantai_batch.errors import unusable_as
+from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.job import Job
-from kantai_batch.storage import RunDir, committed_dir, require_complete
+from kantai_batch.storage import RunDir, require_complete
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def train_tokenizer(job: Job, run: RunDir) -> Path:
     from tokenizers import AddedToken, ByteLevelBPETokenizer, Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
-    require_complete(run.corpus, "corpus", "prepare")
+    corpus = run.require(run.corpus, "corpus", "prepare")
     bos, pad, eos, unk, mask = job.tokenizer.special_tokens
     special_tokens = [bos, pad, eos, unk, AddedToken(mask, lstrip=True, special=True)]
     conversation = job.corpus.format == "twcs" and job.corpus.conversation
@@ -57,7 +58,7 @@ def train_tokenizer(job: Job, run: RunDir) -> Path:
 
         bpe.normalizer = cleaner(job.corpus)
     bpe.train(
-        files=[str(run.corpus / TRAIN_FILE)],
+        files=[str(corpus / TRAIN_FILE)],
         vocab_size=job.tokenizer.vocab_size,
         min_frequency=job.tokenizer.min_frequency,
         special_tokens=special_tokens,
@@ -83,7 +84,7 @@ def train_tokenizer(job: Job, run: RunDir) -> Path:
     )
     if conversation:
         tokenizer.chat_template = chat_template(job.corpus.separator)
-    with committed_dir(run.tokenizer) as out:
+    with run.committed(run.tokenizer, inputs_sha256=fingerprint_of(job, "train-tokenizer", run)) as out:
         bpe.save_model(str(out))
         tokenizer.save_pretrained(str(out))
     log.info(

@@ -40,6 +40,8 @@ def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool) -> Ite
     job_sha = hashlib.sha256(job_yaml.encode()).hexdigest()
     try:
         mlflow.set_experiment(job.name)
+        if resuming:
+            run.pull_file(run.checkpoints / RUN_ID_FILE)
         run_id = _run_to_continue(run.checkpoints / RUN_ID_FILE, job_sha) if resuming else None
         active = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{job.name}-pretrain")
     except mlflow.exceptions.MlflowException as exc:
@@ -48,10 +50,11 @@ def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool) -> Ite
     with active:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run.checkpoints / RUN_ID_FILE, {"run_id": active.info.run_id, "job_sha256": job_sha})
+        run.push_file(run.checkpoints / RUN_ID_FILE)
         if run_id is None:
             mlflow.log_params({f"job.{key}": value for key, value in _flatten(job.model_dump(mode="json")).items()})
             mlflow.log_text(job_yaml, "job.yaml")
-            mlflow.set_tags({"kantai.run_dir": str(run.root.resolve()), "kantai.corpus": job.corpus.source})
+            mlflow.set_tags(lineage_tags(job, run))
         log.info(
             "mlflow: %s run %s in %s",
             "continuing" if run_id else "started",
@@ -59,6 +62,49 @@ def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool) -> Ite
             mlflow.get_tracking_uri(),
         )
         yield active
+
+
+def lineage_tags(job: Job, run: RunDir) -> dict[str, str]:
+    """Where the model comes from: corpus and its checksum, tokenizer checksum, code and image versions."""
+    import os
+
+    tags = {
+        "kantai.run_dir": run.uri(run.root) if run.remote else str(run.root.resolve()),
+        "kantai.corpus": job.corpus.source,
+    }
+    stats = run.corpus / "stats.json"
+    if stats.is_file():
+        tags["kantai.corpus_sha256"] = json.loads(stats.read_text(encoding="utf-8")).get("source_sha256", "")
+    tokenizer = run.marker(run.tokenizer)
+    if tokenizer:
+        tags["kantai.tokenizer_sha256"] = hashlib.sha256(
+            json.dumps(tokenizer.get("files"), sort_keys=True).encode()
+        ).hexdigest()
+    commit = _git_commit()
+    if commit:
+        tags["kantai.git_commit"] = commit
+    for variable, tag in (("KANTAI_IMAGE", "kantai.image"), ("KANTAI_GIT_COMMIT", "kantai.git_commit")):
+        if os.environ.get(variable):
+            tags[tag] = os.environ[variable]
+    return tags
+
+
+def _git_commit() -> str | None:
+    """The commit of the checkout the package runs from, when it runs from one."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def log_model(folder: Path) -> None:

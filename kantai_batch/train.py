@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,43 +20,57 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kantai_batch import tracking
+from kantai_batch.checkpoints import CheckpointMarkerCallback, checkpoint_step, newest_complete_checkpoint
 from kantai_batch.corpus import EVAL_FILE, TRAIN_FILE
 from kantai_batch.data import build_split
-from kantai_batch.errors import JobConfigError
+from kantai_batch.errors import JobConfigError, PreemptedError
+from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.hardware import has_accelerator, peak_flops, resolve_precision, training_flops_per_token
 from kantai_batch.job import Job, ModelSection
 from kantai_batch.model import init_model
 from kantai_batch.objective import ACCURACY, accuracy_metric, collator, enable_sparse_prediction, predicted_ids
-from kantai_batch.storage import RunDir, committed_dir, is_complete, require_complete, write_json_atomic, write_marker
+from kantai_batch.preemption import PreemptionCallback, sigterm_checkpoints
+from kantai_batch.storage import RunDir, write_json_atomic
 from kantai_batch.throughput import ThroughputCallback
 from kantai_batch.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "train_summary.json"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-ARCHITECTURE_KEYS = tuple(ModelSection.model_fields)
+# Dropout changes how a model trains, not its shape: a checkpoint resumes across it.
+ARCHITECTURE_KEYS = tuple(key for key in ModelSection.model_fields if not key.endswith("dropout_prob"))
 
 
 def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     """Train the job's model on the prepared corpus; return the committed model folder."""
-    require_complete(run.corpus, "corpus", "prepare")
-    tokenizer = load_tokenizer(run.tokenizer)
+    run.require(run.corpus, "corpus", "prepare")
+    tokenizer = load_tokenizer(run.require(run.tokenizer, "tokenizer", "train-tokenizer"))
+    inputs = fingerprint_of(job, "pretrain", run)
     args = training_arguments(job, run.checkpoints, track=track)
-    resume_from = newest_complete_checkpoint(run.checkpoints, prune_incomplete=args.process_index == 0)
+    remote_checkpoints = run.remote_of(run.checkpoints)
+    resume_from = newest_complete_checkpoint(
+        run.checkpoints, remote=remote_checkpoints, prune_incomplete=args.process_index == 0
+    )
     model = init_model(job, len(tokenizer))
     if resume_from:
         require_same_architecture(resume_from, model.config)
     # The tracking store is reached before any data work, so an unreachable one fails in seconds.
     tracked = track and args.process_index == 0
     with tracking.pretrain_run(job, run, enabled=tracked, resuming=resume_from is not None) as mlflow_run:
-        session = build_trainer(
-            job, model, tokenizer, args, run.corpus, callbacks=[CheckpointMarkerCallback(job.train.save_total_limit)]
-        )
+        checkpoints = CheckpointMarkerCallback(job.train.save_total_limit, remote=remote_checkpoints)
+        preemption = PreemptionCallback()
+        session = build_trainer(job, model, tokenizer, args, run.corpus, callbacks=[checkpoints, preemption])
         trainer = session.trainer
         if resume_from:
-            log.info("pretrain: resuming from %s", resume_from)
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            log.info("pretrain: resuming from %s", run.uri(resume_from))
+        with sigterm_checkpoints(preemption, job.train.preemption_grace_s):
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            checkpoints.wait()
+        if preemption.requested.is_set():
+            raise PreemptedError(
+                f"pretrain stopped on SIGTERM at step {trainer.state.global_step}; the checkpoint is committed to "
+                f"{run.uri(run.checkpoints)} and the next pretrain resumes from it"
+            )
         eval_metrics = trainer.evaluate()
         summary = {
             "global_step": trainer.state.global_step,
@@ -73,7 +85,7 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
             "mlflow_run_id": mlflow_run.info.run_id if mlflow_run else None,
         }
         if trainer.is_world_process_zero():
-            with committed_dir(run.model) as out:
+            with run.committed(run.model, inputs_sha256=inputs) as out:
                 trainer.save_model(str(out))
                 tokenizer.save_pretrained(str(out))
                 write_json_atomic(out / SUMMARY_FILE, summary)
@@ -206,28 +218,6 @@ def training_arguments(job: Job, output_dir: Path, *, track: bool, **overrides: 
     return TrainingArguments(**{**settings, **overrides})
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(_CHECKPOINT.match(path.name).group(1))
-
-
-def newest_complete_checkpoint(folder: Path, *, prune_incomplete: bool) -> Path | None:
-    """The newest checkpoint whose marker exists; incomplete ones are leftovers of a killed save."""
-    found = checkpoints_in(folder)
-    complete = [p for p in found if is_complete(p)]
-    if prune_incomplete:
-        for partial in (p for p in found if not is_complete(p)):
-            log.warning("pretrain: removing incomplete checkpoint %s (its save did not finish)", partial)
-            shutil.rmtree(partial, ignore_errors=True)
-    return complete[-1] if complete else None
-
-
-def checkpoints_in(folder: Path) -> list[Path]:
-    """The checkpoint folders in ``folder``, oldest first."""
-    if not folder.is_dir():
-        return []
-    return sorted((p for p in folder.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)), key=checkpoint_step)
-
-
 def require_same_architecture(checkpoint: Path, config) -> None:
     """A checkpoint of another architecture cannot be resumed; say so instead of a shape mismatch."""
     saved = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
@@ -243,24 +233,3 @@ def require_same_architecture(checkpoint: Path, config) -> None:
 
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 50 else math.inf
-
-
-class CheckpointMarkerCallback(TrainerCallback):
-    """Marks a checkpoint complete once the Trainer has written all of it, then prunes old ones.
-
-    Pruning happens here rather than through the Trainer's ``save_total_limit`` because the
-    Trainer deletes old checkpoints before this marker exists on the new one: a kill in between
-    would leave no complete checkpoint when the limit is 1.
-    """
-
-    def __init__(self, keep: int) -> None:
-        self.keep = keep
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir)
-            write_marker(folder / f"checkpoint-{state.global_step}", global_step=state.global_step)
-            complete = [p for p in checkpoints_in(folder) if is_complete(p)]
-            for old in complete[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        return control

@@ -11,9 +11,11 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import pytest
 from click.testing import CliRunner, Result
 
+from kantai_batch import s3
 from kantai_batch.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +124,14 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def invoke(*args: str, expect: int | None = 0) -> Result:
     """Run the CLI in-process; check the exit code unless ``expect`` is None."""
     result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
@@ -171,6 +181,80 @@ def support_run(tmp_path_factory: pytest.TempPathFactory, isolated_env: Path) ->
     )
     (root / "run_stdout.txt").write_text(result.stdout)
     yield run_dir
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
+            mp.delenv(name, raising=False)
+        s3.client.cache_clear()
+        yield endpoint
+    s3.client.cache_clear()
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
+    name = "kantai-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server`: SQLite backend store, artifacts in the loopback S3 bucket."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="kantai-mlflow")
+    home = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    server = subprocess.Popen(
+        [
+            mlflow_cli, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+            "--artifacts-destination", "s3://kantai-mlflow/artifacts",
+        ],
+        cwd=home,
+        env={**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint},
+        stdout=subprocess.DEVNULL,
+        stderr=(home / "server.log").open("w"),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        assert server.poll() is None, (home / "server.log").read_text()
+        assert time.monotonic() < deadline, "mlflow server did not start within 120 s"
+        time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

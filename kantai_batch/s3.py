@@ -1,0 +1,233 @@
+"""S3 (and any S3-compatible store): folders and files moved with boto3's managed transfers.
+
+Credentials and endpoint come from boto3's standard chain: environment, shared config and profile,
+web identity (IRSA, workload identity), instance metadata; ``AWS_ENDPOINT_URL_S3`` (or
+``AWS_ENDPOINT_URL``) points it at MinIO, R2 or a local test server. Transient failures are retried
+by botocore with backoff (``standard`` mode); what is left after the retries becomes a one-line error
+naming the URI.
+
+A folder is committed the way a local one is: every file first, the ``_COMPLETE`` manifest (sizes and
+SHA-256) last, so a reader that trusts only folders with a marker never sees half an upload. Uploads
+also carry an S3 checksum the server verifies, and downloads are checked against the manifest.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kantai_batch.errors import InputDataError, JobConfigError, SourceUnavailableError
+
+log = logging.getLogger(__name__)
+
+MARKER = "_COMPLETE"
+_MAX_ATTEMPTS = 5
+_UPLOAD_THREADS = 8
+
+
+@dataclass(frozen=True)
+class S3Uri:
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Uri:
+        if not uri.startswith("s3://"):
+            raise JobConfigError(f"{uri} is not an s3:// URI")
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        if not bucket:
+            raise JobConfigError(f"{uri}: no bucket name")
+        return cls(bucket, key.strip("/"))
+
+    def child(self, name: str) -> S3Uri:
+        return S3Uri(self.bucket, f"{self.key}/{name}".strip("/"))
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+@functools.cache
+def client():
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"max_attempts": _MAX_ATTEMPTS, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+    return boto3.client("s3", config=config)
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    # Multipart above 64 MiB with parallel parts: model weights and optimizer states are large.
+    return TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=8)
+
+
+def translated(uri: S3Uri | str, action: str):
+    """A context manager turning boto errors into one-line errors that name the URI."""
+    return _Translated(str(uri), action)
+
+
+class _Translated:
+    def __init__(self, uri: str, action: str) -> None:
+        self.uri, self.action = uri, action
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None:
+            return False
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        if isinstance(exc, ClientError):
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            message = error.get("Message") or code
+            if code in ("NoSuchBucket",):
+                raise InputDataError(f"{self.uri}: bucket does not exist") from None
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"):
+                raise InputDataError(f"{self.uri}: access denied ({code}) while trying to {self.action}") from None
+            if code in ("NoSuchKey", "404", "NotFound"):
+                # A HEAD answers a bare 404 for a missing bucket too: ask about the bucket itself.
+                if not _bucket_exists(S3Uri.parse(self.uri).bucket):
+                    raise InputDataError(f"{self.uri}: bucket does not exist") from None
+                raise SourceUnavailableError(f"{self.uri} does not exist") from None
+            raise SourceUnavailableError(f"{self.uri}: cannot {self.action}: {code} {message}".strip()) from None
+        if isinstance(exc, NoCredentialsError):
+            raise InputDataError(f"{self.uri}: no AWS credentials (environment, profile or web identity)") from None
+        if isinstance(exc, (BotoCoreError, S3UploadFailedError)):
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise SourceUnavailableError(f"{self.uri}: cannot {self.action}: {first}") from None
+        return False
+
+
+def exists(uri: S3Uri) -> bool:
+    """Whether the key exists; a missing bucket, denied access or an unreachable store is an error."""
+    from botocore.exceptions import ClientError
+
+    try:
+        client().head_object(Bucket=uri.bucket, Key=uri.key)
+        return True
+    except ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchKey", "NotFound"):
+            with translated(uri, "read"):
+                raise
+        if not _bucket_exists(uri.bucket):
+            raise InputDataError(f"{uri}: bucket does not exist") from None
+        return False
+    except Exception:
+        with translated(uri, "read"):
+            raise
+
+
+def _bucket_exists(bucket: str) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client().head_bucket(Bucket=bucket)
+        return True
+    except ClientError as exc:
+        return str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchBucket", "NotFound")
+    except BotoCoreError:
+        return True  # unreachable: the original error says so
+
+
+def read_json(uri: S3Uri) -> dict[str, Any]:
+    with translated(uri, "read"):
+        body = client().get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
+    return json.loads(body)
+
+
+def download_file(uri: S3Uri, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with translated(uri, "download"):
+        client().download_file(uri.bucket, uri.key, str(dest), Config=_transfer_config())
+    return dest
+
+
+def upload_file(path: Path, uri: S3Uri) -> None:
+    with translated(uri, "upload"):
+        client().upload_file(
+            str(path), uri.bucket, uri.key, ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=_transfer_config()
+        )
+
+
+def list_keys(prefix: S3Uri) -> list[str]:
+    """Every key below ``prefix`` (as a folder), relative to it."""
+    keys = []
+    base = f"{prefix.key}/" if prefix.key else ""
+    with translated(prefix, "list"):
+        for page in client().get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=base):
+            keys += [item["Key"][len(base) :] for item in page.get("Contents", [])]
+    return keys
+
+
+def list_folders(prefix: S3Uri) -> list[str]:
+    """The immediate sub-folder names below ``prefix``."""
+    base = f"{prefix.key}/" if prefix.key else ""
+    names = []
+    with translated(prefix, "list"):
+        pages = client().get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=base, Delimiter="/")
+        for page in pages:
+            names += [item["Prefix"][len(base) :].rstrip("/") for item in page.get("CommonPrefixes", [])]
+    return names
+
+
+def upload_folder(folder: Path, prefix: S3Uri) -> None:
+    """Commit ``folder`` (which holds its marker) below ``prefix``: stale keys removed, files, marker last."""
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER]
+    # A marker left from an earlier commit must go first: from here until the new one lands the
+    # folder is incomplete, and readers must see it so.
+    delete_keys(prefix, [MARKER])
+    wanted = {p.relative_to(folder).as_posix() for p in files}
+    stale = [key for key in list_keys(prefix) if key not in wanted and key != MARKER]
+    delete_keys(prefix, stale)
+    with ThreadPoolExecutor(max_workers=_UPLOAD_THREADS) as pool:
+        for future in [pool.submit(upload_file, p, prefix.child(p.relative_to(folder).as_posix())) for p in files]:
+            future.result()
+    upload_file(folder / MARKER, prefix.child(MARKER))
+    log.info("s3: committed %d files to %s", len(files), prefix)
+
+
+def download_folder(prefix: S3Uri, dest: Path) -> dict[str, Any]:
+    """Download a committed folder into ``dest``, verify it against its manifest, return the manifest."""
+    from kantai_batch.storage import file_sha256
+
+    marker = prefix.child(MARKER)
+    if not exists(marker):
+        raise InputDataError(f"{prefix} is missing or incomplete (no {MARKER} marker)")
+    manifest = read_json(marker)
+    dest.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=_UPLOAD_THREADS) as pool:
+        futures = [pool.submit(download_file, prefix.child(name), dest / name) for name in manifest["files"]]
+        for future in futures:
+            future.result()
+    for name, expected in manifest["files"].items():
+        if file_sha256(dest / name) != expected["sha256"]:
+            raise InputDataError(f"{prefix.child(name)} does not match its checksum in {marker}")
+    (dest / MARKER).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def delete_keys(prefix: S3Uri, names: list[str]) -> None:
+    for start in range(0, len(names), 1000):
+        batch = [{"Key": prefix.child(name).key} for name in names[start : start + 1000]]
+        if batch:
+            with translated(prefix, "delete"):
+                client().delete_objects(Bucket=prefix.bucket, Delete={"Objects": batch, "Quiet": True})
+
+
+def delete_folder(prefix: S3Uri) -> None:
+    """Remove a committed folder: its marker first, so it stops being trusted before it is partial."""
+    delete_keys(prefix, [MARKER])
+    delete_keys(prefix, list_keys(prefix))

@@ -1,0 +1,70 @@
+"""The model registry against a real `mlflow server` (artifacts in the loopback S3): register, pull, use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port, invoke
+from kantai_batch.storage import MARKER
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def tracking_server(mlflow_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "cache"))
+    return mlflow_server
+
+
+def test_register_pull_and_fill_mask_round_trip(tracking_server: str, trained_run: Path, tmp_path: Path):
+    text = "Reason <mask> the conditions of experience."
+    original = json.loads(invoke("fill-mask", "--model", str(trained_run / "model"), "--json", text).stdout)
+
+    registered = json.loads(
+        invoke("register", "--model", str(trained_run / "model"), "--name", "kantai-tiny", "--alias", "champion").stdout
+    )
+    assert registered["name"] == "kantai-tiny" and registered["alias"] == "champion"
+    again = json.loads(invoke("register", "--model", str(trained_run / "model"), "--name", "kantai-tiny").stdout)
+    assert int(again["version"]) == int(registered["version"]) + 1
+
+    out = tmp_path / "pulled"
+    result = invoke("pull", "models:/kantai-tiny@champion", "--out", str(out))
+    assert result.stdout.strip() == str(out)
+    assert {"config.json", "model.safetensors", "tokenizer.json", MARKER} <= {p.name for p in out.iterdir()}
+    pulled = json.loads(invoke("fill-mask", "--model", str(out), "--json", text).stdout)
+    assert pulled == original, "the registered model predicts exactly as the trained one"
+
+    direct = json.loads(invoke("fill-mask", "--model", "models:/kantai-tiny@champion", "--json", text).stdout)
+    assert direct == original
+    by_version = invoke("fill-mask", "--model", f"models:/kantai-tiny/{again['version']}", "--json", text).stdout
+    assert json.loads(by_version) == original
+
+
+def test_a_causal_model_registers_and_generates(tracking_server: str, support_run: Path):
+    prompt = "my order never arrived"
+    local = json.loads(
+        invoke("generate", "--model", str(support_run / "model"), "--temperature", "0", "--json", prompt).stdout
+    )
+    invoke("register", "--model", str(support_run / "model"), "--name", "support-tiny", "--alias", "champion")
+    remote = invoke("generate", "--model", "models:/support-tiny@champion", "--temperature", "0", "--json", prompt)
+    assert json.loads(remote.stdout) == local
+
+
+def test_unknown_registered_model_is_a_one_line_error(tracking_server: str, tmp_path: Path):
+    result = invoke("pull", "models:/no-such-model@champion", "--out", str(tmp_path / "x"), expect=3)
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and "models:/no-such-model@champion" in message
+    assert not (tmp_path / "x").exists()
+
+
+def test_unreachable_tracking_server_is_a_one_line_error(trained_run: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    result = invoke("register", "--model", str(trained_run / "model"), "--name", "x", expect=4)
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and "MLflow http://127.0.0.1:" in message

@@ -1,0 +1,196 @@
+"""Run dirs, corpora and models in S3, against moto's standalone S3 server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from conftest import ROOT, free_port, invoke, tiny
+from kantai_batch import s3
+from kantai_batch.storage import MARKER, file_sha256
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test starts like a new pod: nothing mirrored locally."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KANTAI_CACHE_DIR", str(cache))
+    return cache
+
+
+def _keys(bucket: str, prefix: str) -> set[str]:
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {item["Key"][len(prefix) :] for page in pages for item in page.get("Contents", [])}
+
+
+def _read_json(bucket: str, key: str) -> dict:
+    return json.loads(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def _upload_corpus(bucket: str, corpus_file: Path) -> str:
+    boto3.client("s3").upload_file(str(corpus_file), bucket, "corpora/kantian.txt")
+    return f"s3://{bucket}/corpora/kantian.txt"
+
+
+def test_full_run_with_an_s3_run_dir(bucket: str, corpus_file: Path, tmp_path: Path, monkeypatch):
+    corpus = _upload_corpus(bucket, corpus_file)
+    run_dir = f"s3://{bucket}/runs/first"
+    first = invoke("run", "--run-dir", run_dir, "--corpus", corpus, "--no-tracking", *tiny())
+    assert first.stdout.startswith("Human thinking involves human <mask>.")
+    keys = _keys(bucket, "runs/first/")
+    for phase in ("corpus", "tokenizer", "model", "eval", "checkpoints/checkpoint-40"):
+        assert f"{phase}/{MARKER}" in keys, phase
+    manifest = _read_json(bucket, f"runs/first/model/{MARKER}")
+    assert set(manifest["files"]) == {key[len("model/") :] for key in keys if key.startswith("model/")} - {MARKER}
+    local = tmp_path / "weights"
+    boto3.client("s3").download_file(bucket, "runs/first/model/model.safetensors", str(local))
+    assert file_sha256(local) == manifest["files"]["model.safetensors"]["sha256"]
+
+    phases = ("corpus", "tokenizer", "model", "eval")
+    markers = {phase: _read_json(bucket, f"runs/first/{phase}/{MARKER}") for phase in phases}
+
+    # A new pod: nothing local. Every phase is complete with unchanged inputs, so nothing reruns.
+    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "second-pod"))
+    again = invoke("run", "--run-dir", run_dir, "--corpus", corpus, "--no-tracking", *tiny())
+    assert again.stdout == first.stdout
+    assert {phase: _read_json(bucket, f"runs/first/{phase}/{MARKER}") for phase in phases} == markers
+
+    # A changed training field redoes pretrain and evaluate, not prepare or the tokenizer.
+    invoke("run", "--run-dir", run_dir, "--corpus", corpus, "--no-tracking", *tiny("train.max_steps=45"))
+    after = {phase: _read_json(bucket, f"runs/first/{phase}/{MARKER}") for phase in phases}
+    assert [after[phase] == markers[phase] for phase in phases] == [True, True, False, False]
+    assert _read_json(bucket, "runs/first/model/train_summary.json")["global_step"] == 45
+
+    # The model is usable straight from S3.
+    filled = invoke("fill-mask", "--model", f"{run_dir}/model", "--json", "Reason <mask> experience.")
+    assert len(json.loads(filled.stdout)) == 5
+
+
+def test_checkpoints_resume_from_s3_on_a_new_pod(bucket: str, corpus_file: Path, tmp_path: Path, monkeypatch):
+    corpus = _upload_corpus(bucket, corpus_file)
+    run_dir = f"s3://{bucket}/runs/resume"
+    invoke("prepare", "--run-dir", run_dir, "--corpus", corpus)
+    invoke("train-tokenizer", "--run-dir", run_dir, *tiny())
+    invoke("pretrain", "--run-dir", run_dir, "--no-tracking", *tiny("train.max_steps=20"))
+    assert {f"checkpoint-10/{MARKER}", f"checkpoint-20/{MARKER}"} <= _keys(bucket, "runs/resume/checkpoints/")
+    # What a pod killed during an upload leaves: a newer checkpoint's files without its marker.
+    boto3.client("s3").put_object(
+        Bucket=bucket, Key="runs/resume/checkpoints/checkpoint-30/model.safetensors", Body=b"x"
+    )
+
+    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "new-pod"))
+    invoke("pretrain", "--run-dir", run_dir, "--no-tracking", *tiny("train.max_steps=40"))
+    summary = _read_json(bucket, "runs/resume/model/train_summary.json")
+    assert summary["resumed_from_step"] == 20 and summary["global_step"] == 40
+    remaining = {
+        key.split("/")[0] for key in _keys(bucket, "runs/resume/checkpoints/") if key.startswith("checkpoint-")
+    }
+    assert remaining == {"checkpoint-30", "checkpoint-40"}, "save_total_limit 2: the partial one was replaced"
+    assert f"checkpoint-30/{MARKER}" in _keys(bucket, "runs/resume/checkpoints/")
+
+
+def _pretrain_process(run_dir: str, *args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "kantai_batch", "pretrain", "--run-dir", run_dir, *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_key(bucket: str, key: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    client = boto3.client("s3")
+    while True:
+        try:
+            client.head_object(Bucket=bucket, Key=key)
+            return
+        except client.exceptions.ClientError:
+            pass
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, f"no {key} within {timeout} s"
+        time.sleep(0.2)
+
+
+def test_sigterm_checkpoints_and_the_retry_resumes_there(
+    bucket: str, corpus_file: Path, tmp_path: Path, monkeypatch, mlflow_server: str
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    corpus = _upload_corpus(bucket, corpus_file)
+    run_dir = f"s3://{bucket}/runs/preempted"
+    invoke("prepare", "--run-dir", run_dir, "--corpus", corpus)
+    job = tiny("train.max_steps=600", "train.save_steps=50", "train.logging_steps=10", "train.save_total_limit=5")
+    invoke("train-tokenizer", "--run-dir", run_dir, *job)
+    proc = _pretrain_process(run_dir, *job, cwd=tmp_path)
+    _wait_for_key(bucket, f"runs/preempted/checkpoints/checkpoint-50/{MARKER}", proc)
+    time.sleep(1.0)  # between periodic checkpoints
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert "stopped on SIGTERM at step" in last, last
+    stopped_at = int(last.split("at step ")[1].split(";")[0])
+    names = {key.split("/")[0] for key in _keys(bucket, "runs/preempted/checkpoints/") if key.endswith(MARKER)}
+    assert max(int(name.split("-")[1]) for name in names) == stopped_at > 50, "checkpointed where it stopped"
+    assert not _keys(bucket, "runs/preempted/model/")
+
+    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "retried-pod"))
+    invoke("pretrain", "--run-dir", run_dir, *job)
+    summary = _read_json(bucket, "runs/preempted/model/train_summary.json")
+    assert summary["resumed_from_step"] == stopped_at and summary["global_step"] == 600
+
+    import mlflow
+
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(summary["mlflow_run_id"], "loss")]
+    assert sorted(set(steps)) == list(range(10, 601, 10)), "one continuous loss history across the preemption"
+
+
+def test_missing_bucket_and_key_are_one_line_errors(s3_endpoint: str, corpus_file: Path, tmp_path: Path):
+    result = invoke("prepare", "--run-dir", str(tmp_path / "run"), "--corpus", "s3://no-such-bucket/x.txt", expect=3)
+    assert result.stderr.strip() == "kantai-batch: error: s3://no-such-bucket/x.txt: bucket does not exist"
+    boto3.client("s3").create_bucket(Bucket="kantai-keys")
+    result = invoke("prepare", "--run-dir", str(tmp_path / "run"), "--corpus", "s3://kantai-keys/none.txt", expect=4)
+    assert result.stderr.strip() == "kantai-batch: error: s3://kantai-keys/none.txt does not exist"
+    result = invoke("fill-mask", "--model", "s3://kantai-keys/models/none", expect=3)
+    assert "s3://kantai-keys/models/none is missing or incomplete" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_endpoint_fails_after_bounded_retries(tmp_path: Path, monkeypatch, s3_endpoint: str):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
+    s3.client.cache_clear()
+    try:
+        started = time.monotonic()
+        result = invoke(
+            "prepare", "--run-dir", str(tmp_path / "run"), "--corpus", "s3://kantai-down/x.txt", expect=None
+        )
+    finally:
+        s3.client.cache_clear()
+    assert result.exit_code in (3, 4)
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and "s3://kantai-down/x.txt" in message and "Could not connect" in message
+    assert time.monotonic() - started < 120
+
+
+def test_denied_access_names_the_uri():
+    from botocore.stub import Stubber
+
+    from kantai_batch.errors import InputDataError
+
+    client = s3.client()
+    with Stubber(client) as stub:
+        stub.add_client_error("head_object", service_error_code="AccessDenied", http_status_code=403)
+        with pytest.raises(InputDataError, match=r"s3://b/k/_COMPLETE: access denied \(AccessDenied\)"):
+            s3.exists(s3.S3Uri("b", "k").child(MARKER))
