@@ -74,7 +74,10 @@ def lineage_tags(job: Job, run: RunDir) -> dict[str, str]:
     }
     stats = run.corpus / "stats.json"
     if stats.is_file():
-        tags["kantai.corpus_sha256"] = json.loads(stats.read_text(encoding="utf-8")).get("source_sha256", "")
+        # What prepare really read, which a later phase's --corpus or job file need not repeat.
+        prepared = json.loads(stats.read_text(encoding="utf-8"))
+        tags["kantai.corpus"] = prepared.get("source", job.corpus.source)
+        tags["kantai.corpus_sha256"] = prepared.get("source_sha256", "")
     tokenizer = run.marker(run.tokenizer)
     if tokenizer:
         tags["kantai.tokenizer_sha256"] = hashlib.sha256(

@@ -153,8 +153,16 @@ def test_sigterm_checkpoints_and_the_retry_resumes_there(
 
     import mlflow
 
-    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(summary["mlflow_run_id"], "loss")]
+    client = mlflow.MlflowClient()
+    steps = [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "loss")]
     assert sorted(set(steps)) == list(range(10, 601, 10)), "one continuous loss history across the preemption"
+    tags = client.get_run(summary["mlflow_run_id"]).data.tags
+    assert tags["kantai.corpus"] == corpus and len(tags["kantai.corpus_sha256"]) == 64
+    assert tags["kantai.corpus_sha256"] == file_sha256(corpus_file)
+    assert len(tags["kantai.tokenizer_sha256"]) == 64 and tags["kantai.run_dir"] == run_dir
+    assert {"model/config.json", "model/model.safetensors"} <= {
+        a.path for a in client.list_artifacts(summary["mlflow_run_id"], "model")
+    }, "the model reached the server's S3 artifact store"
 
 
 def test_missing_bucket_and_key_are_one_line_errors(s3_endpoint: str, corpus_file: Path, tmp_path: Path):
