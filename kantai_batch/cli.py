@@ -371,9 +371,12 @@ def pull(uri: str, out_dir: Path) -> None:
 @tracking_option
 def run_all(job: Job, run: RunDir, tracking: bool) -> None:
     """Every phase in order, skipping those whose output is complete; then fill-mask or generate."""
+    from kantai_batch.distributed import is_main_process
     from kantai_batch.pipeline import run_pipeline
 
     run_pipeline(job, run, track=tracking)
+    if not is_main_process():
+        return
     if job.task == "clm":
         from kantai_batch.generate import Generator, Sampling
 

@@ -15,14 +15,14 @@ from typing import Any
 
 from kantai_batch.corpus import EVAL_FILE, choose_encoding, write_text
 from kantai_batch.data import build_split
+from kantai_batch.distributed import is_main_process
 from kantai_batch.errors import InputDataError
 from kantai_batch.fingerprint import fingerprint_of
-from kantai_batch.hardware import has_accelerator
 from kantai_batch.job import Job
 from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer, require_task
-from kantai_batch.objective import ACCURACY, accuracy_metric, collator, predicted_ids, task_of
+from kantai_batch.objective import ACCURACY, accuracy_metric, collator, mean_loss_per_rank, predicted_ids, task_of
 from kantai_batch.storage import RunDir, fetched, write_json_atomic
-from kantai_batch.train import perplexity
+from kantai_batch.train import perplexity, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
                     raise InputDataError(f"corpus {corpus} has no text")
         metrics = _evaluate(job, task, model, tokenizer, text, Path(scratch) / "trainer")
     metrics.update(model=str(model_dir), corpus=corpus_name)
+    if not is_main_process():
+        return metrics  # every rank evaluated its share; the main process commits
     with run.committed(run.eval, inputs_sha256=fingerprint_of(job, "evaluate", run, model_dir=model_dir)) as out:
         write_json_atomic(out / METRICS_FILE, metrics)
     log.info(
@@ -63,17 +65,15 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
 
 
 def _evaluate(job: Job, task: str, model, tokenizer, text: Path, scratch: Path) -> dict[str, Any]:
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     samples = build_split(text, job, tokenizer, fix_masks=task == "mlm", what="eval corpus")
+    mean_loss_per_rank(model, task)
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(
-            output_dir=str(scratch),
-            per_device_eval_batch_size=job.train.per_device_batch_size,
-            report_to="none",
-            dataloader_pin_memory=has_accelerator(),
-        ),
+        # The job's own arguments (device, precision, workers): under torchrun they must also agree
+        # with the process state the training set up, or accelerate resets it to one process.
+        args=training_arguments(job, scratch, track=False, save_strategy="no"),
         data_collator=collator(task, tokenizer, job),
         compute_metrics=accuracy_metric(task),
         preprocess_logits_for_metrics=predicted_ids,

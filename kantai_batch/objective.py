@@ -120,3 +120,15 @@ def enable_sparse_prediction(model) -> None:
         return MaskedLMOutput(loss=loss, logits=logits)
 
     model.forward = types.MethodType(forward, model)
+
+
+def mean_loss_per_rank(model, task: str) -> None:
+    """Tell the Trainer that a masked LM's loss is a per-rank mean that ignores ``num_items_in_batch``.
+
+    The Trainer takes any ``forward(**kwargs)`` to normalize its loss by the global token count and
+    multiplies the loss by the number of processes to undo DDP's gradient averaging. RoBERTa's MLM
+    loss (and the sparse one) is a plain mean, so with 2 ranks the reported loss and the gradients
+    would double. The causal LM's loss does use ``num_items_in_batch`` and keeps the default.
+    """
+    if task == "mlm":
+        model.accepts_loss_kwargs = False

@@ -28,7 +28,14 @@ from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.hardware import has_accelerator, peak_flops, resolve_precision, training_flops_per_token
 from kantai_batch.job import Job, ModelSection
 from kantai_batch.model import init_model
-from kantai_batch.objective import ACCURACY, accuracy_metric, collator, enable_sparse_prediction, predicted_ids
+from kantai_batch.objective import (
+    ACCURACY,
+    accuracy_metric,
+    collator,
+    enable_sparse_prediction,
+    mean_loss_per_rank,
+    predicted_ids,
+)
 from kantai_batch.preemption import PreemptionCallback, sigterm_checkpoints
 from kantai_batch.storage import RunDir, write_json_atomic
 from kantai_batch.throughput import ThroughputCallback
@@ -133,6 +140,7 @@ def build_trainer(
     sparse = job.task == "mlm" and job.train.sparse_prediction
     if sparse:
         enable_sparse_prediction(model)
+    mean_loss_per_rank(model, job.task)
     with args.main_process_first(desc="tokenize"):
         train_set = build_split(corpus / TRAIN_FILE, job, tokenizer, fix_masks=False, what="train split")
         eval_set = build_split(corpus / EVAL_FILE, job, tokenizer, fix_masks=job.task == "mlm", what="eval split")
@@ -214,6 +222,8 @@ def training_arguments(job: Job, output_dir: Path, *, track: bool, **overrides: 
         torch_compile=t.torch_compile,
         # Fused AdamW: one kernel per parameter group instead of a loop of small ones (CPU and GPU).
         optim="adamw_torch_fused",
+        # Every parameter takes part in every step; searching the graph for unused ones costs time.
+        ddp_find_unused_parameters=False,
     )
     return TrainingArguments(**{**settings, **overrides})
 
