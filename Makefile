@@ -12,8 +12,10 @@ DEMO_STEPS ?= 20
 DEMO_BATCH ?= 16
 PYTEST_ARGS ?=
 BENCH_ARGS ?= --steps 10 --baseline recipe
+IMAGE ?= kantai-batch
+TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 
-.PHONY: help install browser demo bench test lint clean
+.PHONY: help install browser demo bench test lint clean image push local-pretrain
 
 help:
 	@echo "make install   create $(VENV) with the package and its dependencies"
@@ -21,6 +23,8 @@ help:
 	@echo "make bench     the job's training throughput vs the recipe [CORPUS=... BENCH_ARGS=...]"
 	@echo "make test      run the test suite (installs Chromium for the chat page test when root)"
 	@echo "make lint      ruff check and format check"
+	@echo "make image     build the CUDA image $(IMAGE):$(TAG); make push pushes it"
+	@echo "make local-pretrain  docker run --gpus all the job with ./runs mounted [JOB CORPUS RUN_DIR]"
 
 install: $(VENV)/.installed
 
@@ -57,3 +61,18 @@ lint: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+image:
+	docker build -f docker/Dockerfile -t $(IMAGE):$(TAG) \
+		--build-arg KANTAI_IMAGE=$(IMAGE):$(TAG) --build-arg KANTAI_GIT_COMMIT=$$(git rev-parse HEAD) .
+
+push: image
+	docker push $(IMAGE):$(TAG)
+
+# ./runs is mounted at /home/kantai/runs: RUN_DIR and a local CORPUS must lie below ./runs
+# (or be s3:// and http(s) URIs, with AWS_* and MLFLOW_* passed through from this shell).
+local-pretrain:
+	docker run --rm --gpus all --user $$(id -u):$$(id -g) -v "$(abspath runs)":/home/kantai/runs \
+		-e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -e AWS_SESSION_TOKEN -e AWS_ENDPOINT_URL_S3 \
+		-e MLFLOW_TRACKING_URI $(IMAGE):$(TAG) \
+		run --job $(JOB) --run-dir $(RUN_DIR) $(if $(CORPUS),--corpus $(CORPUS))
