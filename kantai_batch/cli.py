@@ -90,7 +90,12 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
         default=DEFAULT_RUN_DIR,
         help="Folder holding every phase's outputs.",
     )
-    @click.option("--corpus", "corpus", help="Corpus path or http(s) URL; overrides corpus.source.")
+    @click.option(
+        "--corpus",
+        "corpus",
+        envvar="KANTAI_CORPUS",
+        help="Corpus path, http(s) URL or s3:// URI; overrides corpus.source.",
+    )
     @click.option(
         "--set",
         "overrides",
@@ -198,7 +203,11 @@ def evaluate(job: Job, run: RunDir, model_uri: str | None, as_json: bool) -> Non
     from kantai_batch.evaluate import evaluate as evaluate_phase
 
     # --corpus names the text to evaluate on here, not a corpus to prepare.
-    explicit_corpus = click.get_current_context().params.get("corpus")
+    # Only a --corpus given on the command line: KANTAI_CORPUS names what prepare reads, and must
+    # not silently replace the held-out split.
+    ctx = click.get_current_context()
+    given = ctx.get_parameter_source("corpus") == click.core.ParameterSource.COMMANDLINE
+    explicit_corpus = ctx.params.get("corpus") if given else None
     metrics = evaluate_phase(job, run, model_dir=_model(model_uri, run), corpus=explicit_corpus)
     _print_metrics(metrics, as_json)
 

@@ -111,7 +111,8 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         mp.setenv("HF_HOME", str(home / "hf"))
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-        for name in ("KANTAI_RUN_DIR", "KANTAI_JOB", "KANTAI_TRACKING", "KANTAI_LOG_LEVEL"):
+        mp.setenv("KANTAI_CACHE_DIR", str(home / "cache"))
+        for name in ("KANTAI_RUN_DIR", "KANTAI_JOB", "KANTAI_CORPUS", "KANTAI_TRACKING", "KANTAI_LOG_LEVEL"):
             mp.delenv(name, raising=False)
         yield home
 

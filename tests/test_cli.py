@@ -85,3 +85,11 @@ def test_inspect_a_config_without_a_known_architecture(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "roberta", "architectures": ["NoSuchModel"]}')
     result = invoke("inspect", "--model", str(tmp_path), expect=3)
     assert "names no known architecture (NoSuchModel)" in result.stderr
+
+
+def test_corpus_from_the_environment_feeds_prepare_not_evaluate(tmp_path, corpus_file, trained_run, monkeypatch):
+    monkeypatch.setenv("KANTAI_CORPUS", str(corpus_file))
+    invoke("prepare", "--run-dir", str(tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "corpus" / "stats.json").read_text())["source"] == str(corpus_file)
+    metrics = json.loads(invoke("evaluate", "--run-dir", str(trained_run), "--json", *tiny()).stdout)
+    assert metrics["corpus"] == str(trained_run / "corpus" / "eval.txt"), "the held-out split, not $KANTAI_CORPUS"
