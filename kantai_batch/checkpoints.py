@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 
 from kantai_batch import s3
 from kantai_batch.s3 import S3Uri
-from kantai_batch.storage import MARKER, committed_dir, is_complete, read_marker, write_marker
+from kantai_batch.storage import MARKER, is_complete, mirror, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,8 @@ def newest_complete_checkpoint(folder: Path, *, remote: S3Uri | None, prune_inco
         marker = remote.child(name).child(MARKER)
         if not s3.exists(marker):
             continue
-        local = folder / name
-        manifest = s3.read_json(marker)
-        if not (is_complete(local) and read_marker(local).get("files") == manifest.get("files")):
-            shutil.rmtree(local, ignore_errors=True)
-            log.info("pretrain: downloading checkpoint %s", remote.child(name))
-            with committed_dir(local) as scratch:
-                s3.download_folder(remote.child(name), scratch)
-        return local
+        log.info("pretrain: newest complete checkpoint is %s", remote.child(name))
+        return mirror(remote.child(name), folder / name, s3.read_json(marker))
     return None
 
 

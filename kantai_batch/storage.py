@@ -92,12 +92,7 @@ class RunDir:
         manifest = self.marker(folder)
         if manifest is None:
             raise InputDataError(f"{what} {remote} is missing or incomplete: run `kantai-batch {phase}` first")
-        if is_complete(folder) and read_marker(folder).get("files") == manifest.get("files"):
-            return folder
-        shutil.rmtree(folder, ignore_errors=True)
-        with committed_dir(folder) as scratch:
-            s3.download_folder(remote, scratch)
-        return folder
+        return mirror(remote, folder, manifest)
 
     def pull_file(self, path: Path) -> None:
         """Refresh a single bookkeeping file (not a committed folder) from the remote run dir."""
@@ -275,6 +270,11 @@ def local_model(uri: str | Path) -> Path:
     manifest = s3.read_json(remote.child(MARKER)) if s3.exists(remote.child(MARKER)) else None
     if manifest is None:
         raise InputDataError(f"model {remote} is missing or incomplete (no {MARKER} marker)")
+    return mirror(remote, folder, manifest)
+
+
+def mirror(remote: S3Uri, folder: Path, manifest: dict[str, Any]) -> Path:
+    """A verified local copy of a committed remote folder; an identical one already there is kept."""
     if is_complete(folder) and read_marker(folder).get("files") == manifest.get("files"):
         return folder
     shutil.rmtree(folder, ignore_errors=True)
