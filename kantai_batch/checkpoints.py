@@ -57,11 +57,11 @@ def newest_complete_checkpoint(folder: Path, *, remote: S3Uri | None, prune_inco
         return complete[-1] if complete else None
     names = sorted((n for n in s3.list_folders(remote) if _CHECKPOINT.match(n)), key=checkpoint_step, reverse=True)
     for name in names:
-        marker = remote.child(name).child(MARKER)
-        if not s3.exists(marker):
-            continue
+        manifest = s3.read_json_if_exists(remote.child(name).child(MARKER))
+        if manifest is None:
+            continue  # a checkpoint whose upload was cut short
         log.info("pretrain: newest complete checkpoint is %s", remote.child(name))
-        return mirror(remote.child(name), folder / name, s3.read_json(marker))
+        return mirror(remote.child(name), folder / name, manifest)
     return None
 
 

@@ -9,10 +9,12 @@ model folder (config, weights, tokenizer; committed with a marker) that every co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +94,6 @@ def pull(uri: str, out: Path) -> Path:
 
 def cached_pull(uri: str, cache: Path) -> Path:
     """``pull`` into the cache, once per concrete version (an alias is looked up every time)."""
-
     name, version = _resolve(uri)
     folder = cache / "registry" / name / version
     if not is_complete(folder):
@@ -147,25 +148,16 @@ def _existing_run(run_id: str | None) -> str | None:
     return run_id
 
 
-class _tracking_errors:  # noqa: N801 - used as a context manager
+@contextlib.contextmanager
+def _tracking_errors(uri: str | None = None) -> Iterator[None]:
     """MLflow failures as one-line errors naming the tracking store (and the model URI)."""
+    import mlflow
 
-    def __init__(self, uri: str | None = None) -> None:
-        self.uri = uri
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        if exc is None:
-            return False
-        import mlflow
-
-        if isinstance(exc, mlflow.exceptions.MlflowException):
-            first = (str(exc).splitlines() or [type(exc).__name__])[0]
-            where = f"{self.uri} in " if self.uri else ""
-            code = getattr(exc, "error_code", "")
-            if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-                raise InputDataError(f"{where}MLflow {mlflow.get_tracking_uri()}: {first}") from None
-            raise SourceUnavailableError(f"{where}MLflow {mlflow.get_tracking_uri()}: {first}") from None
-        return False
+    try:
+        yield
+    except mlflow.exceptions.MlflowException as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        where = f"{uri} in " if uri else ""
+        missing = getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+        error = InputDataError if missing else SourceUnavailableError
+        raise error(f"{where}MLflow {mlflow.get_tracking_uri()}: {first}") from None

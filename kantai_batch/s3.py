@@ -13,9 +13,11 @@ also carry an S3 checksum the server verifies, and downloads are checked against
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,11 @@ log = logging.getLogger(__name__)
 MARKER = "_COMPLETE"
 _MAX_ATTEMPTS = 5
 _UPLOAD_THREADS = 8
+_MISSING = ("NoSuchKey", "404", "NotFound")
+
+
+class KeyMissingError(SourceUnavailableError):
+    """The bucket exists but the key does not (a retry may find it once a writer commits it)."""
 
 
 @dataclass(frozen=True)
@@ -71,63 +78,57 @@ def _transfer_config():
     return TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=8)
 
 
-def translated(uri: S3Uri | str, action: str):
-    """A context manager turning boto errors into one-line errors that name the URI."""
-    return _Translated(str(uri), action)
+@contextlib.contextmanager
+def translated(uri: S3Uri | str, action: str) -> Iterator[None]:
+    """Turn boto errors into one-line errors that name the URI."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-
-class _Translated:
-    def __init__(self, uri: str, action: str) -> None:
-        self.uri, self.action = uri, action
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        if exc is None:
-            return False
-        from boto3.exceptions import S3UploadFailedError
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
-        if isinstance(exc, ClientError):
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", ""))
-            message = error.get("Message") or code
-            if code in ("NoSuchBucket",):
-                raise InputDataError(f"{self.uri}: bucket does not exist") from None
-            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"):
-                raise InputDataError(f"{self.uri}: access denied ({code}) while trying to {self.action}") from None
-            if code in ("NoSuchKey", "404", "NotFound"):
-                # A HEAD answers a bare 404 for a missing bucket too: ask about the bucket itself.
-                if not _bucket_exists(S3Uri.parse(self.uri).bucket):
-                    raise InputDataError(f"{self.uri}: bucket does not exist") from None
-                raise SourceUnavailableError(f"{self.uri} does not exist") from None
-            raise SourceUnavailableError(f"{self.uri}: cannot {self.action}: {code} {message}".strip()) from None
-        if isinstance(exc, NoCredentialsError):
-            raise InputDataError(f"{self.uri}: no AWS credentials (environment, profile or web identity)") from None
-        if isinstance(exc, (BotoCoreError, S3UploadFailedError)):
-            first = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise SourceUnavailableError(f"{self.uri}: cannot {self.action}: {first}") from None
-        return False
+    uri = str(uri)
+    try:
+        yield
+    except ClientError as exc:
+        code = _code(exc)
+        message = exc.response.get("Error", {}).get("Message") or code
+        if code == "NoSuchBucket":
+            raise InputDataError(f"{uri}: bucket does not exist") from None
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"):
+            raise InputDataError(f"{uri}: access denied ({code}) while trying to {action}") from None
+        if code in _MISSING:
+            # A HEAD answers a bare 404 for a missing bucket too: ask about the bucket itself.
+            if not _bucket_exists(S3Uri.parse(uri).bucket):
+                raise InputDataError(f"{uri}: bucket does not exist") from None
+            raise KeyMissingError(f"{uri} does not exist") from None
+        raise SourceUnavailableError(f"{uri}: cannot {action}: {code} {message}".strip()) from None
+    except NoCredentialsError:
+        raise InputDataError(f"{uri}: no AWS credentials (environment, profile or web identity)") from None
+    except (BotoCoreError, S3UploadFailedError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise SourceUnavailableError(f"{uri}: cannot {action}: {first}") from None
 
 
 def exists(uri: S3Uri) -> bool:
     """Whether the key exists; a missing bucket, denied access or an unreachable store is an error."""
-    from botocore.exceptions import ClientError
-
     try:
-        client().head_object(Bucket=uri.bucket, Key=uri.key)
-        return True
-    except ClientError as exc:
-        if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchKey", "NotFound"):
-            with translated(uri, "read"):
-                raise
-        if not _bucket_exists(uri.bucket):
-            raise InputDataError(f"{uri}: bucket does not exist") from None
-        return False
-    except Exception:
         with translated(uri, "read"):
-            raise
+            client().head_object(Bucket=uri.bucket, Key=uri.key)
+    except KeyMissingError:
+        return False
+    return True
+
+
+def read_json_if_exists(uri: S3Uri) -> dict[str, Any] | None:
+    """The JSON object at ``uri``, or None when there is no such key (one request, not two)."""
+    try:
+        with translated(uri, "read"):
+            body = client().get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
+    except KeyMissingError:
+        return None
+    return json.loads(body)
+
+
+def _code(exc) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def _bucket_exists(bucket: str) -> bool:
@@ -137,15 +138,9 @@ def _bucket_exists(bucket: str) -> bool:
         client().head_bucket(Bucket=bucket)
         return True
     except ClientError as exc:
-        return str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchBucket", "NotFound")
+        return _code(exc) not in ("404", "NoSuchBucket", "NotFound")
     except BotoCoreError:
         return True  # unreachable: the original error says so
-
-
-def read_json(uri: S3Uri) -> dict[str, Any]:
-    with translated(uri, "read"):
-        body = client().get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
-    return json.loads(body)
 
 
 def download_file(uri: S3Uri, dest: Path) -> Path:
@@ -204,9 +199,9 @@ def download_folder(prefix: S3Uri, dest: Path) -> dict[str, Any]:
     from kantai_batch.storage import file_sha256
 
     marker = prefix.child(MARKER)
-    if not exists(marker):
+    manifest = read_json_if_exists(marker)
+    if manifest is None:
         raise InputDataError(f"{prefix} is missing or incomplete (no {MARKER} marker)")
-    manifest = read_json(marker)
     dest.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=_UPLOAD_THREADS) as pool:
         futures = [pool.submit(download_file, prefix.child(name), dest / name) for name in manifest["files"]]

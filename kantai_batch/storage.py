@@ -80,7 +80,7 @@ class RunDir:
         """The manifest of a complete folder, or None."""
         remote = self.remote_of(folder)
         if remote:
-            return s3.read_json(remote.child(MARKER)) if s3.exists(remote.child(MARKER)) else None
+            return s3.read_json_if_exists(remote.child(MARKER))
         return read_marker(folder) if is_complete(folder) else None
 
     def require(self, folder: Path, what: str, phase: str) -> Path:
@@ -267,7 +267,7 @@ def local_model(uri: str | Path) -> Path:
         return Path(text).expanduser()
     remote = S3Uri.parse(text)
     folder = cache_dir() / "models" / remote.bucket / remote.key
-    manifest = s3.read_json(remote.child(MARKER)) if s3.exists(remote.child(MARKER)) else None
+    manifest = s3.read_json_if_exists(remote.child(MARKER))
     if manifest is None:
         raise InputDataError(f"model {remote} is missing or incomplete (no {MARKER} marker)")
     return mirror(remote, folder, manifest)
