@@ -78,8 +78,11 @@ def pull(uri: str, out: Path) -> Path:
 
     if not is_registry_uri(uri):
         raise JobConfigError(f"{uri} is not a registry URI (models:/NAME/VERSION or models:/NAME@ALIAS)")
+    name, version = _resolve(uri)
     with tempfile.TemporaryDirectory(prefix="kantai-pull-") as scratch, _tracking_errors(uri):
-        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch))
+        downloaded = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=scratch)
+        )
         weights = downloaded / "model"
         tokenizer = downloaded / "components" / "tokenizer"
         if not (weights / "config.json").is_file():
@@ -97,7 +100,7 @@ def cached_pull(uri: str, cache: Path) -> Path:
     name, version = _resolve(uri)
     folder = cache / "registry" / name / version
     if not is_complete(folder):
-        pull(f"models:/{name}/{version}", folder)
+        pull(uri, folder)
     return folder
 
 
