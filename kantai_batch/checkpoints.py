@@ -22,6 +22,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from kantai_batch import s3
+from kantai_batch.distributed import barrier
 from kantai_batch.s3 import S3Uri
 from kantai_batch.storage import MARKER, is_complete, mirror, write_marker
 
@@ -75,6 +76,9 @@ class CheckpointMarkerCallback(TrainerCallback):
         self._pending: Future | None = None
 
     def on_save(self, args, state, control, **kwargs):
+        # Under DeepSpeed every process writes its own shard of the optimizer state into the
+        # checkpoint, and the Trainer does not wait for them all before this callback.
+        barrier()
         if not state.is_world_process_zero:
             return control
         folder = Path(args.output_dir)

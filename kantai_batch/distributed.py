@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 
 def distributed_state():
@@ -22,3 +24,49 @@ def distributed_state():
 def is_main_process() -> bool:
     state = distributed_state()
     return state is None or state.is_main_process
+
+
+@contextlib.contextmanager
+def local_main_first() -> Iterator[None]:
+    """The node's first process goes first (e.g. mirrors inputs to the node's disk), the others after it."""
+    state = distributed_state()
+    if state is None:
+        yield
+        return
+    with state.local_main_process_first():
+        yield
+
+
+def barrier() -> None:
+    """Wait for every process of the training; nothing to wait for in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def deepspeed_config(path: str) -> dict:
+    """The DeepSpeed config a job names (``train.deepspeed``), read and checked before any process starts on it."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from kantai_batch.errors import JobConfigError
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise JobConfigError(
+            f"train.deepspeed {path} needs the deepspeed package: pip install 'kantai-batch[deepspeed]'"
+        )
+    file = Path(path)
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise JobConfigError(f"train.deepspeed {path} does not exist (relative paths start at {Path.cwd()})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobConfigError(f"train.deepspeed {path} cannot be read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise JobConfigError(f"train.deepspeed {path} is not valid JSON: {exc}") from None
+    stage = config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise JobConfigError(f"train.deepspeed {path} must be a JSON object with zero_optimization.stage 0-3")
+    return config

@@ -15,7 +15,7 @@ from typing import Any
 
 from kantai_batch.corpus import EVAL_FILE, choose_encoding, write_text
 from kantai_batch.data import build_split
-from kantai_batch.distributed import is_main_process
+from kantai_batch.distributed import is_main_process, local_main_first
 from kantai_batch.errors import InputDataError
 from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.job import Job
@@ -31,15 +31,18 @@ METRICS_FILE = "metrics.json"
 
 def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: str | None = None) -> dict[str, Any]:
     """Evaluate ``model_dir`` (default: the run's model) and commit the metrics to ``RUN/eval/``."""
-    model_dir = model_dir or run.require(run.model, "model", "pretrain")
+    with local_main_first():  # one process per node mirrors a remote run dir's folders
+        model_dir = model_dir or run.require(run.model, "model", "pretrain")
     config = load_model_config(model_dir)
     task = task_of(config) or job.task
     require_task(config, model_dir, task, "evaluate")
     tokenizer = load_model_tokenizer(model_dir)
     model = load_lm(model_dir, task)
+    if corpus is None:
+        with local_main_first():
+            run.require(run.corpus, "corpus", "prepare")
     with tempfile.TemporaryDirectory(prefix="kantai-eval-") as scratch:
         if corpus is None:
-            run.require(run.corpus, "corpus", "prepare")
             text, corpus_name = run.corpus / EVAL_FILE, str(run.corpus / EVAL_FILE)
         else:
             with fetched(corpus, "corpus") as source:

@@ -185,6 +185,10 @@ class TrainSection(_Section):
     dataloader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     """Processes collating batches: `auto` is 2 per GPU process and 0 on a CPU, whose cores the
     training step needs."""
+    deepspeed: str | None = None
+    """A DeepSpeed config (JSON) to train under instead of plain DDP, e.g. the shipped
+    `jobs/deepspeed/zero2.json` or `zero3.json`; a relative path is taken from the working directory
+    (the image's is the folder holding `jobs/`). Its `auto` values come from this section."""
 
 
 class InferSection(_Section):

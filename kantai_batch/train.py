@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from kantai_batch import tracking
 from kantai_batch.checkpoints import CheckpointMarkerCallback, checkpoint_step, newest_complete_checkpoint
 from kantai_batch.corpus import EVAL_FILE, TRAIN_FILE
 from kantai_batch.data import build_split
+from kantai_batch.distributed import deepspeed_config
 from kantai_batch.errors import JobConfigError, PreemptedError
 from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.hardware import has_accelerator, peak_flops, resolve_precision, training_flops_per_token
@@ -37,6 +39,7 @@ from kantai_batch.objective import (
     predicted_ids,
 )
 from kantai_batch.preemption import PreemptionCallback, sigterm_checkpoints
+from kantai_batch.s3 import S3Uri
 from kantai_batch.storage import RunDir, write_json_atomic
 from kantai_batch.throughput import ThroughputCallback
 from kantai_batch.tokenizer import load_tokenizer
@@ -50,14 +53,18 @@ ARCHITECTURE_KEYS = tuple(key for key in ModelSection.model_fields if not key.en
 
 def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     """Train the job's model on the prepared corpus; return the committed model folder."""
-    run.require(run.corpus, "corpus", "prepare")
-    tokenizer = load_tokenizer(run.require(run.tokenizer, "tokenizer", "train-tokenizer"))
-    inputs = fingerprint_of(job, "pretrain", run)
     args = training_arguments(job, run.checkpoints, track=track)
     remote_checkpoints = run.remote_of(run.checkpoints)
-    resume_from = newest_complete_checkpoint(
-        run.checkpoints, remote=remote_checkpoints, prune_incomplete=args.process_index == 0
-    )
+    require_shared_checkpoints(job, remote_checkpoints)
+    # Processes on one node share its disk: one of them mirrors the inputs from a remote run dir
+    # (and tidies up checkpoints), the others then find the identical copy.
+    with args.main_process_first(local=True, desc="pretrain inputs"):
+        run.require(run.corpus, "corpus", "prepare")
+        tokenizer = load_tokenizer(run.require(run.tokenizer, "tokenizer", "train-tokenizer"))
+        resume_from = newest_complete_checkpoint(
+            run.checkpoints, remote=remote_checkpoints, prune_incomplete=args.local_process_index == 0
+        )
+    inputs = fingerprint_of(job, "pretrain", run)
     model = init_model(job, len(tokenizer))
     if resume_from:
         require_same_architecture(resume_from, model.config)
@@ -91,7 +98,11 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
             **session.summary(),
             "mlflow_run_id": mlflow_run.info.run_id if mlflow_run else None,
         }
-        if trainer.is_world_process_zero():
+        if not trainer.is_world_process_zero():
+            # Under ZeRO-3 the weights are sharded: saving gathers them from every process, and only
+            # the main process writes.
+            trainer.save_model(str(run.model))
+        else:
             with run.committed(run.model, inputs_sha256=inputs) as out:
                 trainer.save_model(str(out))
                 tokenizer.save_pretrained(str(out))
@@ -123,7 +134,11 @@ class TrainingSession:
 
     def summary(self) -> dict[str, Any]:
         model = self.trainer.model
+        args = self.trainer.args
         return {
+            "parallelism": parallelism(args),
+            "global_batch_size": global_batch_size(args),
+            "learning_rate": args.learning_rate,
             **self.throughput.summary(),
             "precision": self.precision,
             "sparse_prediction": self.sparse,
@@ -166,12 +181,23 @@ def build_trainer(
     # First in line, so the throughput it adds to each log reaches the console and MLflow callbacks.
     trainer.callback_handler.callbacks.insert(0, throughput)
     log.info(
-        "pretrain: %s parameters (vocab %s), %s training blocks, %s eval blocks, world size %d, %s%s%s",
+        "pretrain: %s parameters (vocab %s), %s training blocks, %s eval blocks, %s",
         f"{model.num_parameters():,}",
         f"{model.config.vocab_size:,}",
         f"{len(train_set):,}",
         f"{len(eval_set):,}",
+        f"{args.max_steps:,} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs",
+    )
+    log.info(
+        "pretrain: world size %d (%s), global batch %d = %d per device x %d processes x %d accumulated, "
+        "learning rate %g, %s%s%s",
         args.world_size,
+        parallelism(args),
+        global_batch_size(args),
+        args.per_device_train_batch_size,
+        args.world_size,
+        args.gradient_accumulation_steps,
+        args.learning_rate,
         precision,
         ", sparse prediction" if sparse else "",
         ", torch.compile" if job.train.torch_compile else "",
@@ -225,7 +251,35 @@ def training_arguments(job: Job, output_dir: Path, *, track: bool, **overrides: 
         # Every parameter takes part in every step; searching the graph for unused ones costs time.
         ddp_find_unused_parameters=False,
     )
+    if t.deepspeed:
+        # A dict rather than the path: the Trainer fills its "auto" values in place.
+        settings["deepspeed"] = deepspeed_config(t.deepspeed)
     return TrainingArguments(**{**settings, **overrides})
+
+
+def global_batch_size(args: TrainingArguments) -> int:
+    """Samples per optimizer step over all processes: what the learning rate is tuned for."""
+    return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+
+
+def parallelism(args: TrainingArguments) -> str:
+    if args.deepspeed:
+        return f"DeepSpeed ZeRO-{args.hf_deepspeed_config.config['zero_optimization']['stage']}"
+    return "DDP" if args.world_size > 1 else "single process"
+
+
+def require_shared_checkpoints(job: Job, remote: S3Uri | None) -> None:
+    """Refuse what would lose checkpoint state: DeepSpeed across nodes with checkpoints in S3.
+
+    Each DeepSpeed process writes its own optimizer shard to its node's disk, and only the main
+    process uploads a checkpoint, so the other nodes' shards would never reach S3.
+    """
+    nodes = int(os.environ.get("WORLD_SIZE", "1")) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if job.train.deepspeed and remote is not None and nodes > 1:
+        raise JobConfigError(
+            f"train.deepspeed on {nodes} nodes with an S3 run dir ({remote}) is not supported: the other nodes' "
+            "optimizer shards would not be checkpointed; use DDP across nodes or DeepSpeed on one node"
+        )
 
 
 def require_same_architecture(checkpoint: Path, config) -> None:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,6 +134,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def torchrun(
+    *args: str, cwd: Path, processes: int = 2, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N -m kantai_batch ARGS``: N CPU ranks over gloo on loopback."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    # A free port of our own: torchrun's default 29500 may be taken, and port 0 does not rendezvous.
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "kantai_batch", *args]
+    return subprocess.run(
+        command,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def invoke(*args: str, expect: int | None = 0) -> Result:

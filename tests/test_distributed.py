@@ -11,26 +11,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import ROOT, free_port, prepared_run, tiny
+from conftest import ROOT, prepared_run, tiny, torchrun
 
 pytestmark = pytest.mark.slow
 
 # fp32 so that one process and two agree to rounding, not to bf16's 3 significant digits.
 STEPS = ("train.max_steps=30", "train.save_steps=10", "train.logging_steps=10", "train.precision=fp32")
-
-
-def _torchrun(*args: str, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
-    # A free port of our own: torchrun's default 29500 may be taken, and port 0 does not rendezvous.
-    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "kantai_batch", *args]
-    return subprocess.run(
-        command,
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def _summary(run_dir: Path) -> dict:
@@ -39,7 +25,7 @@ def _summary(run_dir: Path) -> dict:
 
 def test_two_ranks_run_every_phase_once(tmp_path: Path, corpus_file: Path):
     run_dir = tmp_path / "run"
-    done = _torchrun(
+    done = torchrun(
         "run", "--run-dir", str(run_dir), "--corpus", str(corpus_file), *tiny("train.per_device_batch_size=4", *STEPS),
         cwd=tmp_path,
     )  # fmt: skip
@@ -64,7 +50,7 @@ def test_two_ranks_learn_what_one_process_learns_with_the_same_global_batch(tmp_
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]
-    done = _torchrun("pretrain", "--run-dir", str(two), "--no-tracking", *tiny("train.per_device_batch_size=4", *STEPS),
+    done = torchrun("pretrain", "--run-dir", str(two), "--no-tracking", *tiny("train.per_device_batch_size=4", *STEPS),
                      cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     alone, together = _summary(one), _summary(two)
