@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from kantai_batch import __version__
-from kantai_batch.errors import KantaiError
+from kantai_batch.errors import JobConfigError, KantaiError
 from kantai_batch.job import Job, load_job
 from kantai_batch.storage import RunDir
 
@@ -351,8 +351,8 @@ def bench(
 @cli.command()
 @job_options
 @model_option
-@click.option("--name", required=True, help="Registered model name.")
-@click.option("--alias", help="Alias to point at the new version, e.g. champion.")
+@click.option("--name", envvar="KANTAI_MODEL_NAME", required=True, help="Registered model name.")
+@click.option("--alias", envvar="KANTAI_MODEL_ALIAS", help="Alias to point at the new version, e.g. champion.")
 def register(job: Job, run: RunDir, model_uri: str | None, name: str, alias: str | None) -> None:
     """Log a trained model to MLflow as a transformers model and register a new version of it."""
     from kantai_batch.registry import register as register_model
@@ -378,14 +378,23 @@ def pull(uri: str, out_dir: Path) -> None:
 @cli.command("run")
 @job_options
 @tracking_option
-def run_all(job: Job, run: RunDir, tracking: bool) -> None:
+@click.option("--register", "register_as", metavar="NAME", help="Register the model as NAME when it was (re)trained.")
+@click.option("--alias", envvar="KANTAI_MODEL_ALIAS", help="With --register: alias to point at the new version.")
+def run_all(job: Job, run: RunDir, tracking: bool, register_as: str | None, alias: str | None) -> None:
     """Every phase in order, skipping those whose output is complete; then fill-mask or generate."""
     from kantai_batch.distributed import is_main_process
     from kantai_batch.pipeline import run_pipeline
 
-    run_pipeline(job, run, track=tracking)
+    ran = run_pipeline(job, run, track=tracking)
     if not is_main_process():
         return
+    if register_as:
+        if "pretrain" in ran:
+            from kantai_batch.registry import register as register_model
+
+            emit(json.dumps(register_model(run.model, register_as, alias), indent=2))
+        else:
+            log.info("run: the model did not change, so no new version of %s is registered", register_as)
     if job.task == "clm":
         from kantai_batch.generate import Generator, Sampling
 
@@ -393,6 +402,58 @@ def run_all(job: Job, run: RunDir, tracking: bool) -> None:
         _show_generation(generation, as_json=False)
     else:
         _show_fill_mask(_model(None, run), job.infer.fill_mask_text, job.infer.top_k, as_json=False)
+
+
+@cli.command(
+    "launch",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False, "help_option_names": []},
+)
+@click.argument("arguments", nargs=-1, type=click.UNPROCESSED)
+def launch_command(arguments: tuple[str, ...]) -> None:
+    """[TORCHRUN OPTIONS] COMMAND [ARGS]: COMMAND on every device of this node, under torchrun.
+
+    Nodes, processes per node, rank and rendezvous come from torchrun's options or their PET_*
+    environment variables. Exits with the first failed process's exit code (torchrun's own is 1),
+    so a scheduler can tell a config error (2) or a preemption (143) from a crash.
+    """
+    from kantai_batch.launch import launch
+
+    split = next((i for i, a in enumerate(arguments) if a in cli.commands and a != "launch"), None)
+    if split is None:
+        raise JobConfigError(f"launch: name the command to run, one of {', '.join(sorted(cli.commands))}")
+    sys.exit(launch(list(arguments[:split]), list(arguments[split:])))
+
+
+@cli.command("render-k8s")
+@click.option(
+    "--overlay",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("k8s/overlays/gpu"),
+    help="The kustomize overlay of the cluster.",
+)
+@click.option("--run-id", required=True, help="Suffix of the Jobs' names: 1-20 lowercase letters, digits or '-'.")
+@click.option(
+    "--phase",
+    "phases",
+    multiple=True,
+    help="Only this phase's Job (repeatable), or retrain for the CronJob [default: every phase's Job].",
+)
+@click.option("--nodes", type=int, default=1, help="Pods of the pretrain Indexed Job.")
+@click.option("--gpus", type=int, default=1, help="Processes (GPUs) per pretrain pod.")
+@click.option("--job", "job_file", help="Job file inside the image [default: the overlay's KANTAI_JOB].")
+@click.option("--run-dir", help="Run dir, s3://bucket/prefix [default: the overlay's KANTAI_RUN_DIR].")
+@click.option("--corpus", help="Corpus source [default: the job's corpus.source].")
+@click.option("--image", help="NAME:TAG instead of the overlay's pinned image.")
+def render_k8s(overlay: Path, run_id: str, phases: tuple[str, ...], nodes: int, gpus: int, job_file: str | None,
+               run_dir: str | None, corpus: str | None, image: str | None) -> None:  # fmt: skip
+    """Print the Kubernetes manifests of one submission (for `kubectl apply -f -`)."""
+    from kantai_batch.submission import PHASES, Submission, render
+
+    submission = Submission(
+        overlay=overlay, run_id=run_id, nodes=nodes, gpus=gpus, job=job_file, run_dir=run_dir, corpus=corpus,
+        image=image,
+    )  # fmt: skip
+    emit(render(submission, phases or PHASES).rstrip("\n"))
 
 
 def _show_generation(generation, as_json: bool) -> None:
