@@ -1,0 +1,261 @@
+"""k8s/: every overlay renders to manifests valid against the Kubernetes API, and the rendered
+containers' commands and environments really run the pipeline, as local processes standing in for pods."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import mlflow
+import pytest
+import yaml
+
+from conftest import ROOT, TINY, free_port
+from kantai_batch.errors import InputDataError, JobConfigError, PreemptedError
+from kantai_batch.job import TrainSection, load_job
+from kantai_batch.submission import PHASES, RETRAIN, Submission, kustomize, render
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+K8S = ROOT / "k8s"
+OVERLAYS = sorted(p.parent for p in (K8S / "overlays").glob("*/kustomization.yaml"))
+# A recent release that clusters run today; the validator also knows newer ones.
+KUBERNETES_VERSION = "1.34.0"
+SECRET_NAMES = re.compile(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY", re.IGNORECASE)
+
+
+def documents(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def pod_specs(docs: list[dict]) -> list[tuple[dict, dict]]:
+    """(job spec, pod spec) of every Job and CronJob."""
+    jobs = [d["spec"] for d in docs if d["kind"] == "Job"]
+    jobs += [d["spec"]["jobTemplate"]["spec"] for d in docs if d["kind"] == "CronJob"]
+    return [(job, job["template"]["spec"]) for job in jobs]
+
+
+def test_there_are_overlays_for_gpu_and_cpu_clusters():
+    assert {p.name for p in OVERLAYS} == {"gpu", "cpu"}
+
+
+@pytest.mark.parametrize("folder", [K8S / "base", *OVERLAYS], ids=lambda p: p.name)
+def test_every_overlay_renders_manifests_the_api_accepts(folder: Path):
+    docs = documents(kustomize(folder))
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    jobs = {d["metadata"]["name"] for d in docs if d["kind"] == "Job"}
+    assert jobs == {f"kantai-{phase}" for phase in PHASES}
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "CronJob"] == ["kantai-retrain"]
+
+
+def test_a_submission_sets_the_pretrain_topology_in_one_place():
+    submission = Submission(overlay=K8S / "overlays" / "gpu", run_id="t1", nodes=3, gpus=8, run_dir="s3://b/r")
+    docs = documents(render(submission, ("pretrain",)))
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    (service,) = [d for d in docs if d["kind"] == "Service"]
+    topology = next(d["data"] for d in docs if d["metadata"]["name"].startswith("kantai-topology-t1"))
+    pod = job["spec"]["template"]
+    assert job["metadata"]["name"] == service["metadata"]["name"] == pod["spec"]["subdomain"] == "kantai-pretrain-t1"
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 3
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert (topology["PET_NNODES"], topology["PET_NPROC_PER_NODE"]) == ("3", "8")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["selector"]["kantai.io/run"] == "t1", "two runs' pods never share a rendezvous"
+    assert {d["kind"] for d in docs} == {"ServiceAccount", "ConfigMap", "Service", "Job"}, "only the phase asked for"
+    assert next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["name"] == "kantai-batch"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_pods_are_locked_down_and_fail_fast_only_on_what_a_retry_cannot_fix(overlay: Path):
+    docs = documents(kustomize(overlay))
+    grace = TrainSection().preemption_grace_s
+    for job, pod in pod_specs(docs):
+        assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == "kantai-batch"
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert job["activeDeadlineSeconds"] > 0
+        assert pod["terminationGracePeriodSeconds"] > grace, "the SIGTERM checkpoint must finish before SIGKILL"
+        rules = job["podFailurePolicy"]["rules"]
+        fail = [r["onExitCodes"]["values"] for r in rules if r["action"] == "FailJob"]
+        ignore = [r.get("onExitCodes", {}).get("values") or r["onPodConditions"][0]["type"] for r in rules
+                  if r["action"] == "Ignore"]  # fmt: skip
+        assert fail == [[JobConfigError.exit_code, InputDataError.exit_code]]
+        assert [PreemptedError.exit_code] in ignore and "DisruptionTarget" in ignore
+        for container in pod["containers"]:
+            security = container["securityContext"]
+            assert security["capabilities"]["drop"] == ["ALL"] and security["allowPrivilegeEscalation"] is False
+            assert {"configMapRef", "secretRef"} == {next(iter(s)) for s in container["envFrom"]}
+            assert all(s["secretRef"]["optional"] for s in container["envFrom"] if "secretRef" in s)
+            inline = [e["name"] for e in container.get("env", []) if "value" in e and SECRET_NAMES.search(e["name"])]
+            assert not inline, f"credentials come from the Secret or the ServiceAccount's role, not inline: {inline}"
+            timeout = {e["name"]: e.get("value") for e in container.get("env", [])}.get("PET_SHUTDOWN_TIMEOUT")
+            if "launch" in container["args"]:
+                assert grace < float(timeout) < pod["terminationGracePeriodSeconds"]
+    settings = next(d["data"] for d in docs if d["metadata"]["name"].startswith("kantai-settings"))
+    assert not [k for k in settings if SECRET_NAMES.search(k)], "no credentials in the ConfigMap"
+
+
+def test_the_cronjob_pods_get_the_same_defaults_as_the_jobs():
+    job = yaml.safe_load((K8S / "base" / "pod-defaults.yaml").read_text())
+    cron = yaml.safe_load((K8S / "base" / "retrain-pod-defaults.yaml").read_text())
+    assert cron["spec"]["jobTemplate"]["spec"] == job["spec"]
+
+
+def test_bad_submissions_are_one_line_config_errors(tmp_path: Path):
+    with pytest.raises(JobConfigError, match="run id"):
+        Submission(overlay=K8S / "overlays" / "gpu", run_id="Not_A_Label")
+    with pytest.raises(JobConfigError, match="at least 1"):
+        Submission(overlay=K8S / "overlays" / "gpu", run_id="r", nodes=0)
+    with pytest.raises(JobConfigError, match="no kustomization.yaml"):
+        Submission(overlay=tmp_path, run_id="r")
+    with pytest.raises(JobConfigError, match="unknown phase"):
+        render(Submission(overlay=K8S / "overlays" / "gpu", run_id="r"), ("pretrian",))
+
+
+# ---- the rendered commands, run as pods would run them ----
+
+_VARIABLE = re.compile(r"\$\((\w+)\)")
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in env values and args: unknown references stay as written."""
+    return _VARIABLE.sub(lambda m: env.get(m[1], m[0]), text)
+
+
+def _container_env(container: dict, docs: list[dict], job_name: str, index: int) -> dict[str, str]:
+    """The environment the kubelet gives the container: envFrom first, then env in order."""
+    configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(configmaps[source["configMapRef"]["name"]])
+        else:
+            assert source["secretRef"]["optional"], "the only Secret is optional; none exists here"
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = _expand(var["value"], env)
+            continue
+        ref = var["valueFrom"]
+        if "configMapKeyRef" in ref:
+            env[var["name"]] = configmaps[ref["configMapKeyRef"]["name"]][ref["configMapKeyRef"]["key"]]
+        elif ref["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']":
+            env[var["name"]] = job_name
+        elif ref["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']":
+            env[var["name"]] = str(index)
+        else:
+            raise AssertionError(f"unexpected downward API field {ref}")
+    return env
+
+
+class Cluster:
+    """Runs a rendered Job's pods as local processes: the image's entrypoint, the pod's args and env.
+
+    Only what exists inside a cluster alone is replaced: pod DNS names by loopback, the in-cluster
+    S3 and MLflow addresses by the test's, and the role's credentials by the test S3's keys.
+    """
+
+    def __init__(self, docs: list[dict], workdir: Path, s3_endpoint: str, mlflow_url: str) -> None:
+        self.docs, self.workdir = docs, workdir
+        self.outside = {
+            "AWS_ENDPOINT_URL_S3": s3_endpoint,
+            "MLFLOW_TRACKING_URI": mlflow_url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+        }
+        self.pods = 0
+
+    def run(self, kind: str, name_prefix: str, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+        (doc,) = [d for d in self.docs if d["kind"] == kind and d["metadata"]["name"].startswith(name_prefix)]
+        job = doc["spec"] if kind == "Job" else doc["spec"]["jobTemplate"]["spec"]
+        pods = job.get("completions", 1)
+        port = str(free_port())
+        started = []
+        for index in range(pods):
+            (container,) = job["template"]["spec"]["containers"]
+            env = _container_env(container, self.docs, doc["metadata"]["name"], index)
+            if "PET_MASTER_ADDR" in env:
+                service = job["template"]["spec"]["subdomain"]
+                assert env["PET_MASTER_ADDR"] == f"{doc['metadata']['name']}-0.{service}"
+                env.update(PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=port)
+            args = [_expand(a, env) for a in container["args"]]
+            assert not any(_VARIABLE.search(a) for a in args), f"unresolved variable in {args}"
+            self.pods += 1
+            scratch = self.workdir.parent / f"pod-{self.pods}"  # each pod's own emptyDir
+            pod_env = {
+                "PATH": os.environ["PATH"], "HOME": str(scratch / "home"), "PYTHONPATH": str(ROOT),
+                "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "KANTAI_CACHE_DIR": str(scratch / "cache"),
+                **env, **self.outside,
+            }  # fmt: skip
+            command = [sys.executable, "-m", "kantai_batch", *args]  # the image's ENTRYPOINT is kantai-batch
+            started.append(subprocess.Popen(command, cwd=self.workdir, env=pod_env, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True))  # fmt: skip
+        done = []
+        for process in started:
+            stdout, stderr = process.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+        return done
+
+
+@pytest.mark.slow
+def test_the_rendered_pods_run_every_phase_against_one_s3_run_dir(
+    tmp_path: Path, corpus_file: Path, bucket: str, s3_endpoint: str, mlflow_server: str
+):
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text().splitlines()
+    assert 'ENTRYPOINT ["kantai-batch"]' in dockerfile, "the pods' args follow this entrypoint"
+    # The image's working directory holds jobs/; a user's job file sits next to the shipped ones.
+    workdir = tmp_path / "image"
+    (workdir / "jobs").mkdir(parents=True)
+    job = load_job(overrides=[*TINY, "name=kantai-k8s", "train.precision=fp32", "train.per_device_batch_size=4"])
+    (workdir / "jobs" / "tiny.yaml").write_text(job.to_yaml())
+    boto3.client("s3").upload_file(str(corpus_file), bucket, "corpora/kant.txt")
+    submission = Submission(
+        overlay=K8S / "overlays" / "cpu", run_id="e2e", nodes=2, gpus=1, job="jobs/tiny.yaml",
+        run_dir=f"s3://{bucket}/runs/e2e", corpus=f"s3://{bucket}/corpora/kant.txt",
+    )  # fmt: skip
+    docs = documents(render(submission, (*PHASES, RETRAIN)))
+    cluster = Cluster(docs, workdir, s3_endpoint, mlflow_server)
+
+    for phase in PHASES:
+        results = cluster.run("Job", f"kantai-{phase}-")
+        assert len(results) == (2 if phase == "pretrain" else 1)
+        for result in results:
+            assert result.returncode == 0, f"{phase}: {result.stderr[-3000:]}"
+
+    s3 = boto3.client("s3")
+    summary = json.loads(s3.get_object(Bucket=bucket, Key="runs/e2e/model/train_summary.json")["Body"].read())
+    assert summary["world_size"] == 2, "two pods, one process each, trained as one job"
+    assert s3.head_object(Bucket=bucket, Key="runs/e2e/eval/_COMPLETE")
+    mlflow.set_tracking_uri(mlflow_server)
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions("name = 'kantaibert'")
+    assert len(versions) == 1, "register (KANTAI_MODEL_NAME) made the first version"
+    assert client.get_model_version_by_alias("kantaibert", "candidate").version == versions[0].version
+
+    # The scheduled retraining finds every phase complete with unchanged inputs: nothing retrained,
+    # so no new version is registered.
+    (result,) = cluster.run("CronJob", "kantai-retrain-")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped" in result.stderr and "no new version" in result.stderr
+    assert len(client.search_model_versions("name = 'kantaibert'")) == 1
+
+
+@pytest.mark.slow
+def test_a_config_error_in_a_pretrain_pod_exits_with_its_own_code(tmp_path: Path, bucket: str, s3_endpoint: str):
+    """The failure policy fails the Job on exit 2; torchrun alone would have exited 1."""
+    workdir = tmp_path / "image"
+    workdir.mkdir()
+    submission = Submission(overlay=K8S / "overlays" / "cpu", run_id="bad", job="jobs/missing.yaml",
+                            run_dir=f"s3://{bucket}/runs/bad")  # fmt: skip
+    cluster = Cluster(documents(render(submission, ("pretrain",))), workdir, s3_endpoint, "http://127.0.0.1:9")
+    (result,) = cluster.run("Job", "kantai-pretrain-")
+    assert result.returncode == JobConfigError.exit_code, result.stderr[-2000:]
+    assert "jobs/missing.yaml does not exist" in result.stderr
