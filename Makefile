@@ -15,7 +15,27 @@ BENCH_ARGS ?= --steps 10 --baseline recipe
 IMAGE ?= kantai-batch
 TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 
-.PHONY: help install browser demo bench test lint clean image push local-pretrain
+# Cluster submissions (kubectl on the manifests `kantai-batch render-k8s` renders from k8s/):
+OVERLAY ?= k8s/overlays/gpu
+NODES ?= 1
+GPUS ?= 1
+RUN_ID ?= $(shell date -u +%Y%m%d-%H%M%S)
+RUN_ID := $(RUN_ID)
+KUBECTL ?= $(BIN)/kubectl
+# Only what was given to make overrides the overlay's settings (its run dir, job, image).
+RENDER = $(BIN)/kantai-batch render-k8s --overlay $(OVERLAY) --run-id $(RUN_ID) --nodes $(NODES) --gpus $(GPUS) \
+	$(if $(filter command line environment,$(origin JOB)),--job $(JOB)) \
+	$(if $(filter command line environment,$(origin RUN_DIR)),--run-dir $(RUN_DIR)) \
+	$(if $(CORPUS),--corpus $(CORPUS)) \
+	$(if $(filter command line environment,$(origin IMAGE)),--image $(IMAGE):$(TAG))
+# Waits for one Job to finish; fails (and stops submit-pipeline) when it failed.
+WAIT_JOB = for _ in $$(seq 1 100000); do \
+	  state=$$($(KUBECTL) get job $(1) -o jsonpath='{.status.conditions[?(@.status=="True")].type}'); \
+	  case "$$state" in *Failed*) echo "job $(1) failed: make logs RUN_ID=$(RUN_ID)" >&2; exit 1;; \
+	  *Complete*) echo "job $(1) complete"; break;; esac; sleep 30; done
+
+.PHONY: help install browser demo bench test lint clean image push local-pretrain render submit-prepare \
+	submit-tokenizer submit-pretrain submit-evaluate submit-register submit-pipeline schedule status logs
 
 help:
 	@echo "make install   create $(VENV) with the package and its dependencies"
@@ -25,6 +45,10 @@ help:
 	@echo "make lint      ruff check and format check"
 	@echo "make image     build the CUDA image $(IMAGE):$(TAG); make push pushes it"
 	@echo "make local-pretrain  docker run --gpus all the job with ./runs mounted [JOB CORPUS RUN_DIR]"
+	@echo "make submit-prepare | submit-tokenizer | submit-pretrain | submit-evaluate | submit-register"
+	@echo "               one phase as a Kubernetes Job [OVERLAY RUN_ID JOB RUN_DIR CORPUS IMAGE TAG; NODES GPUS]"
+	@echo "make submit-pipeline  every phase in turn, each after the one before completed"
+	@echo "make schedule  the retraining CronJob [RUN_ID=weekly ...]; make status / logs [RUN_ID]"
 
 install: $(VENV)/.installed
 
@@ -76,3 +100,25 @@ local-pretrain:
 		-e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -e AWS_SESSION_TOKEN -e AWS_ENDPOINT_URL_S3 \
 		-e MLFLOW_TRACKING_URI $(IMAGE):$(TAG) \
 		run --job $(JOB) --run-dir $(RUN_DIR) $(if $(CORPUS),--corpus $(CORPUS))
+
+render: install
+	@$(RENDER)
+
+submit-prepare submit-tokenizer submit-pretrain submit-evaluate submit-register: install
+	$(RENDER) --phase $(patsubst tokenizer,train-tokenizer,$(@:submit-%=%)) | $(KUBECTL) apply -f -
+	@echo "submitted run $(RUN_ID): make status logs RUN_ID=$(RUN_ID)"
+
+submit-pipeline: install
+	@for phase in prepare train-tokenizer pretrain evaluate register; do \
+	  $(RENDER) --phase $$phase | $(KUBECTL) apply -f - || exit 1; \
+	  $(call WAIT_JOB,kantai-$$phase-$(RUN_ID)) || exit 1; \
+	done
+
+schedule: install
+	$(RENDER) --phase retrain | $(KUBECTL) apply -f -
+
+status: install
+	$(KUBECTL) get jobs,cronjobs,pods -l kantai.io/run=$(RUN_ID) -o wide
+
+logs: install
+	$(KUBECTL) logs -l kantai.io/run=$(RUN_ID) --all-containers --prefix --tail=200

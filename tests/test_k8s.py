@@ -259,3 +259,17 @@ def test_a_config_error_in_a_pretrain_pod_exits_with_its_own_code(tmp_path: Path
     (result,) = cluster.run("Job", "kantai-pretrain-")
     assert result.returncode == JobConfigError.exit_code, result.stderr[-2000:]
     assert "jobs/missing.yaml does not exist" in result.stderr
+
+
+def test_make_render_passes_the_submission_variables(tmp_path: Path):
+    done = subprocess.run(
+        ["make", "-s", "render", "OVERLAY=k8s/overlays/cpu", "RUN_ID=mk", "NODES=2", "GPUS=3", "RUN_DIR=s3://b/mk",
+         "JOB=jobs/customer-support.yaml"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    docs = documents(done.stdout)
+    settings = next(d["data"] for d in docs if d["metadata"]["name"].startswith("kantai-settings-mk"))
+    assert (settings["KANTAI_RUN_DIR"], settings["KANTAI_JOB"]) == ("s3://b/mk", "jobs/customer-support.yaml")
+    pretrain = next(d for d in docs if d["metadata"]["name"] == "kantai-pretrain-mk" and d["kind"] == "Job")
+    assert pretrain["spec"]["completions"] == 2
