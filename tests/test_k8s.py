@@ -234,8 +234,7 @@ def test_the_rendered_pods_run_every_phase_against_one_s3_run_dir(
     summary = json.loads(s3.get_object(Bucket=bucket, Key="runs/e2e/model/train_summary.json")["Body"].read())
     assert summary["world_size"] == 2, "two pods, one process each, trained as one job"
     assert s3.head_object(Bucket=bucket, Key="runs/e2e/eval/_COMPLETE")
-    mlflow.set_tracking_uri(mlflow_server)
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     versions = client.search_model_versions("name = 'kantaibert'")
     assert len(versions) == 1, "register (KANTAI_MODEL_NAME) made the first version"
     assert client.get_model_version_by_alias("kantaibert", "candidate").version == versions[0].version
