@@ -43,7 +43,8 @@ def test_zero_trains_on_two_ranks_resumes_and_saves_a_whole_model(tmp_path: Path
     )
     # The saved model holds the trained weights (under ZeRO-3 gathered from both ranks): evaluated
     # alone, it scores the eval loss that training measured.
-    invoke("evaluate", "--run-dir", str(run_dir), *tiny(*STEPS))
+    # With the same job (train.deepspeed set): evaluate scores the whole model without DeepSpeed.
+    invoke("evaluate", "--run-dir", str(run_dir), *tiny(*STEPS, f"train.deepspeed={config}"))
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert metrics["eval_loss"] == pytest.approx(summary["eval_loss"], rel=0.02)
     assert metrics["eval_loss"] < 6.5, "trained, not the initial ~ln(vocab) loss"
