@@ -7,10 +7,16 @@ import os
 from collections.abc import Iterator
 
 
-def distributed_state():
-    """accelerate's process state when launched as several processes, else None."""
+def distributed_state(collective_timeout_s: float | None = None):
+    """accelerate's process state when launched as several processes, else None.
+
+    The first call initializes the process group, so the CLI makes it with the job's
+    ``train.collective_timeout_s`` before any phase runs; later calls return the same state.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    from datetime import timedelta
+
     from accelerate import PartialState
 
     from kantai_batch.hardware import has_accelerator
@@ -18,7 +24,8 @@ def distributed_state():
     # Initializes the process group (gloo on CPU, nccl on GPU) that the Trainer then reuses. The
     # state is a singleton whose first construction wins, so it must say `cpu` exactly as the
     # Trainer's arguments do (use_cpu without an accelerator): without it, accelerate sees one process.
-    return PartialState(cpu=not has_accelerator())
+    options = {"timeout": timedelta(seconds=collective_timeout_s)} if collective_timeout_s else {}
+    return PartialState(cpu=not has_accelerator(), **options)
 
 
 def is_main_process() -> bool:

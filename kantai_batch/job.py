@@ -168,6 +168,11 @@ class TrainSection(_Section):
     preemption_grace_s: float = Field(120.0, gt=0)
     """On SIGTERM, checkpoint at the next step boundary and exit within this many seconds (keep it
     below the pod's terminationGracePeriodSeconds)."""
+    collective_timeout_s: int = Field(600, ge=10)
+    """Longest wait in a collective (gradient all-reduce, barrier) before a process gives up: a rank
+    on a lost node then fails the whole launch in this time instead of torch's 30 minutes, and the
+    retried pods resume from the newest complete checkpoint. It must cover the longest legitimate
+    wait, e.g. the main process tokenizing the corpus or uploading a checkpoint while others wait."""
     eval_steps: int | None = Field(None, ge=1)
     """Evaluate every this many steps; when unset, only at the end."""
     logging_steps: int = Field(50, ge=1)

@@ -6,15 +6,20 @@ launcher in-process and passes the first failed worker's exit code on instead.
 
 Topology comes from torchrun's options or their ``PET_*`` environment variables (``PET_NNODES``,
 ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``, ...), which is how the pod specs set
-it and what Kubeflow's trainer injects.
+it and what Kubeflow's trainer injects. The rendezvous host (pod 0's name behind the headless Service)
+may not resolve yet when the other pods start, so launch waits for it, boundedly
+(``KANTAI_RENDEZVOUS_WAIT_S``, default 300 s), before torchrun tries it once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
+import time
 
-from kantai_batch.errors import JobConfigError
+from kantai_batch.errors import JobConfigError, SourceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +34,7 @@ def launch(torchrun_options: list[str], command: list[str]) -> int:
         args = get_args_parser().parse_args([*torchrun_options, "--module", "kantai_batch", *command])
     except SystemExit as exc:  # argparse has printed what it did not understand
         raise JobConfigError(f"launch: invalid torchrun options {' '.join(torchrun_options)}") from exc
+    wait_for_host(rendezvous_host(args), rendezvous_wait_s())
     try:
         run(args)
     except ChildFailedError as exc:
@@ -40,3 +46,39 @@ def launch(torchrun_options: list[str], command: list[str]) -> int:
     except SignalException as exc:
         return 128 + signal.Signals(exc.sigval).value
     return 0
+
+
+def rendezvous_wait_s() -> float:
+    text = os.environ.get("KANTAI_RENDEZVOUS_WAIT_S", "300")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise JobConfigError(f"KANTAI_RENDEZVOUS_WAIT_S must be a number of seconds, got {text!r}")
+    return value
+
+
+def rendezvous_host(args) -> str:
+    """The host every node meets at: ``--rdzv-endpoint``'s when given, else ``--master-addr``."""
+    if args.rdzv_endpoint:
+        return args.rdzv_endpoint.rsplit(":", 1)[0].strip("[]")
+    return args.master_addr
+
+
+def wait_for_host(host: str, wait_s: float) -> None:
+    """Return once ``host`` resolves; retry for ``wait_s`` seconds, then fail in one line naming it."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.5
+    while True:
+        try:
+            socket.getaddrinfo(host, None)
+            return
+        except OSError as exc:  # socket.gaierror: the name does not exist (yet)
+            if time.monotonic() + delay > deadline:
+                raise SourceUnavailableError(
+                    f"launch: rendezvous host {host} did not resolve within {wait_s:g} s ({exc.strerror or exc})"
+                ) from None
+        log.info("launch: waiting for rendezvous host %s to resolve", host)
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)

@@ -1,9 +1,11 @@
-"""SIGTERM during pretraining: checkpoint at the next step boundary, commit it, exit within the grace period.
+"""SIGTERM during pretraining: every rank checkpoints at the same step boundary, commits, exits in time.
 
 Kubernetes sends SIGTERM when it preempts or drains a pod and SIGKILL ``terminationGracePeriodSeconds``
-later. On SIGTERM the Trainer is told to save and stop after the step it is in; the checkpoint is
-marked and uploaded like any other, and ``pretrain`` exits with ``PreemptedError`` so the retried pod
-resumes from that step. If the step, save and upload cannot finish within ``train.preemption_grace_s``
+later. A multi-node job that loses one node sees SIGTERM on that node's processes only, so a signal
+is never acted on alone: this process records it, and the ranks agree at the next step boundary
+(``StopAgreement``) to save and stop together. The checkpoint is marked and uploaded like any other,
+and ``pretrain`` exits with ``PreemptedError`` on every rank, so every pod of the job is retried and
+they resume together. If the step, save and upload cannot finish within ``train.preemption_grace_s``
 the process exits anyway, before the SIGKILL: the previous complete checkpoint is untouched.
 """
 
@@ -16,45 +18,57 @@ import signal
 import threading
 from collections.abc import Iterator
 
-from transformers import TrainerCallback
-
 from kantai_batch.errors import PreemptedError
 
 log = logging.getLogger(__name__)
 
 
-class PreemptionCallback(TrainerCallback):
-    """Turns a received SIGTERM into save-and-stop at the next step boundary."""
+class Preemption:
+    """SIGTERM seen by this process, and the hard deadline that starts once a stop is under way."""
 
-    def __init__(self) -> None:
-        self.requested = threading.Event()
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self.received = threading.Event()
+        self._deadline: threading.Timer | None = None
+        self._lock = threading.Lock()
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.requested.is_set():
-            control.should_save = True
-            control.should_training_stop = True
-        return control
+    def start_deadline(self) -> None:
+        """Exit with 143 after ``grace_s`` unless the process is done by then; idempotent."""
+        with self._lock:
+            if self._deadline is not None:
+                return
+            self._deadline = threading.Timer(self.grace_s, self._hard_exit)
+            self._deadline.daemon = True
+            self._deadline.start()
+
+    def cancel_deadline(self) -> None:
+        with self._lock:
+            if self._deadline is not None:
+                self._deadline.cancel()
+
+    def _hard_exit(self) -> None:
+        log.error(
+            "pretrain: no checkpoint within %.0f s of SIGTERM; exiting, the last complete one stays", self.grace_s
+        )
+        os._exit(PreemptedError.exit_code)
 
 
 @contextlib.contextmanager
-def sigterm_checkpoints(callback: PreemptionCallback, grace_s: float) -> Iterator[None]:
-    """While training, SIGTERM requests a checkpoint; a timer ends the process after ``grace_s``."""
+def sigterm_checkpoints(preemption: Preemption) -> Iterator[None]:
+    """While training, SIGTERM asks every rank for a checkpoint and starts this process's deadline."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread
         return
 
-    def hard_exit() -> None:
-        log.error("pretrain: no checkpoint within %.0f s of SIGTERM; exiting, the last complete one stays", grace_s)
-        os._exit(PreemptedError.exit_code)
-
     def on_sigterm(signum, frame) -> None:
-        if callback.requested.is_set():
+        if preemption.received.is_set():
             return
-        log.warning("pretrain: SIGTERM: saving a checkpoint at the end of this step (grace %.0f s)", grace_s)
-        callback.requested.set()
-        timer = threading.Timer(grace_s, hard_exit)
-        timer.daemon = True
-        timer.start()
+        log.warning(
+            "pretrain: SIGTERM: every rank saves a checkpoint at the end of this step (grace %.0f s)",
+            preemption.grace_s,
+        )
+        preemption.received.set()
+        preemption.start_deadline()
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:

@@ -38,8 +38,9 @@ from kantai_batch.objective import (
     mean_loss_per_rank,
     predicted_ids,
 )
-from kantai_batch.preemption import PreemptionCallback, sigterm_checkpoints
+from kantai_batch.preemption import Preemption, sigterm_checkpoints
 from kantai_batch.s3 import S3Uri
+from kantai_batch.stopping import StopAgreement
 from kantai_batch.storage import RunDir, write_json_atomic
 from kantai_batch.throughput import ThroughputCallback
 from kantai_batch.tokenizer import load_tokenizer
@@ -72,15 +73,16 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     tracked = track and args.process_index == 0
     with tracking.pretrain_run(job, run, enabled=tracked, resuming=resume_from is not None) as mlflow_run:
         checkpoints = CheckpointMarkerCallback(job.train.save_total_limit, remote=remote_checkpoints)
-        preemption = PreemptionCallback()
-        session = build_trainer(job, model, tokenizer, args, run.corpus, callbacks=[checkpoints, preemption])
+        preemption = Preemption(job.train.preemption_grace_s)
+        stop = StopAgreement(preemption)
+        session = build_trainer(job, model, tokenizer, args, run.corpus, callbacks=[checkpoints, stop])
         trainer = session.trainer
         if resume_from:
             log.info("pretrain: resuming from %s", run.uri(resume_from))
-        with sigterm_checkpoints(preemption, job.train.preemption_grace_s):
+        with sigterm_checkpoints(preemption):
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             checkpoints.wait()
-        if preemption.requested.is_set():
+        if stop.preempted:
             raise PreemptedError(
                 f"pretrain stopped on SIGTERM at step {trainer.state.global_step}; the checkpoint is committed to "
                 f"{run.uri(run.checkpoints)} and the next pretrain resumes from it"
@@ -95,6 +97,8 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
             "eval_perplexity": perplexity(eval_metrics["eval_loss"]),
             f"eval_{ACCURACY[job.task]}": eval_metrics[f"eval_{ACCURACY[job.task]}"],
             "train_runtime_s": result.metrics["train_runtime"],
+            "stopped_by": stop.stopped_by or ("max_steps" if args.max_steps > 0 else "epochs"),
+            "stop_agreement_s": stop.agreement_s,
             **session.summary(),
             "mlflow_run_id": mlflow_run.info.run_id if mlflow_run else None,
         }
@@ -250,6 +254,8 @@ def training_arguments(job: Job, output_dir: Path, *, track: bool, **overrides: 
         optim="adamw_torch_fused",
         # Every parameter takes part in every step; searching the graph for unused ones costs time.
         ddp_find_unused_parameters=False,
+        # A rank that died without a word must not hold the others in a collective for torch's 30 min.
+        ddp_timeout=t.collective_timeout_s,
     )
     if t.deepspeed:
         # A dict rather than the path: the Trainer fills its "auto" values in place.
