@@ -163,6 +163,8 @@ def build_trainer(
     with args.main_process_first(desc="tokenize"):
         train_set = build_split(corpus / TRAIN_FILE, job, tokenizer, fix_masks=False, what="train split")
         eval_set = build_split(corpus / EVAL_FILE, job, tokenizer, fix_masks=job.task == "mlm", what="eval split")
+    if job.train.lr_scheduler == "warmup_stable_decay" and not args.lr_scheduler_kwargs:
+        args.lr_scheduler_kwargs = schedule_kwargs(job, planned_steps(args, len(train_set)))
     precision = resolve_precision(job.train.precision)
     flops_per_token = training_flops_per_token(
         model.config,
@@ -230,8 +232,15 @@ def training_arguments(job: Job, output_dir: Path, *, track: bool, **overrides: 
         per_device_train_batch_size=t.per_device_batch_size,
         per_device_eval_batch_size=t.per_device_batch_size,
         learning_rate=t.learning_rate,
-        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        lr_scheduler_kwargs=schedule_kwargs(job, t.max_steps),
+        # A float below 1 is a share of all steps to the Trainer.
+        warmup_steps=t.warmup_ratio or t.warmup_steps,
         weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
+        max_grad_norm=t.max_grad_norm,
         save_strategy="steps",
         save_steps=t.save_steps,
         eval_strategy="steps" if t.eval_steps else "no",
@@ -261,6 +270,25 @@ def training_arguments(job: Job, output_dir: Path, *, track: bool, **overrides: 
         # A dict rather than the path: the Trainer fills its "auto" values in place.
         settings["deepspeed"] = deepspeed_config(t.deepspeed)
     return TrainingArguments(**{**settings, **overrides})
+
+
+def schedule_kwargs(job: Job, total_steps: int | None) -> dict[str, Any]:
+    """What the Trainer's scheduler needs beyond warm-up and total steps.
+
+    Warm-up-stable-decay takes its decay phase in steps, so it is known only once the total is: from
+    ``train.max_steps``, or from the training set's size when ``build_trainer`` has it.
+    """
+    if job.train.lr_scheduler != "warmup_stable_decay" or not total_steps:
+        return {}
+    return {"num_decay_steps": max(1, math.ceil(job.train.decay_ratio * total_steps)), "decay_type": "linear"}
+
+
+def planned_steps(args: TrainingArguments, samples: int) -> int:
+    """Optimizer steps the Trainer will take over ``samples`` training samples (as it counts them)."""
+    if args.max_steps > 0:
+        return args.max_steps
+    batches = math.ceil(samples / (args.per_device_train_batch_size * args.world_size))
+    return math.ceil(args.num_train_epochs * max(1, batches // args.gradient_accumulation_steps))
 
 
 def global_batch_size(args: TrainingArguments) -> int:
