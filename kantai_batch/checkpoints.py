@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -69,9 +70,11 @@ def newest_complete_checkpoint(folder: Path, *, remote: S3Uri | None, prune_inco
 class CheckpointMarkerCallback(TrainerCallback):
     """Marks each checkpoint complete, mirrors it to the remote run dir, prunes beyond ``keep``."""
 
-    def __init__(self, keep: int, remote: S3Uri | None = None) -> None:
+    def __init__(self, keep: int, remote: S3Uri | None = None, clock: Callable[[], float] | None = None) -> None:
         self.keep = keep
         self.remote = remote
+        # A time budget's seconds spent, kept in each marker so a resumed run counts them.
+        self.clock = clock
         self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
         self._pending: Future | None = None
 
@@ -83,7 +86,8 @@ class CheckpointMarkerCallback(TrainerCallback):
             return control
         folder = Path(args.output_dir)
         checkpoint = folder / f"checkpoint-{state.global_step}"
-        write_marker(checkpoint, global_step=state.global_step)
+        clock = {"train_seconds": self.clock()} if self.clock else {}
+        write_marker(checkpoint, global_step=state.global_step, **clock)
         if self.remote is None:
             self._prune(folder)
             return control

@@ -149,8 +149,13 @@ class DataSection(_Section):
 class TrainSection(_Section):
     max_steps: int | None = Field(None, ge=1)
     """Optimizer steps to train for; when unset, `epochs` decides."""
-    epochs: float = Field(1.0, gt=0.0)
-    """Passes over the training split (ignored when max_steps is set)."""
+    epochs: float | None = Field(None, gt=0.0)
+    """Passes over the training split (ignored when max_steps is set); unset: 1, or as many as
+    max_seconds allows when that is set."""
+    max_seconds: float | None = Field(None, gt=0.0)
+    """Wall-clock budget for training: the ranks stop together at the first step boundary past it,
+    and the learning-rate schedule is planned (from the timed first steps) to end when it does. A
+    resumed run counts the time already spent. max_steps, or epochs when set, still bound it."""
     per_device_batch_size: int = Field(64, ge=1)
     """Samples per device per step."""
     learning_rate: float = Field(5e-5, gt=0.0)

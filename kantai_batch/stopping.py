@@ -3,8 +3,9 @@
 A reason to stop is seen by one process: SIGTERM reaches the pods of one node, and each process has
 its own clock for the time budget. A rank that stopped alone would leave the others waiting in a
 collective it never joins, until the collective timeout kills them without a checkpoint. So after
-every optimizer step the ranks share their reasons in one tiny ``all_reduce`` (MAX of a few flags)
-and act on the union: all save at the same step and all stop. Its cost is measured in every run
+every optimizer step the ranks share what they see in one tiny ``all_reduce`` (MAX of a few numbers:
+SIGTERM, budget spent, half of it spent, step time) and act on the same result: all save at the same
+step, all stop, all plan the budget's schedule alike. Its cost is measured in every run
 (``stop_agreement_s`` in the summary) and stays far below a step; with one process it is skipped.
 """
 
@@ -15,18 +16,21 @@ import time
 
 from transformers import TrainerCallback
 
+from kantai_batch.budget import TimeBudget
 from kantai_batch.preemption import Preemption
 
 log = logging.getLogger(__name__)
 
 PREEMPTION = "preemption"
+BUDGET = "max_seconds"
 
 
 class StopAgreement(TrainerCallback):
     """Every rank stops (and, when preempted, saves) at the first step any rank has a reason to."""
 
-    def __init__(self, preemption: Preemption) -> None:
+    def __init__(self, preemption: Preemption, budget: TimeBudget | None = None) -> None:
         self.preemption = preemption
+        self.budget = budget
         self.stopped_by: str | None = None
         self.agreement_s = 0.0
 
@@ -34,29 +38,46 @@ class StopAgreement(TrainerCallback):
     def preempted(self) -> bool:
         return self.stopped_by == PREEMPTION
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.budget is not None:
+            self.budget.start()
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.budget is not None:
+            self.budget.stop()
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        out_of_time, past_half, step_s = self.budget.observe(step) if self.budget else (False, False, 0.0)
         started = time.perf_counter()
-        (preempted,) = any_rank([self.preemption.received.is_set()], args.device)
+        shared = agree_max([float(self.preemption.received.is_set()), float(out_of_time), float(past_half), step_s],
+                           args.device)  # fmt: skip
         self.agreement_s += time.perf_counter() - started
+        preempted, out_of_time, past_half, step_s = bool(shared[0]), bool(shared[1]), bool(shared[2]), shared[3]
         if preempted:
             if not self.preemption.received.is_set():
-                step = state.global_step
                 log.warning("pretrain: another rank received SIGTERM; saving a checkpoint at step %d", step)
             self.stopped_by = PREEMPTION
             self.preemption.start_deadline()
             control.should_save = True
             control.should_training_stop = True
+        elif self.budget is not None and (self.budget.steer(step, past_half, step_s) or out_of_time):
+            log.info("pretrain: the time budget of %.0f s ends training at step %d", self.budget.max_seconds, step)
+            self.stopped_by = BUDGET
+            control.should_training_stop = True
         return control
 
 
-def any_rank(flags: list[bool], device) -> list[bool]:
-    """Each flag OR-ed over every process of the training (the flags unchanged in a single process)."""
+def agree_max(values: list[float], device) -> list[float]:
+    """Each value's maximum over every process of the training (the values themselves in one process)."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flags
+        return values
     # On the training device: NCCL reduces only device tensors; gloo takes the CPU ones.
-    shared = torch.tensor(flags, dtype=torch.int32, device=device)
+    shared = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-    return [bool(value) for value in shared.tolist()]
+    return shared.tolist()

@@ -21,6 +21,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kantai_batch import tracking
+from kantai_batch.budget import BudgetTrainer, PlannedSchedule, TimeBudget
 from kantai_batch.checkpoints import CheckpointMarkerCallback, checkpoint_step, newest_complete_checkpoint
 from kantai_batch.corpus import EVAL_FILE, TRAIN_FILE
 from kantai_batch.data import build_split
@@ -41,13 +42,14 @@ from kantai_batch.objective import (
 from kantai_batch.preemption import Preemption, sigterm_checkpoints
 from kantai_batch.s3 import S3Uri
 from kantai_batch.stopping import StopAgreement
-from kantai_batch.storage import RunDir, write_json_atomic
+from kantai_batch.storage import RunDir, read_marker, write_json_atomic
 from kantai_batch.throughput import ThroughputCallback
 from kantai_batch.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "train_summary.json"
+UNBOUNDED_EPOCHS = 1_000_000
 # Dropout changes how a model trains, not its shape: a checkpoint resumes across it.
 ARCHITECTURE_KEYS = tuple(key for key in ModelSection.model_fields if not key.endswith("dropout_prob"))
 
@@ -72,14 +74,16 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     # The tracking store is reached before any data work, so an unreachable one fails in seconds.
     tracked = track and args.process_index == 0
     with tracking.pretrain_run(job, run, enabled=tracked, resuming=resume_from is not None) as mlflow_run:
-        checkpoints = CheckpointMarkerCallback(job.train.save_total_limit, remote=remote_checkpoints)
-        preemption = Preemption(job.train.preemption_grace_s)
-        stop = StopAgreement(preemption)
-        session = build_trainer(job, model, tokenizer, args, run.corpus, callbacks=[checkpoints, stop])
+        budget = time_budget(job, resume_from)
+        checkpoints = CheckpointMarkerCallback(
+            job.train.save_total_limit, remote=remote_checkpoints, clock=budget.spent if budget else None
+        )
+        stop = StopAgreement(Preemption(job.train.preemption_grace_s), budget)
+        session = build_trainer(job, model, tokenizer, args, run.corpus, callbacks=[checkpoints, stop], budget=budget)
         trainer = session.trainer
         if resume_from:
             log.info("pretrain: resuming from %s", run.uri(resume_from))
-        with sigterm_checkpoints(preemption):
+        with sigterm_checkpoints(stop.preemption):
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             checkpoints.wait()
         if stop.preempted:
@@ -99,6 +103,7 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
             "train_runtime_s": result.metrics["train_runtime"],
             "stopped_by": stop.stopped_by or ("max_steps" if args.max_steps > 0 else "epochs"),
             "stop_agreement_s": stop.agreement_s,
+            **({"max_seconds": budget.max_seconds, "budget_spent_s": budget.spent()} if budget else {}),
             **session.summary(),
             "mlflow_run_id": mlflow_run.info.run_id if mlflow_run else None,
         }
@@ -153,7 +158,14 @@ class TrainingSession:
 
 
 def build_trainer(
-    job: Job, model, tokenizer, args: TrainingArguments, corpus: Path, *, callbacks: list[TrainerCallback] = ()
+    job: Job,
+    model,
+    tokenizer,
+    args: TrainingArguments,
+    corpus: Path,
+    *,
+    callbacks: list[TrainerCallback] = (),
+    budget: TimeBudget | None = None,
 ) -> TrainingSession:
     """The job's datasets, collator, speed settings and throughput accounting around a Trainer."""
     sparse = job.task == "mlm" and job.train.sparse_prediction
@@ -165,6 +177,12 @@ def build_trainer(
         eval_set = build_split(corpus / EVAL_FILE, job, tokenizer, fix_masks=job.task == "mlm", what="eval split")
     if job.train.lr_scheduler == "warmup_stable_decay" and not args.lr_scheduler_kwargs:
         args.lr_scheduler_kwargs = schedule_kwargs(job, planned_steps(args, len(train_set)))
+    if budget is not None:
+        # Until the first steps are timed, the schedule runs as if the step bound were the end.
+        t = job.train
+        budget.schedule = PlannedSchedule(
+            t.lr_scheduler, planned_steps(args, len(train_set)), t.warmup_steps, t.warmup_ratio, t.decay_ratio
+        )
     precision = resolve_precision(job.train.precision)
     flops_per_token = training_flops_per_token(
         model.config,
@@ -173,7 +191,8 @@ def build_trainer(
     )
     peak, peak_source = peak_flops(precision)
     throughput = ThroughputCallback(flops_per_token, peak, args.world_size)
-    trainer = Trainer(
+    trainer = BudgetTrainer(
+        schedule=budget.schedule if budget else None,
         model=model,
         args=args,
         train_dataset=train_set,
@@ -192,7 +211,7 @@ def build_trainer(
         f"{model.config.vocab_size:,}",
         f"{len(train_set):,}",
         f"{len(eval_set):,}",
-        f"{args.max_steps:,} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs",
+        training_bound(job, args),
     )
     log.info(
         "pretrain: world size %d (%s), global batch %d = %d per device x %d processes x %d accumulated, "
@@ -228,7 +247,8 @@ def training_arguments(job: Job, output_dir: Path, *, track: bool, **overrides: 
     settings: dict[str, Any] = dict(
         output_dir=str(output_dir),
         max_steps=t.max_steps or -1,
-        num_train_epochs=t.epochs,
+        # With a time budget and no other bound, the budget alone ends training.
+        num_train_epochs=t.epochs or (UNBOUNDED_EPOCHS if t.max_seconds else 1.0),
         per_device_train_batch_size=t.per_device_batch_size,
         per_device_eval_batch_size=t.per_device_batch_size,
         learning_rate=t.learning_rate,
@@ -291,6 +311,14 @@ def planned_steps(args: TrainingArguments, samples: int) -> int:
     return math.ceil(args.num_train_epochs * max(1, batches // args.gradient_accumulation_steps))
 
 
+def training_bound(job: Job, args: TrainingArguments) -> str:
+    bound = f"{args.max_steps:,} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
+    if not job.train.max_seconds:
+        return bound
+    budget = f"{job.train.max_seconds:g} s of training"
+    return budget if args.num_train_epochs == UNBOUNDED_EPOCHS and args.max_steps <= 0 else f"{budget} or {bound}"
+
+
 def global_batch_size(args: TrainingArguments) -> int:
     """Samples per optimizer step over all processes: what the learning rate is tuned for."""
     return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
@@ -314,6 +342,14 @@ def require_shared_checkpoints(job: Job, remote: S3Uri | None) -> None:
             f"train.deepspeed on {nodes} nodes with an S3 run dir ({remote}) is not supported: the other nodes' "
             "optimizer shards would not be checkpointed; use DDP across nodes or DeepSpeed on one node"
         )
+
+
+def time_budget(job: Job, resume_from: Path | None) -> TimeBudget | None:
+    """The job's wall-clock budget, less what the run being resumed has spent of it."""
+    if not job.train.max_seconds:
+        return None
+    spent = read_marker(resume_from).get("train_seconds", 0.0) if resume_from else 0.0
+    return TimeBudget(job.train.max_seconds, spent_s=spent)
 
 
 def require_same_architecture(checkpoint: Path, config) -> None:

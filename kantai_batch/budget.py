@@ -1,0 +1,135 @@
+"""train.max_seconds: train for a wall-clock budget, with the learning-rate schedule ending when it does.
+
+A schedule that decays to zero must know its length in steps, and a budget gives it in seconds. So
+the steps after the first (which pays for warm-up of caches and compilation) are timed, and the
+schedule is planned to end at the step the budget allows; halfway through the budget the plan is
+checked once more and re-planned if the step time has drifted. The ranks plan with the slowest
+rank's step time, so all of them share one schedule (their learning rates must match, or the
+data-parallel replicas drift apart), and they stop together through ``StopAgreement``.
+
+Time already spent is kept in each checkpoint's marker (``train_seconds``), so a resumed run trains
+only for what is left of the budget, and the plan itself is part of the scheduler's saved state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import Trainer
+
+log = logging.getLogger(__name__)
+
+# Steps timed for the first plan, after the first step of a run (which pays for warm-up).
+ESTIMATE_STEPS = 10
+# Re-plan when the step time measured halfway differs from the planned one by more than this.
+DRIFT = 0.05
+
+
+class PlannedSchedule:
+    """The learning-rate factor of each step, for a total that may be re-planned while training.
+
+    A callable object, so ``LambdaLR`` saves its fields with the scheduler and a resume restores them.
+    """
+
+    def __init__(self, shape: str, total_steps: int, warmup_steps: int, warmup_ratio: float, decay_ratio: float):
+        self.shape = shape
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.warmup_ratio = warmup_ratio
+        self.decay_ratio = decay_ratio
+
+    def __call__(self, step: int) -> float:
+        total = max(1, self.total_steps)
+        warmup = self.warmup_steps or math.ceil(self.warmup_ratio * total)
+        if step < warmup:
+            return step / warmup
+        if self.shape == "constant_with_warmup":
+            return 1.0
+        if self.shape == "warmup_stable_decay":
+            decay = max(1, math.ceil(self.decay_ratio * total))
+            return min(1.0, max(0.0, (total - step) / decay))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if self.shape == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress  # linear
+
+
+class BudgetTrainer(Trainer):
+    """A Trainer whose learning-rate schedule follows a ``PlannedSchedule`` when the job has a budget."""
+
+    def __init__(self, *args, schedule: PlannedSchedule | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.schedule = schedule
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.schedule is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, self.schedule)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+
+class TimeBudget:
+    """How much of ``max_seconds`` is spent, the measured step time, and the plan built from it."""
+
+    def __init__(self, max_seconds: float, spent_s: float = 0.0) -> None:
+        self.max_seconds = max_seconds
+        # Set by whoever knows the training set's size (``build_trainer``), before training starts.
+        self.schedule: PlannedSchedule | None = None
+        self.spent_before = spent_s
+        self._started: float | None = None
+        self._stopped: float | None = None
+        self._timing_from: tuple[int, float] | None = None
+        self._planned_step_s: float | None = None
+        self._checked_drift = False
+
+    def start(self) -> None:
+        """Training (not data loading or model set-up) begins: the clock runs from here."""
+        self._started = time.monotonic()
+
+    def stop(self) -> None:
+        """Training ended: evaluating and saving the model do not count against the budget."""
+        self._stopped = time.monotonic()
+
+    def spent(self) -> float:
+        if self._started is None:
+            return self.spent_before
+        return self.spent_before + ((self._stopped or time.monotonic()) - self._started)
+
+    def observe(self, step: int) -> tuple[bool, bool, float]:
+        """This rank's view after ``step``: out of budget, past half of it, mean step time so far."""
+        now = time.monotonic()
+        if self._timing_from is None:
+            self._timing_from = (step, now)  # the first step of a run pays for warm-up: not timed
+        first, since = self._timing_from
+        step_s = (now - since) / (step - first) if step > first else 0.0
+        spent = self.spent()
+        return spent >= self.max_seconds, spent >= self.max_seconds / 2, step_s
+
+    def steer(self, step: int, past_half: bool, step_s: float) -> bool:
+        """Act on what the ranks agreed: (re-)plan when due; return whether the schedule has ended."""
+        if self._timing_from is not None and step == self._timing_from[0] + ESTIMATE_STEPS:
+            self._plan(step, step_s)
+        elif past_half and self._planned_step_s is not None and not self._checked_drift:
+            self._checked_drift = True
+            if abs(step_s / self._planned_step_s - 1) > DRIFT:
+                self._plan(step, step_s)
+        return step >= self.schedule.total_steps
+
+    def _plan(self, step: int, step_s: float) -> None:
+        """End the schedule at the step where, at ``step_s`` per step, the budget runs out."""
+        left = max(0.0, self.max_seconds - self.spent())
+        total = step + max(1, int(left / step_s))
+        log.info(
+            "pretrain: %.3f s per step, %.0f s of the budget left: the schedule ends at step %d%s",
+            step_s,
+            left,
+            total,
+            f" (re-planned from {self.schedule.total_steps})" if self._planned_step_s is not None else "",
+        )
+        self.schedule.total_steps = total
+        self._planned_step_s = step_s

@@ -1,0 +1,106 @@
+"""train.max_seconds: training for a wall-clock budget, with the schedule planned to end with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import get_scheduler
+
+from conftest import ROOT, invoke, prepared_run, tiny
+from kantai_batch.budget import PlannedSchedule
+from kantai_batch.storage import read_marker
+
+
+@pytest.mark.parametrize(
+    ("shape", "extra"),
+    [
+        ("linear", {}),
+        ("cosine", {}),
+        ("constant_with_warmup", {}),
+        ("warmup_stable_decay", {"num_decay_steps": 20, "decay_type": "linear"}),
+    ],
+)
+def test_the_planned_schedule_follows_the_trainers_own_shapes(shape: str, extra: dict):
+    """For a fixed total, the re-plannable schedule gives the factors transformers' schedulers give."""
+    total, warmup = 100, 10
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_scheduler(shape, optimizer, num_warmup_steps=warmup, num_training_steps=total,
+                              scheduler_specific_kwargs=extra)  # fmt: skip
+    ours = PlannedSchedule(shape, total, warmup_steps=warmup, warmup_ratio=0.0, decay_ratio=0.2)
+    for step in range(total):
+        assert ours(step) == pytest.approx(reference.lr_lambdas[0](step), abs=1e-6), f"{shape} at step {step}"
+
+
+def test_a_re_planned_schedule_ends_at_the_new_total():
+    schedule = PlannedSchedule("cosine", 1000, warmup_steps=0, warmup_ratio=0.1, decay_ratio=0.2)
+    assert schedule(50) == pytest.approx(0.5), "warm-up is a share of the planned total"
+    schedule.total_steps = 200
+    assert schedule(10) == pytest.approx(0.5) and schedule(200) == pytest.approx(0.0)
+    assert 0 < schedule(150) < 1
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "model" / "train_summary.json").read_text())
+
+
+def test_training_stops_when_the_budget_is_spent_with_the_schedule_planned_for_it(tmp_path: Path, corpus_file: Path):
+    run_dir = prepared_run(tmp_path / "run", corpus_file)
+    budget = 6.0
+    command = [sys.executable, "-m", "kantai_batch", "pretrain", "--run-dir", str(run_dir), "--no-tracking", *tiny(
+        "train.max_steps=null", f"train.max_seconds={budget}", "train.lr_scheduler=linear", "train.warmup_steps=2",
+        "train.logging_steps=1",
+    )]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = _summary(run_dir)
+    assert summary["stopped_by"] == "max_seconds" and summary["max_seconds"] == budget
+    assert budget <= summary["budget_spent_s"] < 3 * budget, "stopped at the first step boundary past the budget"
+    assert "the schedule ends at step" in result.stderr, "the schedule was planned from the timed steps"
+    rates = [float(rate) for rate in re.findall(r"'learning_rate': '?([0-9.e+-]+)", result.stderr)]
+    assert len(rates) == summary["global_step"], "one logged rate per step"
+    assert rates[-1] < 0.5 * max(rates), "the learning rate decays toward the end of the budget, not of 1 epoch"
+
+
+def test_epochs_still_bound_a_budgeted_run(tmp_path: Path, corpus_file: Path):
+    run_dir = prepared_run(tmp_path / "run", corpus_file)
+    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking",
+           *tiny("train.max_steps=null", "train.max_seconds=3600", "train.epochs=1"))  # fmt: skip
+    summary = _summary(run_dir)
+    assert summary["stopped_by"] == "epochs" and summary["budget_spent_s"] < 3600
+
+
+@pytest.mark.slow
+def test_a_resumed_run_counts_the_time_already_spent(tmp_path: Path, corpus_file: Path):
+    run_dir = prepared_run(tmp_path / "run", corpus_file)
+    budget = 30.0
+    job = tiny("train.max_steps=null", f"train.max_seconds={budget}", "train.save_steps=5")
+    command = [sys.executable, "-m", "kantai_batch", "pretrain", "--run-dir", str(run_dir), "--no-tracking", *job]
+    proc = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not list((run_dir / "checkpoints").glob("checkpoint-*/_COMPLETE")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    time.sleep(budget / 3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    newest = max((run_dir / "checkpoints").glob("checkpoint-*/_COMPLETE"), key=lambda p: int(p.parent.name[11:]))
+    spent = read_marker(newest.parent)["train_seconds"]
+    assert 0 < spent < budget
+
+    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *job)
+    summary = _summary(run_dir)
+    assert summary["stopped_by"] == "max_seconds" and summary["budget_spent_s"] >= budget
+    # Without the spent time carried over, the resumed run would train for the whole budget again.
+    assert summary["train_runtime_s"] < budget - spent / 2, summary
