@@ -7,9 +7,9 @@ checkpoints are pruned locally and remotely after the new one is safely complete
 kill at any moment leaves the newest complete checkpoint intact.
 
 An upload that still fails after the S3 client's bounded retries (see ``s3``) stops training at the
-next step with a one-line error (exit 4 for an outage, so a scheduler retries the pod): that checkpoint has no
-marker in S3, nothing older was pruned, and the next ``pretrain`` resumes from the newest complete one.
-A store that comes back within the retries is not noticed at all.
+next step with a one-line error naming the checkpoint (exit 4 for an outage, so a scheduler retries
+the pod): that checkpoint has no marker in S3, nothing older was pruned, and the next ``pretrain``
+resumes from the newest complete one. A store that comes back within the retries goes unnoticed.
 
 Pruning happens here rather than through the Trainer's ``save_total_limit`` because the Trainer
 deletes old checkpoints before this marker exists on the new one: a kill in between would leave no

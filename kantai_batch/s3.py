@@ -6,10 +6,13 @@ web identity (IRSA, workload identity), instance metadata; ``AWS_ENDPOINT_URL_S3
 are a configuration error, found by the first request a command makes.
 
 Transient failures (refused or dropped connections, timeouts, 5xx, throttling) are retried by
-botocore, not by hand: ``standard`` mode, 5 attempts in all per request, with full-jitter exponential
-backoff (a random wait of up to 1, 2, 4, 8 s between them, so at most 15 s of waiting), each attempt
-bounded by a 10 s connect and a 60 s read timeout. ``AWS_MAX_ATTEMPTS`` and ``AWS_RETRY_MODE`` (or
-``max_attempts`` and ``retry_mode`` in the AWS config file) change those bounds the standard way.
+botocore, not by hand: ``standard`` mode, 10 attempts in all per request, each bounded by a 10 s
+connect and a 60 s read timeout, with jittered exponential backoff between them. botocore's waits
+start at 50 ms (1 s for throttling) and double up to 20 s, so a refused connection is retried for at
+most 26 s (13 s on average): a store that restarts is ridden out, one that stays away fails the
+request within half a minute. botocore's retry quota (a token bucket per process) caps the retries
+of many requests failing at once. ``AWS_MAX_ATTEMPTS`` and ``AWS_RETRY_MODE`` (or ``max_attempts``
+and ``retry_mode`` in the AWS config file) change those bounds the standard way.
 What is left after the retries becomes a one-line error naming the URI.
 
 A folder is committed the way a local one is: every file first, the ``_COMPLETE`` manifest (sizes and
@@ -34,7 +37,7 @@ from kantai_batch.errors import InputDataError, JobConfigError, KantaiError, Sou
 log = logging.getLogger(__name__)
 
 MARKER = "_COMPLETE"
-_MAX_ATTEMPTS = 5  # in all, the first request included
+_MAX_ATTEMPTS = 10  # in all, the first request included
 _CONNECT_TIMEOUT_S = 10
 _READ_TIMEOUT_S = 60
 _UPLOAD_THREADS = 8
@@ -78,20 +81,24 @@ def client():
     import boto3
     import botocore.session
     from botocore.config import Config
+    from botocore.exceptions import InvalidConfigError, InvalidRetryConfigurationError
 
-    # Our bounds apply only where the environment or the AWS config file sets none of its own.
-    settings = botocore.session.get_session()
-    retries = {}
-    if settings.get_config_variable("max_attempts") is None:
-        retries["total_max_attempts"] = _MAX_ATTEMPTS
-    if settings.get_config_variable("retry_mode") is None:
-        retries["mode"] = "standard"
-    config = Config(retries=retries, connect_timeout=_CONNECT_TIMEOUT_S, read_timeout=_READ_TIMEOUT_S)
     try:
+        # Our bounds apply only where the environment or the AWS config file sets none of its own.
+        settings = botocore.session.get_session()
+        retries = {}
+        if settings.get_config_variable("max_attempts") is None:
+            retries["total_max_attempts"] = _MAX_ATTEMPTS
+        if settings.get_config_variable("retry_mode") is None:
+            retries["mode"] = "standard"
+        config = Config(retries=retries, connect_timeout=_CONNECT_TIMEOUT_S, read_timeout=_READ_TIMEOUT_S)
         # A session of its own: boto3's default one keeps the credentials it first found.
         return boto3.session.Session().client("s3", config=config)
-    except ValueError as exc:  # e.g. AWS_MAX_ATTEMPTS=many
-        raise JobConfigError(f"S3 client settings are invalid: {(str(exc).splitlines() or [''])[0]}") from None
+    except (ValueError, InvalidConfigError, InvalidRetryConfigurationError) as exc:
+        raise JobConfigError(
+            f"S3 client settings (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE or the AWS config file) are invalid: "
+            f"{_first_line(exc)}"
+        ) from None
 
 
 def _transfer_config():

@@ -16,6 +16,7 @@ import pytest
 
 import seaweed
 from conftest import ROOT, invoke, prepared_run, s3_environment, seaweed_server, tiny
+from kantai_batch import s3
 from kantai_batch.storage import MARKER, file_sha256
 
 pytestmark = pytest.mark.slow
@@ -92,13 +93,15 @@ def test_s3_outage_during_checkpoint_uploads(own_s3, corpus_file: Path, tmp_path
     invoke("train-tokenizer", "--run-dir", run_dir, *JOB)
 
     # 1. The server is killed the moment checkpoint-100 is marked locally, i.e. as its upload starts,
-    # and stays down: the upload fails after the client's bounded retries (the defaults) and
-    # training stops with one line, exit 4.
+    # and stays down: the upload fails after the client's bounded retries (the defaults: 10 attempts,
+    # at most 26 s of waiting for refused connections) and training stops with one line, exit 4.
     first = tmp_path / "pod-1"
     proc = _pretrain(first, tmp_path)
     _wait(lambda: (_local_checkpoint(first, 100) / MARKER).exists(), proc, "checkpoint-100 marked locally")
     own_s3.stop(grace_s=0)
+    down = time.monotonic()
     _, stderr = proc.communicate(timeout=240)
+    print(f"pretrain exited {proc.returncode}, {time.monotonic() - down:.1f} s after the server was killed")
     own_s3.start()
     assert proc.returncode == 4, stderr
     # The line may follow the Trainer's progress bar, which ends without a newline.
@@ -120,9 +123,10 @@ def test_s3_outage_during_checkpoint_uploads(own_s3, corpus_file: Path, tmp_path
     assert not _keys(f"{RUN}/model/"), "no model from a stopped training"
 
     # 2. A new pod resumes from it. This time the store goes away as an upload is about to start and
-    # comes straight back: with retries that outlast the restart (AWS_MAX_ATTEMPTS) training goes on.
+    # comes straight back: with retries that surely outlast a restart of a few seconds
+    # (AWS_MAX_ATTEMPTS=20: the last 11 waits are up to 20 s each) training goes on.
     second = tmp_path / "pod-2"
-    proc = _pretrain(second, tmp_path, AWS_MAX_ATTEMPTS="12")
+    proc = _pretrain(second, tmp_path, AWS_MAX_ATTEMPTS="20")
     _stop_before_an_upload(proc, second, own_s3, steps=range(failed, 201, 50))
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
@@ -221,3 +225,33 @@ def test_prepared_run_is_unchanged_by_a_rejected_pretrain(
 
 def _etag(bucket: str, key: str) -> str:
     return boto3.client("s3").head_object(Bucket=bucket, Key=key)["ETag"]
+
+
+@pytest.mark.parametrize(("name", "value"), [("AWS_MAX_ATTEMPTS", "many"), ("AWS_RETRY_MODE", "bogus")])
+def test_invalid_retry_settings_are_a_config_error(name, value, s3_endpoint, bucket: str, monkeypatch, fresh_cache):
+    monkeypatch.setenv(name, value)
+    s3.client.cache_clear()
+    try:
+        result = invoke("prepare", "--run-dir", f"s3://{bucket}/runs/x", "--corpus", "unused.txt", expect=2)
+    finally:
+        monkeypatch.delenv(name)
+        s3.client.cache_clear()
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and value in message and "AWS_MAX_ATTEMPTS, AWS_RETRY_MODE" in message
+
+
+def test_no_credentials_are_a_config_error(s3_endpoint, bucket: str, tmp_path: Path, monkeypatch, fresh_cache):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata lookups off loopback
+    s3.client.cache_clear()
+    try:
+        result = invoke("prepare", "--run-dir", f"s3://{bucket}/runs/x", "--corpus", "unused.txt", expect=2)
+    finally:
+        s3.client.cache_clear()
+    assert result.stderr.strip() == (
+        f"kantai-batch: error: s3://{bucket}/runs/x: no AWS credentials (environment, profile or web identity)"
+    )
