@@ -6,6 +6,11 @@ goes on while it uploads; only the next save, the end of training or a preemptio
 checkpoints are pruned locally and remotely after the new one is safely complete, never before: a
 kill at any moment leaves the newest complete checkpoint intact.
 
+An upload that still fails after the S3 client's bounded retries (see ``s3``) stops training at the
+next step with a one-line error naming the checkpoint (exit 4 for an outage, so a scheduler retries
+the pod): that checkpoint has no marker in S3, nothing older was pruned, and the next ``pretrain``
+resumes from the newest complete one. A store that comes back within the retries goes unnoticed.
+
 Pruning happens here rather than through the Trainer's ``save_total_limit`` because the Trainer
 deletes old checkpoints before this marker exists on the new one: a kill in between would leave no
 complete checkpoint when the limit is 1.
@@ -24,6 +29,7 @@ from transformers import TrainerCallback
 
 from kantai_batch import s3
 from kantai_batch.distributed import barrier
+from kantai_batch.errors import KantaiError
 from kantai_batch.s3 import S3Uri
 from kantai_batch.storage import MARKER, is_complete, mirror, write_marker
 
@@ -96,6 +102,12 @@ class CheckpointMarkerCallback(TrainerCallback):
         self._pending = self._uploads.submit(self._upload, folder, checkpoint)
         return control
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # A failed upload stops training now rather than at the next save, save_steps later.
+        if self._pending is not None and self._pending.done():
+            self.wait()
+        return control
+
     def on_train_end(self, args, state, control, **kwargs):
         self.wait()
         return control
@@ -107,7 +119,15 @@ class CheckpointMarkerCallback(TrainerCallback):
             pending.result()
 
     def _upload(self, folder: Path, checkpoint: Path) -> None:
-        s3.upload_folder(checkpoint, self.remote.child(checkpoint.name))
+        target = self.remote.child(checkpoint.name)
+        try:
+            s3.upload_folder(checkpoint, target)
+        except KantaiError as exc:
+            # Same class, so the exit code still says whether a retry can help (an outage: 4).
+            raise type(exc)(
+                f"checkpoint {target} was not committed ({exc}); the newest complete checkpoint in {self.remote} "
+                "stays, and the next pretrain resumes from it"
+            ) from None
         self._prune(folder)
 
     def _prune(self, folder: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from kantai_batch import __version__
+from kantai_batch import __version__, s3
 from kantai_batch.distributed import distributed_state
 from kantai_batch.errors import JobConfigError, KantaiError
 from kantai_batch.job import Job, load_job
@@ -108,6 +108,9 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(job_file: Path | None, run_dir: str, corpus: str | None, overrides: tuple[str, ...], **kwargs: Any):
         job = load_job(job_file, overrides, corpus=corpus)
         run = RunDir.from_uri(run_dir)
+        if run.remote is not None:
+            # Rejected credentials or a missing bucket end the command here, before it writes anything.
+            s3.check_access(run.remote)
         # Under torchrun: join the process group now, with the job's collective timeout.
         distributed_state(job.train.collective_timeout_s)
         # stdout carries results only: what the libraries print (the Trainer's log lines) goes

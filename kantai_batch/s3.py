@@ -2,9 +2,18 @@
 
 Credentials and endpoint come from boto3's standard chain: environment, shared config and profile,
 web identity (IRSA, workload identity), instance metadata; ``AWS_ENDPOINT_URL_S3`` (or
-``AWS_ENDPOINT_URL``) points it at MinIO, R2 or a local test server. Transient failures are retried
-by botocore with backoff (``standard`` mode); what is left after the retries becomes a one-line error
-naming the URI.
+``AWS_ENDPOINT_URL``) points it at MinIO, R2, SeaweedFS or a local test server. Rejected credentials
+are a configuration error, found by the first request a command makes.
+
+Transient failures (refused or dropped connections, timeouts, 5xx, throttling) are retried by
+botocore, not by hand: ``standard`` mode, 10 attempts in all per request, each bounded by a 10 s
+connect and a 60 s read timeout, with jittered exponential backoff between them. botocore's waits
+start at 50 ms (1 s for throttling) and double up to 20 s, so a refused connection is retried for at
+most 26 s (13 s on average): a store that restarts is ridden out, one that stays away fails the
+request within half a minute. botocore's retry quota (a token bucket per process) caps the retries
+of many requests failing at once. ``AWS_MAX_ATTEMPTS`` and ``AWS_RETRY_MODE`` (or ``max_attempts``
+and ``retry_mode`` in the AWS config file) change those bounds the standard way.
+What is left after the retries becomes a one-line error naming the URI.
 
 A folder is committed the way a local one is: every file first, the ``_COMPLETE`` manifest (sizes and
 SHA-256) last, so a reader that trusts only folders with a marker never sees half an upload. Uploads
@@ -23,14 +32,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.errors import InputDataError, JobConfigError, SourceUnavailableError
+from kantai_batch.errors import InputDataError, JobConfigError, KantaiError, SourceUnavailableError
 
 log = logging.getLogger(__name__)
 
 MARKER = "_COMPLETE"
-_MAX_ATTEMPTS = 5
+_MAX_ATTEMPTS = 10  # in all, the first request included
+_CONNECT_TIMEOUT_S = 10
+_READ_TIMEOUT_S = 60
 _UPLOAD_THREADS = 8
 _MISSING = ("NoSuchKey", "404", "NotFound")
+# The keys themselves were refused, not a permission: no request with them can succeed.
+_BAD_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch")
+_DENIED = ("AccessDenied", "403", "AllAccessDisabled")
 
 
 class KeyMissingError(SourceUnavailableError):
@@ -65,10 +79,26 @@ def is_s3(uri: str) -> bool:
 @functools.cache
 def client():
     import boto3
+    import botocore.session
     from botocore.config import Config
+    from botocore.exceptions import InvalidConfigError, InvalidRetryConfigurationError
 
-    config = Config(retries={"max_attempts": _MAX_ATTEMPTS, "mode": "standard"}, connect_timeout=10, read_timeout=60)
-    return boto3.client("s3", config=config)
+    try:
+        # Our bounds apply only where the environment or the AWS config file sets none of its own.
+        settings = botocore.session.get_session()
+        retries = {}
+        if settings.get_config_variable("max_attempts") is None:
+            retries["total_max_attempts"] = _MAX_ATTEMPTS
+        if settings.get_config_variable("retry_mode") is None:
+            retries["mode"] = "standard"
+        config = Config(retries=retries, connect_timeout=_CONNECT_TIMEOUT_S, read_timeout=_READ_TIMEOUT_S)
+        # A session of its own: boto3's default one keeps the credentials it first found.
+        return boto3.session.Session().client("s3", config=config)
+    except (ValueError, InvalidConfigError, InvalidRetryConfigurationError) as exc:
+        raise JobConfigError(
+            f"S3 client settings (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE or the AWS config file) are invalid: "
+            f"{_first_line(exc)}"
+        ) from None
 
 
 def _transfer_config():
@@ -87,24 +117,53 @@ def translated(uri: S3Uri | str, action: str) -> Iterator[None]:
     uri = str(uri)
     try:
         yield
+    except S3UploadFailedError as exc:
+        # boto3's transfers wrap what the store answered: that answer is the error.
+        cause = exc.__context__
+        if isinstance(cause, ClientError):
+            raise _client_error(cause, uri, action) from None
+        raise SourceUnavailableError(f"{uri}: cannot {action}: {_first_line(exc)}") from None
     except ClientError as exc:
-        code = _code(exc)
-        message = exc.response.get("Error", {}).get("Message") or code
-        if code == "NoSuchBucket":
-            raise InputDataError(f"{uri}: bucket does not exist") from None
-        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"):
-            raise InputDataError(f"{uri}: access denied ({code}) while trying to {action}") from None
-        if code in _MISSING:
-            # A HEAD answers a bare 404 for a missing bucket too: ask about the bucket itself.
-            if not _bucket_exists(S3Uri.parse(uri).bucket):
-                raise InputDataError(f"{uri}: bucket does not exist") from None
-            raise KeyMissingError(f"{uri} does not exist") from None
-        raise SourceUnavailableError(f"{uri}: cannot {action}: {code} {message}".strip()) from None
+        raise _client_error(exc, uri, action) from None
     except NoCredentialsError:
-        raise InputDataError(f"{uri}: no AWS credentials (environment, profile or web identity)") from None
-    except (BotoCoreError, S3UploadFailedError) as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise SourceUnavailableError(f"{uri}: cannot {action}: {first}") from None
+        raise JobConfigError(f"{uri}: no AWS credentials (environment, profile or web identity)") from None
+    except BotoCoreError as exc:
+        raise SourceUnavailableError(f"{uri}: cannot {action}: {_first_line(exc)}") from None
+
+
+def _client_error(exc, uri: str, action: str) -> KantaiError:
+    """The one-line error for what the store answered (after botocore's retries)."""
+    code = _code(exc)
+    message = exc.response.get("Error", {}).get("Message") or code
+    if code == "403":
+        # A HEAD's answer has no body, so no reason: ask the bucket with a request that has one.
+        code = _denial_code(S3Uri.parse(uri).bucket) or code
+    if code == "NoSuchBucket":
+        return InputDataError(f"{uri}: bucket does not exist")
+    if code in _BAD_CREDENTIALS:
+        return JobConfigError(
+            f"{uri}: the S3 credentials were rejected ({code}): check AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or the profile)"
+        )
+    if code in _DENIED:
+        return InputDataError(f"{uri}: access denied ({code}) while trying to {action}")
+    if code in _MISSING:
+        # A HEAD answers a bare 404 for a missing bucket too: ask about the bucket itself.
+        if not _bucket_exists(S3Uri.parse(uri).bucket):
+            return InputDataError(f"{uri}: bucket does not exist")
+        return KeyMissingError(f"{uri} does not exist")
+    return SourceUnavailableError(f"{uri}: cannot {action}: {code} {message}".strip())
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def check_access(prefix: S3Uri) -> None:
+    """One listing below ``prefix``: rejected keys, a missing bucket or an unreachable store fail here,
+    before a command does any work."""
+    with translated(prefix, "list"):
+        client().list_objects_v2(Bucket=prefix.bucket, Prefix=prefix.key, MaxKeys=1)
 
 
 def exists(uri: S3Uri) -> bool:
@@ -129,6 +188,19 @@ def read_json_if_exists(uri: S3Uri) -> dict[str, Any] | None:
 
 def _code(exc) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _denial_code(bucket: str) -> str | None:
+    """Why the store refuses this bucket, as a listing's error code says; None when it does not refuse."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client().list_objects_v2(Bucket=bucket, MaxKeys=1)
+    except ClientError as exc:
+        return _code(exc)
+    except BotoCoreError:
+        return None
+    return None
 
 
 def _bucket_exists(bucket: str) -> bool:
@@ -219,7 +291,15 @@ def delete_keys(prefix: S3Uri, names: list[str]) -> None:
         batch = [{"Key": prefix.child(name).key} for name in names[start : start + 1000]]
         if batch:
             with translated(prefix, "delete"):
-                client().delete_objects(Bucket=prefix.bucket, Delete={"Objects": batch, "Quiet": True})
+                answer = client().delete_objects(Bucket=prefix.bucket, Delete={"Objects": batch, "Quiet": True})
+            # A multi-delete answers 200 and lists the keys it refused: a marker that stays would
+            # vouch for files about to change.
+            for refused in answer.get("Errors", []):
+                code = refused.get("Code", "")
+                uri = f"s3://{prefix.bucket}/{refused.get('Key', '')}"
+                if code in _DENIED or code in _BAD_CREDENTIALS:
+                    raise InputDataError(f"{uri}: access denied ({code}) while trying to delete")
+                raise SourceUnavailableError(f"{uri}: cannot delete: {code} {refused.get('Message', '')}".strip())
 
 
 def delete_folder(prefix: S3Uri) -> None:

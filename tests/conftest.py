@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import os
 import random
@@ -217,10 +218,13 @@ def s3_environment(endpoint: str, access_key: str = seaweed.ACCESS_KEY, secret_k
         mp.setenv("AWS_DEFAULT_REGION", seaweed.REGION)
         for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
             mp.delenv(name, raising=False)
+        # boto3's default session (what boto3.client uses) keeps the credentials it first resolved.
+        boto3.DEFAULT_SESSION = None
         s3.client.cache_clear()
         try:
             yield endpoint
         finally:
+            boto3.DEFAULT_SESSION = None
             s3.client.cache_clear()
 
 
@@ -255,8 +259,10 @@ def s3_endpoint(s3_server: seaweed.SeaweedS3) -> Iterator[str]:
 
 @pytest.fixture
 def bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
-    # S3 bucket names: lowercase letters, digits and hyphens (a parametrized test's id has others).
-    name = "kantai-" + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
+    # S3 bucket names: lowercase letters, digits and hyphens (a parametrized test's id has others),
+    # at most 63; the digest keeps two long names that share a beginning apart.
+    slug = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
+    name = f"kantai-{slug}-{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return name
 

@@ -8,6 +8,7 @@ in the middle of an upload and bring the same store back.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -95,8 +96,9 @@ class SeaweedS3:
         with self.log.open("a") as log:
             log.write(f"--- start {time.strftime('%H:%M:%S')}\n")
             self.process = subprocess.Popen(
-                self.command(), cwd=self.root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
+                self.command(), cwd=self.root, env=_server_env(), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
         self._wait_ready(timeout_s)
         return self.endpoint
 
@@ -155,6 +157,12 @@ class SeaweedS3:
         if not self.log.exists():
             return "(no log)"
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _server_env() -> dict[str, str]:
+    """The environment without the AWS client variables: weed turns AWS_ACCESS_KEY_ID into an extra
+    admin identity of its own, which owns nothing and replaces the identities from -s3.config."""
+    return {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
 
 
 def _probe(client) -> None:

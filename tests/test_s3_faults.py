@@ -1,0 +1,257 @@
+"""What a real S3 server (SeaweedFS) can do to a run: go away during a checkpoint upload, reject keys, deny writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+
+import seaweed
+from conftest import ROOT, invoke, prepared_run, s3_environment, seaweed_server, tiny
+from kantai_batch import s3
+from kantai_batch.storage import MARKER, file_sha256
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "kantai-outage"
+RUN = "runs/outage"
+CHECKPOINTS = f"{RUN}/checkpoints"
+# Four checkpoints; two kept. Small enough to train twice within a couple of CPU minutes.
+JOB = tiny("train.max_steps=200", "train.save_steps=50", "train.logging_steps=50")
+
+
+@pytest.fixture
+def own_s3(tmp_path: Path) -> Iterator[seaweed.SeaweedS3]:
+    """A server of this test's own, since the test stops and restarts it; boto3's environment points at it."""
+    server = seaweed_server(tmp_path / "seaweedfs")
+    try:
+        with s3_environment(server.endpoint):
+            yield server
+    finally:
+        server.stop(grace_s=0)
+
+
+def _keys(prefix: str, bucket: str = BUCKET) -> set[str]:
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {item["Key"][len(prefix) :] for page in pages for item in page.get("Contents", [])}
+
+
+def _complete_checkpoints() -> list[int]:
+    return sorted(int(key.split("/")[0].split("-")[1]) for key in _keys(f"{CHECKPOINTS}/") if key.endswith(MARKER))
+
+
+def _pretrain(cache: Path, tmp_path: Path, **env: str) -> subprocess.Popen:
+    """``pretrain`` as its own process (a pod), with its own local disk."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "kantai_batch", "pretrain", "--run-dir", f"s3://{BUCKET}/{RUN}", "--no-tracking", *JOB],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "KANTAI_CACHE_DIR": str(cache), **env},
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait(condition: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"pretrain exited {proc.returncode} before {what}:\n{proc.stderr.read()}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.005)
+
+
+def _local_checkpoint(cache: Path, step: int) -> Path:
+    return cache / "runs" / BUCKET / CHECKPOINTS / f"checkpoint-{step}"
+
+
+def _assert_intact(step: int, tmp_path: Path) -> None:
+    """Every file the checkpoint's manifest lists is in S3 with the size and SHA-256 it records."""
+    client = boto3.client("s3")
+    prefix = f"{CHECKPOINTS}/checkpoint-{step}"
+    manifest = json.loads(client.get_object(Bucket=BUCKET, Key=f"{prefix}/{MARKER}")["Body"].read())
+    assert manifest["files"], "an empty manifest"
+    for name, expected in manifest["files"].items():
+        local = tmp_path / "verify" / str(step) / name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(BUCKET, f"{prefix}/{name}", str(local))
+        assert file_sha256(local) == expected["sha256"], name
+
+
+def test_s3_outage_during_checkpoint_uploads(own_s3, corpus_file: Path, tmp_path: Path):
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    boto3.client("s3").upload_file(str(corpus_file), BUCKET, "corpora/kantian.txt")
+    run_dir = f"s3://{BUCKET}/{RUN}"
+    invoke("prepare", "--run-dir", run_dir, "--corpus", f"s3://{BUCKET}/corpora/kantian.txt")
+    invoke("train-tokenizer", "--run-dir", run_dir, *JOB)
+
+    # 1. The server is killed the moment checkpoint-100 is marked locally, i.e. as its upload starts,
+    # and stays down: the upload fails after the client's bounded retries (the defaults: 10 attempts,
+    # at most 26 s of waiting for refused connections) and training stops with one line, exit 4.
+    first = tmp_path / "pod-1"
+    proc = _pretrain(first, tmp_path)
+    _wait(lambda: (_local_checkpoint(first, 100) / MARKER).exists(), proc, "checkpoint-100 marked locally")
+    own_s3.stop(grace_s=0)
+    down = time.monotonic()
+    _, stderr = proc.communicate(timeout=240)
+    print(f"pretrain exited {proc.returncode}, {time.monotonic() - down:.1f} s after the server was killed")
+    own_s3.start()
+    assert proc.returncode == 4, stderr
+    # The line may follow the Trainer's progress bar, which ends without a newline.
+    errors = [
+        line[line.index("kantai-batch: error:") :] for line in stderr.splitlines() if "kantai-batch: error:" in line
+    ]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    last = errors[0]
+    prefix = f"kantai-batch: error: checkpoint s3://{BUCKET}/{CHECKPOINTS}/checkpoint-"
+    assert last.startswith(prefix) and " was not committed (" in last and "resumes from it" in last, last
+    failed = int(last[len(prefix) :].split(" ")[0])
+    # Usually 100; 150 when the upload of 100 beat the kill (the server then went down before 150).
+    assert failed in (100, 150), last
+    print(last)  # for the record: what a user sees
+    complete = _complete_checkpoints()
+    assert complete and complete[-1] == failed - 50, "the checkpoint before the failed one is the newest complete"
+    assert f"checkpoint-{failed}/{MARKER}" not in _keys(f"{CHECKPOINTS}/")
+    _assert_intact(complete[-1], tmp_path)
+    assert not _keys(f"{RUN}/model/"), "no model from a stopped training"
+
+    # 2. A new pod resumes from it. This time the store goes away as an upload is about to start and
+    # comes straight back: with retries that surely outlast a restart of a few seconds
+    # (AWS_MAX_ATTEMPTS=20: the last 11 waits are up to 20 s each) training goes on.
+    second = tmp_path / "pod-2"
+    proc = _pretrain(second, tmp_path, AWS_MAX_ATTEMPTS="20")
+    _stop_before_an_upload(proc, second, own_s3, steps=range(failed, 201, 50))
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    summary = json.loads(
+        boto3.client("s3").get_object(Bucket=BUCKET, Key=f"{RUN}/model/train_summary.json")["Body"].read()
+    )
+    assert summary["resumed_from_step"] == complete[-1] and summary["global_step"] == 200
+    assert _complete_checkpoints() == [150, 200], "save_total_limit 2, every upload committed"
+    _assert_intact(200, tmp_path)
+
+
+def _stop_before_an_upload(proc: subprocess.Popen, cache: Path, server: seaweed.SeaweedS3, steps: range) -> int:
+    """Kill the server while ``proc`` is frozen between writing a checkpoint and uploading it; restart it.
+
+    The Trainer creates the checkpoint folder first and the marker (just before the upload is
+    handed to its thread) last; freezing the process once the folder exists but before the marker
+    does makes the upload start against a dead server. Returns the step whose upload met the outage.
+    """
+    for step in steps:
+        folder = _local_checkpoint(cache, step)
+        _wait(folder.exists, proc, f"checkpoint-{step} locally")
+        proc.send_signal(signal.SIGSTOP)
+        if (folder / MARKER).exists():  # the save was faster than this poll: try the next checkpoint
+            proc.send_signal(signal.SIGCONT)
+            continue
+        server.stop(grace_s=0)
+        proc.send_signal(signal.SIGCONT)
+        server.start()
+        return step
+    pytest.fail(f"never caught a checkpoint before its upload in steps {list(steps)}")
+
+
+def _write_nothing_with(access_key: str, secret_key: str, code: str, s3_server, bucket: str, tmp_path, corpus_file):
+    corpus = f"s3://{bucket}/corpora/kantian.txt"
+    boto3.client("s3").upload_file(str(corpus_file), bucket, "corpora/kantian.txt")
+    run_dir = f"s3://{bucket}/runs/denied"
+    with s3_environment(s3_server.endpoint, access_key=access_key, secret_key=secret_key):
+        result = invoke("run", "--run-dir", run_dir, "--corpus", corpus, "--no-tracking", *tiny(), expect=2)
+        assert result.stderr.strip() == (
+            f"kantai-batch: error: {run_dir}: the S3 credentials were rejected ({code}): check AWS_ACCESS_KEY_ID "
+            "and AWS_SECRET_ACCESS_KEY (or the profile)"
+        )
+        # A local run dir reading the corpus from S3: the corpus is named, the run dir never made.
+        local = tmp_path / "local-run"
+        result = invoke("prepare", "--run-dir", str(local), "--corpus", corpus, expect=2)
+        assert result.stderr.strip().startswith(f"kantai-batch: error: {corpus}: the S3 credentials were rejected")
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not local.exists()
+    assert _keys("runs/", bucket) == set(), "nothing written to S3"
+    assert not Path(os.environ["KANTAI_CACHE_DIR"]).exists(), "nothing written locally either"
+
+
+@pytest.fixture
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KANTAI_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.mark.parametrize(
+    ("access_key", "secret_key", "code"),
+    [
+        (seaweed.ACCESS_KEY, "wrong-secret", "SignatureDoesNotMatch"),
+        ("no-such-key", seaweed.SECRET_KEY, "InvalidAccessKeyId"),
+    ],
+)
+def test_rejected_credentials_are_a_config_error_before_anything_is_written(
+    access_key, secret_key, code, s3_server, bucket: str, tmp_path: Path, corpus_file: Path, fresh_cache: Path
+):
+    _write_nothing_with(access_key, secret_key, code, s3_server, bucket, tmp_path, corpus_file)
+
+
+def test_a_read_only_identity_is_denied_the_write(s3_server, bucket: str, corpus_file: Path, fresh_cache: Path):
+    run_dir = f"s3://{bucket}/runs/read-only"
+    with s3_environment(s3_server.endpoint, access_key=seaweed.READER_KEY, secret_key=seaweed.READER_SECRET):
+        result = invoke("prepare", "--run-dir", run_dir, "--corpus", str(corpus_file), expect=3)
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith(f"kantai-batch: error: {run_dir}/corpus") and "access denied (AccessDenied)" in message
+    assert _keys("runs/", bucket) == set()
+
+
+def test_prepared_run_is_unchanged_by_a_rejected_pretrain(
+    s3_server, bucket: str, corpus_file: Path, fresh_cache: Path, tmp_path: Path
+):
+    """A wrong secret on a later phase: exit 2, and the phases already in S3 are untouched."""
+    run_dir = f"s3://{bucket}/runs/kept"
+    prepared_run(run_dir, corpus_file)
+    before = {key: _etag(bucket, f"runs/{key}") for key in _keys("runs/", bucket)}
+    with s3_environment(s3_server.endpoint, secret_key="wrong-secret"):
+        result = invoke("pretrain", "--run-dir", run_dir, "--no-tracking", *tiny(), expect=2)
+    assert "the S3 credentials were rejected (SignatureDoesNotMatch)" in result.stderr
+    after = {key: _etag(bucket, f"runs/{key}") for key in _keys("runs/", bucket)}
+    assert after == before and f"kept/tokenizer/{MARKER}" in after
+
+
+def _etag(bucket: str, key: str) -> str:
+    return boto3.client("s3").head_object(Bucket=bucket, Key=key)["ETag"]
+
+
+@pytest.mark.parametrize(("name", "value"), [("AWS_MAX_ATTEMPTS", "many"), ("AWS_RETRY_MODE", "bogus")])
+def test_invalid_retry_settings_are_a_config_error(name, value, s3_endpoint, bucket: str, monkeypatch, fresh_cache):
+    monkeypatch.setenv(name, value)
+    s3.client.cache_clear()
+    try:
+        result = invoke("prepare", "--run-dir", f"s3://{bucket}/runs/x", "--corpus", "unused.txt", expect=2)
+    finally:
+        monkeypatch.delenv(name)
+        s3.client.cache_clear()
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and value in message and "AWS_MAX_ATTEMPTS, AWS_RETRY_MODE" in message
+
+
+def test_no_credentials_are_a_config_error(s3_endpoint, bucket: str, tmp_path: Path, monkeypatch, fresh_cache):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata lookups off loopback
+    s3.client.cache_clear()
+    try:
+        result = invoke("prepare", "--run-dir", f"s3://{bucket}/runs/x", "--corpus", "unused.txt", expect=2)
+    finally:
+        s3.client.cache_clear()
+    assert result.stderr.strip() == (
+        f"kantai-batch: error: s3://{bucket}/runs/x: no AWS credentials (environment, profile or web identity)"
+    )
