@@ -35,13 +35,16 @@ WAIT_JOB = for _ in $$(seq 1 100000); do \
 	  *Complete*) echo "job $(1) complete"; break;; esac; sleep 30; done
 
 .PHONY: help install browser demo bench test lint clean image push local-pretrain render submit-prepare \
-	submit-tokenizer submit-pretrain submit-evaluate submit-register submit-pipeline schedule status logs
+	submit-tokenizer submit-pretrain submit-evaluate submit-register submit-pipeline schedule status logs \
+	gpu-wheels gpu-check gpu-check-dry-run
 
 help:
 	@echo "make install   create $(VENV) with the package and its dependencies"
 	@echo "make demo      run the KantaiBERT job on the embedded defaults [CORPUS=path-or-url]"
 	@echo "make bench     the job's training throughput vs the recipe [CORPUS=... BENCH_ARGS=...]"
 	@echo "make test      run the test suite (installs Chromium for the chat page test when root)"
+	@echo "make gpu-wheels  the wheels a bare GPU machine lacks, for CPython 3.12 manylinux x86_64, in .whl/"
+	@echo "make gpu-check   on a GPU machine: gpu tests, bf16 throughput and MFU (block 128/512, compile, ZeRO-2)"
 	@echo "make lint      ruff check and format check"
 	@echo "make image     build the CUDA image $(IMAGE):$(TAG); make push pushes it"
 	@echo "make local-pretrain  docker run --gpus all the job with ./runs mounted [JOB CORPUS RUN_DIR]"
@@ -85,6 +88,20 @@ lint: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+# The GPU figures. On this machine: make gpu-wheels (and make gpu-check-dry-run to check the script).
+# On a bare GPU machine whose image has torch, transformers, accelerate and tokenizers, with .whl/
+# carried over: pip install --no-index --no-deps --target /tmp/site .whl/*.whl (one part per call when
+# gpu-wheels split the set), then make gpu-check PYTHONPATH=/tmp/site:$$PWD. No virtualenv there.
+GPU_PYTHON ?= python3
+gpu-wheels: install
+	$(BIN)/python bench/gpu_wheels.py --out .whl
+
+gpu-check:
+	PYTHONPATH="$(PYTHONPATH)" $(GPU_PYTHON) bench/gpu_check.py --out bench/results
+
+gpu-check-dry-run: install
+	$(BIN)/python bench/gpu_check.py --dry-run --out $${TMPDIR:-/tmp}/kantai-gpu-check-results
 
 image:
 	docker build -f docker/Dockerfile -t $(IMAGE):$(TAG) \

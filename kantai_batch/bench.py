@@ -1,16 +1,19 @@
-"""bench: how fast a job trains on this machine, side by side with the notebook recipe.
+"""bench: how fast a job trains and how good it gets, side by side with a baseline and variants.
 
 Each configuration trains in a fresh process (so peak memory is its own) on the same prepared corpus
-and tokenizer, for ``--steps`` steps or ``--seconds`` of wall-clock time, then both models are
-evaluated on the same held-out text, cut both ways (packed blocks and single lines) with the same
-fixed masks. Throughput is the steady state: the first step (allocation, kernel selection,
-compilation) is left out. Results are printed as a table and written to ``bench/results/`` as JSON.
+and tokenizer, for ``--steps`` steps or ``--seconds`` of training time (evaluations not counted),
+evaluated every ``--eval-every`` steps or seconds on the same held-out text with the same fixed
+masks, cut three ways: packed blocks, run_mlm's grouped lines and single lines. Throughput is the
+steady state: the first step (allocation, kernel selection, compilation) is left out. Against the
+``run_mlm`` baseline the record also says when each configuration reached the baseline's final
+held-out loss. Results are printed as a table and written to ``bench/results/`` as JSON.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -19,64 +22,112 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.errors import KantaiError
-from kantai_batch.job import Job
+from kantai_batch.baseline import BASELINES, baseline_job, grouped_lines
+from kantai_batch.curve import time_to_reach
+from kantai_batch.errors import JobConfigError, KantaiError
+from kantai_batch.job import Job, override_job
 from kantai_batch.storage import RunDir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-# The notebook's KantaiBERT: a 52,000-row vocabulary whatever the tokenizer learned, one padded
-# sample per line, the LM head on every position, fp32, RoBERTa's default dropout.
-RECIPE = {
-    "model": {"vocab_size": 52_000, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1},
-    "data": {"mode": "line_by_line"},
-    "train": {"sparse_prediction": False, "precision": "fp32", "torch_compile": False},
-}
-BASELINES = ("recipe",)
+# The held-out cuts every configuration is scored on; the first is the headline, the first two are
+# also evaluated during training (the loss curve).
+EVAL_CUTS = ("packed", "grouped", "lines")
+CURVE_CUTS = EVAL_CUTS[:2]
+# Held-out masks are the same for every configuration, whatever masking rate or seed it trains with.
+EVAL_MASKING = 0.15
 
 
 def recipe_job(job: Job) -> Job:
     """The job with the recipe's choices for everything this project changed for speed."""
-    raw = job.model_dump(mode="json")
-    for section, values in RECIPE.items():
-        raw[section].update(values)
-    return Job.model_validate(raw)
+    return baseline_job(job, "recipe")
+
+
+def variant_job(job: Job, spec: str) -> tuple[str, Job]:
+    """``NAME:key=value,key=value`` (overrides as ``--set`` takes them) as a named configuration."""
+    name, sep, overrides = spec.partition(":")
+    name = name.strip()
+    if not sep or not name or name in ("job", *BASELINES):
+        raise JobConfigError(
+            f"--variant {spec!r}: expected NAME:key=value[,key=value] with a NAME other than job and the baselines"
+        )
+    return name, override_job(job, [item for item in overrides.split(",") if item.strip()], f"--variant {name}")
 
 
 def bench(
-    job: Job, run: RunDir, *, steps: int, seconds: float | None, baseline: str | None, out_dir: Path
+    job: Job,
+    run: RunDir,
+    *,
+    steps: int | None,
+    seconds: float | None,
+    baseline: str | None,
+    out_dir: Path,
+    eval_every: float | None = None,
+    variants: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Measure the job (and the baseline), write the JSON record, return it."""
-    _prepare_inputs(job, run)
+    """Measure the job, the baseline and the variants; write the JSON record, return it.
+
+    With ``--steps`` every configuration trains (and plans its schedule for) that many steps; with
+    only ``--seconds`` each keeps its own plan (the job's ``max_steps`` or epochs, run_mlm's 3 epochs)
+    and is stopped when its training time is up.
+    """
     configs = [("job", job)]
-    if baseline == "recipe":
-        configs.append(("recipe", recipe_job(job)))
-    rows = []
-    for name, config in configs:
-        log.info("bench: training %s for %s", name, f"{seconds:.0f} s" if seconds else f"{steps} steps")
-        row = _in_fresh_process(name, config, run, steps, seconds)
-        rows.append(row)
-    record: dict[str, Any] = {
+    if baseline:
+        configs.append((baseline, baseline_job(job, baseline)))
+    configs += [variant_job(job, spec) for spec in variants]
+    names = [name for name, _ in configs]
+    if len(set(names)) != len(names):
+        raise JobConfigError(f"--variant: configuration names repeat: {', '.join(names)}")
+    _prepare_inputs(job, run)
+    header: dict[str, Any] = {
         "job": job.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine(),
         "corpus": job.corpus.source,
         "steps": steps,
         "seconds": seconds,
-        "results": rows,
+        "eval_every": eval_every,
+        "baseline": baseline,
     }
-    if len(rows) == 2:
-        ours, base = rows
-        record["speedup"] = {
-            "steady_tokens_per_second": ours["steady_tokens_per_second"] / base["steady_tokens_per_second"],
-            "real_tokens_per_second": ours["real_tokens_per_second"] / base["real_tokens_per_second"],
-        }
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    path = out_dir / f"{job.name}-{record['machine']['device_tag']}-{stamp}.json"
-    write_json_atomic(path, record)
+    path = out_dir / f"{job.name}-{header['machine']['device_tag']}-{stamp}.json"
+    rows: list[dict[str, Any]] = []
+    for name, config in configs:
+        log.info("bench: training %s for %s", name, f"{seconds:.0f} s" if seconds else f"{steps} steps")
+        row = _in_fresh_process(
+            name, config, run, steps, seconds, eval_every, baseline=name == baseline, eval_seed=job.train.seed
+        )
+        rows.append({**row, "load_average_after": _load_average()})
+        # Rewritten after every configuration: a long bench that is stopped keeps what it measured.
+        record = {**header, "complete": len(rows) == len(configs), "results": rows, **compare(rows, baseline)}
+        write_json_atomic(path, record)
     record["path"] = str(path)
     return record
+
+
+def compare(rows: list[dict[str, Any]], baseline: str | None) -> dict[str, Any]:
+    """Ratios against the baseline: throughput, and when each configuration reached its final loss."""
+    base = next((row for row in rows if row["name"] == baseline), None)
+    if base is None:
+        return {}
+    ours = rows[0]
+    result: dict[str, Any] = {
+        "speedup": {
+            key: ours[key] / base[key] for key in ("steady_tokens_per_second", "real_tokens_per_second") if base[key]
+        }
+    }
+    if baseline == "run_mlm":
+        reached: dict[str, Any] = {}
+        for cut in EVAL_CUTS[:2]:
+            target, spent = base[f"eval_loss_{cut}"], base["training_seconds"]
+            reached[cut] = {"baseline_loss": target, "baseline_seconds": spent}
+            for row in rows:
+                if row is not base:
+                    at = time_to_reach(row["curve"], f"{cut}_loss", target)
+                    reached[cut][row["name"]] = {"seconds": at, "share": at / spent if at is not None else None}
+        result["time_to_baseline_loss"] = reached
+    return result
 
 
 def machine() -> dict[str, Any]:
@@ -114,23 +165,50 @@ def format_table(record: dict[str, Any]) -> str:
         ("head", lambda r: "masked" if r["sparse_prediction"] else "dense"),
         ("precision", lambda r: r["precision"]),
         ("dropout", lambda r: f"{r['dropout']:g}"),
+        ("batch", lambda r: str(r["batch_size"])),
+        ("lr", lambda r: f"{r['learning_rate']:g} {r['lr_scheduler']}"),
         ("tokens/s", lambda r: f"{r['steady_tokens_per_second']:,.0f}"),
         ("step s", lambda r: f"{r['step_time_s']:.2f}" if r["step_time_s"] else "-"),
-        ("samples/s", lambda r: f"{r['samples_per_second']:.1f}"),
         ("MFU", lambda r: f"{100 * r['steady_mfu']:.1f}%"),
         ("peak mem", lambda r: f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"),
         ("steps", lambda r: str(r["global_step"])),
-        ("eval loss blocks", lambda r: f"{r['eval_loss_packed']:.3f}"),
-        ("eval loss lines", lambda r: f"{r['eval_loss_lines']:.3f}"),
+        ("train s", lambda r: f"{r['training_seconds']:.0f}"),
+        ("loss blocks", lambda r: f"{r['eval_loss_packed']:.3f}"),
+        ("loss grouped", lambda r: f"{r['eval_loss_grouped']:.3f}"),
+        ("loss lines", lambda r: f"{r['eval_loss_lines']:.3f}"),
+        ("masked acc", lambda r: f"{100 * r['eval_masked_accuracy_packed']:.1f}%"),
     )
     cells = [[header for header, _ in columns]] + [[cell(r) for _, cell in columns] for r in record["results"]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = ["  ".join(value.rjust(width) for value, width in zip(row, widths, strict=True)) for row in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
     if "speedup" in record:
-        lines.append(f"speedup over the recipe: {record['speedup']['steady_tokens_per_second']:.2f}x real tokens/s")
-    lines.append(f"machine: {record['machine']['device']}, torch {record['machine']['torch']}")
+        lines.append(
+            f"speedup over {record['baseline']}: {record['speedup']['steady_tokens_per_second']:.2f}x real tokens/s"
+        )
+    for cut, reached in record.get("time_to_baseline_loss", {}).items():
+        for name, at in reached.items():
+            if isinstance(at, dict):
+                when = (
+                    f"{at['seconds']:.0f} s ({100 * at['share']:.0f}% of its time)" if at["seconds"] else "not reached"
+                )
+                lines.append(
+                    f"{name} reached run_mlm's final {cut} loss {reached['baseline_loss']:.3f} "
+                    f"(at {reached['baseline_seconds']:.0f} s): {when}"
+                )
+    lines.append(
+        f"machine: {record['machine']['device']}, torch {record['machine']['torch']}, "
+        f"load average after the last configuration {record['results'][-1]['load_average_after']}"
+    )
     return "\n".join(lines)
+
+
+def _load_average() -> list[float] | None:
+    # Other work on the machine slows every configuration; the record says how busy it was.
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _prepare_inputs(job: Job, run: RunDir) -> None:
@@ -172,13 +250,60 @@ def _in_fresh_process(name: str, job: Job, run: RunDir, steps: int, seconds: flo
         return json.loads(out.read_text())
 
 
+def _in_fresh_process(
+    name: str,
+    job: Job,
+    run: RunDir,
+    steps: int | None,
+    seconds: float | None,
+    eval_every: float | None,
+    *,
+    baseline: bool,
+    eval_seed: int,
+) -> dict[str, Any]:
+    """``_measure`` in a new interpreter: its own peak memory, no state left by the previous config.
+
+    A plain subprocess rather than a multiprocessing pool: transformers' seeded collators refuse to
+    run in a multiprocessing child that is not a DataLoader worker.
+    """
+    with tempfile.TemporaryDirectory(prefix="kantai-bench-") as scratch:
+        spec, out = Path(scratch) / "spec.json", Path(scratch) / "result.json"
+        spec.write_text(
+            json.dumps(
+                {
+                    "name": name,
+                    "job": job.model_dump(mode="json"),
+                    "run_root": str(run.root),
+                    "steps": steps,
+                    "seconds": seconds,
+                    "eval_every": eval_every,
+                    "grouped_training": baseline and name == "run_mlm",
+                    "eval_seed": eval_seed,
+                    "level": logging.getLogger().getEffectiveLevel(),
+                }
+            )
+        )
+        # The worker's stdout (the Trainer prints its metrics there) joins the logs on stderr.
+        command = [sys.executable, "-m", "kantai_batch.bench", str(spec), str(out)]
+        done = subprocess.run(command, stdout=sys.__stderr__, check=False)
+        if done.returncode != 0 or not out.is_file():
+            raise KantaiError(f"bench: training the {name} configuration failed (exit {done.returncode}; see above)")
+        return json.loads(out.read_text())
+
+
 def _measure(
-    name: str, job: dict[str, Any], run_root: str, steps: int, seconds: float | None, level: int
+    name: str,
+    job: dict[str, Any],
+    run_root: str,
+    steps: int | None,
+    seconds: float | None,
+    eval_every: float | None,
+    grouped_training: bool,
+    eval_seed: int,
+    level: int,
 ) -> dict[str, Any]:
     """Train one configuration and evaluate it; runs in its own interpreter."""
-    from transformers import TrainerCallback
-
-    from kantai_batch.data import build_split
+    from kantai_batch.curve import LossCurve
     from kantai_batch.model import init_model
     from kantai_batch.tokenizer import load_tokenizer
     from kantai_batch.train import build_trainer, training_arguments
@@ -189,47 +314,66 @@ def _measure(
     run.require(run.corpus, "corpus", "prepare")
     tokenizer = load_tokenizer(run.require(run.tokenizer, "tokenizer", "train-tokenizer"))
     model = init_model(job, len(tokenizer))
-
-    class TimeLimit(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if seconds and time.perf_counter() - self.start >= seconds:
-                control.should_training_stop = True
-            return control
-
+    by_steps = steps is not None and not seconds
+    curve = LossCurve(seconds=seconds, eval_seconds=eval_every if seconds else None)
     with tempfile.TemporaryDirectory(prefix="kantai-bench-") as scratch:
-        args = training_arguments(
-            job,
-            Path(scratch),
-            track=False,
-            max_steps=steps,
-            save_strategy="no",
-            eval_strategy="no",
-            logging_steps=max(1, steps // 10),
-            disable_tqdm=True,
-        )
-        session = build_trainer(job, model, tokenizer, args, run.corpus, callbacks=[TimeLimit()])
-        result = session.trainer.train()
-        evaluations = {}
-        for mode in ("packed", "line_by_line"):
-            cut = job.model_copy(update={"data": job.data.model_copy(update={"mode": mode})})
-            samples = build_split(run.corpus / "eval.txt", cut, tokenizer, fix_masks=True, what=f"eval ({mode})")
-            evaluations[mode] = session.trainer.evaluate(samples)["eval_loss"]
+        overrides: dict[str, Any] = dict(save_strategy="no", disable_tqdm=True)
+        if steps is not None:
+            overrides.update(max_steps=steps, logging_steps=max(1, steps // 10))
+        if by_steps and eval_every:
+            overrides.update(eval_strategy="steps", eval_steps=int(eval_every))
+        else:
+            overrides.update(eval_strategy="no")
+        args = training_arguments(job, Path(scratch), track=False, **overrides)
+        session = build_trainer(job, model, tokenizer, args, run.corpus, callbacks=[curve])
+        trainer = session.trainer
+        if grouped_training:
+            trainer.train_dataset = grouped_lines(
+                run.corpus / "train.txt", tokenizer, job.data.block_size, what="train split"
+            )
+        cuts = _eval_cuts(job, tokenizer, run, eval_seed)
+        trainer.eval_dataset = {cut: cuts[cut] for cut in CURVE_CUTS}
+        result = trainer.train()
+        final = trainer.evaluate(cuts)
     return {
         "name": name,
-        "global_step": session.trainer.state.global_step,
+        "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
         "train_runtime_s": result.metrics["train_runtime"],
-        "data_mode": job.data.mode,
+        "training_seconds": curve.training_seconds(),
+        "data_mode": "grouped" if grouped_training else job.data.mode,
         "dropout": job.model.hidden_dropout_prob,
         "batch_size": job.train.per_device_batch_size,
         "block_size": job.data.block_size,
-        "eval_loss_packed": evaluations["packed"],
-        "eval_loss_lines": evaluations["line_by_line"],
+        "lr_scheduler": job.train.lr_scheduler,
+        "mlm_probability": job.train.mlm_probability,
+        "seed": job.train.seed,
+        **{f"eval_loss_{cut}": final[f"eval_{cut}_loss"] for cut in EVAL_CUTS},
+        "eval_masked_accuracy_packed": final.get("eval_packed_masked_accuracy"),
+        "curve": curve.points,
+        "train": job.train.model_dump(mode="json"),
         **session.summary(),
     }
+
+
+def _eval_cuts(job: Job, tokenizer, run: RunDir, seed: int) -> dict[str, Any]:
+    """The held-out split as packed blocks, run_mlm's grouped lines and single lines, with the same
+    fixed masks for every configuration, so all are scored on the same tokens."""
+    from kantai_batch.data import build_split, mask_once
+
+    text = run.corpus / "eval.txt"
+    train = job.train.model_copy(update={"mlm_probability": EVAL_MASKING, "seed": seed})
+    job = job.model_copy(update={"train": train})
+    cuts = {}
+    for cut in EVAL_CUTS:
+        if cut == "grouped":
+            samples = grouped_lines(text, tokenizer, job.data.block_size, what="eval (grouped)")
+            cuts[cut] = mask_once(samples, job, tokenizer, "eval (grouped)")
+        else:
+            mode = "line_by_line" if cut == "lines" else cut
+            shaped = job.model_copy(update={"data": job.data.model_copy(update={"mode": mode})})
+            cuts[cut] = build_split(text, shaped, tokenizer, fix_masks=True, what=f"eval ({mode})")
+    return cuts
 
 
 if __name__ == "__main__":

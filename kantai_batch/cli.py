@@ -320,14 +320,27 @@ def chat(job: Job, run: RunDir, model_uri: str | None, sampling, serve: bool, ho
 @click.option(
     "--steps",
     type=click.IntRange(min=2),
-    help="Training steps per configuration [default: 10, or no limit with --seconds].",
+    help="Training steps per configuration, its schedule planned for them [default: 10; with --seconds, each "
+    "configuration's own plan].",
 )
 @click.option(
     "--seconds",
     type=click.FloatRange(min=1),
-    help="Train each configuration for this long instead (--steps is then the upper bound).",
+    help="Stop each configuration after this much training time (evaluations not counted).",
 )
-@click.option("--baseline", type=click.Choice(["recipe"]), help="Also train the notebook recipe, for the ratio.")
+@click.option(
+    "--baseline",
+    type=click.Choice(["recipe", "run_mlm"]),
+    help="Also train a baseline: the notebook recipe, or transformers' run_mlm.py as a skilled user runs it.",
+)
+@click.option(
+    "--eval-every", type=click.FloatRange(min=1),
+    help="Evaluate on the held-out text every this many steps (with --steps) or training seconds (with --seconds).",
+)  # fmt: skip
+@click.option(
+    "--variant", "variants", multiple=True, metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+    help="Also train the job with these overrides, under NAME (repeatable).",
+)  # fmt: skip
 @click.option(
     "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
     help="Folder for the JSON record.",
@@ -339,18 +352,30 @@ def bench(
     steps: int | None,
     seconds: float | None,
     baseline: str | None,
+    eval_every: float | None,
+    variants: tuple[str, ...],
     out_dir: Path,
     as_json: bool,
 ) -> None:
-    """Training throughput (tokens/s, step time, MFU, peak memory) and eval loss, optionally vs the recipe.
+    """Training throughput (tokens/s, step time, MFU, peak memory) and held-out loss, vs a baseline and variants.
 
     The corpus and tokenizer come from the run dir, prepared there first if needed.
     """
     from kantai_batch.bench import bench as bench_phase
     from kantai_batch.bench import format_table
 
-    steps = steps or (1_000_000 if seconds else 10)
-    record = bench_phase(job, run, steps=steps, seconds=seconds, baseline=baseline, out_dir=out_dir)
+    if steps is None and seconds is None:
+        steps = 10
+    record = bench_phase(
+        job,
+        run,
+        steps=steps,
+        seconds=seconds,
+        baseline=baseline,
+        out_dir=out_dir,
+        eval_every=eval_every,
+        variants=variants,
+    )
     emit(json.dumps(record, indent=2) if as_json else format_table(record) + f"\nwritten to {record['path']}")
 
 
@@ -408,6 +433,19 @@ def run_all(job: Job, run: RunDir, tracking: bool, register_as: str | None, alia
         _show_generation(generation, as_json=False)
     else:
         _show_fill_mask(_model(None, run), job.infer.fill_mask_text, job.infer.top_k, as_json=False)
+        _show_probes(run)
+
+
+def _show_probes(run: RunDir) -> None:
+    """The probe hits evaluate recorded, after the fill-mask answers."""
+    from kantai_batch.evaluate import METRICS_FILE
+    from kantai_batch.probes import format_quality
+
+    metrics_file = run.eval / METRICS_FILE
+    if metrics_file.is_file():
+        quality = json.loads(metrics_file.read_text(encoding="utf-8")).get("quality", {})
+        for line in format_quality(quality)[1:]:  # the fill-mask line is shown above in full
+            emit(line)
 
 
 @cli.command(
@@ -491,8 +529,13 @@ def _print_metrics(metrics: dict[str, Any], as_json: bool) -> None:
     if as_json:
         emit(json.dumps(metrics, indent=2))
         return
+    from kantai_batch.probes import format_quality
+
     for key, value in metrics.items():
-        emit(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+        if key != "quality":
+            emit(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    for line in format_quality(metrics.get("quality", {})):
+        emit(line)
 
 
 def main() -> None:

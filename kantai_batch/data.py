@@ -72,7 +72,7 @@ def build_split(path: Path, job: Job, tokenizer, *, fix_masks: bool, what: str):
             "use a larger corpus or a smaller data.block_size"
         )
     if fix_masks:
-        samples = _mask_once(samples, job, tokenizer, what)
+        samples = mask_once(samples, job, tokenizer, what)
     return samples
 
 
@@ -91,7 +91,7 @@ def _pack(batch: dict[str, list[str]], tokenizer, block_size: int) -> dict[str, 
     return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "special_tokens_mask": special}
 
 
-def _mask_once(samples, job: Job, tokenizer, what: str):
+def mask_once(samples, job: Job, tokenizer, what: str):
     from transformers import DataCollatorForLanguageModeling
 
     masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=job.train.mlm_probability, seed=job.train.seed)

@@ -21,6 +21,7 @@ from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.job import Job
 from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer, require_task
 from kantai_batch.objective import ACCURACY, accuracy_metric, collator, mean_loss_per_rank, predicted_ids, task_of
+from kantai_batch.probes import format_quality, quality_report, read_probes
 from kantai_batch.storage import RunDir, fetched, write_json_atomic
 from kantai_batch.train import perplexity, training_arguments
 
@@ -37,6 +38,8 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
     task = task_of(config) or job.task
     require_task(config, model_dir, task, "evaluate")
     tokenizer = load_model_tokenizer(model_dir)
+    # A bad probe file fails before the evaluation, not after it.
+    probes = read_probes(job.eval.probes, tokenizer.mask_token) if task == "mlm" and job.eval.probes else None
     model = load_lm(model_dir, task)
     if corpus is None:
         with local_main_first():
@@ -54,6 +57,8 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
     metrics.update(model=str(model_dir), corpus=corpus_name)
     if not is_main_process():
         return metrics  # every rank evaluated its share; the main process commits
+    if task == "mlm":
+        metrics["quality"] = quality_report(model.eval(), tokenizer, job, probes)
     with run.committed(run.eval, inputs_sha256=fingerprint_of(job, "evaluate", run, model_dir=model_dir)) as out:
         write_json_atomic(out / METRICS_FILE, metrics)
     log.info(
@@ -64,6 +69,8 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
         metrics[ACCURACY[task]],
         f"{metrics['scored_tokens']:,}",
     )
+    for line in format_quality(metrics.get("quality", {})):
+        log.info("evaluate: %s", line)
     return metrics
 
 

@@ -20,7 +20,10 @@ _READS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prepare": (("corpus", "data.eval_fraction", "train.seed"), ()),
     "train-tokenizer": (("corpus", "tokenizer"), ("corpus",)),
     "pretrain": (("task", "model", "data", "train"), ("corpus", "tokenizer")),
-    "evaluate": (("data", "train.mlm_probability", "train.seed", "train.per_device_batch_size"), ("corpus", "model")),
+    "evaluate": (
+        ("data", "train.mlm_probability", "train.seed", "train.per_device_batch_size", "eval", "infer"),
+        ("corpus", "model"),
+    ),
 }
 
 

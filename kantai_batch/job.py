@@ -232,6 +232,13 @@ class InferSection(_Section):
     """mlm: predictions shown per mask."""
 
 
+class EvalSection(_Section):
+    probes: str | None = None
+    """mlm: a probe file, lines of `TEXT -> ANSWER, ANSWER` with one mask token in TEXT, that `evaluate`
+    and `run` score as top-1 and top-`infer.top_k` hits (e.g. the shipped `jobs/probes/kant.txt`); a
+    relative path is taken from the working directory (the image's is the folder holding `jobs/`)."""
+
+
 class GenerateSection(_Section):
     """clm: what `run` generates at the end, and the defaults of `generate` and `chat`."""
 
@@ -267,6 +274,8 @@ class Job(_Section):
     """The Trainer's settings (`pretrain`)."""
     infer: InferSection = InferSection()
     """What `run` shows at the end of an mlm job."""
+    eval: EvalSection = EvalSection()
+    """What `evaluate` reports next to loss and accuracy."""
     generate: GenerateSection = GenerateSection()
     """What `run` shows at the end of a clm job; the defaults of `generate` and `chat`."""
 
@@ -360,3 +369,14 @@ def _describe(exc: ValidationError) -> str:
             msg = f"{msg} (got {error['input']!r})"
         messages.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(messages)
+
+
+def override_job(job: Job, overrides: tuple[str, ...] | list[str], where: str) -> Job:
+    """``job`` with ``key=value`` overrides applied and validated; errors name ``where``."""
+    raw = job.model_dump(mode="json")
+    for override in overrides:
+        _apply_override(raw, override)
+    try:
+        return Job.model_validate(raw)
+    except ValidationError as exc:
+        raise JobConfigError(f"{where}: {_describe(exc)}") from None

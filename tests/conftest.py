@@ -150,7 +150,13 @@ def torchrun(
     return subprocess.run(
         command,
         cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})},
+        # The checkout first, then whatever PYTHONPATH holds already (make gpu-check's installed wheels).
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            "OMP_NUM_THREADS": "1",
+            **(env or {}),
+        },
         capture_output=True,
         text=True,
         timeout=300,

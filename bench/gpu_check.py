@@ -1,0 +1,155 @@
+"""`make gpu-check`: the GPU figures in one command, sized for about 8 minutes on one H100.
+
+1. The gpu-marked tests (bf16 under DeepSpeed ZeRO-2).
+2. The KantaiBERT model (6 x 768 x 12, the Kant tokenizer's 8,384-row vocabulary) trained in bf16 with
+   `kantai-batch bench`: blocks of 128 and of 512, each eager and with torch.compile, at batches of
+   about 64k tokens (128k where the card has over 100 GiB), and once under DeepSpeed ZeRO-2.
+3. A table of steady tokens/s and MFU against the card's bf16 dense peak; the bench records land
+   in bench/results/ (and in $OUT when it is set).
+
+The machine cannot reach the internet, so the corpus is generated: Kantian sentences, enough for the
+steps (throughput and MFU do not depend on what the text says). `--dry-run` runs the same plumbing
+with a tiny model for 3 steps on any machine (no compile, no DeepSpeed), to check the script itself.
+
+    python bench/gpu_check.py [--dry-run] [--steps 60] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KANTAI_VOCAB = 8384  # the Kant tokenizer's size rounded up to 64, as model.vocab_size auto gives
+TINY = ("model.num_hidden_layers=2", "model.hidden_size=64", "model.num_attention_heads=2",
+        "model.intermediate_size=128", "tokenizer.vocab_size=1000")  # fmt: skip
+
+_WORDS = {
+    "subject": ["reason", "the understanding", "pure intuition", "experience", "the mind", "human thinking", "nature",
+                "the transcendental unity of apperception", "every conception", "sensibility", "the soul"],
+    "verb": ["involves", "determines", "transcends", "requires", "contains", "presupposes", "limits", "cognizes"],
+    "object": ["human reason", "a priori cognition", "the conditions of experience", "space and time",
+               "every object", "the categories", "the unconditioned", "synthetical judgements", "phenomena"],
+}  # fmt: skip
+
+
+def corpus(path: Path, paragraphs: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as out:
+        for _ in range(paragraphs):
+            sentences = (
+                f"{rng.choice(_WORDS['subject']).capitalize()} {rng.choice(_WORDS['verb'])} "
+                f"{rng.choice(_WORDS['object'])}{rng.choice(['.', ';', ', and thus', '.'])}"
+                for _ in range(rng.randint(4, 9))
+            )
+            out.write(" ".join(sentences) + "\n\n")
+    return path
+
+
+def batch_for(block: int, dry_run: bool) -> int:
+    if dry_run:
+        return 4
+    import torch
+
+    tokens = 131072 if torch.cuda.get_device_properties(0).total_memory > 100 * 2**30 else 65536
+    return tokens // block
+
+
+def bench(run_dir: Path, source: Path, out: Path, steps: int, sets: list[str], variants: list[str], env=None):
+    command = [sys.executable, "-m", "kantai_batch", "--log-level", "warning", "bench", "--run-dir", str(run_dir),
+               "--corpus", str(source), "--steps", str(steps), "--out", str(out), "--json"]  # fmt: skip
+    for item in sets:
+        command += ["--set", item]
+    for variant in variants:
+        command += ["--variant", variant]
+    done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"gpu-check: bench failed (exit {done.returncode}): {' '.join(command)}")
+    return json.loads(done.stdout)
+
+
+def single_process_env() -> dict[str, str]:
+    """DeepSpeed initializes a process group even for one process: give it a rendezvous of one."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ranks = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    return {**os.environ, **ranks, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def measure(args: argparse.Namespace, scratch: Path) -> list[dict]:
+    source = corpus(scratch / "kantian.txt", 300 if args.dry_run else 20_000)
+    shape = list(TINY) if args.dry_run else [f"model.vocab_size={KANTAI_VOCAB}"]
+    common = [*shape, "train.precision=auto" if args.dry_run else "train.precision=bf16"]
+    b128, b512 = batch_for(128, args.dry_run), batch_for(512, args.dry_run)
+    long = f"data.block_size=512,train.per_device_batch_size={b512}"
+    variants = [f"b512:{long}"]
+    if not args.dry_run:
+        compiled = "train.torch_compile=true"
+        variants = [f"b128-compile:{compiled}", f"b512:{long}", f"b512-compile:{long},{compiled}"]
+    records = [
+        bench(scratch / "run", source, args.out, args.steps, [*common, f"train.per_device_batch_size={b128}"], variants)
+    ]
+    if not args.dry_run:
+        zero2 = [
+            *common,
+            f"train.per_device_batch_size={b128}",
+            f"train.deepspeed={ROOT / 'jobs/deepspeed/zero2.json'}",
+        ]
+        records.append(bench(scratch / "run", source, args.out, args.steps, zero2, [], env=single_process_env()))
+    return records
+
+
+def table(records: list[dict]) -> str:
+    lines = [f"{'config':>13} {'block':>5} {'batch':>5} {'compile':>7} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>8} "
+             f"{'train s':>7} {'parallelism':>18}"]  # fmt: skip
+    for record in records:
+        for row in record["results"]:
+            name = "zero2" if row["parallelism"].startswith("DeepSpeed") else row["name"]
+            name = "b128" if name == "job" else name
+            lines.append(
+                f"{name:>13} {row['block_size']:>5} {row['batch_size']:>5} {str(row['torch_compile']):>7} "
+                f"{row['steady_tokens_per_second']:>10,.0f} {100 * row['steady_mfu']:>5.1f}% "
+                f"{row['peak_memory_bytes'] / 2**30:>8.1f} {row['train_runtime_s']:>7.0f} {row['parallelism']:>18}"
+            )
+    device = records[0]["machine"]["device"]
+    peak = records[0]["results"][0]["peak_flops"] / 1e12
+    lines.append(f"MFU against {peak:.0f} TFLOP/s bf16 dense peak of {device}; records: "
+                 + ", ".join(r["path"] for r in records))  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="Tiny model, 3 steps, any machine.")
+    parser.add_argument("--steps", type=int, default=None, help="Steps per configuration [60; 3 with --dry-run].")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/kantai-gpu-check"))
+    args = parser.parse_args()
+    args.steps = args.steps or (3 if args.dry_run else 60)
+    args.out = args.out.resolve()
+    if not args.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("gpu-check: no CUDA device here; --dry-run checks the script on any machine")
+        tests = [sys.executable, "-m", "pytest", "-m", "gpu", "-s", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+        print("gpu-check: gpu tests exit", subprocess.run(tests, cwd=ROOT, check=False).returncode, flush=True)
+    shutil.rmtree(args.scratch, ignore_errors=True)
+    args.scratch.mkdir(parents=True)
+    records = measure(args, args.scratch)
+    print(table(records), flush=True)
+    if os.environ.get("OUT"):
+        for record in records:
+            shutil.copy(record["path"], os.environ["OUT"])
+
+
+if __name__ == "__main__":
+    main()

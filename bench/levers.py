@@ -1,0 +1,64 @@
+"""The time-to-quality lever screen behind README's recipe table: fixed steps, one lever at a time.
+
+Loss at equal steps does not depend on how busy the CPU is, so the screen compares configurations
+at a fixed step count; the levers that change step time (batch size, masking rate, compile) are
+timed side by side in one bench run. Stage 1 picks the peak learning rate (with RoBERTa's AdamW
+settings and a warm-up); stage 2 varies one lever at a time around the winner. Every stage is one
+`kantai-batch bench` record under bench/results/levers/.
+
+    python bench/levers.py --corpus ../shared/data/kant.txt --run-dir runs/levers [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from kantai_batch.bench import bench
+from kantai_batch.job import load_job
+from kantai_batch.storage import RunDir
+
+ROBERTA = "train.adam_beta2=0.98,train.adam_epsilon=1e-6,train.weight_decay=0.01,train.warmup_ratio=0.1"
+RATES = ("3e-4", "1e-4", "1e-3")
+
+
+def stage_two(best: str) -> list[str]:
+    around = f"{ROBERTA},train.learning_rate={best}"
+    # The linear schedule around the winner is stage 1's winning row itself.
+    return [
+        f"wsd:{around},train.lr_scheduler=warmup_stable_decay,train.decay_ratio=0.2",
+        f"mask30:{around},train.mlm_probability=0.3",
+        f"cosine:{around},train.lr_scheduler=cosine",
+        f"noclip:{around},train.max_grad_norm=0",
+    ]
+
+
+def final_loss(record: dict, name: str) -> float:
+    return next(row["eval_loss_packed"] for row in record["results"] if row["name"] == name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", required=True)
+    parser.add_argument("--run-dir", default="runs/levers")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--eval-every", type=float, default=20)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/levers"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    job = load_job(None, args.overrides, corpus=args.corpus)
+    run = RunDir.from_uri(args.run_dir)
+    common = dict(steps=args.steps, seconds=None, baseline=None, out_dir=args.out, eval_every=args.eval_every)
+    rates = [f"lr{rate}:{ROBERTA},train.learning_rate={rate}" for rate in RATES]
+    first = bench(job, run, variants=tuple(rates), **common)
+    best = min(RATES, key=lambda rate: final_loss(first, f"lr{rate}"))
+    print(json.dumps({"stage": 1, "record": first["path"], "best_learning_rate": best}), flush=True)
+    second = bench(job, run, variants=tuple(stage_two(best)), **common)
+    print(json.dumps({"stage": 2, "record": second["path"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

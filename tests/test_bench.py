@@ -1,0 +1,78 @@
+"""bench against run_mlm: the baseline's recipe, the loss curve, variants, time to the baseline's loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import invoke, prepared_run, tiny
+from kantai_batch.baseline import grouped_lines
+from kantai_batch.curve import time_to_reach
+
+
+def test_grouped_lines_is_run_mlms_group_texts(tmp_path: Path, corpus_file: Path):
+    run = prepared_run(tmp_path / "run", corpus_file)
+    tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
+    text = run / "corpus" / "train.txt"
+    blocks = grouped_lines(text, tokenizer, 32, what="train")
+    lines = text.read_text(encoding="utf-8").splitlines()
+    # As in run_mlm, each map batch of 1,000 lines is grouped on its own and drops its tail.
+    expected = []
+    for start in range(0, len(lines), 1000):
+        stream = [token for line in lines[start : start + 1000] for token in tokenizer(line)["input_ids"]]
+        expected += stream[: len(stream) // 32 * 32]
+    assert all(len(ids) == 32 for ids in blocks["input_ids"])
+    assert [token for ids in blocks["input_ids"] for token in ids] == expected
+    # Every line keeps its own <s> ... </s>, blank lines included, as run_mlm tokenizes them.
+    assert sum(ids.count(tokenizer.bos_token_id) for ids in blocks["input_ids"]) > len(blocks)
+    assert all(len(mask) == 32 for mask in blocks["special_tokens_mask"])
+
+
+def test_time_to_reach_interpolates_between_evaluations():
+    points = [
+        {"seconds": 10, "step": 1, "packed_loss": 8.0},
+        {"seconds": 20, "step": 2, "packed_loss": 6.0},
+        {"seconds": 30, "step": 3, "packed_loss": 5.0},
+    ]
+    assert time_to_reach(points, "packed_loss", 7.0) == pytest.approx(15.0)
+    assert time_to_reach(points, "packed_loss", 8.5) == 10
+    assert time_to_reach(points, "packed_loss", 4.0) is None
+
+
+@pytest.mark.slow
+def test_bench_against_run_mlm_with_a_variant(tmp_path: Path, corpus_file: Path):
+    out = tmp_path / "results"
+    result = invoke(
+        "bench", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file), *tiny(),
+        "--steps", "4", "--eval-every", "2", "--baseline", "run_mlm",
+        "--variant", "wsd:train.lr_scheduler=warmup_stable_decay,train.mlm_probability=0.3", "--out", str(out),
+    )  # fmt: skip
+    (record_file,) = out.glob("kantaibert-*.json")
+    record = json.loads(record_file.read_text())
+    job, run_mlm, wsd = record["results"]
+    assert (job["name"], run_mlm["name"], wsd["name"]) == ("job", "run_mlm", "wsd")
+    assert (run_mlm["data_mode"], run_mlm["dropout"], run_mlm["batch_size"]) == ("grouped", 0.1, 8)
+    assert run_mlm["sparse_prediction"] is False and run_mlm["vocab_size"] == job["vocab_size"] < 1024
+    assert run_mlm["learning_rate"] == 5e-5 and run_mlm["train"]["weight_decay"] == 0.0
+    assert (wsd["lr_scheduler"], wsd["mlm_probability"]) == ("warmup_stable_decay", 0.3)
+    for row in record["results"]:
+        assert [point["step"] for point in row["curve"]] == [2, 4]
+        assert row["curve"][-1]["packed_loss"] == pytest.approx(row["eval_loss_packed"], rel=1e-5)
+        assert row["eval_loss_grouped"] > 0 and row["eval_loss_lines"] > 0 and row["training_seconds"] > 0
+    # Held-out masks are the same for all, whatever rate a configuration trains with.
+    reached = record["time_to_baseline_loss"]["packed"]
+    assert reached["baseline_loss"] == run_mlm["eval_loss_packed"]
+    assert set(reached) == {"baseline_loss", "baseline_seconds", "job", "wsd"}
+    assert "reached run_mlm's final packed loss" in result.stdout
+
+
+def test_bad_variant_is_a_config_error(tmp_path: Path, corpus_file: Path):
+    result = invoke(
+        "bench", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file),
+        "--variant", "fast:train.learning_rte=1", expect=2,
+    )  # fmt: skip
+    assert "--variant fast: train.learning_rte: unknown key" in result.stderr
+    assert not (tmp_path / "run").exists(), "nothing is prepared before the configurations are valid"

@@ -1,0 +1,110 @@
+"""Quality probes: the probe file, the hits evaluate and run report, and the shipped Kant probes."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, invoke, kantian_text, tiny
+from kantai_batch.errors import InputDataError, SourceUnavailableError
+from kantai_batch.infer import fill_mask
+from kantai_batch.probes import read_probes
+
+
+def _probe_file(path: Path, lines: list[str]) -> Path:
+    path.write_text("# a comment, then a blank line\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_shipped_kant_probes_parse():
+    probes = read_probes(ROOT / "jobs" / "probes" / "kant.txt")
+    assert len(probes) >= 20
+    assert all(probe.text.count("<mask>") == 1 and probe.answers for probe in probes)
+    recipe = next(probe for probe in probes if probe.text == "Human thinking involves human <mask>.")
+    assert {"reason", "understanding", "conception", "experience"} <= set(recipe.answers)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("Reason is <mask>.", "line 3: expected 'TEXT -> ANSWER[, ANSWER...]'"),
+        ("Reason is <mask>. -> ", "line 3: expected 'TEXT -> ANSWER[, ANSWER...]'"),
+        ("Reason <mask> is <mask>. -> pure", "line 3: the text needs exactly one <mask>, got 2"),
+        ("Reason is pure. -> pure", "line 3: the text needs exactly one <mask>, got 0"),
+    ],
+)
+def test_malformed_probe_lines_name_file_and_line(tmp_path: Path, line: str, message: str):
+    path = _probe_file(tmp_path / "probes.txt", [line])
+    with pytest.raises(InputDataError, match=re.escape(message)) as caught:
+        read_probes(path)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_or_empty_probe_file(tmp_path: Path):
+    with pytest.raises(SourceUnavailableError, match="does not exist"):
+        read_probes(tmp_path / "nope.txt")
+    with pytest.raises(InputDataError, match="has no probes"):
+        read_probes(_probe_file(tmp_path / "empty.txt", []))
+
+
+@pytest.fixture
+def held_out(tmp_path: Path) -> Path:
+    text = tmp_path / "held-out.txt"
+    text.write_text(kantian_text(40, seed=7), encoding="utf-8")
+    return text
+
+
+@pytest.mark.slow
+def test_evaluate_scores_probes_against_the_models_own_predictions(trained_run: Path, tmp_path: Path, held_out: Path):
+    model = trained_run / "model"
+    texts = ["Reason determines <mask> cognition.", "The mind <mask> every object."]
+    # The model's own first choice must count as a hit at 1, a word it never predicts as a miss.
+    firsts = [fill_mask(model, text, top_k=1)[0][0]["token_str"].strip() for text in texts]
+    probes = _probe_file(
+        tmp_path / "probes.txt",
+        [f"{texts[0]} -> {firsts[0]}", f"{texts[1]} -> zzzz, {firsts[1].upper()}", f"{texts[0]} -> zzzz"],
+    )
+    result = invoke(
+        "evaluate", "--run-dir", str(tmp_path / "run"), "--model", str(model), "--corpus", str(held_out),
+        "--json", *tiny(f"eval.probes={probes}"),
+    )  # fmt: skip
+    quality = json.loads(result.stdout)["quality"]
+    assert quality["fill_mask"]["text"] == "Human thinking involves human <mask>."
+    assert len(quality["fill_mask"]["predicted"]) == 5
+    scored = quality["probes"]
+    assert (scored["probes"], scored["top1_hits"], scored["topk_hits"]) == (3, 2, 2)
+    assert [row["rank"] for row in scored["results"]] == [1, 1, None]
+    table = invoke("evaluate", "--run-dir", str(tmp_path / "run"), "--model", str(model), "--corpus", str(held_out),
+                   *tiny(f"eval.probes={probes}"))  # fmt: skip
+    assert "probes: 2/3 right at top 1, 2/3 in the top 5" in table.stdout
+    assert "fill-mask 'Human thinking involves human <mask>.'" in table.stdout
+
+
+@pytest.mark.slow
+def test_bad_probe_file_fails_before_evaluating_and_keeps_metrics(trained_run: Path, tmp_path: Path, held_out: Path):
+    run_dir = tmp_path / "run"
+    args = ("evaluate", "--run-dir", str(run_dir), "--model", str(trained_run / "model"), "--corpus", str(held_out))
+    invoke(*args, *tiny())
+    metrics = (run_dir / "eval" / "metrics.json").read_bytes()
+    bad = _probe_file(tmp_path / "bad.txt", ["no mask here -> word"])
+    result = invoke(*args, *tiny(f"eval.probes={bad}"), expect=3)
+    assert result.stderr.strip().splitlines() == [
+        f"kantai-batch: error: probe file {bad}, line 3: the text needs exactly one <mask>, got 0"
+    ]
+    assert (run_dir / "eval" / "metrics.json").read_bytes() == metrics
+
+
+@pytest.mark.slow
+def test_run_prints_the_probe_hits_after_the_fill_mask_answers(tmp_path: Path, corpus_file: Path):
+    probes = _probe_file(tmp_path / "probes.txt", ["Reason determines <mask> cognition. -> every, the"])
+    result = invoke(
+        "run", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file), "--no-tracking",
+        *tiny("train.max_steps=5", f"eval.probes={probes}"),
+    )  # fmt: skip
+    assert result.stdout.strip().splitlines()[-1].startswith("probes: ")
+    assert "/1 in the top 5" in result.stdout
+    saved = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert saved["quality"]["probes"]["probes"] == 1
