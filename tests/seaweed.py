@@ -139,24 +139,36 @@ class SeaweedS3:
         )
 
     def stop(self, grace_s: float = 3.0) -> None:
-        """SIGTERM, a bounded wait, then SIGKILL: weed ignores SIGTERM for 25 s and more."""
+        """SIGTERM, a bounded wait, then SIGKILL: after SIGTERM weed goes on serving for many seconds."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        if grace_s > 0:
-            process.terminate()
-            try:
-                process.wait(timeout=grace_s)
-                return
-            except subprocess.TimeoutExpired:
-                pass
-        process.kill()
-        process.wait(timeout=30)
+        if process is not None and process.poll() is None:
+            _end(process, grace_s)
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        """weed's Unix sockets live in /tmp, named by port (no flag moves the gRPC ones): ours go with us."""
+        p = self.ports
+        for kind, port in (("master-grpc", p["master.grpc"]), ("volume-grpc", p["volume.grpc"]),
+                           ("filer-grpc", p["filer.grpc"]), ("s3-grpc", p["s3.grpc"]), ("filer", p["filer"]),
+                           ("s3", p["s3"])):  # fmt: skip
+            Path(f"/tmp/seaweedfs-{kind}-{port}.sock").unlink(missing_ok=True)
 
     def log_tail(self, lines: int = 40) -> str:
         if not self.log.exists():
             return "(no log)"
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _end(process: subprocess.Popen, grace_s: float) -> None:
+    if grace_s > 0:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    process.kill()
+    process.wait(timeout=30)
 
 
 def _server_env() -> dict[str, str]:
