@@ -3,12 +3,14 @@
 A schedule that decays to zero must know its length in steps, and a budget gives it in seconds. So
 the steps after the first (which pays for warm-up of caches and compilation) are timed, and the
 schedule is planned to end at the step the budget allows; halfway through the budget the plan is
-checked once more and re-planned if the step time has drifted. The ranks plan with the slowest
-rank's step time, so all of them share one schedule (their learning rates must match, or the
-data-parallel replicas drift apart), and they stop together through ``StopAgreement``.
+checked once more (once at least as many further steps were timed) and re-planned if the step time
+has drifted. The ranks plan with the slowest rank's step time, so all of them share one schedule
+(their learning rates must match, or the data-parallel replicas drift apart), and they stop
+together through ``StopAgreement``. Evaluations do not count as training time.
 
 Time already spent is kept in each checkpoint's marker (``train_seconds``), so a resumed run trains
-only for what is left of the budget, and the plan itself is part of the scheduler's saved state.
+only for what is left of the budget, and the plan itself is part of the saved state of the scheduler
+that ``trainer.PretrainTrainer`` builds from it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-
-from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +56,6 @@ class PlannedSchedule:
         return 1.0 - progress  # linear
 
 
-class BudgetTrainer(Trainer):
-    """A Trainer whose learning-rate schedule follows a ``PlannedSchedule`` when the job has a budget."""
-
-    def __init__(self, *args, schedule: PlannedSchedule | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.schedule = schedule
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if self.schedule is None:
-            return super().create_scheduler(num_training_steps, optimizer)
-        if self.lr_scheduler is None:
-            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, self.schedule)
-            self._created_lr_scheduler = True
-        return self.lr_scheduler
-
-
 class TimeBudget:
     """How much of ``max_seconds`` is spent, the measured step time, and the plan built from it."""
 
@@ -83,8 +66,10 @@ class TimeBudget:
         self.spent_before = spent_s
         self._started: float | None = None
         self._stopped: float | None = None
+        self._excluded = 0.0
         self._timing_from: tuple[int, float] | None = None
         self._planned_step_s: float | None = None
+        self._planned_at: int | None = None
         self._checked_drift = False
 
     def start(self) -> None:
@@ -95,10 +80,14 @@ class TimeBudget:
         """Training ended: evaluating and saving the model do not count against the budget."""
         self._stopped = time.monotonic()
 
+    def exclude(self, seconds: float) -> None:
+        """Time that was not training (a periodic evaluation) does not count against the budget."""
+        self._excluded += seconds
+
     def spent(self) -> float:
         if self._started is None:
             return self.spent_before
-        return self.spent_before + ((self._stopped or time.monotonic()) - self._started)
+        return self.spent_before + ((self._stopped or time.monotonic()) - self._started) - self._excluded
 
     def observe(self, step: int) -> tuple[bool, bool, float]:
         """This rank's view after ``step``: out of budget, past half of it, mean step time so far."""
@@ -114,7 +103,12 @@ class TimeBudget:
         """Act on what the ranks agreed: (re-)plan when due; return whether the schedule has ended."""
         if self._timing_from is not None and step == self._timing_from[0] + ESTIMATE_STEPS:
             self._plan(step, step_s)
-        elif past_half and self._planned_step_s is not None and not self._checked_drift:
+        elif (
+            past_half
+            and self._planned_at is not None
+            and step >= self._planned_at + ESTIMATE_STEPS
+            and not (self._checked_drift)
+        ):
             self._checked_drift = True
             if abs(step_s / self._planned_step_s - 1) > DRIFT:
                 self._plan(step, step_s)
@@ -133,3 +127,4 @@ class TimeBudget:
         )
         self.schedule.total_steps = total
         self._planned_step_s = step_s
+        self._planned_at = step

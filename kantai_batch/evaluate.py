@@ -20,7 +20,7 @@ from kantai_batch.errors import InputDataError
 from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.job import Job
 from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer, require_task
-from kantai_batch.objective import ACCURACY, accuracy_metric, collator, mean_loss_per_rank, predicted_ids, task_of
+from kantai_batch.objective import ACCURACY, accuracy_metric, collator, predicted_ids, task_of
 from kantai_batch.probes import format_quality, quality_report, read_probes
 from kantai_batch.storage import RunDir, fetched, write_json_atomic
 from kantai_batch.train import perplexity, training_arguments
@@ -75,11 +75,11 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
 
 
 def _evaluate(job: Job, task: str, model, tokenizer, text: Path, scratch: Path) -> dict[str, Any]:
-    from transformers import Trainer
+    from kantai_batch.trainer import PretrainTrainer
 
     samples = build_split(text, job, tokenizer, fix_masks=task == "mlm", what="eval corpus")
-    mean_loss_per_rank(model, task)
-    trainer = Trainer(
+    trainer = PretrainTrainer(
+        task=task,
         model=model,
         # The job's own arguments (device, precision, workers): under torchrun they must also agree
         # with the process state the training set up, or accelerate resets it to one process.

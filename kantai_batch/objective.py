@@ -90,45 +90,24 @@ class MlmCollator:
         return self._mask(features)
 
 
-def enable_sparse_prediction(model) -> None:
-    """Run a masked LM's head on the masked positions only, while training.
+def loss_function(task: str):
+    """The Trainer's ``compute_loss_func`` for ``task``; None keeps the model's own loss (clm)."""
+    return masked_lm_loss if task == "mlm" else None
 
-    The head (a dense layer and the vocabulary projection) is the model's widest matmul, and with
-    15% masking 85% of its output is thrown away by the loss. Gathering the scored positions first
-    gives the same loss (the mean cross-entropy over the same positions) for a fraction of the work,
-    as ModernBERT's ``sparse_prediction`` does. Only this instance's ``forward`` changes: the class,
-    the weights and what ``save_pretrained`` writes stay a standard ``RobertaForMaskedLM``.
-    Evaluation keeps the dense path, whose per-position logits the accuracy metric reads.
+
+def masked_lm_loss(outputs, labels, num_items_in_batch=None):
+    """Cross-entropy over the masked tokens, summed, divided by the masked tokens of the global batch.
+
+    The logits are the head's output for the masked positions only (sparse prediction, training) or
+    for every position (evaluation), where the unmasked ones are dropped here.
     """
-    import types
-
     import torch.nn.functional as F
-    from transformers.modeling_outputs import MaskedLMOutput
 
-    dense_forward = model.forward
-
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        if labels is None or not self.training:
-            return dense_forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        kwargs.pop("num_items_in_batch", None)
-        hidden = self.roberta(input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)[0]
-        labels = labels.to(hidden.device).reshape(-1)
-        scored = labels != -100
-        logits = self.lm_head(hidden.reshape(-1, hidden.size(-1))[scored])
-        # The loss in fp32 even under autocast, as the dense path's CrossEntropyLoss computes it.
-        loss = F.cross_entropy(logits.float(), labels[scored])
-        return MaskedLMOutput(loss=loss, logits=logits)
-
-    model.forward = types.MethodType(forward, model)
-
-
-def mean_loss_per_rank(model, task: str) -> None:
-    """Tell the Trainer that a masked LM's loss is a per-rank mean that ignores ``num_items_in_batch``.
-
-    The Trainer takes any ``forward(**kwargs)`` to normalize its loss by the global token count and
-    multiplies the loss by the number of processes to undo DDP's gradient averaging. RoBERTa's MLM
-    loss (and the sparse one) is a plain mean, so with 2 ranks the reported loss and the gradients
-    would double. The causal LM's loss does use ``num_items_in_batch`` and keeps the default.
-    """
-    if task == "mlm":
-        model.accepts_loss_kwargs = False
+    logits = outputs["logits"]
+    labels = labels.reshape(-1).to(logits.device)
+    scored = labels != -100
+    if logits.dim() == 3:
+        logits = logits.reshape(-1, logits.size(-1))[scored]
+    # In fp32 even under autocast, as RoBERTa's own CrossEntropyLoss computes it.
+    loss = F.cross_entropy(logits.float(), labels[scored], reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else scored.sum().clamp(min=1))

@@ -33,6 +33,7 @@ class StopAgreement(TrainerCallback):
         self.budget = budget
         self.stopped_by: str | None = None
         self.agreement_s = 0.0
+        self._step_end: float | None = None
 
     @property
     def preempted(self) -> bool:
@@ -43,12 +44,21 @@ class StopAgreement(TrainerCallback):
             self.budget.start()
         return control
 
+    def on_evaluate(self, args, state, control, **kwargs):
+        # An evaluation runs right after the step that asked for it: its time is not training time.
+        if self.budget is not None and self._step_end is not None:
+            now = time.monotonic()
+            self.budget.exclude(now - self._step_end)
+            self._step_end = now
+        return control
+
     def on_train_end(self, args, state, control, **kwargs):
         if self.budget is not None:
             self.budget.stop()
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
+        self._step_end = time.monotonic()
         step = state.global_step
         out_of_time, past_half, step_s = self.budget.observe(step) if self.budget else (False, False, 0.0)
         started = time.perf_counter()

@@ -21,7 +21,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kantai_batch import tracking
-from kantai_batch.budget import BudgetTrainer, PlannedSchedule, TimeBudget
+from kantai_batch.budget import PlannedSchedule, TimeBudget
 from kantai_batch.checkpoints import CheckpointMarkerCallback, checkpoint_step, newest_complete_checkpoint
 from kantai_batch.corpus import EVAL_FILE, TRAIN_FILE
 from kantai_batch.data import build_split
@@ -35,8 +35,6 @@ from kantai_batch.objective import (
     ACCURACY,
     accuracy_metric,
     collator,
-    enable_sparse_prediction,
-    mean_loss_per_rank,
     predicted_ids,
 )
 from kantai_batch.preemption import Preemption, sigterm_checkpoints
@@ -45,6 +43,7 @@ from kantai_batch.stopping import StopAgreement
 from kantai_batch.storage import RunDir, read_marker, write_json_atomic
 from kantai_batch.throughput import ThroughputCallback
 from kantai_batch.tokenizer import load_tokenizer
+from kantai_batch.trainer import PretrainTrainer
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +168,6 @@ def build_trainer(
 ) -> TrainingSession:
     """The job's datasets, collator, speed settings and throughput accounting around a Trainer."""
     sparse = job.task == "mlm" and job.train.sparse_prediction
-    if sparse:
-        enable_sparse_prediction(model)
-    mean_loss_per_rank(model, job.task)
     with args.main_process_first(desc="tokenize"):
         train_set = build_split(corpus / TRAIN_FILE, job, tokenizer, fix_masks=False, what="train split")
         eval_set = build_split(corpus / EVAL_FILE, job, tokenizer, fix_masks=job.task == "mlm", what="eval split")
@@ -191,7 +187,9 @@ def build_trainer(
     )
     peak, peak_source = peak_flops(precision)
     throughput = ThroughputCallback(flops_per_token, peak, args.world_size)
-    trainer = BudgetTrainer(
+    trainer = PretrainTrainer(
+        task=job.task,
+        sparse=sparse,
         schedule=budget.schedule if budget else None,
         model=model,
         args=args,

@@ -64,7 +64,8 @@ def test_training_stops_when_the_budget_is_spent_with_the_schedule_planned_for_i
     assert result.returncode == 0, result.stderr[-3000:]
     summary = _summary(run_dir)
     assert summary["stopped_by"] == "max_seconds" and summary["max_seconds"] == budget
-    assert budget <= summary["budget_spent_s"] < 3 * budget, "stopped at the first step boundary past the budget"
+    # The end is the budget or the planned step, whichever comes first: close to the budget either way.
+    assert budget / 2 <= summary["budget_spent_s"] < 3 * budget, summary
     assert "the schedule ends at step" in result.stderr, "the schedule was planned from the timed steps"
     rates = [float(rate) for rate in re.findall(r"'learning_rate': '?([0-9.e+-]+)", result.stderr)]
     assert len(rates) == summary["global_step"], "one logged rate per step"
@@ -101,6 +102,6 @@ def test_a_resumed_run_counts_the_time_already_spent(tmp_path: Path, corpus_file
 
     invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *job)
     summary = _summary(run_dir)
-    assert summary["stopped_by"] == "max_seconds" and summary["budget_spent_s"] >= budget
+    assert summary["stopped_by"] == "max_seconds" and spent < summary["budget_spent_s"] < 2 * budget
     # Without the spent time carried over, the resumed run would train for the whole budget again.
     assert summary["train_runtime_s"] < budget - spent / 2, summary

@@ -17,8 +17,9 @@ from kantai_batch.errors import JobConfigError
 from kantai_batch.hardware import cpu_supports_bf16, resolve_precision, training_flops_per_token
 from kantai_batch.job import load_job
 from kantai_batch.model import resolved_vocab_size
-from kantai_batch.objective import enable_sparse_prediction
 from kantai_batch.tokenizer import load_tokenizer
+from kantai_batch.train import training_arguments
+from kantai_batch.trainer import PretrainTrainer
 
 
 def _tiny_mlm(vocab: int = 300) -> RobertaForMaskedLM:
@@ -47,17 +48,23 @@ def _masked_batch(vocab: int = 300) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def test_sparse_prediction_gives_the_dense_loss_and_gradients():
+def _pretrain_trainer(model: RobertaForMaskedLM, tmp_path: Path, *, sparse: bool) -> PretrainTrainer:
+    args = training_arguments(load_job(None, ["train.precision=fp32"]), tmp_path, track=False)
+    return PretrainTrainer(task="mlm", sparse=sparse, model=model, args=args)
+
+
+def test_sparse_prediction_gives_the_dense_loss_and_gradients(tmp_path: Path):
     dense, sparse = _tiny_mlm(), _tiny_mlm()
-    enable_sparse_prediction(sparse)
+    trainer = _pretrain_trainer(sparse, tmp_path, sparse=True)
     dense.train()
     sparse.train()
     batch = _masked_batch()
-    dense_out, sparse_out = dense(**batch), sparse(**batch)
+    dense_out = dense(**batch)  # RoBERTa's own loss: the mean over the masked tokens
+    sparse_loss, sparse_out = trainer.compute_loss(sparse, dict(batch), return_outputs=True)
     assert sparse_out.logits.shape[0] == int((batch["labels"] != -100).sum()), "the head ran on masked positions only"
-    assert sparse_out.loss.item() == pytest.approx(dense_out.loss.item(), rel=1e-5)
+    assert sparse_loss.item() == pytest.approx(dense_out.loss.item(), rel=1e-5)
     dense_out.loss.backward()
-    sparse_out.loss.backward()
+    sparse_loss.backward()
     for (name, p_dense), p_sparse in zip(dense.named_parameters(), sparse.parameters(), strict=True):
         assert torch.allclose(p_dense.grad, p_sparse.grad, atol=1e-6), name
 
@@ -65,10 +72,13 @@ def test_sparse_prediction_gives_the_dense_loss_and_gradients():
 def test_sparse_prediction_leaves_evaluation_and_saving_standard(tmp_path: Path):
     model = _tiny_mlm()
     reference = copy.deepcopy(model).eval()
-    enable_sparse_prediction(model)
+    trainer = _pretrain_trainer(model, tmp_path / "trainer", sparse=True)
     model.eval()
     batch = _masked_batch()
-    assert torch.equal(model(**batch).logits, reference(**batch).logits), "evaluation keeps per-position logits"
+    loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    assert torch.equal(outputs.logits, reference(**batch).logits), "evaluation keeps per-position logits"
+    assert loss.item() == pytest.approx(reference(**batch).loss.item(), rel=1e-5)
+    assert torch.equal(model(**batch).logits, reference(**batch).logits), "outside the Trainer the model is standard"
     model.save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).architectures == ["RobertaForMaskedLM"]
     reloaded = RobertaForMaskedLM.from_pretrained(tmp_path).eval()
