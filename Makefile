@@ -22,12 +22,15 @@ GPUS ?= 1
 RUN_ID ?= $(shell date -u +%Y%m%d-%H%M%S)
 RUN_ID := $(RUN_ID)
 KUBECTL ?= $(BIN)/kubectl
+# Kueue's LocalQueue for the Jobs (empty: they start at once, outside any queue).
+QUEUE ?=
 # Only what was given to make overrides the overlay's settings (its run dir, job, image).
 RENDER = $(BIN)/kantai-batch render-k8s --overlay $(OVERLAY) --run-id $(RUN_ID) --nodes $(NODES) --gpus $(GPUS) \
 	$(if $(filter command line environment,$(origin JOB)),--job $(JOB)) \
 	$(if $(filter command line environment,$(origin RUN_DIR)),--run-dir $(RUN_DIR)) \
 	$(if $(CORPUS),--corpus $(CORPUS)) \
-	$(if $(filter command line environment,$(origin IMAGE)),--image $(IMAGE):$(TAG))
+	$(if $(filter command line environment,$(origin IMAGE)),--image $(IMAGE):$(TAG)) \
+	$(if $(QUEUE),--queue $(QUEUE))
 # Waits for one Job to finish; fails (and stops submit-pipeline) when it failed.
 WAIT_JOB = for _ in $$(seq 1 100000); do \
 	  state=$$($(KUBECTL) get job $(1) -o jsonpath='{.status.conditions[?(@.status=="True")].type}'); \
@@ -46,7 +49,7 @@ help:
 	@echo "make image     build the CUDA image $(IMAGE):$(TAG); make push pushes it"
 	@echo "make local-pretrain  docker run --gpus all the job with ./runs mounted [JOB CORPUS RUN_DIR]"
 	@echo "make submit-prepare | submit-tokenizer | submit-pretrain | submit-evaluate | submit-register"
-	@echo "               one phase as a Kubernetes Job [OVERLAY RUN_ID JOB RUN_DIR CORPUS IMAGE TAG; NODES GPUS]"
+	@echo "               one phase as a Kubernetes Job [OVERLAY RUN_ID JOB RUN_DIR CORPUS IMAGE TAG QUEUE; NODES GPUS]"
 	@echo "make submit-pipeline  every phase in turn, each after the one before completed"
 	@echo "make schedule  the retraining CronJob [RUN_ID=weekly ...]; make status / logs [RUN_ID]"
 
