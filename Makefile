@@ -14,6 +14,44 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?= --steps 10 --baseline recipe
 IMAGE ?= kantai-batch
 TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+# torch's pin, for the image too (the CPU image takes its +cpu build).
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
+
+# Images are built and run by docker where a Docker engine answers, else by buildah (builds) and
+# podman (runs, pushes), which need no daemon (`make container-tools` installs them). Their settings
+# for this kind of machine (runc, the ulimits it grants, builds in chroot isolation) are exported to
+# them; point CONTAINERS_CONF at your own file to use yours.
+DOCKER_ENGINE = $(eval DOCKER_ENGINE := $$(shell docker info >/dev/null 2>&1 && echo docker))$(DOCKER_ENGINE)
+RUNNER = $(or $(DOCKER_ENGINE),podman)
+BUILD = $(if $(DOCKER_ENGINE),docker build,$(if $(shell command -v buildah 2>/dev/null),buildah bud,podman build))
+GPU_FLAGS = $(if $(DOCKER_ENGINE),--gpus all,--device nvidia.com/gpu=all)
+export CONTAINERS_CONF ?= $(CURDIR)/docker/containers.conf
+export BUILDAH_ISOLATION ?= chroot
+# buildah and podman builds mount build/home at /root, read-only: a pip.conf trusting this machine's
+# CA bundle (HTTPS may pass through an intercepting proxy here) and, for the CPU image, torch's CPU
+# wheel where it lies on disk. Nothing of it lands in the image; docker builds use the network as is.
+BUILD_CA ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+# `make image-cpu`: the same Dockerfile on a Debian base made from Debian's archive and torch's CPU
+# wheel, for machines that reach no container registry or CUDA wheel index. The wheel comes from
+# where pip finds wheels on disk here (find-links) when the pinned one is there, else from
+# PyTorch's CPU index.
+CPU_BASE ?= localhost/kantai-base:bookworm
+CPU_TAG ?= $(TAG)-cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_WHEELS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+TORCH_CPU_WHEEL = $(firstword $(wildcard $(addsuffix /torch-$(TORCH_VERSION)+cpu-*.whl,$(TORCH_WHEELS))))
+# Builds image $(1) with build args $(2) and the wheel $(3) on hand; the image the tag named before,
+# now untagged, is removed.
+BUILD_IMAGE = set -e; rm -rf build/home; mkdir -p build/home/.config/pip build/home/wheels; \
+	$(if $(BUILD_CA),cp $(BUILD_CA) build/home/ca.crt;) \
+	$(if $(3),ln -f $(3) build/home/wheels/ 2>/dev/null || cp $(3) build/home/wheels/;) \
+	printf '[global]\n$(if $(BUILD_CA),cert = /root/ca.crt\n)$(if $(3),find-links = /root/wheels\n)' \
+	  > build/home/.config/pip/pip.conf; \
+	old=$$($(RUNNER) image inspect --format '{{.Id}}' $(1) 2>/dev/null || true); \
+	$(BUILD) -f docker/Dockerfile -t $(1) $(if $(DOCKER_ENGINE),,-v $(CURDIR)/build/home:/root:ro) \
+	  --build-arg KANTAI_IMAGE=$(1) --build-arg KANTAI_GIT_COMMIT=$$(git rev-parse HEAD) $(2) .; \
+	[ -z "$$old" ] || [ "$$old" = "$$($(RUNNER) image inspect --format '{{.Id}}' $(1))" ] || \
+	  $(RUNNER) rmi "$$old" >/dev/null 2>&1 || true
 
 # Cluster submissions (kubectl on the manifests `kantai-batch render-k8s` renders from k8s/):
 OVERLAY ?= k8s/overlays/gpu
@@ -22,19 +60,23 @@ GPUS ?= 1
 RUN_ID ?= $(shell date -u +%Y%m%d-%H%M%S)
 RUN_ID := $(RUN_ID)
 KUBECTL ?= $(BIN)/kubectl
+# Kueue's LocalQueue for the Jobs (empty: they start at once, outside any queue).
+QUEUE ?=
 # Only what was given to make overrides the overlay's settings (its run dir, job, image).
 RENDER = $(BIN)/kantai-batch render-k8s --overlay $(OVERLAY) --run-id $(RUN_ID) --nodes $(NODES) --gpus $(GPUS) \
 	$(if $(filter command line environment,$(origin JOB)),--job $(JOB)) \
 	$(if $(filter command line environment,$(origin RUN_DIR)),--run-dir $(RUN_DIR)) \
 	$(if $(CORPUS),--corpus $(CORPUS)) \
-	$(if $(filter command line environment,$(origin IMAGE)),--image $(IMAGE):$(TAG))
+	$(if $(filter command line environment,$(origin IMAGE)),--image $(IMAGE):$(TAG)) \
+	$(if $(QUEUE),--queue $(QUEUE))
 # Waits for one Job to finish; fails (and stops submit-pipeline) when it failed.
 WAIT_JOB = for _ in $$(seq 1 100000); do \
 	  state=$$($(KUBECTL) get job $(1) -o jsonpath='{.status.conditions[?(@.status=="True")].type}'); \
 	  case "$$state" in *Failed*) echo "job $(1) failed: make logs RUN_ID=$(RUN_ID)" >&2; exit 1;; \
 	  *Complete*) echo "job $(1) complete"; break;; esac; sleep 30; done
 
-.PHONY: help install browser demo bench test lint clean image push local-pretrain render submit-prepare \
+.PHONY: help install browser container-tools demo bench test lint clean image image-cpu cpu-base push \
+	local-pretrain render submit-prepare \
 	submit-tokenizer submit-pretrain submit-evaluate submit-register submit-pipeline schedule status logs \
 	gpu-wheels gpu-check gpu-check-dry-run
 
@@ -46,10 +88,11 @@ help:
 	@echo "make gpu-wheels  the wheels a bare GPU machine lacks, for CPython 3.12 manylinux x86_64, in .whl/"
 	@echo "make gpu-check   on a GPU machine: gpu tests, bf16 throughput and MFU (block 128/512, compile, ZeRO-2)"
 	@echo "make lint      ruff check and format check"
-	@echo "make image     build the CUDA image $(IMAGE):$(TAG); make push pushes it"
-	@echo "make local-pretrain  docker run --gpus all the job with ./runs mounted [JOB CORPUS RUN_DIR]"
+	@echo "make image     build the CUDA image $(IMAGE):$(TAG) (docker, else buildah/podman); make push pushes it"
+	@echo "make image-cpu build the same Dockerfile as a CPU image $(IMAGE):$(CPU_TAG) on a Debian base made here"
+	@echo "make local-pretrain  run the job in the image on all GPUs with ./runs mounted [JOB CORPUS RUN_DIR]"
 	@echo "make submit-prepare | submit-tokenizer | submit-pretrain | submit-evaluate | submit-register"
-	@echo "               one phase as a Kubernetes Job [OVERLAY RUN_ID JOB RUN_DIR CORPUS IMAGE TAG; NODES GPUS]"
+	@echo "               one phase as a Kubernetes Job [OVERLAY RUN_ID JOB RUN_DIR CORPUS IMAGE TAG QUEUE; NODES GPUS]"
 	@echo "make submit-pipeline  every phase in turn, each after the one before completed"
 	@echo "make schedule  the retraining CronJob [RUN_ID=weekly ...]; make status / logs [RUN_ID]"
 
@@ -76,10 +119,21 @@ browser:
 		  { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
 		echo "make: no Chromium could be installed; the chat page test will be skipped"
 
+# The image tests build and run the image with buildah, podman and runc, on a Debian base made by
+# mmdebstrap; installed like Chromium, and skipped where they are missing.
+container-tools:
+	@{ command -v buildah && command -v podman && command -v runc && command -v mmdebstrap; } >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get install -y --no-install-recommends $(CONTAINER_TOOLS) >/dev/null 2>&1 || \
+		  { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends $(CONTAINER_TOOLS) >/dev/null 2>&1; }; }; } || \
+		echo "make: buildah, podman, runc and mmdebstrap could not be installed; the image tests will be skipped"
+
+CONTAINER_TOOLS := buildah podman runc mmdebstrap
+
 bench: install
 	$(BIN)/kantai-batch bench --job $(JOB) --run-dir runs/bench $(if $(CORPUS),--corpus $(CORPUS)) $(BENCH_ARGS)
 
-test: install browser
+test: install browser container-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
@@ -87,7 +141,7 @@ lint: install
 	$(BIN)/ruff format --check kantai_batch tests
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs build .pytest_cache
 
 # The GPU figures. On this machine: make gpu-wheels (and make gpu-check-dry-run to check the script).
 # On a bare GPU machine whose image has torch, transformers, accelerate and tokenizers, with .whl/
@@ -104,16 +158,26 @@ gpu-check-dry-run: install
 	$(BIN)/python bench/gpu_check.py --dry-run --out $${TMPDIR:-/tmp}/kantai-gpu-check-results
 
 image:
-	docker build -f docker/Dockerfile -t $(IMAGE):$(TAG) \
-		--build-arg KANTAI_IMAGE=$(IMAGE):$(TAG) --build-arg KANTAI_GIT_COMMIT=$$(git rev-parse HEAD) .
+	@$(call BUILD_IMAGE,$(IMAGE):$(TAG),--build-arg TORCH_VERSION=$(TORCH_VERSION))
+
+image-cpu: cpu-base
+	@$(call BUILD_IMAGE,$(IMAGE):$(CPU_TAG),--build-arg CUDA_IMAGE=$(CPU_BASE) \
+	  --build-arg TORCH_VERSION=$(TORCH_VERSION)+cpu \
+	  --build-arg TORCH_INDEX=$(if $(TORCH_CPU_WHEEL),https://pypi.org/simple,$(TORCH_CPU_INDEX)),$(TORCH_CPU_WHEEL))
+
+# Debian bookworm with Python 3.11, from Debian's archive, as a local image (made once).
+cpu-base:
+	@$(RUNNER) image inspect $(CPU_BASE) >/dev/null 2>&1 || { set -e; mkdir -p build; \
+	  mmdebstrap --quiet --variant=minbase --include=python3,python3-venv,ca-certificates bookworm build/rootfs.tar; \
+	  $(RUNNER) import build/rootfs.tar $(CPU_BASE) >/dev/null; rm build/rootfs.tar; echo "made $(CPU_BASE)"; }
 
 push: image
-	docker push $(IMAGE):$(TAG)
+	$(RUNNER) push $(IMAGE):$(TAG)
 
 # ./runs is mounted at /home/kantai/runs: RUN_DIR and a local CORPUS must lie below ./runs
 # (or be s3:// and http(s) URIs, with AWS_* and MLFLOW_* passed through from this shell).
 local-pretrain:
-	docker run --rm --gpus all --user $$(id -u):$$(id -g) -v "$(abspath runs)":/home/kantai/runs \
+	$(RUNNER) run --rm $(GPU_FLAGS) --user $$(id -u):$$(id -g) -v "$(abspath runs)":/home/kantai/runs \
 		-e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -e AWS_SESSION_TOKEN -e AWS_ENDPOINT_URL_S3 \
 		-e MLFLOW_TRACKING_URI $(IMAGE):$(TAG) \
 		run --job $(JOB) --run-dir $(RUN_DIR) $(if $(CORPUS),--corpus $(CORPUS))

@@ -482,14 +482,15 @@ def launch_command(arguments: tuple[str, ...]) -> None:
 @click.option("--run-dir", help="Run dir, s3://bucket/prefix [default: the overlay's KANTAI_RUN_DIR].")
 @click.option("--corpus", help="Corpus source [default: the job's corpus.source].")
 @click.option("--image", help="NAME:TAG instead of the overlay's pinned image.")
+@click.option("--queue", help="Kueue LocalQueue admitting the Jobs (label kueue.x-k8s.io/queue-name) [default: none].")
 def render_k8s(overlay: Path, run_id: str, phases: tuple[str, ...], nodes: int, gpus: int, job_file: str | None,
-               run_dir: str | None, corpus: str | None, image: str | None) -> None:  # fmt: skip
+               run_dir: str | None, corpus: str | None, image: str | None, queue: str | None) -> None:  # fmt: skip
     """Print the Kubernetes manifests of one submission (for `kubectl apply -f -`)."""
     from kantai_batch.submission import PHASES, Submission, render
 
     submission = Submission(
         overlay=overlay, run_id=run_id, nodes=nodes, gpus=gpus, job=job_file, run_dir=run_dir, corpus=corpus,
-        image=image,
+        image=image, queue=queue,
     )  # fmt: skip
     emit(render(submission, phases or PHASES).rstrip("\n"))
 

@@ -30,6 +30,10 @@ COMPONENT = "app.kubernetes.io/component"
 _PER_RUN = ("Job", "CronJob", "Service", "ConfigMap")
 # Pod hostnames are <job>-<index>, one DNS label of at most 63 characters.
 _RUN_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$")
+# Kueue's label naming the LocalQueue that admits a Job; its webhook suspends the Job until then.
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# A LocalQueue's name as Kueue checks the label: a DNS subdomain that is also a label value (63 characters).
+_QUEUE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,11 +52,18 @@ class Submission:
     corpus: str | None = None
     image: str | None = None
     """NAME:TAG replacing the overlay's pinned image."""
+    queue: str | None = None
+    """Kueue LocalQueue (in the overlay's namespace) that admits the Jobs; none: they start at once."""
 
     def __post_init__(self) -> None:
         if not _RUN_ID.match(self.run_id):
             raise JobConfigError(
                 f"run id {self.run_id!r} must be 1-20 lowercase letters, digits or '-', "
+                "starting and ending with a letter or digit"
+            )
+        if self.queue is not None and not _QUEUE.match(self.queue):
+            raise JobConfigError(
+                f"queue {self.queue!r} must be a LocalQueue name: at most 63 lowercase letters, digits, '-' or '.', "
                 "starting and ending with a letter or digit"
             )
         if self.nodes < 1 or self.gpus < 1:
@@ -92,6 +103,16 @@ class Submission:
             ],
             "patches": [{"target": {"kind": "Job", "name": "kantai-pretrain"}, "patch": yaml.safe_dump(scale)}],
         }
+        if self.queue:
+            # On the Jobs and on those the CronJob creates. Kueue admits each Job as one workload (the
+            # pretrain Job with all its pods), so a multi-node run starts whole or waits whole.
+            labels = {"labels": {QUEUE_LABEL: self.queue}}
+            job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "queued", **labels}}
+            cronjob = {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "queued"},
+                       "spec": {"jobTemplate": {"metadata": labels}}}  # fmt: skip
+            kustomization["patches"] += [
+                {"target": {"kind": k["kind"]}, "patch": yaml.safe_dump(k)} for k in (job, cronjob)
+            ]
         literals = [f"{key}={value}" for key, value in settings.items() if value]
         if literals:
             settings_merge = {"name": "kantai-settings", "behavior": "merge", "literals": literals}

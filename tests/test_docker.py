@@ -37,3 +37,22 @@ def test_no_credentials_are_baked_in():
     text = DOCKERFILE.read_text()
     for secret in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD"):
         assert secret not in text
+
+
+def test_make_builds_and_runs_images_with_whatever_the_machine_has():
+    """docker where a Docker engine answers, else buildah/podman, which need no daemon."""
+    done = subprocess.run(["make", "-n", "image", "image-cpu", "local-pretrain", "IMAGE=reg/kb", "TAG=t"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    engine = shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    if engine:
+        assert "docker build -f docker/Dockerfile -t reg/kb:t " in done.stdout and "--gpus all" in done.stdout
+    else:
+        assert re.search(r"(buildah bud|podman build) -f docker/Dockerfile -t reg/kb:t -v \S+/build/home:/root:ro ",
+                         done.stdout), done.stdout  # fmt: skip
+        assert "podman run --rm --device nvidia.com/gpu=all " in done.stdout
+    torch = (ROOT / "constraints.txt").read_text().split("torch==")[1].split()[0]
+    cpu = [line for line in done.stdout.splitlines() if "-t reg/kb:t-cpu" in line]
+    assert len(cpu) == 1, "image-cpu builds the same Dockerfile, only its build args differ"
+    assert "--build-arg CUDA_IMAGE=localhost/kantai-base:bookworm" in cpu[0]
+    assert f"--build-arg TORCH_VERSION={torch}+cpu" in cpu[0]

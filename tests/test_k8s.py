@@ -18,7 +18,7 @@ import yaml
 from conftest import ROOT, TINY, free_port
 from kantai_batch.errors import InputDataError, JobConfigError, PreemptedError
 from kantai_batch.job import TrainSection, load_job
-from kantai_batch.submission import PHASES, RETRAIN, Submission, kustomize, render
+from kantai_batch.submission import PHASES, QUEUE_LABEL, RETRAIN, Submission, kustomize, render
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
@@ -272,3 +272,45 @@ def test_make_render_passes_the_submission_variables(tmp_path: Path):
     assert (settings["KANTAI_RUN_DIR"], settings["KANTAI_JOB"]) == ("s3://b/mk", "jobs/customer-support.yaml")
     pretrain = next(d for d in docs if d["metadata"]["name"] == "kantai-pretrain-mk" and d["kind"] == "Job")
     assert pretrain["spec"]["completions"] == 2
+
+
+# ---- queueing on a shared cluster (Kueue) ----
+
+
+def _without_queue(docs: list[dict]) -> list[dict]:
+    for doc in docs:
+        if doc["kind"] == "Job":
+            assert doc["metadata"]["labels"].pop(QUEUE_LABEL) == "team-a"
+        elif doc["kind"] == "CronJob":
+            assert doc["spec"]["jobTemplate"]["metadata"]["labels"].pop(QUEUE_LABEL) == "team-a"
+    return docs
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_a_queue_labels_the_jobs_for_kueue_and_changes_nothing_else(overlay: Path):
+    plain = render(Submission(overlay=overlay, run_id="q", nodes=2), (*PHASES, RETRAIN))
+    queued = documents(render(Submission(overlay=overlay, run_id="q", nodes=2, queue="team-a"), (*PHASES, RETRAIN)))
+    for doc in queued:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    assert "kueue" not in plain, "without a queue nothing names Kueue"
+    # Kueue reads the label on the Job (and suspends it until admitted); the CronJob's Jobs get it from
+    # their template. Pods, Services and ConfigMaps are left alone.
+    assert _without_queue(queued) == documents(plain)
+
+
+def test_a_bad_queue_name_is_a_one_line_config_error():
+    for bad in ("Team_A", "-a", "a" * 64, ""):
+        with pytest.raises(JobConfigError, match="queue .* must be a LocalQueue name"):
+            Submission(overlay=K8S / "overlays" / "gpu", run_id="r", queue=bad)
+
+
+def test_make_submit_passes_the_queue():
+    """QUEUE= reaches render-k8s through the same RENDER line every submit-* target applies."""
+    done = subprocess.run(["make", "-s", "render", "OVERLAY=k8s/overlays/cpu", "RUN_ID=mq", "QUEUE=team-a"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    jobs = [d for d in documents(done.stdout) if d["kind"] == "Job"]
+    assert len(jobs) == len(PHASES) and all(j["metadata"]["labels"][QUEUE_LABEL] == "team-a" for j in jobs)
+    done = subprocess.run(["make", "-s", "render", "OVERLAY=k8s/overlays/cpu", "RUN_ID=mq", "QUEUE=Team_A"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode != 0 and "kantai-batch: error: queue 'Team_A' must be a LocalQueue name" in done.stderr
