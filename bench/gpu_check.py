@@ -121,8 +121,10 @@ def table(records: list[dict]) -> str:
             )
     device = records[0]["machine"]["device"]
     first = records[0]["results"][0]
-    lines.append(f"MFU against the {first['precision']} peak of {device}, {first['peak_flops'] / 1e12:.1f} TFLOP/s "
-                 "(a GPU's dense data-sheet figure); records: " + ", ".join(r["path"] for r in records))  # fmt: skip
+    peak = f"{first['peak_flops'] / 1e12:.2f} TFLOP/s"
+    where = "on a GPU its dense data-sheet figure, on a CPU a measured matmul"
+    records_at = ", ".join(r["path"] for r in records)
+    lines.append(f"MFU against the {first['precision']} peak of {device}, {peak} ({where}); records: {records_at}")
     return "\n".join(lines)
 
 
