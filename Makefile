@@ -109,7 +109,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(BIN)/kantai-batch run --job $(JOB) --run-dir $(RUN_DIR) $(if $(CORPUS),--corpus $(CORPUS)) \
 		--set train.max_steps=$(DEMO_STEPS) --set train.per_device_batch_size=$(DEMO_BATCH) \
-		--set train.logging_steps=5
+		--set train.logging_steps=5 --set eval.probes=jobs/probes/kant.txt
 
 # The chat page test drives Debian's Chromium. Installed here when we are root with apt (CI, a
 # fresh container); anywhere else the test skips when no browser is found.

@@ -120,9 +120,11 @@ def table(records: list[dict]) -> str:
                 f"{row['peak_memory_bytes'] / 2**30:>8.1f} {row['train_runtime_s']:>7.0f} {row['parallelism']:>18}"
             )
     device = records[0]["machine"]["device"]
-    peak = records[0]["results"][0]["peak_flops"] / 1e12
-    lines.append(f"MFU against {peak:.0f} TFLOP/s bf16 dense peak of {device}; records: "
-                 + ", ".join(r["path"] for r in records))  # fmt: skip
+    first = records[0]["results"][0]
+    peak = f"{first['peak_flops'] / 1e12:.2f} TFLOP/s"
+    where = "on a GPU its dense data-sheet figure, on a CPU a measured matmul"
+    records_at = ", ".join(r["path"] for r in records)
+    lines.append(f"MFU against the {first['precision']} peak of {device}, {peak} ({where}); records: {records_at}")
     return "\n".join(lines)
 
 

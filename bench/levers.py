@@ -16,17 +16,17 @@ import json
 import logging
 from pathlib import Path
 
+from kantai_batch.baseline import TRAINER_DEFAULTS
 from kantai_batch.bench import bench
-from kantai_batch.job import load_job
+from kantai_batch.job import load_job, override_job
 from kantai_batch.storage import RunDir
 
 ROBERTA = "train.adam_beta2=0.98,train.adam_epsilon=1e-6,train.weight_decay=0.01,train.warmup_ratio=0.1"
-RATES = ("3e-4", "1e-4", "1e-3")
+RATES = ("1e-4", "3e-4", "1e-3")
 
 
 def stage_two(best: str) -> list[str]:
     around = f"{ROBERTA},train.learning_rate={best}"
-    # The linear schedule around the winner is stage 1's winning row itself.
     return [
         f"wsd:{around},train.lr_scheduler=warmup_stable_decay,train.decay_ratio=0.2",
         f"mask30:{around},train.mlm_probability=0.3",
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--run-dir", default="runs/levers")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval-every", type=float, default=20)
+    parser.add_argument("--rates", default=",".join(RATES), help="Peak learning rates of stage 1, best first.")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", type=Path, default=Path("bench/results/levers"))
     args = parser.parse_args()
@@ -52,11 +53,16 @@ def main() -> None:
     job = load_job(None, args.overrides, corpus=args.corpus)
     run = RunDir.from_uri(args.run_dir)
     common = dict(steps=args.steps, seconds=None, baseline=None, out_dir=args.out, eval_every=args.eval_every)
-    rates = [f"lr{rate}:{ROBERTA},train.learning_rate={rate}" for rate in RATES]
-    first = bench(job, run, variants=tuple(rates), **common)
-    best = min(RATES, key=lambda rate: final_loss(first, f"lr{rate}"))
+    candidates = args.rates.split(",")
+    # Stage 1's first row is the job with the Trainer's optimizer and schedule (the old defaults).
+    reference = job.model_copy(update={"train": job.train.model_copy(update=TRAINER_DEFAULTS)})
+    rates = [f"lr{rate}:{ROBERTA},train.learning_rate={rate}" for rate in candidates]
+    first = bench(reference, run, variants=tuple(rates), **common)
+    best = min(candidates, key=lambda rate: final_loss(first, f"lr{rate}"))
     print(json.dumps({"stage": 1, "record": first["path"], "best_learning_rate": best}), flush=True)
-    second = bench(job, run, variants=tuple(stage_two(best)), **common)
+    # Stage 2's own first row is the winner with the linear schedule, then one lever changed at a time.
+    winner = override_job(job, [*ROBERTA.split(","), f"train.learning_rate={best}"], "winner")
+    second = bench(winner, run, variants=tuple(stage_two(best)), **common)
     print(json.dumps({"stage": 2, "record": second["path"]}), flush=True)
 
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
-WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 720, 420, 60, 170, 30, 45
+WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 800, 420, 60, 210, 30, 45
 
 
 def curves(paths: list[Path], key: str, x: str) -> list[tuple[str, list[tuple[float, float]]]]:
@@ -19,7 +19,11 @@ def curves(paths: list[Path], key: str, x: str) -> list[tuple[str, list[tuple[fl
         record = json.loads(path.read_text())
         for row in record["results"]:
             points = [(p[x], p[key]) for p in row["curve"] if key in p]
-            label = row["name"] if len(paths) == 1 else f"{row['name']} ({path.stem[-6:]})"
+            label = row["name"]
+            if label == "job":  # the bench's own row: say which job it was
+                label = (
+                    f"job (lr {row['learning_rate']:g}, {row['lr_scheduler'].replace('warmup_stable_decay', 'wsd')})"
+                )
             found.append((label, points))
     return found
 

@@ -1,7 +1,8 @@
 """The configurations ``bench`` measures the job against.
 
 ``recipe`` is the notebook's KantaiBERT: a 52,000-row vocabulary whatever the tokenizer learned, one
-padded sample per line, the LM head on every position, fp32, RoBERTa's default dropout.
+padded sample per line, the LM head on every position, fp32, RoBERTa's default dropout, batches of
+64 and the Trainer's default optimizer and schedule.
 
 ``run_mlm`` is what a skilled user gets from transformers' ``examples/pytorch/language-modeling/
 run_mlm.py`` on the same prepared corpus and trained tokenizer: a right-sized vocabulary, every line
@@ -20,10 +21,30 @@ from typing import Any
 
 from kantai_batch.job import Job
 
+# The Trainer's optimizer and schedule defaults, which both the notebook and run_mlm.py train with.
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 5e-5,
+    "lr_scheduler": "linear",
+    "warmup_steps": 0,
+    "warmup_ratio": 0.0,
+    "weight_decay": 0.0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_epsilon": 1e-8,
+    "max_grad_norm": 1.0,
+    "mlm_probability": 0.15,
+}
+
 RECIPE: dict[str, dict[str, Any]] = {
     "model": {"vocab_size": 52_000, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1},
     "data": {"mode": "line_by_line"},
-    "train": {"sparse_prediction": False, "precision": "fp32", "torch_compile": False},
+    "train": {
+        "sparse_prediction": False,
+        "precision": "fp32",
+        "torch_compile": False,
+        "per_device_batch_size": 64,
+        **TRAINER_DEFAULTS,
+    },
 }
 
 RUN_MLM: dict[str, dict[str, Any]] = {
@@ -35,16 +56,7 @@ RUN_MLM: dict[str, dict[str, Any]] = {
         "max_steps": None,
         "epochs": 3.0,
         "per_device_batch_size": 8,
-        "learning_rate": 5e-5,
-        "lr_scheduler": "linear",
-        "warmup_steps": 0,
-        "warmup_ratio": 0.0,
-        "weight_decay": 0.0,
-        "adam_beta1": 0.9,
-        "adam_beta2": 0.999,
-        "adam_epsilon": 1e-8,
-        "max_grad_norm": 1.0,
-        "mlm_probability": 0.15,
+        **TRAINER_DEFAULTS,
     },
 }
 

@@ -184,7 +184,7 @@ def format_table(record: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * width for width in widths))
     if "speedup" in record:
         lines.append(
-            f"speedup over {record['baseline']}: {record['speedup']['steady_tokens_per_second']:.2f}x real tokens/s"
+            f"speedup over the {record['baseline']}: {record['speedup']['steady_tokens_per_second']:.2f}x real tokens/s"
         )
     for cut, reached in record.get("time_to_baseline_loss", {}).items():
         for name, at in reached.items():

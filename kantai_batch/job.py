@@ -156,27 +156,27 @@ class TrainSection(_Section):
     """Wall-clock budget for training: the ranks stop together at the first step boundary past it,
     and the learning-rate schedule is planned (from the timed first steps) to end when it does. A
     resumed run counts the time already spent. max_steps, or epochs when set, still bound it."""
-    per_device_batch_size: int = Field(64, ge=1)
+    per_device_batch_size: int = Field(16, ge=1)
     """Samples per device per step."""
-    learning_rate: float = Field(5e-5, gt=0.0)
+    learning_rate: float = Field(1e-4, gt=0.0)
     """Peak AdamW learning rate, reached after the warm-up; `lr_scheduler` shapes the rest."""
     lr_scheduler: Literal["linear", "cosine", "warmup_stable_decay", "constant_with_warmup"] = "linear"
     """After the warm-up: `linear` and `cosine` decay to 0 at the last step; `warmup_stable_decay` holds
     the peak and decays (linearly) to 0 over the last `decay_ratio` of the steps; `constant_with_warmup`
     holds the peak."""
     warmup_steps: int = Field(0, ge=0)
-    """Linear warm-up steps (set this or warmup_ratio)."""
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    """Linear warm-up as a share of all training steps (set this or warmup_steps)."""
+    """Linear warm-up steps; when above 0 it replaces warmup_ratio."""
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    """Linear warm-up as a share of all training steps, so it follows the length of the training."""
     decay_ratio: float = Field(0.2, gt=0.0, le=1.0)
     """warmup_stable_decay: share of all training steps spent decaying to 0 at the end."""
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
     """AdamW weight decay (not applied to biases and LayerNorm weights)."""
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
     """AdamW beta1."""
-    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.98, ge=0.0, lt=1.0)
     """AdamW beta2; RoBERTa pretrained with 0.98."""
-    adam_epsilon: float = Field(1e-8, gt=0.0)
+    adam_epsilon: float = Field(1e-6, gt=0.0)
     """AdamW epsilon; RoBERTa pretrained with 1e-6."""
     max_grad_norm: float = Field(1.0, ge=0.0)
     """Clip the gradients' global norm to this; 0 turns clipping off."""
@@ -215,14 +215,6 @@ class TrainSection(_Section):
     """A DeepSpeed config (JSON) to train under instead of plain DDP, e.g. the shipped
     `jobs/deepspeed/zero2.json` or `zero3.json`; a relative path is taken from the working directory
     (the image's is the folder holding `jobs/`). Its `auto` values come from this section."""
-
-    @model_validator(mode="after")
-    def _one_warmup(self) -> TrainSection:
-        if self.warmup_steps and self.warmup_ratio:
-            raise ValueError(
-                f"warmup_steps {self.warmup_steps} and warmup_ratio {self.warmup_ratio} both set; set one of them"
-            )
-        return self
 
 
 class InferSection(_Section):

@@ -253,7 +253,7 @@ def training_arguments(job: Job, output_dir: Path, *, track: bool, **overrides: 
         lr_scheduler_type=t.lr_scheduler,
         lr_scheduler_kwargs=schedule_kwargs(job, t.max_steps),
         # A float below 1 is a share of all steps to the Trainer.
-        warmup_steps=t.warmup_ratio or t.warmup_steps,
+        warmup_steps=t.warmup_steps or t.warmup_ratio,
         weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2,

@@ -15,7 +15,8 @@ from kantai_batch.train import planned_steps, training_arguments
 
 
 def _trainer(tmp_path: Path, *overrides: str) -> Trainer:
-    job = load_job(None, ["train.precision=fp32", *overrides])
+    # No warm-up unless a test asks for one, so the shapes are easy to read.
+    job = load_job(None, ["train.precision=fp32", "train.warmup_ratio=0", *overrides])
     torch.manual_seed(0)
     config = RobertaConfig(
         vocab_size=64,
@@ -91,13 +92,23 @@ def test_warmup_stable_decay_holds_the_peak_then_decays_over_its_share(tmp_path:
 
 def test_warmup_stable_decay_plans_its_decay_from_the_epochs(tmp_path: Path):
     # Without max_steps the decay is sized from the training set when build_trainer has it.
-    trainer = _trainer(tmp_path, "train.lr_scheduler=warmup_stable_decay", "train.epochs=2")
+    trainer = _trainer(
+        tmp_path, "train.lr_scheduler=warmup_stable_decay", "train.epochs=2", "train.per_device_batch_size=64"
+    )
     assert planned_steps(trainer.args, samples=640) == 20  # batch 64: 10 steps an epoch
 
 
-def test_warmup_given_twice_is_a_config_error():
-    with pytest.raises(JobConfigError, match=re.escape("warmup_steps 10 and warmup_ratio 0.1 both set")):
-        load_job(None, ["train.warmup_steps=10", "train.warmup_ratio=0.1"])
+def test_warmup_steps_replace_the_default_ratio(tmp_path: Path):
+    assert load_job(None).train.warmup_ratio == 0.1
+    trainer = _trainer(tmp_path, "train.learning_rate=1e-3", "train.warmup_ratio=0.5", "train.warmup_steps=1")
+    rates = _learning_rates(trainer, 10)
+    assert rates[0] == 0.0 and rates[1] == pytest.approx(1e-3), "1 warm-up step, not half of 10"
+
+
+def test_defaults_are_robertas_adamw():
+    train = load_job(None).train
+    assert (train.adam_beta2, train.adam_epsilon, train.weight_decay) == (0.98, 1e-6, 0.01)
+    assert (train.per_device_batch_size, train.learning_rate, train.lr_scheduler) == (16, 1e-4, "linear")
 
 
 @pytest.mark.parametrize("override", ["train.lr_scheduler=step", "train.adam_beta2=1.0", "train.decay_ratio=0"])
