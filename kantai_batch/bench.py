@@ -68,8 +68,8 @@ def bench(
     """Measure the job, the baseline and the variants; write the JSON record, return it.
 
     With ``--steps`` every configuration trains (and plans its schedule for) that many steps; with
-    only ``--seconds`` each keeps its own plan (the job's ``max_steps`` or epochs, run_mlm's 3 epochs)
-    and is stopped when its training time is up.
+    only ``--seconds`` the job and its variants plan their schedule for that time (``train.max_seconds``)
+    while a baseline keeps its own plan (run_mlm's 3 epochs), and each is stopped when its time is up.
     """
     configs = [("job", job)]
     if baseline:
@@ -95,6 +95,9 @@ def bench(
     rows: list[dict[str, Any]] = []
     for name, config in configs:
         log.info("bench: training %s for %s", name, f"{seconds:.0f} s" if seconds else f"{steps} steps")
+        if seconds and steps is None and name != baseline:
+            # Ours plans its schedule for the time it is given (train.max_seconds); a baseline keeps its own plan.
+            config = config.model_copy(update={"train": config.train.model_copy(update={"max_seconds": seconds})})
         row = _in_fresh_process(
             name, config, run, steps, seconds, eval_every, baseline=name == baseline, eval_seed=job.train.seed
         )
@@ -305,8 +308,10 @@ def _measure(
     """Train one configuration and evaluate it; runs in its own interpreter."""
     from kantai_batch.curve import LossCurve
     from kantai_batch.model import init_model
+    from kantai_batch.preemption import Preemption
+    from kantai_batch.stopping import StopAgreement
     from kantai_batch.tokenizer import load_tokenizer
-    from kantai_batch.train import build_trainer, training_arguments
+    from kantai_batch.train import build_trainer, time_budget, training_arguments
 
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job = Job.model_validate(job)
@@ -325,7 +330,9 @@ def _measure(
         else:
             overrides.update(eval_strategy="no")
         args = training_arguments(job, Path(scratch), track=False, **overrides)
-        session = build_trainer(job, model, tokenizer, args, run.corpus, callbacks=[curve])
+        budget = time_budget(job, resume_from=None)
+        stop = StopAgreement(Preemption(job.train.preemption_grace_s), budget)
+        session = build_trainer(job, model, tokenizer, args, run.corpus, callbacks=[curve, stop], budget=budget)
         trainer = session.trainer
         if grouped_training:
             trainer.train_dataset = grouped_lines(

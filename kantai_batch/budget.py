@@ -70,6 +70,7 @@ class TimeBudget:
         self._timing_from: tuple[int, float] | None = None
         self._planned_step_s: float | None = None
         self._planned_at: int | None = None
+        self._bound = 0
         self._checked_drift = False
 
     def start(self) -> None:
@@ -116,8 +117,10 @@ class TimeBudget:
 
     def _plan(self, step: int, step_s: float) -> None:
         """End the schedule at the step where, at ``step_s`` per step, the budget runs out."""
+        if self._planned_step_s is None:
+            self._bound = self.schedule.total_steps  # max_steps, or the epochs' steps: never planned past
         left = max(0.0, self.max_seconds - self.spent())
-        total = step + max(1, int(left / step_s))
+        total = min(step + max(1, int(left / step_s)), self._bound)
         log.info(
             "pretrain: %.3f s per step, %.0f s of the budget left: the schedule ends at step %d%s",
             step_s,
