@@ -225,34 +225,6 @@ def _prepare_inputs(job: Job, run: RunDir) -> None:
         train_tokenizer(job, run)
 
 
-def _in_fresh_process(name: str, job: Job, run: RunDir, steps: int, seconds: float | None) -> dict[str, Any]:
-    """``_measure`` in a new interpreter: its own peak memory, no state left by the previous config.
-
-    A plain subprocess rather than a multiprocessing pool: transformers' seeded collators refuse to
-    run in a multiprocessing child that is not a DataLoader worker.
-    """
-    with tempfile.TemporaryDirectory(prefix="kantai-bench-") as scratch:
-        spec, out = Path(scratch) / "spec.json", Path(scratch) / "result.json"
-        spec.write_text(
-            json.dumps(
-                {
-                    "name": name,
-                    "job": job.model_dump(mode="json"),
-                    "run_root": str(run.root),
-                    "steps": steps,
-                    "seconds": seconds,
-                    "level": logging.getLogger().getEffectiveLevel(),
-                }
-            )
-        )
-        # The worker's stdout (the Trainer prints its metrics there) joins the logs on stderr.
-        command = [sys.executable, "-m", "kantai_batch.bench", str(spec), str(out)]
-        done = subprocess.run(command, stdout=sys.__stderr__, check=False)
-        if done.returncode != 0 or not out.is_file():
-            raise KantaiError(f"bench: training the {name} configuration failed (exit {done.returncode}; see above)")
-        return json.loads(out.read_text())
-
-
 def _in_fresh_process(
     name: str,
     job: Job,
