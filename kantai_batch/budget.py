@@ -113,7 +113,8 @@ class TimeBudget:
             self._checked_drift = True
             if abs(step_s / self._planned_step_s - 1) > DRIFT:
                 self._plan(step, step_s)
-        return step >= self.schedule.total_steps
+        # A plan cut to max_steps or the epochs' end leaves the ending to that bound.
+        return self.schedule.total_steps < self._bound and step >= self.schedule.total_steps
 
     def _plan(self, step: int, step_s: float) -> None:
         """End the schedule at the step where, at ``step_s`` per step, the budget runs out."""
