@@ -19,7 +19,7 @@ from pathlib import Path
 from kantai_batch.baseline import TRAINER_DEFAULTS
 from kantai_batch.bench import bench
 from kantai_batch.job import load_job, override_job
-from kantai_batch.storage import RunDir
+from kantai_batch.rundir import RunDir
 
 ROBERTA = "train.adam_beta2=0.98,train.adam_epsilon=1e-6,train.weight_decay=0.01,train.warmup_ratio=0.1"
 RATES = ("1e-4", "3e-4", "1e-3")

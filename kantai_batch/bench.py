@@ -26,7 +26,8 @@ from kantai_batch.baseline import BASELINES, baseline_job, grouped_lines
 from kantai_batch.curve import time_to_reach
 from kantai_batch.errors import JobConfigError, KantaiError
 from kantai_batch.job import Job, override_job
-from kantai_batch.storage import RunDir, write_json_atomic
+from kantai_batch.manifest import write_json_atomic
+from kantai_batch.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -215,14 +216,12 @@ def _load_average() -> list[float] | None:
 
 
 def _prepare_inputs(job: Job, run: RunDir) -> None:
-    """The corpus and tokenizer the configurations share, reused when the run dir has them."""
-    from kantai_batch.corpus import prepare
-    from kantai_batch.tokenizer import train_tokenizer
+    """The corpus and tokenizer the configurations share: the phases before pretrain, skipped as `run`
+    skips them (complete, with the same fingerprint), so a changed tokenizer setting is retrained."""
+    from kantai_batch.phases import before
+    from kantai_batch.pipeline import run_pipeline
 
-    if not run.is_complete(run.corpus):
-        prepare(job, run)
-    if not run.is_complete(run.tokenizer):
-        train_tokenizer(job, run)
+    run_pipeline(job, run, phases=before("pretrain"), track=False)
 
 
 def _in_fresh_process(
@@ -279,11 +278,11 @@ def _measure(
 ) -> dict[str, Any]:
     """Train one configuration and evaluate it; runs in its own interpreter."""
     from kantai_batch.curve import LossCurve
-    from kantai_batch.model import init_model
+    from kantai_batch.model import init_model, load_tokenizer
     from kantai_batch.preemption import Preemption
     from kantai_batch.stopping import StopAgreement
-    from kantai_batch.tokenizer import load_tokenizer
-    from kantai_batch.train import build_trainer, time_budget, training_arguments
+    from kantai_batch.train import build_trainer, time_budget
+    from kantai_batch.trainer import training_arguments
 
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job = Job.model_validate(job)
@@ -304,12 +303,10 @@ def _measure(
         args = training_arguments(job, Path(scratch), track=False, **overrides)
         budget = time_budget(job, resume_from=None)
         stop = StopAgreement(Preemption(job.train.preemption_grace_s), budget)
-        session = build_trainer(job, model, tokenizer, args, run.corpus, callbacks=[curve, stop], budget=budget)
+        session = build_trainer(job, model, tokenizer, args, run, callbacks=[curve, stop], budget=budget)
         trainer = session.trainer
         if grouped_training:
-            trainer.train_dataset = grouped_lines(
-                run.corpus / "train.txt", tokenizer, job.data.block_size, what="train split"
-            )
+            trainer.train_dataset = grouped_lines(run.train_text, tokenizer, job.data.block_size, what="train split")
         cuts = _eval_cuts(job, tokenizer, run, eval_seed)
         trainer.eval_dataset = {cut: cuts[cut] for cut in CURVE_CUTS}
         result = trainer.train()
@@ -340,7 +337,7 @@ def _eval_cuts(job: Job, tokenizer, run: RunDir, seed: int) -> dict[str, Any]:
     fixed masks for every configuration, so all are scored on the same tokens."""
     from kantai_batch.data import build_split, mask_once
 
-    text = run.corpus / "eval.txt"
+    text = run.eval_text
     train = job.train.model_copy(update={"mlm_probability": EVAL_MASKING, "seed": seed})
     job = job.model_copy(update={"train": train})
     cuts = {}

@@ -23,7 +23,8 @@ from kantai_batch import __version__, s3
 from kantai_batch.distributed import distributed_state
 from kantai_batch.errors import JobConfigError, KantaiError
 from kantai_batch.job import Job, load_job
-from kantai_batch.storage import RunDir
+from kantai_batch.phases import phase
+from kantai_batch.rundir import RunDir
 
 log = logging.getLogger("kantai_batch")
 
@@ -163,7 +164,7 @@ model_option = click.option(
 def _model(model_uri: str | None, run: RunDir) -> Path:
     """The local folder of --model (S3 and registry models are downloaded and verified), else RUN/model."""
     from kantai_batch.registry import cached_pull, is_registry_uri
-    from kantai_batch.storage import cache_dir, local_model
+    from kantai_batch.sources import cache_dir, local_model
 
     if model_uri and is_registry_uri(model_uri):
         return cached_pull(model_uri, cache_dir())
@@ -176,18 +177,14 @@ def _model(model_uri: str | None, run: RunDir) -> Path:
 @job_options
 def prepare(job: Job, run: RunDir) -> None:
     """Read, decode and clean the raw corpus; split it into RUN/corpus/{train,eval}.txt."""
-    from kantai_batch.corpus import prepare as prepare_phase
-
-    prepare_phase(job, run)
+    phase("prepare").run(job, run)
 
 
 @cli.command("train-tokenizer")
 @job_options
 def train_tokenizer(job: Job, run: RunDir) -> None:
     """Train a byte-level BPE tokenizer on the train split into RUN/tokenizer/."""
-    from kantai_batch.tokenizer import train_tokenizer as train_tokenizer_phase
-
-    train_tokenizer_phase(job, run)
+    phase("train-tokenizer").run(job, run)
 
 
 @cli.command()
@@ -195,9 +192,7 @@ def train_tokenizer(job: Job, run: RunDir) -> None:
 @tracking_option
 def pretrain(job: Job, run: RunDir, tracking: bool) -> None:
     """Pretrain the model from scratch; resumes from the newest complete checkpoint in the run dir."""
-    from kantai_batch.train import pretrain as pretrain_phase
-
-    pretrain_phase(job, run, track=tracking)
+    phase("pretrain").run(job, run, track=tracking)
 
 
 @cli.command()
@@ -206,15 +201,13 @@ def pretrain(job: Job, run: RunDir, tracking: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def evaluate(job: Job, run: RunDir, model_uri: str | None, as_json: bool) -> None:
     """Eval loss, perplexity and token accuracy on the held-out split (or --corpus)."""
-    from kantai_batch.evaluate import evaluate as evaluate_phase
-
     # --corpus names the text to evaluate on here, not a corpus to prepare.
     # Only a --corpus given on the command line: KANTAI_CORPUS names what prepare reads, and must
     # not silently replace the held-out split.
     ctx = click.get_current_context()
     given = ctx.get_parameter_source("corpus") == click.core.ParameterSource.COMMANDLINE
     explicit_corpus = ctx.params.get("corpus") if given else None
-    metrics = evaluate_phase(job, run, model_dir=_model(model_uri, run), corpus=explicit_corpus)
+    metrics = phase("evaluate").run(job, run, model_dir=_model(model_uri, run), corpus=explicit_corpus)
     _print_metrics(metrics, as_json)
 
 
@@ -264,7 +257,7 @@ def _tokenizer_size(job: Job, run: RunDir) -> int:
     if job.model.vocab_size != "auto":
         return 0
     if run.is_complete(run.tokenizer):
-        from kantai_batch.tokenizer import load_tokenizer
+        from kantai_batch.model import load_tokenizer
 
         return len(load_tokenizer(run.require(run.tokenizer, "tokenizer", "train-tokenizer")))
     log.info(
@@ -438,10 +431,9 @@ def run_all(job: Job, run: RunDir, tracking: bool, register_as: str | None, alia
 
 def _show_probes(run: RunDir) -> None:
     """The probe hits evaluate recorded, after the fill-mask answers."""
-    from kantai_batch.evaluate import METRICS_FILE
     from kantai_batch.probes import format_quality
 
-    metrics_file = run.eval / METRICS_FILE
+    metrics_file = run.eval_metrics
     if metrics_file.is_file():
         quality = json.loads(metrics_file.read_text(encoding="utf-8")).get("quality", {})
         for line in format_quality(quality)[1:]:  # the fill-mask line is shown above in full

@@ -44,6 +44,16 @@ def local_main_first() -> Iterator[None]:
         yield
 
 
+def node_count() -> int:
+    """How many machines the training's processes run on: the processes that are their node's first."""
+    state = distributed_state()
+    if state is None:
+        return 1
+    from accelerate.utils import gather_object
+
+    return sum(gather_object([state.local_process_index == 0]))
+
+
 def barrier() -> None:
     """Wait for every process of the training; nothing to wait for in a single process."""
     import torch.distributed as dist

@@ -13,21 +13,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.corpus import EVAL_FILE, choose_encoding, write_text
 from kantai_batch.data import build_split
+from kantai_batch.decoding import choose_encoding, write_text
 from kantai_batch.distributed import is_main_process, local_main_first
 from kantai_batch.errors import InputDataError
 from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.job import Job
+from kantai_batch.manifest import write_json_atomic
 from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer, require_task
 from kantai_batch.objective import ACCURACY, accuracy_metric, collator, predicted_ids, task_of
 from kantai_batch.probes import format_quality, quality_report, read_probes
-from kantai_batch.storage import RunDir, fetched, write_json_atomic
-from kantai_batch.train import perplexity, training_arguments
+from kantai_batch.rundir import EVAL_METRICS, RunDir
+from kantai_batch.sources import fetched
+from kantai_batch.trainer import perplexity, training_arguments
 
 log = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.json"
 
 
 def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: str | None = None) -> dict[str, Any]:
@@ -46,7 +46,7 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
             run.require(run.corpus, "corpus", "prepare")
     with tempfile.TemporaryDirectory(prefix="kantai-eval-") as scratch:
         if corpus is None:
-            text, corpus_name = run.corpus / EVAL_FILE, str(run.corpus / EVAL_FILE)
+            text, corpus_name = run.eval_text, str(run.eval_text)
         else:
             with fetched(corpus, "corpus") as source:
                 encoding, _ = choose_encoding(source, job.corpus.encoding, corpus)
@@ -60,7 +60,7 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
     if task == "mlm":
         metrics["quality"] = quality_report(model.eval(), tokenizer, job, probes)
     with run.committed(run.eval, inputs_sha256=fingerprint_of(job, "evaluate", run, model_dir=model_dir)) as out:
-        write_json_atomic(out / METRICS_FILE, metrics)
+        write_json_atomic(out / EVAL_METRICS, metrics)
     log.info(
         "evaluate: loss %.4f, perplexity %.2f, %s %.4f on %s tokens",
         metrics["eval_loss"],

@@ -1,9 +1,9 @@
 """What each phase's output depends on, as one digest recorded in its ``_COMPLETE`` marker.
 
 ``run`` redoes a phase whose folder is complete but whose recorded digest differs from the current
-one: the job fields the phase reads changed, or an upstream folder was redone. Upstream folders are
-identified by their manifests' file checksums, so a redone corpus with identical content does not
-force a new tokenizer.
+one: the job fields the phase reads changed, or an upstream folder was redone. Both come from the
+phase table. Upstream folders are identified by their manifests' file checksums, so a redone corpus
+with identical content does not force a new tokenizer.
 """
 
 from __future__ import annotations
@@ -14,32 +14,24 @@ from pathlib import Path
 from typing import Any
 
 from kantai_batch.job import Job
-
-# The job sections each phase reads, and the phases whose output it reads.
-_READS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "prepare": (("corpus", "data.eval_fraction", "train.seed"), ()),
-    "train-tokenizer": (("corpus", "tokenizer"), ("corpus",)),
-    "pretrain": (("task", "model", "data", "train"), ("corpus", "tokenizer")),
-    "evaluate": (
-        ("data", "train.mlm_probability", "train.seed", "train.per_device_batch_size", "eval", "infer"),
-        ("corpus", "model"),
-    ),
-}
+from kantai_batch.manifest import is_complete, read_marker
+from kantai_batch.phases import phase as phase_row
 
 
 def fingerprint_of(job: Job, phase: str, run=None, *, model_dir: Path | None = None) -> str:
-    """The digest of everything ``phase`` reads: its job fields and its upstream folders' manifests."""
-    from kantai_batch.storage import is_complete, read_marker
+    """The digest of everything ``phase`` reads: its job fields and its upstream folders' manifests.
 
-    fields, upstream = _READS[phase]
+    ``model_dir`` stands in for the run's model (evaluate scoring a model from elsewhere).
+    """
+    row = phase_row(phase)
     data = job.model_dump(mode="json")
-    parts: dict[str, Any] = {"phase": phase, "job": {name: _pick(data, name) for name in fields}}
-    for name in upstream:
-        if name == "model" and model_dir is not None:
-            manifest = read_marker(model_dir) if is_complete(model_dir) else None
+    parts: dict[str, Any] = {"phase": phase, "job": {name: _pick(data, name) for name in row.reads}}
+    for upstream in map(phase_row, row.upstream):
+        if upstream.output == "model" and model_dir is not None:
+            found = read_marker(model_dir) if is_complete(model_dir) else None
         else:
-            manifest = run.marker(getattr(run, name)) if run is not None else None
-        parts[name] = manifest.get("files") if manifest else None
+            found = run.marker(upstream.output_of(run)) if run is not None else None
+        parts[upstream.output] = found.get("files") if found else None
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

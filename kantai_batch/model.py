@@ -131,9 +131,14 @@ def load_lm_tokenizer(folder: Path, task: str, command: str):
 
 def load_model_tokenizer(folder: Path):
     """The tokenizer saved with a model, or a one-line error naming the folder."""
+    return load_tokenizer(folder, what="model")
+
+
+def load_tokenizer(folder: Path, what: str = "tokenizer"):
+    """A saved tokenizer (a tokenizer folder, or a model's), or a one-line error naming ``what`` and the folder."""
     from transformers import AutoTokenizer
 
-    with unusable_as(f"model {folder}"):
+    with unusable_as(f"{what} {folder}"):
         return AutoTokenizer.from_pretrained(str(folder))
 
 

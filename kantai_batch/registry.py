@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from kantai_batch.errors import InputDataError, JobConfigError, SourceUnavailableError
+from kantai_batch.manifest import committed_dir, is_complete
 from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer
 from kantai_batch.objective import task_of
-from kantai_batch.storage import committed_dir, is_complete
+from kantai_batch.rundir import TRAIN_SUMMARY
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def register(model_dir: Path, name: str, alias: str | None = None) -> dict[str, 
     task = task_of(config)
     if task is None:
         raise InputDataError(f"model {model_dir} is neither a masked nor a causal language model")
-    summary_file = model_dir / "train_summary.json"
+    summary_file = model_dir / TRAIN_SUMMARY
     summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
     with _tracking_errors():
         # The tracking store is reached before the weights are read, so an unreachable one fails fast.

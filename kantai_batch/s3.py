@@ -1,4 +1,4 @@
-"""S3 (and any S3-compatible store): folders and files moved with boto3's managed transfers.
+"""S3 (and any S3-compatible store) as a transport: objects moved with boto3's managed transfers.
 
 Credentials and endpoint come from boto3's standard chain: environment, shared config and profile,
 web identity (IRSA, workload identity), instance metadata; ``AWS_ENDPOINT_URL_S3`` (or
@@ -15,9 +15,9 @@ of many requests failing at once. ``AWS_MAX_ATTEMPTS`` and ``AWS_RETRY_MODE`` (o
 and ``retry_mode`` in the AWS config file) change those bounds the standard way.
 What is left after the retries becomes a one-line error naming the URI.
 
-A folder is committed the way a local one is: every file first, the ``_COMPLETE`` manifest (sizes and
-SHA-256) last, so a reader that trusts only folders with a marker never sees half an upload. Uploads
-also carry an S3 checksum the server verifies, and downloads are checked against the manifest.
+This module is a plain transport: keys and files in, keys and files out. Committing a folder (files
+first, the ``_COMPLETE`` manifest last) and verifying a download against it belong to ``manifest``.
+Uploads carry an S3 checksum the server verifies.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import functools
 import json
 import logging
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +35,9 @@ from kantai_batch.errors import InputDataError, JobConfigError, KantaiError, Sou
 
 log = logging.getLogger(__name__)
 
-MARKER = "_COMPLETE"
 _MAX_ATTEMPTS = 10  # in all, the first request included
 _CONNECT_TIMEOUT_S = 10
 _READ_TIMEOUT_S = 60
-_UPLOAD_THREADS = 8
 _MISSING = ("NoSuchKey", "404", "NotFound")
 # The keys themselves were refused, not a permission: no request with them can succeed.
 _BAD_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch")
@@ -250,42 +247,6 @@ def list_folders(prefix: S3Uri) -> list[str]:
     return names
 
 
-def upload_folder(folder: Path, prefix: S3Uri) -> None:
-    """Commit ``folder`` (which holds its marker) below ``prefix``: stale keys removed, files, marker last."""
-    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER]
-    # A marker left from an earlier commit must go first: from here until the new one lands the
-    # folder is incomplete, and readers must see it so.
-    delete_keys(prefix, [MARKER])
-    wanted = {p.relative_to(folder).as_posix() for p in files}
-    stale = [key for key in list_keys(prefix) if key not in wanted and key != MARKER]
-    delete_keys(prefix, stale)
-    with ThreadPoolExecutor(max_workers=_UPLOAD_THREADS) as pool:
-        for future in [pool.submit(upload_file, p, prefix.child(p.relative_to(folder).as_posix())) for p in files]:
-            future.result()
-    upload_file(folder / MARKER, prefix.child(MARKER))
-    log.info("s3: committed %d files to %s", len(files), prefix)
-
-
-def download_folder(prefix: S3Uri, dest: Path) -> dict[str, Any]:
-    """Download a committed folder into ``dest``, verify it against its manifest, return the manifest."""
-    from kantai_batch.storage import file_sha256
-
-    marker = prefix.child(MARKER)
-    manifest = read_json_if_exists(marker)
-    if manifest is None:
-        raise InputDataError(f"{prefix} is missing or incomplete (no {MARKER} marker)")
-    dest.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(max_workers=_UPLOAD_THREADS) as pool:
-        futures = [pool.submit(download_file, prefix.child(name), dest / name) for name in manifest["files"]]
-        for future in futures:
-            future.result()
-    for name, expected in manifest["files"].items():
-        if file_sha256(dest / name) != expected["sha256"]:
-            raise InputDataError(f"{prefix.child(name)} does not match its checksum in {marker}")
-    (dest / MARKER).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return manifest
-
-
 def delete_keys(prefix: S3Uri, names: list[str]) -> None:
     for start in range(0, len(names), 1000):
         batch = [{"Key": prefix.child(name).key} for name in names[start : start + 1000]]
@@ -300,9 +261,3 @@ def delete_keys(prefix: S3Uri, names: list[str]) -> None:
                 if code in _DENIED or code in _BAD_CREDENTIALS:
                     raise InputDataError(f"{uri}: access denied ({code}) while trying to delete")
                 raise SourceUnavailableError(f"{uri}: cannot delete: {code} {refused.get('Message', '')}".strip())
-
-
-def delete_folder(prefix: S3Uri) -> None:
-    """Remove a committed folder: its marker first, so it stops being trusted before it is partial."""
-    delete_keys(prefix, [MARKER])
-    delete_keys(prefix, list_keys(prefix))

@@ -21,8 +21,10 @@ from pathlib import Path
 import yaml
 
 from kantai_batch.errors import JobConfigError
+from kantai_batch.phases import NAMES
 
-PHASES = ("prepare", "train-tokenizer", "pretrain", "evaluate", "register")
+# A Job per phase of the phase table, then registering the model (not a run-dir phase).
+PHASES = (*NAMES, "register")
 # The scheduled retraining (a CronJob running every phase, then registering the model).
 RETRAIN = "retrain"
 COMPONENT = "app.kubernetes.io/component"

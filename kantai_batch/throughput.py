@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 
 class ThroughputCallback(TrainerCallback):
-    """Adds throughput to every training log line and keeps the session's totals for the summary.
+    """Times the steps, gives each training log line its rates, keeps the session's totals for the summary.
 
     A resumed run counts only its own session. The steady-state figures leave out the first step
     (allocations, kernel selection, compilation) and measure from one step's end to the next, data
@@ -63,17 +63,15 @@ class ThroughputCallback(TrainerCallback):
         self._last_step = None
         return control
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "loss" not in logs:
-            return control
+    def rates(self, state) -> dict[str, float]:
+        """Real tokens/s and MFU since the previous call: the fields ``PretrainTrainer.log`` adds to a loss line."""
         now = time.perf_counter()
         since, tokens_then = self._window
-        if now > since:
-            rate = (state.num_input_tokens_seen - tokens_then) / (now - since)
-            logs["real_tokens_per_second"] = round(rate, 1)
-            logs["mfu"] = round(self.mfu(rate), 4)
         self._window = (now, state.num_input_tokens_seen)
-        return control
+        if now <= since:
+            return {}
+        rate = (state.num_input_tokens_seen - tokens_then) / (now - since)
+        return {"real_tokens_per_second": round(rate, 1), "mfu": round(self.mfu(rate), 4)}
 
     def on_train_end(self, args, state, control, **kwargs):
         self.elapsed = time.perf_counter() - self._start_time

@@ -16,11 +16,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from kantai_batch.corpus import TRAIN_FILE
-from kantai_batch.errors import unusable_as
 from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.job import Job
-from kantai_batch.storage import RunDir, require_complete
+from kantai_batch.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +44,7 @@ def train_tokenizer(job: Job, run: RunDir) -> Path:
     from tokenizers import AddedToken, ByteLevelBPETokenizer, Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
-    corpus = run.require(run.corpus, "corpus", "prepare")
+    run.require(run.corpus, "corpus", "prepare")
     bos, pad, eos, unk, mask = job.tokenizer.special_tokens
     special_tokens = [bos, pad, eos, unk, AddedToken(mask, lstrip=True, special=True)]
     conversation = job.corpus.format == "twcs" and job.corpus.conversation
@@ -58,7 +56,7 @@ def train_tokenizer(job: Job, run: RunDir) -> Path:
 
         bpe.normalizer = cleaner(job.corpus)
     bpe.train(
-        files=[str(corpus / TRAIN_FILE)],
+        files=[str(run.train_text)],
         vocab_size=job.tokenizer.vocab_size,
         min_frequency=job.tokenizer.min_frequency,
         special_tokens=special_tokens,
@@ -94,11 +92,3 @@ def train_tokenizer(job: Job, run: RunDir) -> Path:
         run.tokenizer,
     )
     return run.tokenizer
-
-
-def load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    require_complete(folder, "tokenizer", "train-tokenizer")
-    with unusable_as(f"tokenizer {folder}"):
-        return AutoTokenizer.from_pretrained(str(folder))

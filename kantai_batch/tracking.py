@@ -17,11 +17,10 @@ from typing import Any
 
 from kantai_batch.errors import SourceUnavailableError
 from kantai_batch.job import Job
-from kantai_batch.storage import RunDir, write_json_atomic
+from kantai_batch.manifest import write_json_atomic
+from kantai_batch.rundir import RunDir
 
 log = logging.getLogger(__name__)
-
-RUN_ID_FILE = "mlflow_run.json"
 
 
 @contextlib.contextmanager
@@ -41,16 +40,16 @@ def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool) -> Ite
     try:
         mlflow.set_experiment(job.name)
         if resuming:
-            run.pull_file(run.checkpoints / RUN_ID_FILE)
-        run_id = _run_to_continue(run.checkpoints / RUN_ID_FILE, job_sha) if resuming else None
+            run.pull_file(run.mlflow_run)
+        run_id = _run_to_continue(run.mlflow_run, job_sha) if resuming else None
         active = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{job.name}-pretrain")
     except mlflow.exceptions.MlflowException as exc:
         first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise SourceUnavailableError(f"MLflow tracking store {mlflow.get_tracking_uri()}: {first_line}") from None
     with active:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run.checkpoints / RUN_ID_FILE, {"run_id": active.info.run_id, "job_sha256": job_sha})
-        run.push_file(run.checkpoints / RUN_ID_FILE)
+        write_json_atomic(run.mlflow_run, {"run_id": active.info.run_id, "job_sha256": job_sha})
+        run.push_file(run.mlflow_run)
         if run_id is None:
             mlflow.log_params({f"job.{key}": value for key, value in _flatten(job.model_dump(mode="json")).items()})
             mlflow.log_text(job_yaml, "job.yaml")
@@ -69,10 +68,10 @@ def lineage_tags(job: Job, run: RunDir) -> dict[str, str]:
     import os
 
     tags = {
-        "kantai.run_dir": run.uri(run.root) if run.remote else str(run.root.resolve()),
+        "kantai.run_dir": run.uri(run.root) if run.is_remote else str(run.root.resolve()),
         "kantai.corpus": job.corpus.source,
     }
-    stats = run.corpus / "stats.json"
+    stats = run.corpus_stats
     if stats.is_file():
         # What prepare really read, which a later phase's --corpus or job file need not repeat.
         prepared = json.loads(stats.read_text(encoding="utf-8"))

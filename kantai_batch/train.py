@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,15 +20,15 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kantai_batch import tracking
 from kantai_batch.budget import PlannedSchedule, TimeBudget
-from kantai_batch.checkpoints import CheckpointMarkerCallback, checkpoint_step, newest_complete_checkpoint
-from kantai_batch.corpus import EVAL_FILE, TRAIN_FILE
+from kantai_batch.checkpoints import CheckpointMarkerCallback
 from kantai_batch.data import build_split
-from kantai_batch.distributed import deepspeed_config
+from kantai_batch.distributed import node_count
 from kantai_batch.errors import JobConfigError, PreemptedError
 from kantai_batch.fingerprint import fingerprint_of
-from kantai_batch.hardware import has_accelerator, peak_flops, resolve_precision, training_flops_per_token
+from kantai_batch.hardware import peak_flops, resolve_precision, training_flops_per_token
 from kantai_batch.job import Job, ModelSection
-from kantai_batch.model import init_model
+from kantai_batch.manifest import read_marker, write_json_atomic
+from kantai_batch.model import init_model, load_tokenizer
 from kantai_batch.objective import (
     ACCURACY,
     accuracy_metric,
@@ -38,17 +36,20 @@ from kantai_batch.objective import (
     predicted_ids,
 )
 from kantai_batch.preemption import Preemption, sigterm_checkpoints
-from kantai_batch.s3 import S3Uri
+from kantai_batch.rundir import JOB_FILE, TRAIN_SUMMARY, RunDir, checkpoint_step
 from kantai_batch.stopping import StopAgreement
-from kantai_batch.storage import RunDir, read_marker, write_json_atomic
 from kantai_batch.throughput import ThroughputCallback
-from kantai_batch.tokenizer import load_tokenizer
-from kantai_batch.trainer import PretrainTrainer
+from kantai_batch.trainer import (
+    UNBOUNDED_EPOCHS,
+    PretrainTrainer,
+    perplexity,
+    planned_steps,
+    schedule_kwargs,
+    training_arguments,
+)
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE = "train_summary.json"
-UNBOUNDED_EPOCHS = 1_000_000
 # Dropout changes how a model trains, not its shape: a checkpoint resumes across it.
 ARCHITECTURE_KEYS = tuple(key for key in ModelSection.model_fields if not key.endswith("dropout_prob"))
 
@@ -56,16 +57,14 @@ ARCHITECTURE_KEYS = tuple(key for key in ModelSection.model_fields if not key.en
 def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     """Train the job's model on the prepared corpus; return the committed model folder."""
     args = training_arguments(job, run.checkpoints, track=track)
-    remote_checkpoints = run.remote_of(run.checkpoints)
-    require_shared_checkpoints(job, remote_checkpoints)
+    nodes = node_count()
+    require_shared_checkpoints(job, run, nodes)
     # Processes on one node share its disk: one of them mirrors the inputs from a remote run dir
     # (and tidies up checkpoints), the others then find the identical copy.
     with args.main_process_first(local=True, desc="pretrain inputs"):
         run.require(run.corpus, "corpus", "prepare")
         tokenizer = load_tokenizer(run.require(run.tokenizer, "tokenizer", "train-tokenizer"))
-        resume_from = newest_complete_checkpoint(
-            run.checkpoints, remote=remote_checkpoints, prune_incomplete=args.local_process_index == 0
-        )
+        resume_from = run.newest_checkpoint(tidy=args.local_process_index == 0)
     inputs = fingerprint_of(job, "pretrain", run)
     model = init_model(job, len(tokenizer))
     if resume_from:
@@ -74,11 +73,9 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     tracked = track and args.process_index == 0
     with tracking.pretrain_run(job, run, enabled=tracked, resuming=resume_from is not None) as mlflow_run:
         budget = time_budget(job, resume_from)
-        checkpoints = CheckpointMarkerCallback(
-            job.train.save_total_limit, remote=remote_checkpoints, clock=budget.spent if budget else None
-        )
+        checkpoints = CheckpointMarkerCallback(run, job.train.save_total_limit, clock=budget.spent if budget else None)
         stop = StopAgreement(Preemption(job.train.preemption_grace_s), budget)
-        session = build_trainer(job, model, tokenizer, args, run.corpus, callbacks=[checkpoints, stop], budget=budget)
+        session = build_trainer(job, model, tokenizer, args, run, callbacks=[checkpoints, stop], budget=budget)
         trainer = session.trainer
         if resume_from:
             log.info("pretrain: resuming from %s", run.uri(resume_from))
@@ -95,6 +92,7 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
             "global_step": trainer.state.global_step,
             "resumed_from_step": checkpoint_step(resume_from) if resume_from else 0,
             "world_size": args.world_size,
+            "nodes": nodes,
             "train_loss": result.training_loss,
             "eval_loss": eval_metrics["eval_loss"],
             "eval_perplexity": perplexity(eval_metrics["eval_loss"]),
@@ -114,8 +112,8 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
             with run.committed(run.model, inputs_sha256=inputs) as out:
                 trainer.save_model(str(out))
                 tokenizer.save_pretrained(str(out))
-                write_json_atomic(out / SUMMARY_FILE, summary)
-                (out / "job.yaml").write_text(job.to_yaml(), encoding="utf-8")
+                write_json_atomic(out / TRAIN_SUMMARY, summary)
+                (out / JOB_FILE).write_text(job.to_yaml(), encoding="utf-8")
             if mlflow_run:
                 tracking.log_model(run.model)
     log.info(
@@ -161,7 +159,7 @@ def build_trainer(
     model,
     tokenizer,
     args: TrainingArguments,
-    corpus: Path,
+    run: RunDir,
     *,
     callbacks: list[TrainerCallback] = (),
     budget: TimeBudget | None = None,
@@ -169,8 +167,8 @@ def build_trainer(
     """The job's datasets, collator, speed settings and throughput accounting around a Trainer."""
     sparse = job.task == "mlm" and job.train.sparse_prediction
     with args.main_process_first(desc="tokenize"):
-        train_set = build_split(corpus / TRAIN_FILE, job, tokenizer, fix_masks=False, what="train split")
-        eval_set = build_split(corpus / EVAL_FILE, job, tokenizer, fix_masks=job.task == "mlm", what="eval split")
+        train_set = build_split(run.train_text, job, tokenizer, fix_masks=False, what="train split")
+        eval_set = build_split(run.eval_text, job, tokenizer, fix_masks=job.task == "mlm", what="eval split")
     if job.train.lr_scheduler == "warmup_stable_decay" and not args.lr_scheduler_kwargs:
         args.lr_scheduler_kwargs = schedule_kwargs(job, planned_steps(args, len(train_set)))
     if budget is not None:
@@ -191,6 +189,7 @@ def build_trainer(
         task=job.task,
         sparse=sparse,
         schedule=budget.schedule if budget else None,
+        throughput=throughput,
         model=model,
         args=args,
         train_dataset=train_set,
@@ -201,8 +200,6 @@ def build_trainer(
         compute_metrics=accuracy_metric(job.task),
         preprocess_logits_for_metrics=predicted_ids,
     )
-    # First in line, so the throughput it adds to each log reaches the console and MLflow callbacks.
-    trainer.callback_handler.callbacks.insert(0, throughput)
     log.info(
         "pretrain: %s parameters (vocab %s), %s training blocks, %s eval blocks, %s",
         f"{model.num_parameters():,}",
@@ -234,81 +231,6 @@ def build_trainer(
     return TrainingSession(trainer, throughput, precision, sparse, job.train.torch_compile)
 
 
-def training_arguments(job: Job, output_dir: Path, *, track: bool, **overrides: Any) -> TrainingArguments:
-    """The Trainer's arguments for the job; ``overrides`` replace any of them (the bench uses this)."""
-    t = job.train
-    precision = resolve_precision(t.precision)
-    accelerator = has_accelerator()
-    workers = t.dataloader_workers
-    if workers == "auto":
-        workers = 2 if accelerator else 0
-    settings: dict[str, Any] = dict(
-        output_dir=str(output_dir),
-        max_steps=t.max_steps or -1,
-        # With a time budget and no other bound, the budget alone ends training.
-        num_train_epochs=t.epochs or (UNBOUNDED_EPOCHS if t.max_seconds else 1.0),
-        per_device_train_batch_size=t.per_device_batch_size,
-        per_device_eval_batch_size=t.per_device_batch_size,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        lr_scheduler_kwargs=schedule_kwargs(job, t.max_steps),
-        # A float below 1 is a share of all steps to the Trainer.
-        warmup_steps=t.warmup_steps or t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_epsilon=t.adam_epsilon,
-        max_grad_norm=t.max_grad_norm,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        eval_strategy="steps" if t.eval_steps else "no",
-        eval_steps=t.eval_steps,
-        logging_steps=t.logging_steps,
-        seed=t.seed,
-        report_to=["mlflow"] if track else "none",
-        run_name=job.name,
-        include_num_input_tokens_seen="non_padding",
-        # Pinning only helps copies to an accelerator; on a CPU-only host torch warns about it.
-        dataloader_pin_memory=accelerator,
-        dataloader_num_workers=workers,
-        dataloader_persistent_workers=workers > 0,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        # The Trainer refuses bf16 without a GPU unless told the CPU is meant.
-        use_cpu=not accelerator,
-        torch_compile=t.torch_compile,
-        # Fused AdamW: one kernel per parameter group instead of a loop of small ones (CPU and GPU).
-        optim="adamw_torch_fused",
-        # Every parameter takes part in every step; searching the graph for unused ones costs time.
-        ddp_find_unused_parameters=False,
-        # A rank that died without a word must not hold the others in a collective for torch's 30 min.
-        ddp_timeout=t.collective_timeout_s,
-    )
-    if t.deepspeed:
-        # A dict rather than the path: the Trainer fills its "auto" values in place.
-        settings["deepspeed"] = deepspeed_config(t.deepspeed)
-    return TrainingArguments(**{**settings, **overrides})
-
-
-def schedule_kwargs(job: Job, total_steps: int | None) -> dict[str, Any]:
-    """What the Trainer's scheduler needs beyond warm-up and total steps.
-
-    Warm-up-stable-decay takes its decay phase in steps, so it is known only once the total is: from
-    ``train.max_steps``, or from the training set's size when ``build_trainer`` has it.
-    """
-    if job.train.lr_scheduler != "warmup_stable_decay" or not total_steps:
-        return {}
-    return {"num_decay_steps": max(1, math.ceil(job.train.decay_ratio * total_steps)), "decay_type": "linear"}
-
-
-def planned_steps(args: TrainingArguments, samples: int) -> int:
-    """Optimizer steps the Trainer will take over ``samples`` training samples (as it counts them)."""
-    if args.max_steps > 0:
-        return args.max_steps
-    batches = math.ceil(samples / (args.per_device_train_batch_size * args.world_size))
-    return math.ceil(args.num_train_epochs * max(1, batches // args.gradient_accumulation_steps))
-
-
 def training_bound(job: Job, args: TrainingArguments) -> str:
     bound = f"{args.max_steps:,} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
     if not job.train.max_seconds:
@@ -328,17 +250,16 @@ def parallelism(args: TrainingArguments) -> str:
     return "DDP" if args.world_size > 1 else "single process"
 
 
-def require_shared_checkpoints(job: Job, remote: S3Uri | None) -> None:
+def require_shared_checkpoints(job: Job, run: RunDir, nodes: int) -> None:
     """Refuse what would lose checkpoint state: DeepSpeed across nodes with checkpoints in S3.
 
     Each DeepSpeed process writes its own optimizer shard to its node's disk, and only the main
     process uploads a checkpoint, so the other nodes' shards would never reach S3.
     """
-    nodes = int(os.environ.get("WORLD_SIZE", "1")) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if job.train.deepspeed and remote is not None and nodes > 1:
+    if job.train.deepspeed and run.is_remote and nodes > 1:
         raise JobConfigError(
-            f"train.deepspeed on {nodes} nodes with an S3 run dir ({remote}) is not supported: the other nodes' "
-            "optimizer shards would not be checkpointed; use DDP across nodes or DeepSpeed on one node"
+            f"train.deepspeed on {nodes} nodes with an S3 run dir ({run.uri(run.root)}) is not supported: "
+            "the other nodes' optimizer shards would not be checkpointed; use DDP across nodes or DeepSpeed on one node"
         )
 
 
@@ -361,7 +282,3 @@ def require_same_architecture(checkpoint: Path, config) -> None:
             f"checkpoint {checkpoint} has another architecture ({', '.join(changed)}): "
             "use a fresh run dir or delete its checkpoints/ to start over"
         )
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 50 else math.inf

@@ -15,21 +15,36 @@ live object and the model stays a standard ``RobertaForMaskedLM`` / ``RobertaFor
   runs inside the model's own forward, so DDP and DeepSpeed see an ordinary forward; evaluation
   keeps the per-position logits the accuracy metric reads.
 - A time budget's schedule (``budget.PlannedSchedule``) through ``create_scheduler``.
+- Throughput (real tokens/s, MFU) on every training log line through ``log``, before the console
+  and MLflow callbacks see it.
 """
 
 from __future__ import annotations
 
-from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer
+import math
+from pathlib import Path
+from typing import Any
 
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import Trainer, TrainingArguments
+
+from kantai_batch.distributed import deepspeed_config
+from kantai_batch.hardware import has_accelerator, resolve_precision
+from kantai_batch.job import Job
 from kantai_batch.objective import loss_function
+
+# With a time budget and no other bound, the Trainer is told "this many epochs" and the budget ends it.
+UNBOUNDED_EPOCHS = 1_000_000
 
 
 class PretrainTrainer(Trainer):
-    def __init__(self, *args, task: str, sparse: bool = False, schedule=None, **kwargs) -> None:
+    def __init__(self, *args, task: str, sparse: bool = False, schedule=None, throughput=None, **kwargs) -> None:
         super().__init__(*args, compute_loss_func=loss_function(task), **kwargs)
         self.sparse = sparse
         self.schedule = schedule
+        self.throughput = throughput
+        if throughput is not None:
+            self.add_callback(throughput)
         self._scored = None  # the flattened positions the head runs on, during one training forward
         if sparse:
             self.accelerator.unwrap_model(self.model).lm_head.register_forward_pre_hook(self._scored_positions_only)
@@ -48,6 +63,11 @@ class PretrainTrainer(Trainer):
         hidden, *rest = args
         return (hidden.reshape(-1, hidden.size(-1))[self._scored.to(hidden.device)], *rest)
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.throughput is not None and "loss" in logs:
+            logs.update(self.throughput.rates(self.state))
+        super().log(logs, start_time)
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.schedule is None:
             return super().create_scheduler(num_training_steps, optimizer)
@@ -55,3 +75,82 @@ class PretrainTrainer(Trainer):
             self.lr_scheduler = LambdaLR(optimizer or self.optimizer, self.schedule)
             self._created_lr_scheduler = True
         return self.lr_scheduler
+
+
+def training_arguments(job: Job, output_dir: Path, *, track: bool, **overrides: Any) -> TrainingArguments:
+    """The Trainer's arguments for the job; ``overrides`` replace any of them (the bench uses this)."""
+    t = job.train
+    precision = resolve_precision(t.precision)
+    accelerator = has_accelerator()
+    workers = t.dataloader_workers
+    if workers == "auto":
+        workers = 2 if accelerator else 0
+    settings: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        max_steps=t.max_steps or -1,
+        # With a time budget and no other bound, the budget alone ends training.
+        num_train_epochs=t.epochs or (UNBOUNDED_EPOCHS if t.max_seconds else 1.0),
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        lr_scheduler_kwargs=schedule_kwargs(job, t.max_steps),
+        # A float below 1 is a share of all steps to the Trainer.
+        warmup_steps=t.warmup_steps or t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
+        max_grad_norm=t.max_grad_norm,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        logging_steps=t.logging_steps,
+        seed=t.seed,
+        report_to=["mlflow"] if track else "none",
+        run_name=job.name,
+        include_num_input_tokens_seen="non_padding",
+        # Pinning only helps copies to an accelerator; on a CPU-only host torch warns about it.
+        dataloader_pin_memory=accelerator,
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        # The Trainer refuses bf16 without a GPU unless told the CPU is meant.
+        use_cpu=not accelerator,
+        torch_compile=t.torch_compile,
+        # Fused AdamW: one kernel per parameter group instead of a loop of small ones (CPU and GPU).
+        optim="adamw_torch_fused",
+        # Every parameter takes part in every step; searching the graph for unused ones costs time.
+        ddp_find_unused_parameters=False,
+        # A rank that died without a word must not hold the others in a collective for torch's 30 min.
+        ddp_timeout=t.collective_timeout_s,
+    )
+    if t.deepspeed:
+        # A dict rather than the path: the Trainer fills its "auto" values in place.
+        settings["deepspeed"] = deepspeed_config(t.deepspeed)
+    return TrainingArguments(**{**settings, **overrides})
+
+
+def schedule_kwargs(job: Job, total_steps: int | None) -> dict[str, Any]:
+    """What the Trainer's scheduler needs beyond warm-up and total steps.
+
+    Warm-up-stable-decay takes its decay phase in steps, so it is known only once the total is: from
+    ``train.max_steps``, or from the training set's size when ``build_trainer`` has it.
+    """
+    if job.train.lr_scheduler != "warmup_stable_decay" or not total_steps:
+        return {}
+    return {"num_decay_steps": max(1, math.ceil(job.train.decay_ratio * total_steps)), "decay_type": "linear"}
+
+
+def planned_steps(args: TrainingArguments, samples: int) -> int:
+    """Optimizer steps the Trainer will take over ``samples`` training samples (as it counts them)."""
+    if args.max_steps > 0:
+        return args.max_steps
+    batches = math.ceil(samples / (args.per_device_train_batch_size * args.world_size))
+    return math.ceil(args.num_train_epochs * max(1, batches // args.gradient_accumulation_steps))
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else math.inf

@@ -76,3 +76,17 @@ def test_bad_variant_is_a_config_error(tmp_path: Path, corpus_file: Path):
     )  # fmt: skip
     assert "--variant fast: train.learning_rte: unknown key" in result.stderr
     assert not (tmp_path / "run").exists(), "nothing is prepared before the configurations are valid"
+
+
+@pytest.mark.slow
+def test_bench_retrains_a_tokenizer_whose_settings_changed(tmp_path: Path, corpus_file: Path):
+    run_dir, out = tmp_path / "run", tmp_path / "results"
+    common = ("bench", "--run-dir", str(run_dir), "--corpus", str(corpus_file), "--steps", "1", "--out", str(out))
+    invoke(*common, *tiny())
+    first = json.loads(max(out.glob("*.json")).read_text())["results"][0]
+    for record in out.glob("*.json"):
+        record.unlink()
+    invoke(*common, *tiny("tokenizer.vocab_size=600"))
+    second = json.loads(max(out.glob("*.json")).read_text())["results"][0]
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    assert first["vocab_size"] > 600 >= second["vocab_size"] == len(tokenizer), (first, second)

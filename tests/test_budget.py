@@ -17,7 +17,7 @@ from transformers import get_scheduler
 
 from conftest import ROOT, invoke, prepared_run, tiny
 from kantai_batch.budget import ESTIMATE_STEPS, PlannedSchedule
-from kantai_batch.storage import read_marker
+from kantai_batch.manifest import read_marker
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT, invoke, prepared_run, tiny
-from kantai_batch.tokenizer import load_tokenizer
+from kantai_batch.model import load_tokenizer
 
 
 def test_inspect_reports_the_kantaibert_parameter_count():

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import KANT, invoke, kantian_text
-from kantai_batch.corpus import choose_encoding, read_lines
-from kantai_batch.storage import MARKER, read_marker
+from kantai_batch.decoding import choose_encoding, read_lines
+from kantai_batch.manifest import MARKER, read_marker
 
 
 def _prepare(run_dir: Path, corpus: str | Path, *extra: str, expect: int = 0):
@@ -152,7 +152,7 @@ def test_http_404_names_the_url_and_the_local_alternative(tmp_path: Path, http_r
 def test_unreachable_url_fails_after_bounded_retries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ):
-    monkeypatch.setattr("kantai_batch.storage.time.sleep", lambda _: None)
+    monkeypatch.setattr("kantai_batch.sources.time.sleep", lambda _: None)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

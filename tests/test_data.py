@@ -9,8 +9,8 @@ from conftest import TINY, prepared_run
 from kantai_batch.data import build_split
 from kantai_batch.errors import InputDataError
 from kantai_batch.job import load_job
+from kantai_batch.model import load_tokenizer
 from kantai_batch.objective import MlmCollator
-from kantai_batch.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT, invoke, prepared_run, tiny, torchrun
 from kantai_batch.errors import JobConfigError
 from kantai_batch.job import load_job
+from kantai_batch.rundir import RunDir
 from kantai_batch.s3 import S3Uri
 from kantai_batch.train import require_shared_checkpoints
 
@@ -68,13 +69,10 @@ def test_a_bad_deepspeed_config_is_a_one_line_config_error(tmp_path: Path, conte
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_deepspeed_across_nodes_with_s3_checkpoints_is_refused(monkeypatch: pytest.MonkeyPatch):
+def test_deepspeed_across_nodes_with_s3_checkpoints_is_refused(tmp_path: Path):
     job = load_job(overrides=["train.deepspeed=jobs/deepspeed/zero2.json"])
-    remote = S3Uri.parse("s3://bucket/run/checkpoints")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    require_shared_checkpoints(job, remote)  # one node: every shard is on the disk that uploads
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    remote = RunDir(tmp_path, S3Uri.parse("s3://bucket/run"))
+    require_shared_checkpoints(job, remote, nodes=1)  # one node: every shard is on the disk that uploads
     with pytest.raises(JobConfigError, match="2 nodes"):
-        require_shared_checkpoints(job, remote)
-    require_shared_checkpoints(job, None)
+        require_shared_checkpoints(job, remote, nodes=2)
+    require_shared_checkpoints(job, RunDir(tmp_path), nodes=2)

@@ -32,6 +32,7 @@ def test_two_ranks_run_every_phase_once(tmp_path: Path, corpus_file: Path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = _summary(run_dir)
     assert summary["world_size"] == 2 and summary["global_step"] == 30
+    assert summary["nodes"] == 1, "two processes of one machine"
     assert summary["real_tokens_trained"] == 30 * 2 * 4 * 32, "both ranks' tokens count"
     assert (run_dir / "eval" / "metrics.json").is_file()
     assert done.stdout.count("Human thinking involves human <mask>.\n") == 1, "only the main process prints"

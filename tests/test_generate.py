@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, RobertaForCausalLM
 
 from conftest import SUPPORT_JOB as JOB
 from conftest import invoke
-from kantai_batch.storage import MARKER
+from kantai_batch.manifest import MARKER
 
 pytestmark = pytest.mark.slow
 
@@ -104,8 +104,8 @@ def test_fill_mask_refuses_a_causal_lm(support_run: Path):
 def test_line_by_line_clm_batches_never_target_padding(support_run: Path):
     from kantai_batch.data import build_split
     from kantai_batch.job import load_job
+    from kantai_batch.model import load_tokenizer
     from kantai_batch.objective import collator
-    from kantai_batch.tokenizer import load_tokenizer
 
     job = load_job(JOB, ["data.mode=line_by_line"])
     tokenizer = load_tokenizer(support_run / "tokenizer")

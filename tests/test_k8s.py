@@ -233,6 +233,7 @@ def test_the_rendered_pods_run_every_phase_against_one_s3_run_dir(
     s3 = boto3.client("s3")
     summary = json.loads(s3.get_object(Bucket=bucket, Key="runs/e2e/model/train_summary.json")["Body"].read())
     assert summary["world_size"] == 2, "two pods, one process each, trained as one job"
+    assert summary["nodes"] == 2, "each pod is a node of its own"
     assert s3.head_object(Bucket=bucket, Key="runs/e2e/eval/_COMPLETE")
     client = mlflow.MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     versions = client.search_model_versions("name = 'kantaibert'")

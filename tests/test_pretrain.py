@@ -13,7 +13,7 @@ import pytest
 from transformers import RobertaForMaskedLM, pipeline
 
 from conftest import ROOT, invoke, prepared_run, tiny
-from kantai_batch.storage import MARKER
+from kantai_batch.manifest import MARKER
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT, free_port, invoke, tiny
 from kantai_batch import s3
-from kantai_batch.storage import MARKER, file_sha256
+from kantai_batch.manifest import MARKER, file_sha256
 
 pytestmark = pytest.mark.slow
 

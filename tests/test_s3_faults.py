@@ -17,7 +17,7 @@ import pytest
 import seaweed
 from conftest import ROOT, invoke, prepared_run, s3_environment, seaweed_server, tiny
 from kantai_batch import s3
-from kantai_batch.storage import MARKER, file_sha256
+from kantai_batch.manifest import MARKER, file_sha256
 
 pytestmark = pytest.mark.slow
 

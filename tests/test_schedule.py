@@ -11,7 +11,7 @@ from transformers import RobertaConfig, RobertaForMaskedLM, Trainer
 
 from kantai_batch.errors import JobConfigError
 from kantai_batch.job import load_job
-from kantai_batch.train import planned_steps, training_arguments
+from kantai_batch.trainer import planned_steps, training_arguments
 
 
 def _trainer(tmp_path: Path, *overrides: str) -> Trainer:

@@ -16,10 +16,8 @@ from conftest import invoke, tiny
 from kantai_batch.errors import JobConfigError
 from kantai_batch.hardware import cpu_supports_bf16, resolve_precision, training_flops_per_token
 from kantai_batch.job import load_job
-from kantai_batch.model import resolved_vocab_size
-from kantai_batch.tokenizer import load_tokenizer
-from kantai_batch.train import training_arguments
-from kantai_batch.trainer import PretrainTrainer
+from kantai_batch.model import load_tokenizer, resolved_vocab_size
+from kantai_batch.trainer import PretrainTrainer, training_arguments
 
 
 def _tiny_mlm(vocab: int = 300) -> RobertaForMaskedLM:

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import invoke, support_conversations, twcs_csv
 from kantai_batch.job import load_job
-from kantai_batch.storage import MARKER, RunDir
+from kantai_batch.manifest import MARKER
+from kantai_batch.rundir import RunDir
 
 TWCS = ("--set", "corpus.format=twcs")
 

@@ -1,0 +1,93 @@
+"""The phase table: every phase of a run, in order, as one row.
+
+A row says what the phase is called (its CLI command and Kubernetes Job), the run-dir folder it
+commits, the job fields and upstream phases its output depends on (its fingerprint), whether every
+rank of a multi-process launch takes part, and the function that runs it. The pipeline (`run`),
+fingerprints, k8s submission, the CLI and `bench` all read this table, so a new phase is one row
+here plus its module (and its Job in ``k8s/base``).
+
+The functions are named, not imported: reading the table imports no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kantai_batch.errors import JobConfigError
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    output: str
+    """The ``RunDir`` folder it commits."""
+    reads: tuple[str, ...]
+    """The job fields (dotted) its output depends on."""
+    upstream: tuple[str, ...] = ()
+    """The phases whose output it reads."""
+    every_rank: bool = False
+    """Under a multi-process launch every rank takes part; otherwise the main process runs it first."""
+    runner: str = ""
+    """``module:function`` taking ``(job, run, **options)``."""
+    options: tuple[str, ...] = ()
+    """The run-wide options (such as ``track``) the function takes."""
+
+    def output_of(self, run) -> Path:
+        return getattr(run, self.output)
+
+    def run(self, job, run, **options: Any) -> Any:
+        module, _, function = self.runner.partition(":")
+        wanted = {key: value for key, value in options.items() if key in self.options}
+        return getattr(importlib.import_module(module), function)(job, run, **wanted)
+
+
+PHASES: tuple[Phase, ...] = (
+    Phase(
+        "prepare",
+        output="corpus",
+        reads=("corpus", "data.eval_fraction", "train.seed"),
+        runner="kantai_batch.corpus:prepare",
+    ),
+    Phase(
+        "train-tokenizer",
+        output="tokenizer",
+        reads=("corpus", "tokenizer"),
+        upstream=("prepare",),
+        runner="kantai_batch.tokenizer:train_tokenizer",
+    ),
+    Phase(
+        "pretrain",
+        output="model",
+        reads=("task", "model", "data", "train"),
+        upstream=("prepare", "train-tokenizer"),
+        every_rank=True,
+        runner="kantai_batch.train:pretrain",
+        options=("track",),
+    ),
+    Phase(
+        "evaluate",
+        output="eval",
+        reads=("data", "train.mlm_probability", "train.seed", "train.per_device_batch_size", "eval", "infer"),
+        upstream=("prepare", "pretrain"),
+        every_rank=True,
+        runner="kantai_batch.evaluate:evaluate",
+        options=("model_dir", "corpus"),
+    ),
+)
+
+NAMES = tuple(phase.name for phase in PHASES)
+
+
+def phase(name: str) -> Phase:
+    for row in PHASES:
+        if row.name == name:
+            return row
+    raise JobConfigError(f"unknown phase {name}: choose from {', '.join(NAMES)}")
+
+
+def before(name: str) -> tuple[Phase, ...]:
+    """The phases that run before ``name``, in order."""
+    return PHASES[: NAMES.index(phase(name).name)]

@@ -1,0 +1,234 @@
+"""The run dir: the one door through which phases reach a run's files, local or in S3.
+
+It owns the layout (every folder and file a phase reads or writes), commits a phase's output
+atomically (see ``manifest``), and the checkpoint operations: find the newest complete one, mark and
+publish a new one, prune old ones. Phases ask it for paths and operations; none of them sees an
+``S3Uri`` or learns another phase's file names.
+
+A run dir in S3 (``s3://bucket/prefix``) works through a local mirror: a phase downloads the complete
+folders it reads (checked against their manifests), works on local files, and commits its output
+locally and then to S3, marker last. ``KANTAI_CACHE_DIR`` sets where mirrors live. There the remote
+checkpoints are the truth, since a pod's disk is new after a preemption.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kantai_batch import manifest, s3
+from kantai_batch.errors import InputDataError, JobConfigError
+from kantai_batch.manifest import is_complete
+from kantai_batch.s3 import S3Uri, is_s3
+from kantai_batch.sources import cache_dir
+
+log = logging.getLogger(__name__)
+
+# File names inside the phases' folders; writers put them in their scratch folder under these names.
+TRAIN_TEXT = "train.txt"
+EVAL_TEXT = "eval.txt"
+CORPUS_STATS = "stats.json"
+TRAIN_SUMMARY = "train_summary.json"
+JOB_FILE = "job.yaml"
+EVAL_METRICS = "metrics.json"
+MLFLOW_RUN = "mlflow_run.json"
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_step(path: Path | str) -> int:
+    return int(_CHECKPOINT.match(Path(path).name).group(1))
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The folders one run's phases read and write; the same layout for every job.
+
+    ``root`` is where phases read and write files: the run dir itself, or for a remote run dir
+    (``remote`` set) its local mirror.
+    """
+
+    root: Path
+    remote: S3Uri | None = None
+
+    @classmethod
+    def from_uri(cls, uri: str) -> RunDir:
+        if is_s3(uri):
+            remote = S3Uri.parse(uri)
+            return cls(cache_dir() / "runs" / remote.bucket / remote.key, remote)
+        if "://" in uri:
+            raise JobConfigError(f"run dir {uri}: unsupported URI scheme (use a local folder or s3://bucket/prefix)")
+        root = Path(uri).expanduser()
+        if root.exists() and not root.is_dir():
+            raise JobConfigError(f"run dir {uri} is not a folder")
+        return cls(root)
+
+    # -- layout ---------------------------------------------------------------------------------
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "corpus"
+
+    @property
+    def train_text(self) -> Path:
+        return self.corpus / TRAIN_TEXT
+
+    @property
+    def eval_text(self) -> Path:
+        return self.corpus / EVAL_TEXT
+
+    @property
+    def corpus_stats(self) -> Path:
+        return self.corpus / CORPUS_STATS
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def mlflow_run(self) -> Path:
+        """The MLflow run a resumed pretrain continues (bookkeeping beside the checkpoints)."""
+        return self.checkpoints / MLFLOW_RUN
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def train_summary(self) -> Path:
+        return self.model / TRAIN_SUMMARY
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.eval / EVAL_METRICS
+
+    # -- committed folders ----------------------------------------------------------------------
+
+    @property
+    def is_remote(self) -> bool:
+        return self.remote is not None
+
+    def uri(self, path: Path) -> str:
+        """Where ``path`` of this run really lives, for messages and lineage."""
+        remote = self._remote_of(path)
+        return str(path) if remote is None else str(remote)
+
+    def is_complete(self, folder: Path) -> bool:
+        remote = self._remote_of(folder)
+        return s3.exists(remote.child(manifest.MARKER)) if remote else is_complete(folder)
+
+    def marker(self, folder: Path) -> dict[str, Any] | None:
+        """The manifest of a complete folder, or None."""
+        remote = self._remote_of(folder)
+        if remote:
+            return manifest.remote_marker(remote)
+        return manifest.read_marker(folder) if is_complete(folder) else None
+
+    def require(self, folder: Path, what: str, phase: str) -> Path:
+        """A complete local copy of ``folder`` (downloaded from the remote run dir when needed)."""
+        remote = self._remote_of(folder)
+        found = self.marker(folder)
+        if found is None:
+            raise InputDataError(
+                f"{what} {remote or folder} is missing or incomplete: run `kantai-batch {phase}` first"
+            )
+        return folder if remote is None else manifest.mirror(remote, folder, found)
+
+    @contextlib.contextmanager
+    def committed(self, folder: Path, **marker_extra: Any) -> Iterator[Path]:
+        """A scratch folder that becomes ``folder`` (marker last, here and remotely) if the block succeeds."""
+        with manifest.committed_dir(folder, **marker_extra) as scratch:
+            yield scratch
+        self.publish(folder)
+
+    def publish(self, folder: Path) -> None:
+        """Commit a locally complete folder to the remote run dir; nothing to do for a local one."""
+        remote = self._remote_of(folder)
+        if remote:
+            manifest.upload(folder, remote)
+
+    def pull_file(self, path: Path) -> None:
+        """Refresh a single bookkeeping file (not a committed folder) from the remote run dir."""
+        remote = self._remote_of(path)
+        if remote is not None and s3.exists(remote):
+            s3.download_file(remote, path)
+
+    def push_file(self, path: Path) -> None:
+        remote = self._remote_of(path)
+        if remote is not None:
+            s3.upload_file(path, remote)
+
+    def _remote_of(self, path: Path) -> S3Uri | None:
+        if self.remote is None:
+            return None
+        relative = path.relative_to(self.root).as_posix()
+        return self.remote if relative == "." else self.remote.child(relative)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"checkpoint-{step}"
+
+    def newest_checkpoint(self, *, tidy: bool) -> Path | None:
+        """The newest checkpoint whose marker exists, as a local folder; ``tidy`` removes local leftovers.
+
+        With a remote run dir the remote checkpoints are the truth: the newest complete one is
+        downloaded unless an identical local copy exists.
+        """
+        found = self._local_checkpoints()
+        if tidy:
+            for partial in (p for p in found if not is_complete(p)):
+                log.warning("pretrain: removing incomplete checkpoint %s (its save did not finish)", partial)
+                shutil.rmtree(partial, ignore_errors=True)
+        if self.remote is None:
+            complete = [p for p in found if is_complete(p)]
+            return complete[-1] if complete else None
+        for name in reversed(self._remote_checkpoint_names()):
+            local = self.checkpoints / name
+            remote = self._remote_of(local)
+            committed = manifest.remote_marker(remote)
+            if committed is None:
+                continue  # a checkpoint whose upload was cut short
+            log.info("pretrain: newest complete checkpoint is %s", remote)
+            return manifest.mirror(remote, local, committed)
+        return None
+
+    def seal_checkpoint(self, step: int, **marker_extra: Any) -> Path:
+        """Mark ``checkpoint-<step>`` complete on this disk, once the Trainer has written all of it."""
+        folder = self.checkpoint(step)
+        manifest.write_marker(folder, global_step=step, **marker_extra)
+        return folder
+
+    def prune_checkpoints(self, keep: int) -> None:
+        """Remove all but the newest ``keep`` complete checkpoints, here and remotely."""
+        complete = [p for p in self._local_checkpoints() if is_complete(p)]
+        for old in complete[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        if self.remote is not None:
+            for name in self._remote_checkpoint_names()[:-keep]:
+                manifest.delete(self._remote_of(self.checkpoints / name))
+
+    def _local_checkpoints(self) -> list[Path]:
+        """The checkpoint folders on this disk, oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = (p for p in self.checkpoints.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name))
+        return sorted(found, key=checkpoint_step)
+
+    def _remote_checkpoint_names(self) -> list[str]:
+        names = s3.list_folders(self._remote_of(self.checkpoints))
+        return sorted((n for n in names if _CHECKPOINT.match(n)), key=checkpoint_step)
