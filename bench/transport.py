@@ -38,7 +38,7 @@ PART_CONCURRENCY = 8
 SMALL_FILES = {"config.json": 2_000, "trainer_state.json": 40_000, "tokenizer.json": 2_000_000, "rng_state.json": 500}
 
 VARIANTS = {
-    "kantai-boto3": "kantai_batch.s3.upload_folder / download_folder as shipped: stale keys deleted, files "
+    "kantai-boto3": "kantai_batch.manifest.upload / download as shipped: stale keys deleted, files "
     "(8 at a time, SHA-256 S3 checksum), marker last; download then verifies every file's SHA-256",
     "boto3": "the same boto3 managed transfers (8 files at a time, 64 MiB parts, 8 parts at a time) without the "
     "manifest: botocore's default CRC32 on upload, no verify",
@@ -143,7 +143,7 @@ def _write_checkpoint(folder: Path, mb: float) -> int:
 
 
 def _write_marker(folder: Path) -> float:
-    from kantai_batch.storage import write_marker
+    from kantai_batch.manifest import write_marker
 
     started = time.perf_counter()
     write_marker(folder)
@@ -153,7 +153,7 @@ def _write_marker(folder: Path) -> float:
 def _boto3_transfer(variant: str, op: str, bucket: str, prefix: str, src: Path, dest: Path) -> tuple[float, float]:
     from boto3.s3.transfer import TransferConfig
 
-    from kantai_batch import s3
+    from kantai_batch import manifest, s3
 
     uri = s3.S3Uri(bucket, prefix)
     files = sorted(p.name for p in src.iterdir())
@@ -161,9 +161,9 @@ def _boto3_transfer(variant: str, op: str, bucket: str, prefix: str, src: Path, 
 
         def action() -> None:
             if op == "upload":
-                s3.upload_folder(src, uri)
+                manifest.upload(src, uri)
             else:
-                s3.download_folder(uri, dest)
+                manifest.download(uri, dest)
 
     elif variant == "boto3":
 
