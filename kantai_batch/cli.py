@@ -21,7 +21,7 @@ import click
 
 from kantai_batch import __version__, s3
 from kantai_batch.distributed import distributed_state
-from kantai_batch.errors import JobConfigError, KantaiError
+from kantai_batch.errors import JobConfigError, KantaiError, first_line
 from kantai_batch.job import Job, load_job
 from kantai_batch.storage import RunDir
 
@@ -41,7 +41,7 @@ class _Group(click.Group):
         except OSError as exc:
             # The machine refused (permissions, a full disk): name the path, no traceback.
             where = f"{exc.filename}: " if exc.filename else ""
-            reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
+            reason = exc.strerror or first_line(exc)
             click.echo(f"kantai-batch: error: {where}{reason}", err=True)
             ctx.exit(1)
 

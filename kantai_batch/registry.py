@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.errors import InputDataError, JobConfigError, SourceUnavailableError
+from kantai_batch.errors import InputDataError, JobConfigError, SourceUnavailableError, first_line
 from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer
 from kantai_batch.objective import task_of
 from kantai_batch.storage import committed_dir, is_complete
@@ -159,8 +159,7 @@ def _tracking_errors(uri: str | None = None) -> Iterator[None]:
     try:
         yield
     except mlflow.exceptions.MlflowException as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
         where = f"{uri} in " if uri else ""
         missing = getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
         error = InputDataError if missing else SourceUnavailableError
-        raise error(f"{where}MLflow {mlflow.get_tracking_uri()}: {first}") from None
+        raise error(f"{where}MLflow {mlflow.get_tracking_uri()}: {first_line(exc)}") from None

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from kantai_batch.errors import InputDataError, JobConfigError, KantaiError, SourceUnavailableError
+from kantai_batch.errors import first_line as _first_line
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +154,6 @@ def _client_error(exc, uri: str, action: str) -> KantaiError:
             return InputDataError(f"{uri}: bucket does not exist")
         return KeyMissingError(f"{uri} does not exist")
     return SourceUnavailableError(f"{uri}: cannot {action}: {code} {message}".strip())
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def check_access(prefix: S3Uri) -> None:

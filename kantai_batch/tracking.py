@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.errors import SourceUnavailableError
+from kantai_batch.errors import SourceUnavailableError, first_line
 from kantai_batch.job import Job
 from kantai_batch.storage import RunDir, write_json_atomic
 
@@ -45,8 +45,7 @@ def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool) -> Ite
         run_id = _run_to_continue(run.checkpoints / RUN_ID_FILE, job_sha) if resuming else None
         active = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{job.name}-pretrain")
     except mlflow.exceptions.MlflowException as exc:
-        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise SourceUnavailableError(f"MLflow tracking store {mlflow.get_tracking_uri()}: {first_line}") from None
+        raise SourceUnavailableError(f"MLflow tracking store {mlflow.get_tracking_uri()}: {first_line(exc)}") from None
     with active:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run.checkpoints / RUN_ID_FILE, {"run_id": active.info.run_id, "job_sha256": job_sha})
