@@ -22,6 +22,7 @@ from kantai_batch.errors import InputDataError, JobConfigError, SourceUnavailabl
 from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer
 from kantai_batch.objective import task_of
 from kantai_batch.storage import committed_dir, is_complete
+from kantai_batch.tracking import run_exists
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ def register(model_dir: Path, name: str, alias: str | None = None) -> dict[str, 
     summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
     with _tracking_errors():
         # The tracking store is reached before the weights are read, so an unreachable one fails fast.
-        run_id = _existing_run(summary.get("mlflow_run_id"))
+        trained_in = summary.get("mlflow_run_id")
+        run_id = trained_in if run_exists(trained_in) else None
         if run_id is None:
             # The experiment is set by name every time: an id cached from another tracking store is
             # meaningless in this one.
@@ -137,18 +139,6 @@ def _experiment_of(model_dir: Path) -> str:
         if isinstance(data, dict) and data.get("name"):
             return str(data["name"])
     return "kantai-registry"
-
-
-def _existing_run(run_id: str | None) -> str | None:
-    import mlflow
-
-    if not run_id:
-        return None
-    try:
-        mlflow.get_run(run_id)
-    except Exception:  # noqa: BLE001 - not in this tracking store: register into a new run
-        return None
-    return run_id
 
 
 @contextlib.contextmanager
