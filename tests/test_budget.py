@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from conftest import ROOT, invoke, prepared_run, tiny
+from helpers import ROOT, invoke, prepared_run, tiny
 from kantai_batch.budget import ESTIMATE_STEPS, PlannedSchedule
 from kantai_batch.storage import read_marker
 

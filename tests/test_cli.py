@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, invoke, prepared_run, tiny
+from helpers import ROOT, invoke, prepared_run, tiny
 from kantai_batch.tokenizer import load_tokenizer
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KANT, invoke, kantian_text
+from helpers import KANT, invoke, kantian_text
 from kantai_batch.corpus import choose_encoding, read_lines
 from kantai_batch.storage import MARKER, read_marker
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import invoke
+from helpers import invoke
 from kantai_batch.errors import JobConfigError
 from kantai_batch.job import GenerateSection, Sampling
 

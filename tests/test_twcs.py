@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import invoke, support_conversations, twcs_csv
+from helpers import invoke, support_conversations, twcs_csv
 from kantai_batch.job import load_job
 from kantai_batch.storage import MARKER, RunDir
 
