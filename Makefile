@@ -75,7 +75,7 @@ WAIT_JOB = for _ in $$(seq 1 100000); do \
 	  case "$$state" in *Failed*) echo "job $(1) failed: make logs RUN_ID=$(RUN_ID)" >&2; exit 1;; \
 	  *Complete*) echo "job $(1) complete"; break;; esac; sleep 30; done
 
-.PHONY: help install browser container-tools demo bench test lint clean image image-cpu cpu-base push \
+.PHONY: help install browser container-tools demo bench test test-fast lint clean image image-cpu cpu-base push \
 	local-pretrain render submit-prepare \
 	submit-tokenizer submit-pretrain submit-evaluate submit-register submit-pipeline schedule status logs \
 	gpu-wheels gpu-check gpu-check-dry-run
@@ -85,6 +85,7 @@ help:
 	@echo "make demo      run the KantaiBERT job on the embedded defaults [CORPUS=path-or-url]"
 	@echo "make bench     the job's training throughput vs the recipe [CORPUS=... BENCH_ARGS=...]"
 	@echo "make test      run the test suite (installs Chromium for the chat page test when root)"
+	@echo "make test-fast the tests not marked slow: no training, torchrun, images, S3/MLflow servers or browser"
 	@echo "make gpu-wheels  the wheels a bare GPU machine lacks, for CPython 3.12 manylinux x86_64, in .whl/"
 	@echo "make gpu-check   on a GPU machine: gpu tests, bf16 throughput and MFU (block 128/512, compile, ZeRO-2)"
 	@echo "make lint      ruff check and format check"
@@ -135,6 +136,11 @@ bench: install
 
 test: install browser container-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The edit-and-check loop: leaves out the end-to-end tests (pytest's `slow` marker), so it needs
+# neither Chromium nor the container tools.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check kantai_batch tests

@@ -14,19 +14,21 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from dataclasses import replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any, TextIO
 
 from kantai_batch.errors import KantaiError
-from kantai_batch.generate import Generator, Sampling
+from kantai_batch.generate import Generator
+from kantai_batch.job import Sampling
 
 log = logging.getLogger(__name__)
 
 _PROMPT = "you> "
 _MAX_BODY_BYTES = 64 << 10
+# The settings the page shows and sends; it answers with one reply, so it has no count.
+_PAGE_SETTINGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
 
 
 def repl(generator: Generator, sampling: Sampling, *, stdin: TextIO, stdout: TextIO) -> None:
@@ -134,27 +136,9 @@ def _handler(generator: Generator, defaults: Sampling) -> type[BaseHTTPRequestHa
 
 
 def _sampling_json(sampling: Sampling) -> dict[str, Any]:
-    return {
-        "max_new_tokens": sampling.max_new_tokens,
-        "temperature": sampling.temperature,
-        "top_k": sampling.top_k,
-        "top_p": sampling.top_p,
-        "seed": sampling.seed,
-    }
+    return sampling.model_dump(include=set(_PAGE_SETTINGS))
 
 
 def _sampling_from(request: dict[str, Any], defaults: Sampling) -> Sampling:
     """The page's settings over the command's defaults; an empty field keeps the default."""
-    casts = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
-    given = {}
-    for name, cast in casts.items():
-        value = request.get(name)
-        if value is None or value == "":
-            continue
-        try:
-            given[name] = cast(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name.replace('_', '-')} must be a number, got {value!r}") from None
-    sampling = replace(defaults, **given)
-    sampling.validate()
-    return sampling
+    return defaults.with_overrides(**{name: request.get(name) for name in _PAGE_SETTINGS})

@@ -21,7 +21,7 @@ import click
 
 from kantai_batch import __version__, s3
 from kantai_batch.distributed import distributed_state
-from kantai_batch.errors import JobConfigError, KantaiError
+from kantai_batch.errors import JobConfigError, KantaiError, first_line
 from kantai_batch.job import Job, load_job
 from kantai_batch.phases import phase
 from kantai_batch.rundir import RunDir
@@ -42,7 +42,7 @@ class _Group(click.Group):
         except OSError as exc:
             # The machine refused (permissions, a full disk): name the path, no traceback.
             where = f"{exc.filename}: " if exc.filename else ""
-            reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
+            reason = exc.strerror or first_line(exc)
             click.echo(f"kantai-batch: error: {where}{reason}", err=True)
             ctx.exit(1)
 
@@ -132,7 +132,7 @@ tracking_option = click.option(
 
 
 def sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--max-new-tokens, --temperature, --top-k, --top-p, --seed; unset ones come from the job's generate section."""
+    """--max-new-tokens, --temperature, --top-k, --top-p, --seed over the job's generate section, as ``sampling``."""
 
     @click.option("--max-new-tokens", type=int, help="Tokens to generate at most [default: generate.max_new_tokens].")
     @click.option("--temperature", type=float, help="0 is greedy, above 0 samples [default: generate.temperature].")
@@ -143,12 +143,10 @@ def sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
     @click.option("--seed", type=int, help="Sampling seed [default: generate.seed].")
     @functools.wraps(func)
     def wrapper(job: Job, **kwargs: Any):
-        from kantai_batch.generate import Sampling
-
-        names = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
-        given = {name: kwargs.pop(name) for name in names}
-        extra = {"num_return_sequences": kwargs.pop("num_return_sequences")} if "num_return_sequences" in kwargs else {}
-        return func(job=job, sampling=Sampling.from_job(job.generate, **given, **extra), **kwargs)
+        given = {name: kwargs.pop(name) for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")}
+        # generate has --num-return-sequences; chat answers with one reply, whatever the job says.
+        given["num_return_sequences"] = kwargs.pop("num_return_sequences") if "num_return_sequences" in kwargs else 1
+        return func(job=job, sampling=job.generate.with_overrides(**given), **kwargs)
 
     return wrapper
 
@@ -269,7 +267,11 @@ def _tokenizer_size(job: Job, run: RunDir) -> int:
 @cli.command()
 @job_options
 @model_option
-@click.option("--num-return-sequences", type=int, default=1, help="Continuations to generate (needs sampling).")
+@click.option(
+    "--num-return-sequences",
+    type=int,
+    help="Continuations to generate; more than one needs sampling [default: generate.num_return_sequences].",
+)
 @sampling_options
 @click.option(
     "--raw",
@@ -420,9 +422,9 @@ def run_all(job: Job, run: RunDir, tracking: bool, register_as: str | None, alia
         else:
             log.info("run: the model did not change, so no new version of %s is registered", register_as)
     if job.task == "clm":
-        from kantai_batch.generate import Generator, Sampling
+        from kantai_batch.generate import Generator
 
-        generation = Generator(_model(None, run))(job.generate.prompt, Sampling.from_job(job.generate))
+        generation = Generator(_model(None, run))(job.generate.prompt, job.generate)
         _show_generation(generation, as_json=False)
     else:
         _show_fill_mask(_model(None, run), job.infer.fill_mask_text, job.infer.top_k, as_json=False)

@@ -43,6 +43,11 @@ class PreemptedError(KantaiError):
     exit_code = 143
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries put tracebacks and hints below it), else its type."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 @contextlib.contextmanager
 def unusable_as(description: str) -> Iterator[None]:
     """Turn any library failure to load ``description`` into a one-line InputDataError."""
@@ -51,5 +56,4 @@ def unusable_as(description: str) -> Iterator[None]:
     except KantaiError:
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors, tokenizers and OS errors all mean "unusable"
-        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise InputDataError(f"{description} cannot be loaded: {first_line}") from None
+        raise InputDataError(f"{description} cannot be loaded: {first_line(exc)}") from None

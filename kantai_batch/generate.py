@@ -4,6 +4,9 @@ Greedy decoding when the temperature is 0, sampling otherwise (the recipe passed
 without ``do_sample`` and transformers silently ignored it). Generation stops at ``</s>``. A model
 trained on conversations has a chat template in its tokenizer: the prompt is then rendered as a
 customer message followed by the separator, so the continuation is the reply.
+
+The sampling settings arrive validated (``job.Sampling``: the job's ``generate`` section with a
+command's options or the chat page's fields over it); this module only applies them.
 """
 
 from __future__ import annotations
@@ -12,51 +15,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from kantai_batch.errors import InputDataError, JobConfigError
-from kantai_batch.job import GenerateSection
+from kantai_batch.errors import InputDataError
+from kantai_batch.job import Sampling
 from kantai_batch.model import load_lm, load_lm_tokenizer
 
 log = logging.getLogger(__name__)
 
 # RoBERTa numbers positions from padding_idx + 1, so two position embeddings are never used.
 _POSITION_OFFSET = 2
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How to pick tokens; built from the job's ``generate`` section and command-line options."""
-
-    max_new_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int | None
-    num_return_sequences: int = 1
-
-    @classmethod
-    def from_job(cls, section: GenerateSection, **given: object) -> Sampling:
-        values = {name: getattr(section, name) for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")}
-        values.update({name: value for name, value in given.items() if value is not None})
-        sampling = cls(**values)
-        sampling.validate()
-        return sampling
-
-    def validate(self) -> None:
-        problems = []
-        if self.max_new_tokens < 1:
-            problems.append(f"max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            problems.append(f"temperature must be 0 (greedy) or more, got {self.temperature}")
-        if self.top_k < 0:
-            problems.append(f"top-k must be 0 (off) or more, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.num_return_sequences < 1:
-            problems.append(f"num-return-sequences must be at least 1, got {self.num_return_sequences}")
-        elif self.num_return_sequences > 1 and self.temperature == 0:
-            problems.append("greedy decoding (temperature 0) gives one answer; use a temperature above 0 for several")
-        if problems:
-            raise JobConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kantai_batch.errors import JobConfigError
+from kantai_batch.errors import JobConfigError, first_line
 
 DEFAULT_CORPUS_URL = (
     "https://raw.githubusercontent.com/Denis2054/Transformers-for-NLP-2nd-Edition/master/Chapter04/kant.txt"
@@ -231,21 +231,46 @@ class EvalSection(_Section):
     relative path is taken from the working directory (the image's is the folder holding `jobs/`)."""
 
 
-class GenerateSection(_Section):
+class Sampling(_Section):
+    """How a causal LM picks tokens. The job's `generate` section is one, and a command's options or the
+    chat page's fields become one through ``with_overrides``: the bounds live here only."""
+
+    max_new_tokens: int = Field(40, ge=1)
+    """Tokens generated at most (generation also stops at the end-of-text token)."""
+    temperature: float = Field(0.8, ge=0)
+    """Sampling temperature; 0 means greedy decoding (always the most likely token)."""
+    top_k: int = Field(50, ge=0)
+    """Sample among the k most likely tokens only; 0 disables the cut."""
+    top_p: float = Field(0.95, gt=0, le=1)
+    """Sample among the most likely tokens whose probabilities sum to p; 1 disables the cut."""
+    seed: int | None = 0
+    """Seed for sampling, so the same prompt gives the same answer; null draws a fresh one each time."""
+    num_return_sequences: int = Field(1, ge=1)
+    """Continuations `generate` and `run` print for the prompt (more than one needs sampling); `chat`
+    answers with one."""
+
+    @model_validator(mode="after")
+    def _greedy_gives_one_answer(self) -> Sampling:
+        if self.num_return_sequences > 1 and self.temperature == 0:
+            raise ValueError("greedy decoding (temperature 0) gives one answer; use a temperature above 0 for several")
+        return self
+
+    def with_overrides(self, **given: object) -> Sampling:
+        """These settings with the ``given`` ones over them, validated by this model; a setting given as
+        None or "" (an option not passed, a form field left empty) keeps its value here."""
+        values = {name: getattr(self, name) for name in Sampling.model_fields}
+        values.update({name: value for name, value in given.items() if value is not None and value != ""})
+        try:
+            return Sampling.model_validate(values)
+        except ValidationError as exc:
+            raise JobConfigError(_describe_settings(exc)) from None
+
+
+class GenerateSection(Sampling):
     """clm: what `run` generates at the end, and the defaults of `generate` and `chat`."""
 
     prompt: str = "my package was supposed to arrive yesterday and it still has not shown up"
     """The prompt `run` continues at the end."""
-    max_new_tokens: int = Field(40, ge=1)
-    """Tokens generated at most (generation also stops at the end-of-text token)."""
-    temperature: float = Field(0.8, ge=0.0)
-    """Sampling temperature; 0 means greedy decoding (always the most likely token)."""
-    top_k: int = Field(50, ge=0)
-    """Sample among the k most likely tokens only; 0 disables the cut."""
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    """Sample among the most likely tokens whose probabilities sum to p; 1 disables the cut."""
-    seed: int | None = 0
-    """Seed for sampling, so the same prompt gives the same answer; null draws a fresh one each time."""
 
 
 class Job(_Section):
@@ -322,7 +347,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise JobConfigError(f"job file {path} is not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
@@ -361,6 +386,34 @@ def _describe(exc: ValidationError) -> str:
             msg = f"{msg} (got {error['input']!r})"
         messages.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(messages)
+
+
+_BOUNDS = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
+
+
+def _describe_settings(exc: ValidationError) -> str:
+    """One line naming each bad sampling setting as the options spell it (``top-p``): a command's option
+    and the chat page's field of the same name get the same message."""
+    problems = []
+    for error in exc.errors():
+        name = str(error["loc"][0]).replace("_", "-") if error["loc"] else ""
+        got = error["input"]
+        bound = next(
+            (f"{word} {error['ctx'][key]:g}" for key, word in _BOUNDS.items() if key in error.get("ctx", {})), None
+        )
+        if error["type"] == "extra_forbidden":
+            problem = f"{name} is not a sampling setting"
+        elif error["type"].startswith("int_"):
+            problem = f"{name} must be a whole number, got {got!r}"
+        elif error["type"].startswith("float_"):
+            problem = f"{name} must be a number, got {got!r}"
+        elif bound:
+            problem = f"{name} must be {bound}, got {got!r}"
+        else:
+            msg = error["msg"].removeprefix("Value error, ")
+            problem = f"{name}: {msg}" if name else msg
+        problems.append(problem)
+    return "; ".join(problems)
 
 
 def override_job(job: Job, overrides: tuple[str, ...] | list[str], where: str) -> Job:

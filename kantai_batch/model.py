@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kantai_batch.errors import InputDataError, JobConfigError, unusable_as
+from kantai_batch.errors import InputDataError, JobConfigError, first_line, unusable_as
 from kantai_batch.job import Job
 from kantai_batch.objective import model_class, task_of
 
@@ -83,7 +83,7 @@ def load_model_config(folder: Path):
     try:
         return AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
-        raise InputDataError(f"model {folder} has an unreadable config.json: {str(exc).splitlines()[0]}") from None
+        raise InputDataError(f"model {folder} has an unreadable config.json: {first_line(exc)}") from None
 
 
 def saved_model_skeleton(folder: Path):

@@ -18,11 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.errors import InputDataError, JobConfigError, SourceUnavailableError
+from kantai_batch.errors import InputDataError, JobConfigError, SourceUnavailableError, first_line
 from kantai_batch.manifest import committed_dir, is_complete
 from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer
 from kantai_batch.objective import task_of
 from kantai_batch.rundir import TRAIN_SUMMARY
+from kantai_batch.tracking import run_exists
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ def register(model_dir: Path, name: str, alias: str | None = None) -> dict[str, 
     summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
     with _tracking_errors():
         # The tracking store is reached before the weights are read, so an unreachable one fails fast.
-        run_id = _existing_run(summary.get("mlflow_run_id"))
+        trained_in = summary.get("mlflow_run_id")
+        run_id = trained_in if run_exists(trained_in) else None
         if run_id is None:
             # The experiment is set by name every time: an id cached from another tracking store is
             # meaningless in this one.
@@ -140,18 +142,6 @@ def _experiment_of(model_dir: Path) -> str:
     return "kantai-registry"
 
 
-def _existing_run(run_id: str | None) -> str | None:
-    import mlflow
-
-    if not run_id:
-        return None
-    try:
-        mlflow.get_run(run_id)
-    except Exception:  # noqa: BLE001 - not in this tracking store: register into a new run
-        return None
-    return run_id
-
-
 @contextlib.contextmanager
 def _tracking_errors(uri: str | None = None) -> Iterator[None]:
     """MLflow failures as one-line errors naming the tracking store (and the model URI)."""
@@ -160,8 +150,7 @@ def _tracking_errors(uri: str | None = None) -> Iterator[None]:
     try:
         yield
     except mlflow.exceptions.MlflowException as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
         where = f"{uri} in " if uri else ""
         missing = getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
         error = InputDataError if missing else SourceUnavailableError
-        raise error(f"{where}MLflow {mlflow.get_tracking_uri()}: {first}") from None
+        raise error(f"{where}MLflow {mlflow.get_tracking_uri()}: {first_line(exc)}") from None

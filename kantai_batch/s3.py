@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.errors import InputDataError, JobConfigError, KantaiError, SourceUnavailableError
+from kantai_batch.errors import InputDataError, JobConfigError, KantaiError, SourceUnavailableError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def client():
     except (ValueError, InvalidConfigError, InvalidRetryConfigurationError) as exc:
         raise JobConfigError(
             f"S3 client settings (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE or the AWS config file) are invalid: "
-            f"{_first_line(exc)}"
+            f"{first_line(exc)}"
         ) from None
 
 
@@ -119,13 +119,13 @@ def translated(uri: S3Uri | str, action: str) -> Iterator[None]:
         cause = exc.__context__
         if isinstance(cause, ClientError):
             raise _client_error(cause, uri, action) from None
-        raise SourceUnavailableError(f"{uri}: cannot {action}: {_first_line(exc)}") from None
+        raise SourceUnavailableError(f"{uri}: cannot {action}: {first_line(exc)}") from None
     except ClientError as exc:
         raise _client_error(exc, uri, action) from None
     except NoCredentialsError:
         raise JobConfigError(f"{uri}: no AWS credentials (environment, profile or web identity)") from None
     except BotoCoreError as exc:
-        raise SourceUnavailableError(f"{uri}: cannot {action}: {_first_line(exc)}") from None
+        raise SourceUnavailableError(f"{uri}: cannot {action}: {first_line(exc)}") from None
 
 
 def _client_error(exc, uri: str, action: str) -> KantaiError:
@@ -150,10 +150,6 @@ def _client_error(exc, uri: str, action: str) -> KantaiError:
             return InputDataError(f"{uri}: bucket does not exist")
         return KeyMissingError(f"{uri} does not exist")
     return SourceUnavailableError(f"{uri}: cannot {action}: {code} {message}".strip())
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def check_access(prefix: S3Uri) -> None:

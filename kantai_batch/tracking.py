@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.errors import SourceUnavailableError
+from kantai_batch.errors import SourceUnavailableError, first_line
 from kantai_batch.job import Job
 from kantai_batch.manifest import write_json_atomic
 from kantai_batch.rundir import RunDir
@@ -44,8 +44,7 @@ def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool) -> Ite
         run_id = _run_to_continue(run.mlflow_run, job_sha) if resuming else None
         active = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{job.name}-pretrain")
     except mlflow.exceptions.MlflowException as exc:
-        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise SourceUnavailableError(f"MLflow tracking store {mlflow.get_tracking_uri()}: {first_line}") from None
+        raise SourceUnavailableError(f"MLflow tracking store {mlflow.get_tracking_uri()}: {first_line(exc)}") from None
     with active:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run.mlflow_run, {"run_id": active.info.run_id, "job_sha256": job_sha})
@@ -117,20 +116,30 @@ def log_model(folder: Path) -> None:
 
 def _run_to_continue(id_file: Path, job_sha: str) -> str | None:
     """The run a resumed training continues: the recorded one, if it exists and the job is unchanged."""
-    import mlflow
-
     if not id_file.is_file():
         return None
     recorded = json.loads(id_file.read_text(encoding="utf-8"))
     if recorded.get("job_sha256") != job_sha:
         log.info("mlflow: the job changed since run %s, starting a new run", recorded.get("run_id"))
         return None
-    try:
-        mlflow.get_run(recorded["run_id"])
-    except Exception:  # noqa: BLE001 - any lookup failure means there is nothing to continue
-        log.warning("mlflow: run %s is not in this tracking store, starting a new run", recorded["run_id"])
+    run_id = recorded.get("run_id")
+    if not run_exists(run_id):
+        log.warning("mlflow: run %s is not in this tracking store, starting a new run", run_id)
         return None
-    return recorded["run_id"]
+    return run_id
+
+
+def run_exists(run_id: str | None) -> bool:
+    """Whether the tracking store holds run ``run_id``, which a resumed training or a registration may log to."""
+    import mlflow
+
+    if not run_id:
+        return False
+    try:
+        mlflow.get_run(run_id)
+    except Exception:  # noqa: BLE001 - a run this store cannot return is never logged to: callers start a new one
+        return False
+    return True
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

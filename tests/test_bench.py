@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import invoke, prepared_run, tiny
+from helpers import invoke, prepared_run, tiny
 from kantai_batch.baseline import grouped_lines
 from kantai_batch.curve import time_to_reach
 

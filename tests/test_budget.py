@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from conftest import ROOT, invoke, prepared_run, tiny
+from helpers import ROOT, invoke, prepared_run, tiny
 from kantai_batch.budget import ESTIMATE_STEPS, PlannedSchedule
 from kantai_batch.manifest import read_marker
 
@@ -52,6 +52,7 @@ def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "model" / "train_summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_training_stops_when_the_budget_is_spent_with_the_schedule_planned_for_it(tmp_path: Path, corpus_file: Path):
     run_dir = prepared_run(tmp_path / "run", corpus_file)
     budget = 15.0  # enough for the timed first steps even on a heavily loaded machine
@@ -73,6 +74,7 @@ def test_training_stops_when_the_budget_is_spent_with_the_schedule_planned_for_i
     assert rates[-1] < 0.5 * max(rates), "the learning rate decays toward the end of the budget, not of 1 epoch"
 
 
+@pytest.mark.slow
 def test_epochs_still_bound_a_budgeted_run(tmp_path: Path, corpus_file: Path):
     run_dir = prepared_run(tmp_path / "run", corpus_file)
     invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import invoke
+from helpers import invoke
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, invoke, prepared_run, tiny
+from helpers import ROOT, invoke, prepared_run, tiny
 from kantai_batch.model import load_tokenizer
 
 
@@ -87,6 +87,7 @@ def test_inspect_a_config_without_a_known_architecture(tmp_path):
     assert "names no known architecture (NoSuchModel)" in result.stderr
 
 
+@pytest.mark.slow
 def test_corpus_from_the_environment_feeds_prepare_not_evaluate(tmp_path, corpus_file, trained_run, monkeypatch):
     monkeypatch.setenv("KANTAI_CORPUS", str(corpus_file))
     invoke("prepare", "--run-dir", str(tmp_path / "run"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KANT, invoke, kantian_text
+from helpers import KANT, invoke, kantian_text
 from kantai_batch.decoding import choose_encoding, read_lines
 from kantai_batch.manifest import MARKER, read_marker
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, prepared_run
+from helpers import TINY, prepared_run
 from kantai_batch.data import build_split
 from kantai_batch.errors import InputDataError
 from kantai_batch.job import load_job

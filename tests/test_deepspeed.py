@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, invoke, prepared_run, tiny, torchrun
+from helpers import ROOT, invoke, prepared_run, tiny, torchrun
 from kantai_batch.errors import JobConfigError
 from kantai_batch.job import load_job
 from kantai_batch.rundir import RunDir

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import ROOT, prepared_run, tiny, torchrun
+from helpers import ROOT, prepared_run, tiny, torchrun
 
 pytestmark = pytest.mark.slow
 

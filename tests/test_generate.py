@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, RobertaForCausalLM
 
-from conftest import SUPPORT_JOB as JOB
-from conftest import invoke
+from helpers import SUPPORT_JOB as JOB
+from helpers import invoke
 from kantai_batch.manifest import MARKER
 
 pytestmark = pytest.mark.slow

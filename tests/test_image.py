@@ -24,7 +24,7 @@ import pytest
 import yaml
 from test_k8s import K8S, _container_env, _expand, documents
 
-from conftest import ROOT, TINY, free_port
+from helpers import ROOT, TINY, free_port
 from kantai_batch.job import load_job
 from kantai_batch.submission import PHASES, Submission, render
 

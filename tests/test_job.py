@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from conftest import ROOT, invoke
+from helpers import ROOT, invoke
 from kantai_batch.errors import JobConfigError
 from kantai_batch.job import Job, load_job
 

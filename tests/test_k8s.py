@@ -15,7 +15,7 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import ROOT, TINY, free_port
+from helpers import ROOT, TINY, free_port
 from kantai_batch.errors import InputDataError, JobConfigError, PreemptedError
 from kantai_batch.job import TrainSection, load_job
 from kantai_batch.submission import PHASES, QUEUE_LABEL, RETRAIN, Submission, kustomize, render

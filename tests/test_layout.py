@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import ROOT
+from helpers import ROOT
 from kantai_batch.cli import cli
 from kantai_batch.phases import PHASES, before, phase
 from kantai_batch.rundir import RunDir

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, prepared_run, tiny
+from helpers import ROOT, free_port, prepared_run, tiny
 
 pytestmark = pytest.mark.slow
 

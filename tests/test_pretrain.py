@@ -12,7 +12,7 @@ import mlflow
 import pytest
 from transformers import RobertaForMaskedLM, pipeline
 
-from conftest import ROOT, invoke, prepared_run, tiny
+from helpers import ROOT, invoke, prepared_run, tiny
 from kantai_batch.manifest import MARKER
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, invoke, kantian_text, tiny
+from helpers import ROOT, invoke, kantian_text, tiny
 from kantai_batch.errors import InputDataError, SourceUnavailableError
 from kantai_batch.infer import fill_mask
 from kantai_batch.probes import read_probes

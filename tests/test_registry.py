@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, invoke
+from helpers import free_port, invoke
 from kantai_batch.manifest import MARKER
 
 pytestmark = pytest.mark.slow

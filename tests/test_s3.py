@@ -13,7 +13,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from conftest import ROOT, free_port, invoke, tiny
+from helpers import ROOT, free_port, invoke, tiny
 from kantai_batch import s3
 from kantai_batch.manifest import MARKER, file_sha256
 

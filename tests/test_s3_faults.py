@@ -15,7 +15,7 @@ import boto3
 import pytest
 
 import seaweed
-from conftest import ROOT, invoke, prepared_run, s3_environment, seaweed_server, tiny
+from helpers import ROOT, invoke, prepared_run, s3_environment, seaweed_server, tiny
 from kantai_batch import s3
 from kantai_batch.manifest import MARKER, file_sha256
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoConfig, RobertaConfig, RobertaForMaskedLM
 
-from conftest import invoke, tiny
+from helpers import invoke, tiny
 from kantai_batch.errors import JobConfigError
 from kantai_batch.hardware import cpu_supports_bf16, resolve_precision, training_flops_per_token
 from kantai_batch.job import load_job

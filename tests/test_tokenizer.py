@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import invoke, prepared_run
+from helpers import invoke, prepared_run
 
 
 @pytest.fixture(scope="module")

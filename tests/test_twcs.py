@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import invoke, support_conversations, twcs_csv
+from helpers import invoke, support_conversations, twcs_csv
 from kantai_batch.job import load_job
 from kantai_batch.manifest import MARKER
 from kantai_batch.rundir import RunDir
@@ -181,6 +181,7 @@ def test_twcs_options_are_refused_for_plain_text():
         load_job(None, ["corpus.format=twcs", "corpus.conversation=true", "corpus.brand_replies_only=true"])
 
 
+@pytest.mark.slow
 def test_the_csv_is_streamed_not_loaded(tmp_path: Path):
     """Python's peak allocations stay a small fraction of the file while it is read."""
     from kantai_batch.corpus import prepare
