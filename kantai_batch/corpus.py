@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.decoding import choose_encoding, paragraphs, read_lines
+from kantai_batch.decoding import detect_encoding, paragraphs, read_lines
 from kantai_batch.errors import InputDataError
 from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.job import Job
@@ -24,8 +24,6 @@ from kantai_batch.sources import fetched
 
 log = logging.getLogger(__name__)
 
-_REPLACEMENT = "\ufffd"
-
 
 def prepare(job: Job, run: RunDir) -> Path:
     """Fetch and decode ``job.corpus.source``, write the train/eval split; return the corpus folder."""
@@ -33,7 +31,8 @@ def prepare(job: Job, run: RunDir) -> Path:
     with fetched(source, "corpus") as path:
         if path.stat().st_size == 0:
             raise InputDataError(f"corpus {source} is empty")
-        encoding, detected = choose_encoding(path, job.corpus.encoding, source)
+        decoding = detect_encoding(lambda: path.open("rb"), job.corpus.encoding, f"corpus {source}")
+        encoding = decoding.encoding
         with run.committed(run.corpus, inputs_sha256=fingerprint_of(job, "prepare")) as out:
             if job.corpus.format == "twcs":
                 from kantai_batch.twcs import TwcsReader
@@ -43,14 +42,13 @@ def prepare(job: Job, run: RunDir) -> Path:
                 stats["twcs"] = reader.counts.as_dict()
                 log.info("corpus: %s", reader.counts.describe())
             else:
-                stats = _write_split(("\n".join(p) for p in paragraphs(read_lines(path, encoding))), out, job)
+                stats = _write_split(("\n".join(p) for p in paragraphs(read_lines(path, decoding))), out, job)
             stats.update(
                 format=job.corpus.format,
                 source=source,
                 source_bytes=path.stat().st_size,
                 source_sha256=file_sha256(path),
-                encoding=encoding,
-                encoding_detected=detected,
+                **decoding.as_dict(),
             )
             write_json_atomic(out / CORPUS_STATS, stats)
     log.info(
@@ -58,7 +56,7 @@ def prepare(job: Job, run: RunDir) -> Path:
         "%s examples for training, %s for evaluation",
         f"{stats['source_bytes']:,}",
         encoding,
-        "detected" if detected else "forced",
+        decoding.method if decoding.detected else "forced",
         f"{stats['undecodable_chars']:,}",
         f"{stats['train']['examples']:,}",
         f"{stats['eval']['examples']:,}",
@@ -71,14 +69,12 @@ def _write_split(
 ) -> dict[str, Any]:
     rng = random.Random(job.train.seed)
     counts = {name: {"examples": 0, "lines": 0, "chars": 0} for name in ("train", "eval")}
-    undecodable = 0
     with (
         (out / TRAIN_TEXT).open("w", encoding="utf-8", newline="\n") as train,
         (out / EVAL_TEXT).open("w", encoding="utf-8", newline="\n") as held_out,
     ):
         for text in examples:
             name, handle = ("eval", held_out) if rng.random() < job.data.eval_fraction else ("train", train)
-            undecodable += text.count(_REPLACEMENT)
             if counts[name]["examples"]:
                 handle.write("\n")
             handle.write(text + "\n")
@@ -96,4 +92,4 @@ def _write_split(
                 f"corpus {source} is too small to split: its {name} split got no example "
                 f"(data.eval_fraction={job.data.eval_fraction}); use a larger corpus"
             )
-    return {"undecodable_chars": undecodable, **counts}
+    return dict(counts)
