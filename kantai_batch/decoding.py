@@ -260,9 +260,15 @@ def _statistical_choice(scan: _Scan, name: str) -> Decoding:
     return Decoding(best.encoding, detected=True, confidence=max(0.0, 1.0 - best.chaos), method="charset-normalizer")
 
 
-def open_text(raw: BinaryIO, encoding: str) -> io.TextIOWrapper:
-    """``raw`` decoded with universal newlines; undecodable bytes become U+FFFD."""
-    return io.TextIOWrapper(raw, encoding=encoding, errors="replace", newline=None)
+def open_text(raw: BinaryIO, encoding: str, newline: str | None = None) -> io.TextIOWrapper:
+    """``raw`` decoded (universal newlines by default); undecodable bytes become U+FFFD."""
+    return io.TextIOWrapper(raw, encoding=encoding, errors="replace", newline=newline)
+
+
+def clean_line(line: str) -> str:
+    """A line without control characters, and without whitespace at its edges (wrapping debris in prose;
+    inner spacing is kept)."""
+    return _CONTROL.sub("", line).strip()
 
 
 def read_lines(source: Path | BinaryIO, encoding: str | Decoding) -> Iterator[str]:
@@ -276,8 +282,7 @@ def read_lines(source: Path | BinaryIO, encoding: str | Decoding) -> Iterator[st
         for line in text:
             if decoding is not None:
                 decoding.count_undecodable(line)
-            # Whitespace at a line's edges is wrapping debris in prose; inner spacing is kept.
-            yield _CONTROL.sub("", line).strip()
+            yield clean_line(line)
 
 
 def _opened(source: Path | BinaryIO):

@@ -142,18 +142,19 @@ def test_low_confidence_choice_is_logged_and_recorded(tmp_path: Path, caplog: py
 
 def test_forced_encoding_wins_and_undecodable_examples_are_recorded(tmp_path: Path):
     corpus = tmp_path / "two-ways.txt"
-    corpus.write_bytes("\n\n".join([TWO_WAYS] * 40).encode("cp1252"))
+    corpus.write_bytes("\n\n".join(f"{i}. {TWO_WAYS}" for i in range(40)).encode("cp1252"))
     _prepare(tmp_path / "run", corpus, "--set", "corpus.encoding=utf-8")
     stats = json.loads((tmp_path / "run" / "corpus" / "stats.json").read_text())
     assert (stats["encoding"], stats["encoding_detected"], stats["encoding_confidence"]) == ("utf-8", False, None)
     assert stats["undecodable_chars"] == 80
-    assert stats["undecodable_examples"][0] == "Human reason is in two ways\ufffdeither by concepts or by intu"
+    assert stats["undecodable_examples"][0] == "0. Human reason is in two ways\ufffdeither by concepts or by intu"
     assert 0 < len(stats["undecodable_examples"]) <= 5
 
 
 def test_detected_windows_1252_in_stats(tmp_path: Path):
     corpus = tmp_path / "two-ways.txt"
-    corpus.write_bytes(("\r\n\r\n".join([_plain(2), TWO_WAYS] * 30)).encode("cp1252"))
+    paragraphs = [text for i in range(30) for text in (_plain(2, i), f"{i}: {TWO_WAYS}")]
+    corpus.write_bytes("\r\n\r\n".join(paragraphs).encode("cp1252"))
     _prepare(tmp_path / "run", corpus)
     stats = json.loads((tmp_path / "run" / "corpus" / "stats.json").read_text())
     assert (stats["encoding"], stats["encoding_method"], stats["undecodable_chars"]) == ("cp1252", "cp1252", 0)
