@@ -304,11 +304,11 @@ def paragraphs(lines: Iterator[str]) -> Iterator[list[str]]:
         yield current
 
 
-def write_text(path: Path, encoding: str, dest: Path) -> int:
-    """Decode and clean ``path`` into ``dest`` as one UTF-8 text (no split); return its paragraphs."""
+def write_text(source: Path | BinaryIO, encoding: str | Decoding, dest: Path) -> int:
+    """Decode and clean ``source`` into ``dest`` as one UTF-8 text (no split); return its paragraphs."""
     count = 0
     with dest.open("w", encoding="utf-8", newline="\n") as out:
-        for paragraph in paragraphs(read_lines(path, encoding)):
+        for paragraph in paragraphs(read_lines(source, encoding)):
             out.write(("\n" if count else "") + "\n".join(paragraph) + "\n")
             count += 1
     return count

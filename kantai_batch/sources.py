@@ -122,13 +122,14 @@ def _expand_one(uri: str, what: str, suffixes: tuple[str, ...]) -> list[Input]:
         return _expand_s3(uri, what, suffixes)
     if "://" in uri:
         raise JobConfigError(f"{what} {uri}: unsupported URI scheme (use a local path, an http(s) or s3:// URI)")
-    if _GLOB_CHARS & set(uri):
-        pattern = str(Path(uri).expanduser())
+    path = Path(uri).expanduser()
+    # A name that exists is itself even when it holds glob characters ("notes [draft].txt").
+    if _GLOB_CHARS & set(uri) and not path.exists():
+        pattern = str(path)
         matches = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
         if not matches:
             raise SourceUnavailableError(f"{what} {uri}: the pattern matches no file")
         return [Input(match) for match in matches]
-    path = Path(uri).expanduser()
     if path.is_dir():
         files = sorted(
             (p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path).parts)),
@@ -150,7 +151,9 @@ def _expand_s3(uri: str, what: str, suffixes: tuple[str, ...]) -> list[Input]:
         return [Input(uri)]
     keys = sorted(key for key in s3.list_keys(remote) if key and not _hidden(key.split("/")))
     if not keys:
-        raise SourceUnavailableError(f"{what} {uri}: no object under this prefix")
+        if uri.endswith("/") or not remote.key:
+            raise SourceUnavailableError(f"{what} {uri}: no object under this prefix")
+        raise SourceUnavailableError(f"{what} {uri} does not exist (no such object, nor objects under it as a prefix)")
     return _fitting([Input(str(remote.child(key))) for key in keys], f"{what} {uri}", "prefix", suffixes)
 
 

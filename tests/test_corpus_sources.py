@@ -273,3 +273,31 @@ def test_an_s3_prefix_reads_every_object_under_it(tmp_path: Path, bucket: str):
     assert names == [f"s3://{bucket}/books/{name}" for name in ["a.txt", "b.txt", "sub/c.txt.gz"]]
     result = _prepare(tmp_path / "empty", f"s3://{bucket}/nothing/", expect=4)
     _one_line_error(result, f"s3://{bucket}/nothing/", "no object under this prefix")
+
+
+def test_a_file_whose_name_looks_like_a_glob_is_read_as_itself(tmp_path: Path):
+    source = tmp_path / "notes [draft].txt"
+    source.write_text(kantian_text(60))
+    _prepare(tmp_path / "run", source)
+    assert _stats(tmp_path / "run")["files"][0]["name"] == str(source)
+
+
+def test_a_missing_s3_object_is_exit_4_naming_it(tmp_path: Path, bucket: str):
+    result = _prepare(tmp_path / "run", f"s3://{bucket}/corpora/missing.txt", expect=4)
+    _one_line_error(result, f"s3://{bucket}/corpora/missing.txt", "does not exist")
+
+
+@pytest.mark.slow
+def test_evaluate_reads_a_compressed_corpus_like_the_plain_one(trained_run: Path, tmp_path: Path):
+    from conftest import tiny
+
+    plain = tmp_path / "held-out.txt"
+    plain.write_bytes(kantian_text(40, seed=7).replace("\n", "\r\n").encode("cp1252"))
+    packed = tmp_path / "held-out.txt.xz"
+    packed.write_bytes(lzma.compress(plain.read_bytes()))
+    scores = []
+    for corpus in (plain, packed):
+        args = ["--run-dir", str(tmp_path / "run"), "--model", str(trained_run / "model"), "--corpus", str(corpus)]
+        result = invoke("evaluate", *args, "--json", *tiny())
+        scores.append(json.loads(result.stdout))
+    assert scores[0]["eval_loss"] == scores[1]["eval_loss"] and scores[0]["samples"] == scores[1]["samples"] > 0
