@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import lzma
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -301,3 +302,11 @@ def test_evaluate_reads_a_compressed_corpus_like_the_plain_one(trained_run: Path
         result = invoke("evaluate", *args, "--json", *tiny())
         scores.append(json.loads(result.stdout))
     assert scores[0]["eval_loss"] == scores[1]["eval_loss"] and scores[0]["samples"] == scores[1]["samples"] > 0
+
+
+def test_zst_without_zstandard_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # what an environment without the package sees
+    source = tmp_path / "kant.txt.zst"
+    source.write_bytes(b"(\xb5/\xfd" + b"\x00" * 16)
+    result = _prepare(tmp_path / "run", source, expect=2)
+    _one_line_error(result, str(source), "needs the zstandard package")
