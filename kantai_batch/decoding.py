@@ -43,6 +43,8 @@ _CP1252_UNDEFINED = frozenset((0x81, 0x8D, 0x8F, 0x90, 0x9D))
 # How much more chaos (charset-normalizer's mess ratio) than the best candidate still counts as
 # "decodes equally plausibly"; the measured gap for a wrong Western guess is 1.0 or more.
 _PLAUSIBILITY_MARGIN = 0.02
+# charset-normalizer's own limit: a decoding messier than this is no text in that encoding.
+_MAX_CHAOS = 0.2
 # Below this confidence (1 - mess ratio) the choice is logged as a warning and flagged in stats.json.
 # charset-normalizer discards candidates above a mess ratio of 0.2; clean prose in the right code page
 # scores 0 to 0.02, so anything above 0.05 has visibly odd characters in it.
@@ -251,7 +253,7 @@ def _statistical_choice(scan: _Scan, name: str) -> Decoding:
     if not scan.present() & _CP1252_UNDEFINED:
         # Windows-1252 decodes every byte of the file; does it read the sample as plausibly?
         chaos = mess_ratio(sample.decode("cp1252"), maximum_threshold=1.0)
-        if best is None or chaos <= best.chaos + _PLAUSIBILITY_MARGIN:
+        if chaos <= (_MAX_CHAOS if best is None else best.chaos) + _PLAUSIBILITY_MARGIN:
             return Decoding("cp1252", detected=True, confidence=max(0.0, 1.0 - chaos), method="cp1252")
     if best is None:
         raise InputDataError(

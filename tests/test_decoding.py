@@ -181,3 +181,14 @@ def test_utf8_whose_only_non_ascii_is_a_replacement_character_is_utf8(tmp_path: 
     path.write_bytes(("an earlier tool lost this: \ufffd\n" * 50).encode())
     decoding = _detected(path)
     assert (decoding.encoding, decoding.confidence) == ("utf_8", 1.0)
+
+
+def test_binary_without_bytes_undefined_in_windows_1252_is_still_refused(tmp_path: Path):
+    from kantai_batch.errors import InputDataError
+
+    rng = random.Random(0)
+    alphabet = [0, *range(0x20, 0x7F), *range(0xA0, 0x100)]  # Windows-1252 defines every one of these
+    path = tmp_path / "blob.bin"
+    path.write_bytes(bytes(rng.choice(alphabet) for _ in range(50_000)))
+    with pytest.raises(InputDataError, match="cannot detect a text encoding"):
+        _detected(path)
