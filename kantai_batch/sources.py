@@ -110,8 +110,16 @@ def expand(sources: Sequence[str], what: str, suffixes: Sequence[str] = ()) -> l
     files are filtered (a folder of books may hold a README). Hidden files are skipped everywhere.
     """
     inputs: list[Input] = []
+    seen: set[str] = set()
     for uri in sources:
-        inputs += _expand_one(uri, what, tuple(suffixes))
+        for item in _expand_one(uri, what, tuple(suffixes)):
+            # A file named twice (a folder and a glob inside it) is read once, where it first came.
+            key = item.name if is_url(item.name) or is_s3(item.name) else os.path.abspath(item.name)
+            if key in seen:
+                log.info("%s %s is named more than once in the source; read once", what, item.name)
+                continue
+            seen.add(key)
+            inputs.append(item)
     return inputs
 
 

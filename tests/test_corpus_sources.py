@@ -310,3 +310,13 @@ def test_zst_without_zstandard_is_a_one_line_error(tmp_path: Path, monkeypatch: 
     source.write_bytes(b"(\xb5/\xfd" + b"\x00" * 16)
     result = _prepare(tmp_path / "run", source, expect=2)
     _one_line_error(result, str(source), "needs the zstandard package")
+
+
+def test_a_file_named_twice_in_a_list_is_read_once(tmp_path: Path, mixed_folder):
+    folder, texts = mixed_folder
+    job = tmp_path / "twice.yaml"
+    job.write_text(json.dumps({"corpus": {"source": [str(folder / "e-cp1252.txt"), str(folder), f"{folder}/*.txt"]}}))
+    _prepare(tmp_path / "run", None, job=job)
+    assert _all_examples(tmp_path / "run") == Counter(p for text in texts.values() for p in _paragraphs(text))
+    names = [Path(entry["name"]).name for entry in _stats(tmp_path / "run")["files"]]
+    assert names == ["e-cp1252.txt", "a-utf8.txt", "b-utf8-bom.txt", "d-latin1.txt", "c-utf16.txt"]
