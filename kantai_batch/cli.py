@@ -96,7 +96,7 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
         "--corpus",
         "corpus",
         envvar="KANTAI_CORPUS",
-        help="Corpus path, http(s) URL or s3:// URI; overrides corpus.source.",
+        help="Corpus file, folder, glob, http(s) URL or s3:// URI (object or prefix); overrides corpus.source.",
     )
     @click.option(
         "--set",

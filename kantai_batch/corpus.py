@@ -1,64 +1,75 @@
 """prepare: read a raw corpus, decode it, clean it, split its examples into train and eval.
 
 Writes ``RUN/corpus/{train,eval}.txt`` (UTF-8, LF, examples separated by blank lines) and
-``stats.json``. For plain text an example is a paragraph, and the text's own characters are kept:
-dashes and curly quotes are content, not noise. For the twcs CSV an example is a tweet or a
-conversation on one line, cleaned as the job says (see ``twcs``).
+``stats.json``. The source may be many files (see ``sources.expand``); each is fetched in turn,
+decoded with its own encoding and read by the job's format (see ``formats``; ``twcs`` for the
+customer-support CSV), so memory stays flat however large the corpus grows. For plain text an
+example is a paragraph, and the text's own characters are kept: dashes and curly quotes are content,
+not noise.
+
+An example goes to eval when a keyed hash of its text (the key: ``train.seed``) falls below
+``data.eval_fraction``: the split depends on the seed and the examples only, not on the order the
+files come in or on which other files are there, and a repeated paragraph never sits on both sides.
+
+``stats.json`` lists every file (bytes, sha256, encoding and how sure its detection was,
+undecodable characters with examples, examples, records skipped by reason) and the totals. For one
+file, ``source_sha256`` is that file's sha256; for several, the sha256 of their hex digests, one per
+line in the order read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import random
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from kantai_batch.decoding import choose_encoding, paragraphs, read_lines
+from kantai_batch.decoding import Decoding, detect_encoding
 from kantai_batch.errors import InputDataError
 from kantai_batch.fingerprint import fingerprint_of
+from kantai_batch.formats import SUFFIXES, examples, parquet_examples
 from kantai_batch.job import Job
 from kantai_batch.manifest import file_sha256, write_json_atomic
 from kantai_batch.rundir import CORPUS_STATS, EVAL_TEXT, TRAIN_TEXT, RunDir
-from kantai_batch.sources import fetched
+from kantai_batch.sources import Input, decompressed, expand, local_copy
 
 log = logging.getLogger(__name__)
 
-_REPLACEMENT = "\ufffd"
+_EXAMPLES_KEPT = 5
 
 
 def prepare(job: Job, run: RunDir) -> Path:
     """Fetch and decode ``job.corpus.source``, write the train/eval split; return the corpus folder."""
-    source = job.corpus.source
-    with fetched(source, "corpus") as path:
-        if path.stat().st_size == 0:
-            raise InputDataError(f"corpus {source} is empty")
-        encoding, detected = choose_encoding(path, job.corpus.encoding, source)
-        with run.committed(run.corpus, inputs_sha256=fingerprint_of(job, "prepare")) as out:
-            if job.corpus.format == "twcs":
+    corpus = job.corpus
+    inputs = expand(corpus.sources, "corpus", SUFFIXES[corpus.format])
+    files: list[dict[str, Any]] = []
+    with run.committed(run.corpus, inputs_sha256=fingerprint_of(job, "prepare")) as out:
+        with _Split(out, job) as split:
+            extra: dict[str, Any] = {}
+            if corpus.format == "twcs":
                 from kantai_batch.twcs import TwcsReader
 
-                reader = TwcsReader(path, encoding, job.corpus, source)
-                stats = _write_split(reader.examples(), out, job, nothing_kept=reader.counts.describe)
-                stats["twcs"] = reader.counts.as_dict()
+                reader = TwcsReader(lambda: _twcs_files(inputs, job, files), corpus)
+                split.write(reader.examples())
+                extra["twcs"] = reader.counts.as_dict()
                 log.info("corpus: %s", reader.counts.describe())
+                nothing_kept: Callable[[], str] | None = reader.counts.describe
             else:
-                stats = _write_split(("\n".join(p) for p in paragraphs(read_lines(path, encoding))), out, job)
-            stats.update(
-                format=job.corpus.format,
-                source=source,
-                source_bytes=path.stat().st_size,
-                source_sha256=file_sha256(path),
-                encoding=encoding,
-                encoding_detected=detected,
-            )
-            write_json_atomic(out / CORPUS_STATS, stats)
+                for item in inputs:
+                    files.append(_read(item, job, split, only=len(inputs) == 1))
+                extra["skipped"] = dict(sorted(sum((Counter(f["skipped"]) for f in files), Counter()).items()))
+                nothing_kept = _describe_skipped(extra["skipped"]) if extra["skipped"] else None
+        stats = split.checked(corpus.source_label, nothing_kept)
+        stats.update(format=corpus.format, **_totals(job, files), **extra, files=files)
+        write_json_atomic(out / CORPUS_STATS, stats)
     log.info(
-        "corpus: %s bytes decoded as %s (%s), %s characters could not be decoded; "
+        "corpus: %s file(s), %s bytes decoded as %s, %s characters could not be decoded; "
         "%s examples for training, %s for evaluation",
+        len(files),
         f"{stats['source_bytes']:,}",
-        encoding,
-        "detected" if detected else "forced",
+        stats["encoding"],
         f"{stats['undecodable_chars']:,}",
         f"{stats['train']['examples']:,}",
         f"{stats['eval']['examples']:,}",
@@ -66,34 +77,140 @@ def prepare(job: Job, run: RunDir) -> Path:
     return run.corpus
 
 
-def _write_split(
-    examples: Iterator[str], out: Path, job: Job, *, nothing_kept: Callable[[], str] | None = None
-) -> dict[str, Any]:
-    rng = random.Random(job.train.seed)
-    counts = {name: {"examples": 0, "lines": 0, "chars": 0} for name in ("train", "eval")}
-    undecodable = 0
-    with (
-        (out / TRAIN_TEXT).open("w", encoding="utf-8", newline="\n") as train,
-        (out / EVAL_TEXT).open("w", encoding="utf-8", newline="\n") as held_out,
-    ):
-        for text in examples:
-            name, handle = ("eval", held_out) if rng.random() < job.data.eval_fraction else ("train", train)
-            undecodable += text.count(_REPLACEMENT)
-            if counts[name]["examples"]:
-                handle.write("\n")
-            handle.write(text + "\n")
-            counts[name]["examples"] += 1
-            counts[name]["lines"] += text.count("\n") + 1
-            counts[name]["chars"] += len(text)
-    source = job.corpus.source
-    if counts["train"]["examples"] + counts["eval"]["examples"] == 0:
-        if nothing_kept is not None:
-            raise InputDataError(f"corpus {source}: no example passed the filters ({nothing_kept()})")
-        raise InputDataError(f"corpus {source} has no text (only blank lines or control characters)")
-    for name in ("train", "eval"):
-        if counts[name]["examples"] == 0:
-            raise InputDataError(
-                f"corpus {source} is too small to split: its {name} split got no example "
-                f"(data.eval_fraction={job.data.eval_fraction}); use a larger corpus"
-            )
-    return {"undecodable_chars": undecodable, **counts}
+def _read(item: Input, job: Job, split: _Split, *, only: bool) -> dict[str, Any]:
+    """Write one file's examples to the split; return its entry in stats.json."""
+    corpus = job.corpus
+    label = f"corpus {item.name}"
+    skipped: Counter[str] = Counter()
+    with local_copy(item, "corpus") as path:
+        size = path.stat().st_size
+        entry: dict[str, Any] = {"name": item.name, "bytes": size, "sha256": file_sha256(path)}
+        if size == 0:
+            if only:
+                raise InputDataError(f"{label} is empty")
+            log.warning("%s is empty; nothing read from it", label)
+            return {**entry, **Decoding("", detected=False).as_dict(), "examples": 0, "skipped": {}}
+        if corpus.format == "parquet":
+            if item.compression:
+                raise InputDataError(f"{label}: parquet compresses inside; give the .parquet file uncompressed")
+            decoding = Decoding("utf_8", detected=True, confidence=1.0, method="parquet")
+            count = split.write(parquet_examples(path, field=corpus.text_field, name=label, skipped=skipped))
+        else:
+            decoding = detect_encoding(lambda: decompressed(path, item.name), corpus.encoding, label)
+            with decompressed(path, item.name) as raw:
+                read = examples(corpus.format, raw, decoding, field=corpus.text_field, name=label, skipped=skipped)
+                count = split.write(read)
+    if skipped:
+        log.info("%s: skipped %s", label, _describe_skipped(dict(skipped))())
+    return {**entry, **decoding.as_dict(), "examples": count, "skipped": dict(sorted(skipped.items()))}
+
+
+def _twcs_files(inputs: list[Input], job: Job, files: list[dict[str, Any]]) -> Iterator[tuple[BinaryIO, str, str]]:
+    """Each twcs file in turn, fetched and opened, for the reader that joins their rows."""
+    for item in inputs:
+        label = f"corpus {item.name}"
+        with local_copy(item, "corpus") as path:
+            size = path.stat().st_size
+            if size == 0:
+                if len(inputs) == 1:
+                    raise InputDataError(f"{label} is empty")
+                log.warning("%s is empty; nothing read from it", label)
+                continue
+            opener = lambda path=path, name=item.name: decompressed(path, name)  # noqa: E731
+            decoding = detect_encoding(opener, job.corpus.encoding, label)
+            files.append({"name": item.name, "bytes": size, "sha256": file_sha256(path), **decoding.as_dict()})
+            with decompressed(path, item.name) as raw:
+                yield raw, decoding.encoding, label
+
+
+def _totals(job: Job, files: list[dict[str, Any]]) -> dict[str, Any]:
+    """The keys stats.json has always had, for one file or summed over many."""
+    source = job.corpus.source if isinstance(job.corpus.source, str) else list(job.corpus.source)
+    read = [entry for entry in files if entry["bytes"]]
+    if len(files) == 1:
+        only = files[0]
+        keys = ("encoding", "encoding_detected", "encoding_method", "encoding_confidence", "encoding_low_confidence")
+        decoding = {key: only[key] for key in keys}
+        digest = only["sha256"]
+    else:
+        digest = hashlib.sha256("".join(f"{entry['sha256']}\n" for entry in files).encode()).hexdigest()
+        confidences = [entry["encoding_confidence"] for entry in read if entry["encoding_confidence"] is not None]
+        decoding = {
+            "encoding": _common(entry["encoding"] for entry in read),
+            "encoding_detected": all(entry["encoding_detected"] for entry in read),
+            "encoding_method": _common(entry["encoding_method"] for entry in read),
+            "encoding_confidence": min(confidences) if confidences else None,
+            "encoding_low_confidence": any(entry["encoding_low_confidence"] for entry in read),
+        }
+    examples = [example for entry in files for example in entry.get("undecodable_examples", [])]
+    return {
+        "source": source,
+        "source_bytes": sum(entry["bytes"] for entry in files),
+        "source_sha256": digest,
+        **decoding,
+        "undecodable_chars": sum(entry.get("undecodable_chars", 0) for entry in files),
+        "undecodable_examples": examples[:_EXAMPLES_KEPT],
+    }
+
+
+def _common(values: Iterable[str]) -> str:
+    distinct = sorted(set(values))
+    return distinct[0] if len(distinct) == 1 else "mixed"
+
+
+def _describe_skipped(skipped: dict[str, int]) -> Callable[[], str]:
+    return lambda: ", ".join(f"{reason} {count:,}" for reason, count in sorted(skipped.items()))
+
+
+class _Split:
+    """The train and eval files being written, and what went into each."""
+
+    def __init__(self, out: Path, job: Job) -> None:
+        self._out = out
+        self._fraction = job.data.eval_fraction
+        self._eval_fraction_text = f"data.eval_fraction={job.data.eval_fraction}"
+        self._key = str(job.train.seed).encode()
+        self.counts = {name: {"examples": 0, "lines": 0, "chars": 0} for name in ("train", "eval")}
+
+    def __enter__(self) -> _Split:
+        self._handles = {
+            "train": (self._out / TRAIN_TEXT).open("w", encoding="utf-8", newline="\n"),
+            "eval": (self._out / EVAL_TEXT).open("w", encoding="utf-8", newline="\n"),
+        }
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles.values():
+            handle.close()
+
+    def write(self, texts: Iterable[str]) -> int:
+        """Append each example to its split; return how many were written."""
+        written = 0
+        for text in texts:
+            name = "eval" if self._held_out(text) else "train"
+            counts = self.counts[name]
+            self._handles[name].write(("\n" if counts["examples"] else "") + text + "\n")
+            counts["examples"] += 1
+            counts["lines"] += text.count("\n") + 1
+            counts["chars"] += len(text)
+            written += 1
+        return written
+
+    def _held_out(self, text: str) -> bool:
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=self._key).digest()
+        return int.from_bytes(digest, "big") < self._fraction * 2**64
+
+    def checked(self, source: str, nothing_kept: Callable[[], str] | None) -> dict[str, Any]:
+        """The split's counts, once it is known to be usable."""
+        counts = self.counts
+        if counts["train"]["examples"] + counts["eval"]["examples"] == 0:
+            if nothing_kept is not None:
+                raise InputDataError(f"corpus {source}: no example passed the filters ({nothing_kept()})")
+            raise InputDataError(f"corpus {source} has no text (only blank lines or control characters)")
+        for name in ("train", "eval"):
+            if counts[name]["examples"] == 0:
+                raise InputDataError(
+                    f"corpus {source} is too small to split: its {name} split got no example "
+                    f"({self._eval_fraction_text}); use a larger corpus"
+                )
+        return {name: dict(values) for name, values in counts.items()}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kantai_batch.data import build_split
-from kantai_batch.decoding import choose_encoding, write_text
+from kantai_batch.decoding import detect_encoding, write_text
 from kantai_batch.distributed import is_main_process, local_main_first
 from kantai_batch.errors import InputDataError
 from kantai_batch.fingerprint import fingerprint_of
@@ -24,7 +24,7 @@ from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer,
 from kantai_batch.objective import ACCURACY, accuracy_metric, collator, predicted_ids, task_of
 from kantai_batch.probes import format_quality, quality_report, read_probes
 from kantai_batch.rundir import EVAL_METRICS, RunDir
-from kantai_batch.sources import fetched
+from kantai_batch.sources import decompressed, fetched
 from kantai_batch.trainer import perplexity, training_arguments
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,12 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
             text, corpus_name = run.eval_text, str(run.eval_text)
         else:
             with fetched(corpus, "corpus") as source:
-                encoding, _ = choose_encoding(source, job.corpus.encoding, corpus)
+                opened = lambda: decompressed(source, corpus)  # noqa: E731 - a .gz text scores like the text
+                decoding = detect_encoding(opened, job.corpus.encoding, f"corpus {corpus}")
                 text, corpus_name = Path(scratch) / "eval.txt", corpus
-                if write_text(source, encoding, text) == 0:
-                    raise InputDataError(f"corpus {corpus} has no text")
+                with opened() as raw:
+                    if write_text(raw, decoding, text) == 0:
+                        raise InputDataError(f"corpus {corpus} has no text")
         metrics = _evaluate(job, task, model, tokenizer, text, Path(scratch) / "trainer")
     metrics.update(model=str(model_dir), corpus=corpus_name)
     if not is_main_process():

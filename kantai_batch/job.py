@@ -16,8 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kantai_batch.errors import JobConfigError, first_line
 
+# The copy the book (3rd edition, chapter 6) itself downloads.
 DEFAULT_CORPUS_URL = (
-    "https://raw.githubusercontent.com/Denis2054/Transformers-for-NLP-2nd-Edition/master/Chapter04/kant.txt"
+    "https://raw.githubusercontent.com/Denis2054/Transformers-for-NLP-and-Computer-Vision-3rd-Edition/"
+    "master/Chapter06/kant.txt"
 )
 
 
@@ -45,14 +47,48 @@ TWCS_FIELDS = (
 )
 
 
+# The formats whose examples are one field of a record; `text_field` names it.
+FIELD_FORMATS = ("jsonl", "csv", "parquet")
+
+
 class CorpusSection(_Section):
-    source: str = DEFAULT_CORPUS_URL
-    """Where the raw corpus comes from: a local path or an http(s) URL (`--corpus` overrides it)."""
-    format: Literal["text", "twcs"] = "text"
-    """How the source is laid out: `text` is plain text, paragraphs separated by blank lines; `twcs` is
-    the Kaggle "Customer Support on Twitter" CSV, one example per tweet (or per conversation)."""
+    source: str | tuple[str, ...] = DEFAULT_CORPUS_URL
+    """Where the raw corpus comes from: a file, a folder (every file under it whose name fits the format,
+    in sorted order, hidden ones skipped), a glob (`books/*.txt`, `**` allowed), an `s3://bucket/prefix/`,
+    an http(s) URL, or a list of these (`--corpus` overrides it with one). `.gz`, `.bz2`, `.xz` and
+    `.zst` files are decompressed as they are read."""
+    format: Literal["text", "lines", "jsonl", "csv", "parquet", "twcs"] = "text"
+    """How the source is laid out: `text` is plain text, paragraphs separated by blank lines; `lines` is
+    one example per non-empty line; `jsonl`, `csv` and `parquet` take each record's `text_field`; `twcs`
+    is the Kaggle "Customer Support on Twitter" CSV, one example per tweet (or per conversation)."""
+    text_field: str = "text"
+    """jsonl, csv, parquet: the field (column) holding an example's text."""
     encoding: str = "auto"
-    """`auto` detects the encoding (charset-normalizer); any Python codec name forces one."""
+    """`auto` detects each file's encoding (byte-order mark, whole-file UTF-8 check, Windows-1252 for
+    Western text, else charset-normalizer); any Python codec name forces one for every file."""
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _one_or_more_sources(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("source lists no input")
+            value = tuple(value)
+        for item in value if isinstance(value, tuple) else (value,):
+            if not isinstance(item, str) or not item.strip():
+                raise ValueError(f"a source must be a non-empty string, got {item!r}")
+        return value
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The configured inputs as a tuple, one or many."""
+        return self.source if isinstance(self.source, tuple) else (self.source,)
+
+    @property
+    def source_label(self) -> str:
+        """The configured inputs as one string, for messages and tags."""
+        return ", ".join(self.sources)
+
     min_words: int = Field(30, ge=0)
     """twcs: keep an example only if it has more than this many words after cleaning."""
     letters_only: bool = True
@@ -89,6 +125,10 @@ class CorpusSection(_Section):
             misplaced = [name for name in TWCS_FIELDS if getattr(self, name) != fields[name].default]
             if misplaced:
                 raise ValueError(f"{', '.join(misplaced)} only apply to format twcs, not {self.format}")
+        if self.format not in FIELD_FORMATS and self.text_field != "text":
+            raise ValueError(f"text_field only applies to formats {', '.join(FIELD_FORMATS)}, not {self.format}")
+        if not self.text_field.strip():
+            raise ValueError("text_field must name a field")
         if self.conversation and self.brand_replies_only:
             raise ValueError("conversation pairs customer tweets with replies; it excludes brand_replies_only")
         if not self.separator.strip() or any(ch.isspace() for ch in self.separator):

@@ -3,19 +3,28 @@
 A local path is used as it is; an http(s) URL is downloaded with retries; an ``s3://`` object is
 downloaded, and an ``s3://`` model folder is mirrored and verified against its manifest. Downloads
 and mirrors live under ``cache_dir()`` (``KANTAI_CACHE_DIR``) or in a temporary folder.
+
+A corpus source may name many files: ``expand`` turns a file, folder, glob, ``s3://`` prefix, URL or a
+list of these into an ordered list of concrete inputs (folders and prefixes sorted, hidden files
+skipped), and ``decompressed`` opens one as a byte stream, decompressing ``.gz``, ``.bz2``, ``.xz`` and
+``.zst`` on the fly. Every empty match is a one-line error naming what matched nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import io
 import logging
 import os
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from kantai_batch import s3
 from kantai_batch.errors import InputDataError, JobConfigError, SourceUnavailableError
@@ -65,6 +74,196 @@ def fetched(uri: str, what: str) -> Iterator[Path]:
     if not path.is_file():
         raise SourceUnavailableError(f"{what} {uri} is not a file")
     yield path
+
+
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+_GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class Input:
+    """One concrete file of a source: a local path, an http(s) URL or an s3:// object."""
+
+    name: str
+    """As the user would write it: the path, URL or s3:// URI; messages and stats.json use it."""
+
+    @property
+    def suffix(self) -> str:
+        """The format's extension, below any compression one: ``.jsonl`` for ``a.jsonl.gz``."""
+        base = self.name.rsplit("/", 1)[-1].lower()
+        for ending in COMPRESSED:
+            if base.endswith(ending):
+                base = base[: -len(ending)]
+                break
+        return os.path.splitext(base)[1]
+
+    @property
+    def compression(self) -> str | None:
+        base = self.name.lower()
+        return next((ending for ending in COMPRESSED if base.endswith(ending)), None)
+
+
+def expand(sources: Sequence[str], what: str, suffixes: Sequence[str] = ()) -> list[Input]:
+    """The concrete inputs ``sources`` names, in order; a folder or prefix keeps only ``suffixes``.
+
+    An explicitly named file, URL or glob match is taken whatever its name; a folder's or prefix's
+    files are filtered (a folder of books may hold a README). Hidden files are skipped everywhere.
+    """
+    inputs: list[Input] = []
+    seen: set[str] = set()
+    for uri in sources:
+        for item in _expand_one(uri, what, tuple(suffixes)):
+            # A file named twice (a folder and a glob inside it) is read once, where it first came.
+            key = item.name if is_url(item.name) or is_s3(item.name) else os.path.abspath(item.name)
+            if key in seen:
+                log.info("%s %s is named more than once in the source; read once", what, item.name)
+                continue
+            seen.add(key)
+            inputs.append(item)
+    return inputs
+
+
+def _expand_one(uri: str, what: str, suffixes: tuple[str, ...]) -> list[Input]:
+    if is_url(uri):
+        return [Input(uri)]
+    if is_s3(uri):
+        return _expand_s3(uri, what, suffixes)
+    if "://" in uri:
+        raise JobConfigError(f"{what} {uri}: unsupported URI scheme (use a local path, an http(s) or s3:// URI)")
+    path = Path(uri).expanduser()
+    # A name that exists is itself even when it holds glob characters ("notes [draft].txt").
+    if _GLOB_CHARS & set(uri) and not path.exists():
+        pattern = str(path)
+        matches = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not matches:
+            raise SourceUnavailableError(f"{what} {uri}: the pattern matches no file")
+        return [Input(match) for match in matches]
+    if path.is_dir():
+        files = sorted(
+            (p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path).parts)),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        if not files:
+            raise InputDataError(f"{what} {uri} is a folder with no (visible) file in it")
+        return _fitting([Input(str(p)) for p in files], f"{what} {uri}", "folder", suffixes)
+    if not path.exists():
+        raise SourceUnavailableError(f"{what} {uri} does not exist")
+    if not path.is_file():
+        raise SourceUnavailableError(f"{what} {uri} is not a file")
+    return [Input(uri)]
+
+
+def _expand_s3(uri: str, what: str, suffixes: tuple[str, ...]) -> list[Input]:
+    remote = S3Uri.parse(uri)
+    if remote.key and not uri.endswith("/") and s3.exists(remote):
+        return [Input(uri)]
+    keys = sorted(key for key in s3.list_keys(remote) if key and not _hidden(key.split("/")))
+    if not keys:
+        if uri.endswith("/") or not remote.key:
+            raise SourceUnavailableError(f"{what} {uri}: no object under this prefix")
+        raise SourceUnavailableError(f"{what} {uri} does not exist (no such object, nor objects under it as a prefix)")
+    return _fitting([Input(str(remote.child(key))) for key in keys], f"{what} {uri}", "prefix", suffixes)
+
+
+def _fitting(inputs: list[Input], described: str, kind: str, suffixes: tuple[str, ...]) -> list[Input]:
+    if not suffixes:
+        return inputs
+    kept = [item for item in inputs if item.suffix in suffixes]
+    if not kept:
+        found = sorted({item.suffix or "(none)" for item in inputs})
+        raise InputDataError(
+            f"{described}: no file in this {kind} fits the format (it wants {', '.join(suffixes)}; "
+            f"found {', '.join(found[:10])})"
+        )
+    if len(kept) < len(inputs):
+        log.info(
+            "%s: %d of %d files skipped, their names do not fit the format",
+            described,
+            len(inputs) - len(kept),
+            len(inputs),
+        )
+    return kept
+
+
+def _hidden(parts: Sequence[str]) -> bool:
+    return any(part.startswith(".") for part in parts)
+
+
+def decompressed(path: Path, name: str) -> BinaryIO:
+    """``path`` opened for reading, decompressed by ``name``'s extension; bad data is an InputDataError."""
+    compression = Input(name).compression
+    if compression is None:
+        return path.open("rb")
+    opener = _DECOMPRESSORS[compression]
+    try:
+        raw = opener(path)
+    except ImportError:
+        raise JobConfigError(f"{name}: reading {compression} files needs the zstandard package") from None
+    return io.BufferedReader(_Checked(raw, f"{name}: not a valid {compression} file"), 1 << 20)
+
+
+def _open_zst(path: Path) -> BinaryIO:
+    import zstandard
+
+    handle = path.open("rb")
+    return zstandard.ZstdDecompressor().stream_reader(handle, closefd=True)
+
+
+def _open_gz(path: Path) -> BinaryIO:
+    import gzip
+
+    return gzip.open(path, "rb")
+
+
+def _open_bz2(path: Path) -> BinaryIO:
+    import bz2
+
+    return bz2.open(path, "rb")
+
+
+def _open_xz(path: Path) -> BinaryIO:
+    import lzma
+
+    return lzma.open(path, "rb")
+
+
+_DECOMPRESSORS: dict[str, Callable[[Path], BinaryIO]] = {
+    ".gz": _open_gz,
+    ".bz2": _open_bz2,
+    ".xz": _open_xz,
+    ".zst": _open_zst,
+}
+
+
+class _Checked(io.RawIOBase):
+    """A decompressing stream whose failures (corrupt or truncated data) become one-line InputDataErrors."""
+
+    def __init__(self, inner: BinaryIO, failure: str) -> None:
+        self._inner = inner
+        self._failure = failure
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            data = self._inner.read(len(buffer))
+        except Exception as exc:  # noqa: BLE001 - gzip, bz2, lzma and zstandard each raise their own
+            first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise InputDataError(f"{self._failure} ({first_line})") from None
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
+@contextlib.contextmanager
+def local_copy(item: Input, what: str) -> Iterator[Path]:
+    """A local file holding ``item``: the file itself, or a download removed afterwards."""
+    with fetched(item.name, what) as path:
+        yield path
 
 
 def _download(url: str, dest: Path, what: str) -> Path:

@@ -68,13 +68,14 @@ def lineage_tags(job: Job, run: RunDir) -> dict[str, str]:
 
     tags = {
         "kantai.run_dir": run.uri(run.root) if run.is_remote else str(run.root.resolve()),
-        "kantai.corpus": job.corpus.source,
+        "kantai.corpus": job.corpus.source_label,
     }
     stats = run.corpus_stats
     if stats.is_file():
         # What prepare really read, which a later phase's --corpus or job file need not repeat.
         prepared = json.loads(stats.read_text(encoding="utf-8"))
-        tags["kantai.corpus"] = prepared.get("source", job.corpus.source)
+        source = prepared.get("source", job.corpus.source_label)
+        tags["kantai.corpus"] = ", ".join(source) if isinstance(source, list) else source
         tags["kantai.corpus_sha256"] = prepared.get("source_sha256", "")
     tokenizer = run.marker(run.tokenizer)
     if tokenizer:

@@ -24,10 +24,10 @@ import re
 import sqlite3
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from kantai_batch.errors import InputDataError
 from kantai_batch.job import CorpusSection
@@ -87,11 +87,11 @@ class TwcsCounts:
 class TwcsReader:
     """Streams the examples of one twcs file; ``counts`` is complete once the iterator is exhausted."""
 
-    def __init__(self, path: Path, encoding: str, corpus: CorpusSection, source: str) -> None:
-        self.path = path
-        self.encoding = encoding
+    def __init__(self, files: Callable[[], Iterator[tuple[BinaryIO, str, str]]], corpus: CorpusSection) -> None:
+        """``files()`` yields each file in turn as (byte stream, encoding, name for messages); rows of all
+        of them are one stream, so a reply pairs with its customer tweet in any file."""
+        self.files = files
         self.corpus = corpus
-        self.source = source
         self.counts = TwcsCounts()
         self._clean = cleaner(corpus).normalize_str
 
@@ -176,13 +176,14 @@ class TwcsReader:
             yield f"{customer} {separator} {reply}"
 
     def _rows(self) -> Iterator[dict[str, str]]:
-        """The file's well-formed rows as dicts; malformed ones are counted and skipped."""
-        with (
-            self.path.open("rb") as raw,
-            io.TextIOWrapper(raw, encoding=self.encoding, errors="surrogateescape", newline="") as text,
-        ):
+        """The files' well-formed rows as dicts; malformed ones are counted and skipped."""
+        for raw, encoding, name in self.files():
+            yield from self._rows_of(raw, encoding, name)
+
+    def _rows_of(self, raw: BinaryIO, encoding: str, name: str) -> Iterator[dict[str, str]]:
+        with io.TextIOWrapper(raw, encoding=encoding, errors="surrogateescape", newline="") as text:
             reader = csv.reader(text)
-            header = self._header(reader)
+            header = self._header(reader, name)
             while True:
                 try:
                     record = next(reader)
@@ -205,11 +206,11 @@ class TwcsReader:
                     continue
                 yield row
 
-    def _header(self, reader) -> list[str]:
+    def _header(self, reader, name: str) -> list[str]:
         try:
             header = next(reader, [])
         except csv.Error as exc:
-            raise InputDataError(f"corpus {self.source} is not a readable CSV file: {exc}") from None
+            raise InputDataError(f"{name} is not a readable CSV file: {exc}") from None
         names = [name.strip().lstrip("\ufeff") for name in header]
         needed = ["text"]
         if self.corpus.brand_replies_only or self.corpus.conversation:
@@ -222,11 +223,11 @@ class TwcsReader:
             if len(names) > 12:
                 shown += f", ... ({len(names)} in all)"
             raise InputDataError(
-                f"corpus {self.source} has no {' or '.join(missing)} column (its columns: {shown}); "
+                f"{name} has no {' or '.join(missing)} column (its columns: {shown}); "
                 f"corpus.format twcs expects {', '.join(COLUMNS)}"
             )
         if len(set(names)) != len(names):
-            raise InputDataError(f"corpus {self.source} repeats a column name in its header: {', '.join(names)}")
+            raise InputDataError(f"{name} repeats a column name in its header: {', '.join(names)}")
         return names
 
     def _inbound(self, row: dict[str, str]) -> bool | None:

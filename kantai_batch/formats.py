@@ -1,0 +1,165 @@
+"""Format readers: one corpus file's bytes as training examples, and what was skipped and why.
+
+``text`` cuts plain text into paragraphs; ``lines`` takes every non-empty line; ``jsonl``, ``csv`` and
+``parquet`` take one field of each record (``corpus.text_field``). A record without the field, or with
+something other than a string in it, is counted under its reason and skipped; a file in which no
+record has the field is a one-line error naming the file and the fields it does have, since that is a
+wrong ``text_field`` rather than a few bad rows. Every reader streams: memory does not grow with the
+file. (``twcs`` has its own module: its examples need state across rows.)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from kantai_batch.decoding import Decoding, clean_line, open_text, paragraphs, read_lines
+from kantai_batch.errors import InputDataError
+
+# The file names a folder or an s3:// prefix contributes for each format (below any compression
+# extension); a file named explicitly, or matched by a glob, is read whatever its name.
+SUFFIXES: dict[str, tuple[str, ...]] = {
+    "text": (".txt", ".text", ".md"),
+    "lines": (".txt", ".text", ".md"),
+    "jsonl": (".jsonl", ".ndjson", ".json"),
+    "csv": (".csv",),
+    "parquet": (".parquet",),
+    "twcs": (".csv",),
+}
+_PARQUET_BATCH_ROWS = 1024
+# The csv module's default field limit (128 KiB) would reject long documents as malformed rows.
+_CSV_FIELD_LIMIT = 1 << 28
+_FIELDS_SHOWN = 12
+
+
+def examples(
+    fmt: str, raw: BinaryIO, decoding: Decoding, *, field: str, name: str, skipped: Counter[str]
+) -> Iterator[str]:
+    """The examples of one file in format ``fmt`` (not parquet: see ``parquet_examples``)."""
+    if fmt == "text":
+        for paragraph in paragraphs(read_lines(raw, decoding)):
+            yield "\n".join(paragraph)
+    elif fmt == "lines":
+        yield from (line for line in read_lines(raw, decoding) if line)
+    elif fmt == "jsonl":
+        yield from _jsonl(raw, decoding, field, name, skipped)
+    elif fmt == "csv":
+        yield from _csv(raw, decoding, field, name, skipped)
+    else:
+        raise AssertionError(f"no reader for format {fmt}")
+
+
+def document(text: str) -> str:
+    """A record's text as one example: cleaned lines, no blank line inside (blank lines separate examples)."""
+    return "\n".join(line for line in map(clean_line, text.splitlines()) if line)
+
+
+def _field_text(value: Any, skipped: Counter[str]) -> str | None:
+    if value is None:
+        skipped["null_field"] += 1
+        return None
+    if not isinstance(value, str):
+        skipped["not_a_string"] += 1
+        return None
+    text = document(value)
+    if not text:
+        skipped["empty_text"] += 1
+        return None
+    return text
+
+
+def _jsonl(raw: BinaryIO, decoding: Decoding, field: str, name: str, skipped: Counter[str]) -> Iterator[str]:
+    records = with_field = 0
+    seen: dict[str, None] = {}  # the fields records have, in order of appearance, for the error message
+    with open_text(raw, decoding.encoding) as text:
+        for line in text:
+            decoding.count_undecodable(line)
+            if not line.strip():
+                continue
+            records += 1
+            try:
+                record = json.loads(line)
+            except ValueError:
+                skipped["invalid_json"] += 1
+                continue
+            if not isinstance(record, dict):
+                skipped["not_an_object"] += 1
+                continue
+            if field not in record:
+                skipped["missing_field"] += 1
+                if len(seen) < _FIELDS_SHOWN + 1:
+                    seen.update(dict.fromkeys(record))
+                continue
+            with_field += 1
+            example = _field_text(record[field], skipped)
+            if example is not None:
+                yield example
+    if records and not with_field:
+        raise InputDataError(f"{name}: no record has a {field!r} field (its fields: {_shown(list(seen))})")
+
+
+def _csv(raw: BinaryIO, decoding: Decoding, field: str, name: str, skipped: Counter[str]) -> Iterator[str]:
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
+    with open_text(raw, decoding.encoding, newline="") as text:
+        reader = csv.reader(text)
+        try:
+            header = next(reader, [])
+        except csv.Error as exc:
+            raise InputDataError(f"{name} is not a readable CSV file: {exc}") from None
+        names = [column.strip().lstrip("\ufeff") for column in header]
+        if field not in names:
+            raise InputDataError(f"{name} has no {field!r} column (its columns: {_shown(names)})")
+        at = names.index(field)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error:
+                skipped["malformed_csv"] += 1
+                continue
+            if not row:
+                continue  # a blank line is no row
+            for value in row:
+                decoding.count_undecodable(value)
+            if len(row) != len(names):
+                skipped["wrong_field_count"] += 1
+                continue
+            example = _field_text(row[at], skipped)
+            if example is not None:
+                yield example
+
+
+def parquet_examples(path: Path, *, field: str, name: str, skipped: Counter[str]) -> Iterator[str]:
+    """The examples of one parquet file: its ``field`` column, read a batch of rows at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputDataError(f"{name} is not a readable parquet file: {_first_line(exc)}") from None
+    names = table.schema_arrow.names
+    if field not in names:
+        raise InputDataError(f"{name} has no {field!r} column (its columns: {_shown(names)})")
+    try:
+        for batch in table.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field]):
+            for value in batch.column(0).to_pylist():
+                example = _field_text(value, skipped)
+                if example is not None:
+                    yield example
+    except (pa.ArrowException, OSError) as exc:
+        raise InputDataError(f"{name} is not a readable parquet file: {_first_line(exc)}") from None
+
+
+def _shown(names: list[str]) -> str:
+    shown = ", ".join(repr(name)[:40] for name in names[:_FIELDS_SHOWN]) or "none"
+    return shown + (", ..." if len(names) > _FIELDS_SHOWN else "")
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
