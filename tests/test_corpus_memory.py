@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, kantian_text
+from helpers import ROOT, kantian_text
 
 
 def _write_corpus(path: Path, size: int) -> None:

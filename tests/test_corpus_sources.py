@@ -14,7 +14,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from conftest import invoke, kantian_text
+from helpers import invoke, kantian_text
 
 TWO_WAYS = "Human reason is in two ways\u2014either by concepts or by intuitions\u2014bound to experience."
 
@@ -290,7 +290,7 @@ def test_a_missing_s3_object_is_exit_4_naming_it(tmp_path: Path, bucket: str):
 
 @pytest.mark.slow
 def test_evaluate_reads_a_compressed_corpus_like_the_plain_one(trained_run: Path, tmp_path: Path):
-    from conftest import tiny
+    from helpers import tiny
 
     plain = tmp_path / "held-out.txt"
     plain.write_bytes(kantian_text(40, seed=7).replace("\n", "\r\n").encode("cp1252"))

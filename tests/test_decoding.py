@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import invoke, kantian_text
+from helpers import invoke, kantian_text
 from kantai_batch.decoding import LOW_CONFIDENCE, detect_encoding, read_lines
 
 # The case: only 0x97 (an em dash in Windows-1252) is non-ASCII; cp775 reads it as 'Ś'.
