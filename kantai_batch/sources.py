@@ -161,7 +161,8 @@ def _expand_s3(uri: str, what: str, suffixes: tuple[str, ...]) -> list[Input]:
     if not keys:
         if uri.endswith("/") or not remote.key:
             raise SourceUnavailableError(f"{what} {uri}: no object under this prefix")
-        raise SourceUnavailableError(f"{what} {uri} does not exist (no such object, nor objects under it as a prefix)")
+        # As for a single missing key (s3.KeyMissingError): nothing under it as a prefix either.
+        raise SourceUnavailableError(f"{uri} does not exist")
     return _fitting([Input(str(remote.child(key))) for key in keys], f"{what} {uri}", "prefix", suffixes)
 
 
