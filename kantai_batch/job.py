@@ -143,6 +143,9 @@ class TokenizerSection(_Section):
     """A pair must occur at least this often to be merged."""
     special_tokens: tuple[str, str, str, str, str] = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
     """Special tokens in the order bos, pad, eos, unk, mask; they get ids 0-4."""
+    max_training_bytes: int | None = Field(1_000_000_000, ge=1)
+    """A train split larger than this trains the tokenizer on a uniform sample of its examples of about
+    this size (fixed seed: the same corpus gives the same tokenizer); `null` trains on all of it."""
 
 
 class ModelSection(_Section):

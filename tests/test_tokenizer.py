@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from helpers import invoke, prepared_run
+from helpers import invoke, prepared_run, tiny
+from kantai_batch.manifest import MARKER
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +61,33 @@ def test_corrupt_tokenizer_is_a_one_line_error(tmp_path: Path, corpus_file: Path
     result = invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", expect=3)
     assert f"tokenizer {run_dir / 'tokenizer'} cannot be loaded" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_split_within_the_limit_trains_exactly_as_the_recipe_does(tokenizer_run: Path):
+    from tokenizers import ByteLevelBPETokenizer
+
+    marker = json.loads((tokenizer_run / "tokenizer" / MARKER).read_text())
+    assert marker["training_sample"]["sampled"] is False
+    recipe = ByteLevelBPETokenizer()
+    recipe.train(
+        files=[str(tokenizer_run / "corpus" / "train.txt")], vocab_size=1000, min_frequency=2,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False,
+    )  # fmt: skip
+    ours = json.loads((tokenizer_run / "tokenizer" / "vocab.json").read_text())
+    assert ours == recipe.get_vocab()
+
+
+def test_a_split_beyond_the_limit_trains_on_a_uniform_sample(tmp_path: Path, corpus_file: Path):
+    run_dir = tmp_path / "run"
+    invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file))
+    split = (run_dir / "corpus" / "train.txt").stat().st_size
+    limit = split // 4
+    invoke("train-tokenizer", "--run-dir", str(run_dir), *tiny(f"tokenizer.max_training_bytes={limit}"))
+    sample = json.loads((run_dir / "tokenizer" / MARKER).read_text())["training_sample"]
+    assert sample["sampled"] is True and sample["split_bytes"] == split
+    assert 0.5 * limit < sample["bytes"] < 1.5 * limit, sample
+    assert 0 < sample["examples"] < sample["examples_in_split"]
+    # Again: the same sample, so the same tokenizer.
+    first = (run_dir / "tokenizer" / "vocab.json").read_text()
+    invoke("train-tokenizer", "--run-dir", str(run_dir), *tiny(f"tokenizer.max_training_bytes={limit}"))
+    assert (run_dir / "tokenizer" / "vocab.json").read_text() == first
