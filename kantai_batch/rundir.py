@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # File names inside the phases' folders; writers put them in their scratch folder under these names.
 TRAIN_TEXT = "train.txt"
 EVAL_TEXT = "eval.txt"
+TOKENS_STATS = "tokens.json"
 CORPUS_STATS = "stats.json"
 TRAIN_SUMMARY = "train_summary.json"
 JOB_FILE = "job.yaml"
@@ -90,6 +91,15 @@ class RunDir:
     @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
+
+    @property
+    def tokens(self) -> Path:
+        """Both splits' samples, tokenized once: ``train/`` and ``eval/`` (Arrow shards) and ``tokens.json``."""
+        return self.root / "tokens"
+
+    @property
+    def tokens_stats(self) -> Path:
+        return self.tokens / TOKENS_STATS
 
     @property
     def checkpoints(self) -> Path:
