@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from kantai_batch.data import build_split
 from kantai_batch.job import load_job
 from kantai_batch.manifest import MARKER
 from kantai_batch.model import load_tokenizer
+from kantai_batch.pipeline import run_pipeline
+from kantai_batch.rundir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +25,6 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Pat
 
 def _tokenize(source: Path, target: Path, *args: str) -> Path:
     """A copy of the prepared run ``source`` in ``target``, tokenized with ``args``."""
-    import shutil
-
     shutil.copytree(source, target)
     invoke("tokenize", "--run-dir", str(target), *args)
     return target
@@ -64,3 +65,56 @@ def test_tokenize_needs_the_tokenizer(tmp_path: Path, corpus_file: Path):
     result = invoke("tokenize", "--run-dir", str(tmp_path), *tiny(), expect=3)
     assert "run `kantai-batch train-tokenizer` first" in result.stderr
     assert not (tmp_path / "tokens").exists()
+
+
+STEPS = ("train.max_steps=2", "train.save_steps=2", "train.per_device_batch_size=4")
+
+
+@pytest.mark.slow
+def test_pretrain_and_evaluate_read_the_tokens_not_the_text(prepared: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(prepared, run_dir)
+    shutil.rmtree(run_dir / "corpus")  # nothing left to tokenize: the samples can only come from tokens/
+    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *tiny(*STEPS))
+    assert (run_dir / "model" / MARKER).is_file()
+    first, second = (
+        json.loads(invoke("evaluate", "--run-dir", str(run_dir), "--json", *tiny(*STEPS)).stdout) for _ in range(2)
+    )
+    assert first["eval_loss"] == second["eval_loss"] and first["scored_tokens"] == second["scored_tokens"]
+    eval_samples = load_from_disk(str(run_dir / "tokens" / "eval"))
+    assert first["samples"] == len(eval_samples)
+    assert first["scored_tokens"] == sum(label != -100 for labels in eval_samples["labels"] for label in labels) > 0
+    summary = json.loads((run_dir / "model" / "train_summary.json").read_text())
+    assert first["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-5), "the masks training evaluated with"
+
+
+@pytest.mark.slow
+def test_pretrain_refuses_tokens_made_for_other_settings(prepared: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(prepared, run_dir)
+    args = tiny(*STEPS, "data.block_size=16")
+    result = invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *args, expect=3)
+    assert "were made for other settings (block_size 32 -> 16): run `kantai-batch tokenize` again" in result.stderr
+    assert not (run_dir / "model").exists()
+
+
+def test_pretrain_needs_the_tokens(tmp_path: Path, corpus_file: Path):
+    invoke("prepare", "--run-dir", str(tmp_path), "--corpus", str(corpus_file))
+    invoke("train-tokenizer", "--run-dir", str(tmp_path), *tiny())
+    result = invoke("pretrain", "--run-dir", str(tmp_path), "--no-tracking", *tiny(), expect=3)
+    assert "run `kantai-batch tokenize` first" in result.stderr
+
+
+@pytest.mark.slow
+def test_run_tokenizes_once_and_again_only_when_the_samples_change(tmp_path: Path, corpus_file: Path):
+    run = RunDir(tmp_path / "run")
+
+    def job(*extra: str):
+        return load_job(None, [*TINY, *STEPS, *extra], corpus=str(corpus_file))
+
+    assert run_pipeline(job(), run, track=False) == ["prepare", "train-tokenizer", "tokenize", "pretrain", "evaluate"]
+    assert run_pipeline(job(), run, track=False) == []
+    assert run_pipeline(job("data.tokenize_workers=2"), run, track=False) == [], "workers change no sample"
+    changed = job("data.block_size=16")
+    assert run_pipeline(changed, run, track=False) == ["tokenize", "pretrain", "evaluate"]
+    assert json.loads(run.tokens_stats.read_text())["splits"]["train"]["settings"]["block_size"] == 16
