@@ -10,7 +10,7 @@ import pytest
 from datasets import load_from_disk
 
 from helpers import TINY, invoke, prepared_run, tiny
-from kantai_batch.data import build_split
+from kantai_batch.data import build_split, tokens_mismatch
 from kantai_batch.job import load_job
 from kantai_batch.manifest import MARKER
 from kantai_batch.model import load_tokenizer
@@ -118,3 +118,16 @@ def test_run_tokenizes_once_and_again_only_when_the_samples_change(tmp_path: Pat
     changed = job("data.block_size=16")
     assert run_pipeline(changed, run, track=False) == ["tokenize", "pretrain", "evaluate"]
     assert json.loads(run.tokens_stats.read_text())["splits"]["train"]["settings"]["block_size"] == 16
+
+
+def test_the_eval_samples_fit_only_the_task_settings_and_tokenizer_they_were_made_with(prepared: Path):
+    run = RunDir(prepared)
+    tokenizer = load_tokenizer(prepared / "tokenizer")
+    job = load_job(None, list(TINY))
+    assert tokens_mismatch(run, job, "eval", tokenizer) is None
+    assert tokens_mismatch(run, load_job(None, [*TINY, "task=clm"]), "train", tokenizer) is None, "no masks in train"
+    assert tokens_mismatch(run, load_job(None, [*TINY, "task=clm"]), "eval", tokenizer) == "task mlm -> clm"
+    assert tokens_mismatch(run, load_job(None, [*TINY, "train.seed=7"]), "eval", tokenizer) == "seed 42 -> 7"
+    other = load_tokenizer(prepared / "tokenizer")
+    other.add_tokens(["Königsberg"])
+    assert tokens_mismatch(run, job, "train", other) == "another tokenizer"
