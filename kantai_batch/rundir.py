@@ -172,7 +172,8 @@ class RunDir:
             manifest.upload(folder, remote)
 
     def pull_file(self, path: Path) -> None:
-        """Refresh a single bookkeeping file (not a committed folder) from the remote run dir."""
+        """Refresh a single file from the remote run dir: bookkeeping, or a small file of a committed folder
+        read without the rest (such as the corpus's stats.json, which lineage reads where only tokens are)."""
         remote = self._remote_of(path)
         if remote is not None and s3.exists(remote):
             s3.download_file(remote, path)
