@@ -145,14 +145,25 @@ def tokenizer_digest(tokenizer) -> str:
 
 def tokens_mismatch(run: RunDir, job: Job, split: str, tokenizer) -> str | None:
     """Why the committed samples of ``split`` do not fit ``job`` and ``tokenizer``; None when they do."""
-    made = json.loads(run.tokens_stats.read_text(encoding="utf-8"))["splits"][split]["settings"]
+    stats = json.loads(run.tokens_stats.read_text(encoding="utf-8"))
+    made = stats["splits"][split]["settings"]
     wanted = sample_settings(job, split, tokenizer)
     changed = [
         "another tokenizer" if key == "tokenizer_sha256" else f"{key} {made.get(key)} -> {wanted[key]}"
         for key in wanted
         if made.get(key) != wanted[key]
     ]
+    # A reader need not have the corpus (pretrain does not mirror it), only its manifest to compare.
+    corpus = corpus_digest(run)
+    if corpus is not None and stats.get("corpus_sha256") != corpus:
+        changed.append("another corpus")
     return ", ".join(changed) if changed else None
+
+
+def corpus_digest(run: RunDir) -> str | None:
+    """The committed corpus's file checksums as one digest; None where the run has no corpus."""
+    found = run.marker(run.corpus)
+    return hashlib.sha256(json.dumps(found.get("files"), sort_keys=True).encode()).hexdigest() if found else None
 
 
 def load_samples(run: RunDir, job: Job, split: str, tokenizer):

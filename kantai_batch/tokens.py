@@ -4,7 +4,7 @@
 by pretrain and evaluate with ``load_from_disk``, which memory-maps the shards: no rank tokenizes, and
 their start-up time and memory do not grow with the corpus. Eval samples of a masked LM carry their
 fixed masks, so every evaluation scores the same masked tokens. ``tokens.json`` records the sample and
-token counts and the settings the samples were made with, which readers check.
+token counts and the settings, tokenizer and corpus the samples were made from, which readers check.
 
 ``workers`` processes tokenize and write the shards; the samples do not depend on how many.
 """
@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.data import build_split, sample_settings
+from kantai_batch.data import build_split, corpus_digest, sample_settings
 from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.job import Job
 from kantai_batch.manifest import write_json_atomic
@@ -52,7 +52,7 @@ def tokenize(job: Job, run: RunDir, *, workers: int | None = None) -> Path:
                 "shards": shards,
                 "settings": sample_settings(job, split, tokenizer),
             }
-        write_json_atomic(out / TOKENS_STATS, {"splits": splits})
+        write_json_atomic(out / TOKENS_STATS, {"splits": splits, "corpus_sha256": corpus_digest(run)})
     for split, stats in splits.items():
         log.info(
             "tokenize: %s split: %s samples, %s tokens in %d shard(s)",

@@ -131,3 +131,13 @@ def test_the_eval_samples_fit_only_the_task_settings_and_tokenizer_they_were_mad
     other = load_tokenizer(prepared / "tokenizer")
     other.add_tokens(["Königsberg"])
     assert tokens_mismatch(run, job, "train", other) == "another tokenizer"
+
+
+def test_tokens_of_another_corpus_do_not_fit(prepared: Path, tmp_path: Path, corpus_file: Path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(prepared, run_dir)
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    job = load_job(None, list(TINY))
+    assert tokens_mismatch(RunDir(run_dir), job, "train", tokenizer) is None
+    invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file), "--set", "data.eval_fraction=0.3")
+    assert tokens_mismatch(RunDir(run_dir), job, "train", tokenizer) == "another corpus"
