@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -141,3 +142,20 @@ def test_tokens_of_another_corpus_do_not_fit(prepared: Path, tmp_path: Path, cor
     assert tokens_mismatch(RunDir(run_dir), job, "train", tokenizer) is None
     invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file), "--set", "data.eval_fraction=0.3")
     assert tokens_mismatch(RunDir(run_dir), job, "train", tokenizer) == "another corpus"
+
+
+@pytest.mark.slow
+def test_evaluate_tokenizes_the_split_itself_only_for_samples_that_do_not_fit(
+    trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    stats_file = run_dir / "tokens" / "tokens.json"
+    stats = json.loads(stats_file.read_text())
+    stats["splits"]["eval"]["settings"]["seed"] = 7  # as if made with other masks
+    stats_file.write_text(json.dumps(stats))
+    with caplog.at_level(logging.INFO, logger="kantai_batch.evaluate"):
+        result = invoke("evaluate", "--run-dir", str(run_dir), "--json", *tiny())
+    assert "do not fit this model (seed 7 -> 42); tokenizing the eval split" in caplog.text
+    summary = json.loads((run_dir / "model" / "train_summary.json").read_text())
+    assert json.loads(result.stdout)["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-5), "the same masks"
