@@ -77,7 +77,7 @@ WAIT_JOB = for _ in $$(seq 1 100000); do \
 
 .PHONY: help install browser container-tools demo bench test test-fast lint clean image image-cpu cpu-base push \
 	local-pretrain render submit-prepare \
-	submit-tokenizer submit-pretrain submit-evaluate submit-register submit-pipeline schedule status logs \
+	submit-tokenizer submit-tokenize submit-pretrain submit-evaluate submit-register submit-pipeline schedule status logs \
 	gpu-wheels gpu-check gpu-check-dry-run
 
 help:
@@ -92,7 +92,7 @@ help:
 	@echo "make image     build the CUDA image $(IMAGE):$(TAG) (docker, else buildah/podman); make push pushes it"
 	@echo "make image-cpu build the same Dockerfile as a CPU image $(IMAGE):$(CPU_TAG) on a Debian base made here"
 	@echo "make local-pretrain  run the job in the image on all GPUs with ./runs mounted [JOB CORPUS RUN_DIR]"
-	@echo "make submit-prepare | submit-tokenizer | submit-pretrain | submit-evaluate | submit-register"
+	@echo "make submit-prepare | submit-tokenizer | submit-tokenize | submit-pretrain | submit-evaluate | submit-register"
 	@echo "               one phase as a Kubernetes Job [OVERLAY RUN_ID JOB RUN_DIR CORPUS IMAGE TAG QUEUE; NODES GPUS]"
 	@echo "make submit-pipeline  every phase in turn, each after the one before completed"
 	@echo "make schedule  the retraining CronJob [RUN_ID=weekly ...]; make status / logs [RUN_ID]"
@@ -191,12 +191,12 @@ local-pretrain:
 render: install
 	@$(RENDER)
 
-submit-prepare submit-tokenizer submit-pretrain submit-evaluate submit-register: install
+submit-prepare submit-tokenizer submit-tokenize submit-pretrain submit-evaluate submit-register: install
 	$(RENDER) --phase $(patsubst tokenizer,train-tokenizer,$(@:submit-%=%)) | $(KUBECTL) apply -f -
 	@echo "submitted run $(RUN_ID): make status logs RUN_ID=$(RUN_ID)"
 
 submit-pipeline: install
-	@for phase in prepare train-tokenizer pretrain evaluate register; do \
+	@for phase in prepare train-tokenizer tokenize pretrain evaluate register; do \
 	  $(RENDER) --phase $$phase | $(KUBECTL) apply -f - || exit 1; \
 	  $(call WAIT_JOB,kantai-$$phase-$(RUN_ID)) || exit 1; \
 	done

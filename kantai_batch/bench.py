@@ -289,6 +289,7 @@ def _measure(
     run = RunDir.from_uri(run_root)
     run.require(run.corpus, "corpus", "prepare")
     tokenizer = load_tokenizer(run.require(run.tokenizer, "tokenizer", "train-tokenizer"))
+    run.require(run.tokens, "tokens", "tokenize")
     model = init_model(job, len(tokenizer))
     by_steps = steps is not None and not seconds
     curve = LossCurve(seconds=seconds, eval_seconds=eval_every if seconds else None)
@@ -303,11 +304,14 @@ def _measure(
         args = training_arguments(job, Path(scratch), track=False, **overrides)
         budget = time_budget(job, resume_from=None)
         stop = StopAgreement(Preemption(job.train.preemption_grace_s), budget)
-        session = build_trainer(job, model, tokenizer, args, run, callbacks=[curve, stop], budget=budget)
+        cuts = _eval_cuts(job, tokenizer, run, eval_seed)
+        samples = (_train_samples(job, run, tokenizer), cuts["packed"])
+        session = build_trainer(
+            job, model, tokenizer, args, run, callbacks=[curve, stop], budget=budget, samples=samples
+        )
         trainer = session.trainer
         if grouped_training:
             trainer.train_dataset = grouped_lines(run.train_text, tokenizer, job.data.block_size, what="train split")
-        cuts = _eval_cuts(job, tokenizer, run, eval_seed)
         trainer.eval_dataset = {cut: cuts[cut] for cut in CURVE_CUTS}
         result = trainer.train()
         final = trainer.evaluate(cuts)
@@ -330,6 +334,18 @@ def _measure(
         "train": job.train.model_dump(mode="json"),
         **session.summary(),
     }
+
+
+def _train_samples(job: Job, run: RunDir, tokenizer):
+    """The run's training samples, or for a configuration that shapes them otherwise (data.mode,
+    data.block_size) its own, tokenized here: the run has one tokens folder, for the job."""
+    from kantai_batch.data import build_split, load_samples, tokens_mismatch
+
+    mismatch = tokens_mismatch(run, job, "train", tokenizer)
+    if mismatch is None:
+        return load_samples(run, job, "train", tokenizer)
+    log.info("bench: this configuration's training samples differ from the run's tokens (%s); tokenizing", mismatch)
+    return build_split(run.train_text, job, tokenizer, fix_masks=False, what="train split")
 
 
 def _eval_cuts(job: Job, tokenizer, run: RunDir, seed: int) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def cli(log_level: str) -> None:
     """Pretrain transformer language models from scratch, one phase per command.
 
     Phases read and write one run dir: prepare -> corpus/, train-tokenizer -> tokenizer/,
-    pretrain -> checkpoints/ and model/, evaluate -> eval/. `run` does them all in order.
+    tokenize -> tokens/, pretrain -> checkpoints/ and model/, evaluate -> eval/. `run` does them all in order.
     """
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -183,6 +183,18 @@ def prepare(job: Job, run: RunDir) -> None:
 def train_tokenizer(job: Job, run: RunDir) -> None:
     """Train a byte-level BPE tokenizer on the train split into RUN/tokenizer/."""
     phase("train-tokenizer").run(job, run)
+
+
+@cli.command()
+@job_options
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Processes that tokenize and write the shards [default: data.tokenize_workers, else by corpus size].",
+)
+def tokenize(job: Job, run: RunDir, workers: int | None) -> None:
+    """Tokenize both splits once into RUN/tokens/{train,eval}/, memory-mapped Arrow shards that pretrain reads."""
+    phase("tokenize").run(job, run, workers=workers)
 
 
 @cli.command()

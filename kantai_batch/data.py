@@ -7,10 +7,15 @@ non-empty line, truncated to ``block_size`` and padded per batch.
 
 For masked LM evaluation, samples are masked once, with a fixed seed, when they are built, so eval
 loss compares like with like across steps, resumed runs and separate ``evaluate`` calls.
+
+The ``tokenize`` phase builds both splits once into ``RUN/tokens/``; ``load_samples`` is how pretrain
+and evaluate read them back (memory-mapped) and how they refuse samples made for other settings.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -18,17 +23,21 @@ from typing import Any
 
 from kantai_batch.errors import InputDataError
 from kantai_batch.job import Job
+from kantai_batch.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 _PARALLEL_FROM_EXAMPLES = 100_000
 _MAX_TOKENIZE_WORKERS = 8
+# Paragraphs packed together (datasets' default map batch); each run of them drops its last partial block.
+_PACK_ROWS = 1000
 
 
-def build_split(path: Path, job: Job, tokenizer, *, fix_masks: bool, what: str):
+def build_split(path: Path, job: Job, tokenizer, *, fix_masks: bool, what: str, workers: int | None = None):
     """Tokenize one text file (a prepared split) into a ``datasets.Dataset`` of samples.
 
-    ``fix_masks`` masks every sample once, for masked-LM evaluation.
+    ``fix_masks`` masks every sample once, for masked-LM evaluation. ``workers`` processes tokenize it
+    (default: several only on a large corpus); the samples are the same for any number.
     """
     from datasets import load_dataset
     from transformers.utils import logging as hf_logging
@@ -38,20 +47,33 @@ def build_split(path: Path, job: Job, tokenizer, *, fix_masks: bool, what: str):
     raw = raw.filter(lambda row: bool(row["text"].strip()), desc=f"{what}: drop blank lines")
     # Worker processes pay off only on large corpora (the twcs CSV has millions of examples); on a
     # book they cost more to start than they save.
-    workers = min(_MAX_TOKENIZE_WORKERS, os.cpu_count() or 1) if len(raw) >= _PARALLEL_FROM_EXAMPLES else None
+    if workers is None:
+        workers = min(_MAX_TOKENIZE_WORKERS, os.cpu_count() or 1) if len(raw) >= _PARALLEL_FROM_EXAMPLES else 1
+    workers = workers if workers > 1 else None
     block = job.data.block_size
     # Long paragraphs exceed model_max_length before they are cut into blocks; the warning is noise.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
         if job.data.mode == "packed":
-            samples = raw.map(
-                _pack,
+            # Tokenizing is per paragraph, so it runs in any number of processes; packing cuts each run
+            # of _PACK_ROWS paragraphs into blocks and drops its tail, so it stays in one process with
+            # the same cuts whatever the number of workers.
+            ids = raw.map(
+                _token_ids,
                 batched=True,
                 remove_columns=raw.column_names,
-                fn_kwargs={"tokenizer": tokenizer, "block_size": block},
+                fn_kwargs={"tokenizer": tokenizer},
                 num_proc=workers,
-                desc=f"{what}: tokenize and pack into blocks of {block}",
+                desc=f"{what}: tokenize",
+            )
+            samples = ids.map(
+                _pack,
+                batched=True,
+                batch_size=_PACK_ROWS,
+                remove_columns=ids.column_names,
+                fn_kwargs={"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "block_size": block},
+                desc=f"{what}: pack into blocks of {block}",
             )
         else:
             samples = raw.map(
@@ -76,17 +98,19 @@ def build_split(path: Path, job: Job, tokenizer, *, fix_masks: bool, what: str):
     return samples
 
 
-def _pack(batch: dict[str, list[str]], tokenizer, block_size: int) -> dict[str, list[list[int]]]:
+def _token_ids(batch: dict[str, list[str]], tokenizer) -> dict[str, list[list[int]]]:
+    texts = [text.replace("\n", " ") for text in batch["text"]]
+    return {"ids": tokenizer(texts, add_special_tokens=False)["input_ids"]}
+
+
+def _pack(batch: dict[str, list[list[int]]], bos: int, eos: int, block_size: int) -> dict[str, list[list[int]]]:
     stream: list[int] = []
-    for ids in tokenizer([text.replace("\n", " ") for text in batch["text"]], add_special_tokens=False)["input_ids"]:
+    for ids in batch["ids"]:
         stream.extend(ids)
-        stream.append(tokenizer.eos_token_id)
+        stream.append(eos)
     body = block_size - 2
     # The tail shorter than a block is dropped, as group_texts does: a padded block wastes compute.
-    blocks = [
-        [tokenizer.bos_token_id, *stream[start : start + body], tokenizer.eos_token_id]
-        for start in range(0, len(stream) - body + 1, body)
-    ]
+    blocks = [[bos, *stream[start : start + body], eos] for start in range(0, len(stream) - body + 1, body)]
     special = [[1] + [0] * body + [1] for _ in blocks]
     return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "special_tokens_mask": special}
 
@@ -101,3 +125,58 @@ def mask_once(samples, job: Job, tokenizer, what: str):
         return {key: value[0].tolist() for key, value in batch.items()}
 
     return samples.map(mask, remove_columns=samples.column_names, desc=f"{what}: fix evaluation masks")
+
+
+def sample_settings(job: Job, split: str, tokenizer) -> dict[str, Any]:
+    """What the samples of ``split`` depend on besides the corpus: ``tokens.json`` records it, readers compare."""
+    settings: dict[str, Any] = {"mode": job.data.mode, "block_size": job.data.block_size}
+    if split == "eval":
+        settings["task"] = job.task
+        if job.task == "mlm":
+            settings.update(mlm_probability=job.train.mlm_probability, seed=job.train.seed)
+    return {**settings, "tokenizer_sha256": tokenizer_digest(tokenizer)}
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A tokenizer's ids: a model saved with the run's tokenizer has the same digest as the run's folder."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps([vocab, tokenizer.all_special_tokens]).encode()).hexdigest()
+
+
+def tokens_mismatch(run: RunDir, job: Job, split: str, tokenizer) -> str | None:
+    """Why the committed samples of ``split`` do not fit ``job`` and ``tokenizer``; None when they do."""
+    stats = json.loads(run.tokens_stats.read_text(encoding="utf-8"))
+    made = stats["splits"][split]["settings"]
+    wanted = sample_settings(job, split, tokenizer)
+    changed = [
+        "another tokenizer" if key == "tokenizer_sha256" else f"{key} {made.get(key)} -> {wanted[key]}"
+        for key in wanted
+        if made.get(key) != wanted[key]
+    ]
+    # A reader need not have the corpus (pretrain does not mirror it), only its manifest to compare.
+    corpus = corpus_digest(run)
+    if corpus is not None and stats.get("corpus_sha256") != corpus:
+        changed.append("another corpus")
+    return ", ".join(changed) if changed else None
+
+
+def corpus_digest(run: RunDir) -> str | None:
+    """The committed corpus's file checksums as one digest; None where the run has no corpus."""
+    found = run.marker(run.corpus)
+    return hashlib.sha256(json.dumps(found.get("files"), sort_keys=True).encode()).hexdigest() if found else None
+
+
+def load_samples(run: RunDir, job: Job, split: str, tokenizer):
+    """The committed samples of ``split``, memory-mapped from the Arrow shards in ``RUN/tokens/``.
+
+    ``run.require(run.tokens, ...)`` must have made them local. Samples made for other settings or
+    another tokenizer are refused rather than trained on.
+    """
+    from datasets import load_from_disk
+
+    mismatch = tokens_mismatch(run, job, split, tokenizer)
+    if mismatch:
+        raise InputDataError(
+            f"tokens {run.uri(run.tokens)} were made for other settings ({mismatch}): run `kantai-batch tokenize` again"
+        )
+    return load_from_disk(str(run.tokens / split))

@@ -4,6 +4,10 @@ The task comes from the model: a masked LM is scored on masked tokens, a causal 
 token. The corpus is the run's held-out split, or any raw corpus given with ``--corpus`` (decoded the
 way ``prepare`` decodes). Masks are fixed by the job's seed, so the same model and corpus always
 give the same numbers. Results go to ``RUN/eval/metrics.json``.
+
+The held-out split is read as the ``tokenize`` phase committed it (``RUN/tokens/eval``, masks
+included), memory-mapped; only a model those samples do not fit (another tokenizer or task, say one
+given with ``--model``) has the split's text tokenized here, as a ``--corpus`` is.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.data import build_split
+from kantai_batch.data import build_split, load_samples, tokens_mismatch
 from kantai_batch.decoding import detect_encoding, write_text
 from kantai_batch.distributed import is_main_process, local_main_first
 from kantai_batch.errors import InputDataError
@@ -41,12 +45,11 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
     # A bad probe file fails before the evaluation, not after it.
     probes = read_probes(job.eval.probes, tokenizer.mask_token) if task == "mlm" and job.eval.probes else None
     model = load_lm(model_dir, task)
-    if corpus is None:
-        with local_main_first():
-            run.require(run.corpus, "corpus", "prepare")
+    # The eval samples' masks follow the model's task, whatever the job says.
+    shaped = job.model_copy(update={"task": task})
     with tempfile.TemporaryDirectory(prefix="kantai-eval-") as scratch:
         if corpus is None:
-            text, corpus_name = run.eval_text, str(run.eval_text)
+            samples, corpus_name = _held_out(shaped, run, tokenizer), str(run.eval_text)
         else:
             with fetched(corpus, "corpus") as source:
                 opened = lambda: decompressed(source, corpus)  # noqa: E731 - a .gz text scores like the text
@@ -55,7 +58,8 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
                 with opened() as raw:
                     if write_text(raw, decoding, text) == 0:
                         raise InputDataError(f"corpus {corpus} has no text")
-        metrics = _evaluate(job, task, model, tokenizer, text, Path(scratch) / "trainer")
+            samples = build_split(text, shaped, tokenizer, fix_masks=task == "mlm", what="eval corpus")
+        metrics = _evaluate(job, task, model, tokenizer, samples, Path(scratch) / "trainer")
     metrics.update(model=str(model_dir), corpus=corpus_name)
     if not is_main_process():
         return metrics  # every rank evaluated its share; the main process commits
@@ -76,10 +80,22 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
     return metrics
 
 
-def _evaluate(job: Job, task: str, model, tokenizer, text: Path, scratch: Path) -> dict[str, Any]:
+def _held_out(job: Job, run: RunDir, tokenizer):
+    """The run's eval samples from its tokens; tokenized from the split's text only where they do not fit."""
+    with local_main_first():  # one process per node mirrors a remote run dir's folders
+        run.require(run.tokens, "tokens", "tokenize")
+    mismatch = tokens_mismatch(run, job, "eval", tokenizer)
+    if mismatch is None:
+        return load_samples(run, job, "eval", tokenizer)
+    log.info("evaluate: the run's eval samples do not fit this model (%s); tokenizing the eval split", mismatch)
+    with local_main_first():
+        run.require(run.corpus, "corpus", "prepare")
+    return build_split(run.eval_text, job, tokenizer, fix_masks=job.task == "mlm", what="eval split")
+
+
+def _evaluate(job: Job, task: str, model, tokenizer, samples, scratch: Path) -> dict[str, Any]:
     from kantai_batch.trainer import PretrainTrainer
 
-    samples = build_split(text, job, tokenizer, fix_masks=task == "mlm", what="eval corpus")
     trainer = PretrainTrainer(
         task=task,
         model=model,
@@ -92,11 +108,7 @@ def _evaluate(job: Job, task: str, model, tokenizer, text: Path, scratch: Path) 
         preprocess_logits_for_metrics=predicted_ids,
     )
     result = trainer.evaluate(samples)
-    if task == "mlm":
-        scored = sum(sum(1 for label in labels if label != -100) for labels in samples["labels"])
-    else:
-        # Every token but a sample's first is predicted from the ones before it.
-        scored = sum(len(ids) - 1 for ids in samples["input_ids"])
+    scored = _scored_tokens(task, samples)
     return {
         "task": task,
         "eval_loss": result["eval_loss"],
@@ -105,3 +117,14 @@ def _evaluate(job: Job, task: str, model, tokenizer, text: Path, scratch: Path) 
         "samples": len(samples),
         "scored_tokens": scored,
     }
+
+
+def _scored_tokens(task: str, samples) -> int:
+    """Tokens the loss is averaged over, counted in Arrow: a memory-mapped split is never loaded whole."""
+    import pyarrow.compute as pc
+
+    if task == "mlm":
+        labels = pc.list_flatten(samples.data.column("labels"))
+        return pc.sum(pc.not_equal(labels, -100)).as_py() or 0
+    # Every token but a sample's first is predicted from the ones before it.
+    return (pc.sum(pc.list_value_length(samples.data.column("input_ids"))).as_py() or 0) - len(samples)

@@ -59,10 +59,20 @@ PHASES: tuple[Phase, ...] = (
         runner="kantai_batch.tokenizer:train_tokenizer",
     ),
     Phase(
+        "tokenize",
+        output="tokens",
+        # The eval samples of a masked LM carry their fixed masks; data.tokenize_workers changes no sample.
+        reads=("task", "data.mode", "data.block_size", "train.mlm_probability", "train.seed"),
+        upstream=("prepare", "train-tokenizer"),
+        runner="kantai_batch.tokens:tokenize",
+        options=("workers",),
+    ),
+    Phase(
         "pretrain",
         output="model",
-        reads=("task", "model", "data", "train"),
-        upstream=("prepare", "train-tokenizer"),
+        reads=("task", "model", "data.mode", "data.block_size", "train"),
+        # The tokenizer is saved with the model; the samples come from tokens.
+        upstream=("train-tokenizer", "tokenize"),
         every_rank=True,
         runner="kantai_batch.train:pretrain",
         options=("track",),
@@ -70,8 +80,17 @@ PHASES: tuple[Phase, ...] = (
     Phase(
         "evaluate",
         output="eval",
-        reads=("data", "train.mlm_probability", "train.seed", "train.per_device_batch_size", "eval", "infer"),
-        upstream=("prepare", "pretrain"),
+        reads=(
+            "data.mode",
+            "data.block_size",
+            "train.mlm_probability",
+            "train.seed",
+            "train.per_device_batch_size",
+            "eval",
+            "infer",
+        ),
+        # The run's eval samples come from tokens; a model with another tokenizer is scored on the text.
+        upstream=("prepare", "tokenize", "pretrain"),
         every_rank=True,
         runner="kantai_batch.evaluate:evaluate",
         options=("model_dir", "corpus"),

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # File names inside the phases' folders; writers put them in their scratch folder under these names.
 TRAIN_TEXT = "train.txt"
 EVAL_TEXT = "eval.txt"
+TOKENS_STATS = "tokens.json"
 CORPUS_STATS = "stats.json"
 TRAIN_SUMMARY = "train_summary.json"
 JOB_FILE = "job.yaml"
@@ -90,6 +91,15 @@ class RunDir:
     @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
+
+    @property
+    def tokens(self) -> Path:
+        """Both splits' samples, tokenized once: ``train/`` and ``eval/`` (Arrow shards) and ``tokens.json``."""
+        return self.root / "tokens"
+
+    @property
+    def tokens_stats(self) -> Path:
+        return self.tokens / TOKENS_STATS
 
     @property
     def checkpoints(self) -> Path:
@@ -162,7 +172,8 @@ class RunDir:
             manifest.upload(folder, remote)
 
     def pull_file(self, path: Path) -> None:
-        """Refresh a single bookkeeping file (not a committed folder) from the remote run dir."""
+        """Refresh a single file from the remote run dir: bookkeeping, or a small file of a committed folder
+        read without the rest (such as the corpus's stats.json, which lineage reads where only tokens are)."""
         remote = self._remote_of(path)
         if remote is not None and s3.exists(remote):
             s3.download_file(remote, path)

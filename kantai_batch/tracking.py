@@ -71,6 +71,8 @@ def lineage_tags(job: Job, run: RunDir) -> dict[str, str]:
         "kantai.corpus": job.corpus.source_label,
     }
     stats = run.corpus_stats
+    # Pretrain reads tokens, not the corpus: on a fresh pod only this small file of it is fetched.
+    run.pull_file(stats)
     if stats.is_file():
         # What prepare really read, which a later phase's --corpus or job file need not repeat.
         prepared = json.loads(stats.read_text(encoding="utf-8"))

@@ -21,7 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from kantai_batch import tracking
 from kantai_batch.budget import PlannedSchedule, TimeBudget
 from kantai_batch.checkpoints import CheckpointMarkerCallback
-from kantai_batch.data import build_split
+from kantai_batch.data import load_samples
 from kantai_batch.distributed import node_count
 from kantai_batch.errors import JobConfigError, PreemptedError
 from kantai_batch.fingerprint import fingerprint_of
@@ -62,8 +62,8 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     # Processes on one node share its disk: one of them mirrors the inputs from a remote run dir
     # (and tidies up checkpoints), the others then find the identical copy.
     with args.main_process_first(local=True, desc="pretrain inputs"):
-        run.require(run.corpus, "corpus", "prepare")
         tokenizer = load_tokenizer(run.require(run.tokenizer, "tokenizer", "train-tokenizer"))
+        run.require(run.tokens, "tokens", "tokenize")
         resume_from = run.newest_checkpoint(tidy=args.local_process_index == 0)
     inputs = fingerprint_of(job, "pretrain", run)
     model = init_model(job, len(tokenizer))
@@ -163,12 +163,17 @@ def build_trainer(
     *,
     callbacks: list[TrainerCallback] = (),
     budget: TimeBudget | None = None,
+    samples: tuple[Any, Any] | None = None,
 ) -> TrainingSession:
-    """The job's datasets, collator, speed settings and throughput accounting around a Trainer."""
+    """The job's datasets, collator, speed settings and throughput accounting around a Trainer.
+
+    The train and eval ``samples`` default to the run's tokens, memory-mapped: ``run.require(run.tokens,
+    ...)`` must have made them local.
+    """
     sparse = job.task == "mlm" and job.train.sparse_prediction
-    with args.main_process_first(desc="tokenize"):
-        train_set = build_split(run.train_text, job, tokenizer, fix_masks=False, what="train split")
-        eval_set = build_split(run.eval_text, job, tokenizer, fix_masks=job.task == "mlm", what="eval split")
+    if samples is None:
+        samples = (load_samples(run, job, "train", tokenizer), load_samples(run, job, "eval", tokenizer))
+    train_set, eval_set = samples
     if job.train.lr_scheduler == "warmup_stable_decay" and not args.lr_scheduler_kwargs:
         args.lr_scheduler_kwargs = schedule_kwargs(job, planned_steps(args, len(train_set)))
     if budget is not None:

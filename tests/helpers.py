@@ -155,9 +155,10 @@ def tiny(*extra: str) -> list[str]:
 
 
 def prepared_run(run_dir: Path, corpus: Path, *extra: str) -> Path:
-    """A run dir with a prepared corpus and a trained tiny tokenizer."""
+    """A run dir with a prepared corpus, a trained tiny tokenizer and the tokens pretrain reads."""
     invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus))
     invoke("train-tokenizer", "--run-dir", str(run_dir), *tiny(*extra))
+    invoke("tokenize", "--run-dir", str(run_dir), *tiny(*extra))
     return run_dir
 
 

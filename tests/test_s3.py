@@ -81,6 +81,7 @@ def test_checkpoints_resume_from_s3_on_a_new_pod(bucket: str, corpus_file: Path,
     run_dir = f"s3://{bucket}/runs/resume"
     invoke("prepare", "--run-dir", run_dir, "--corpus", corpus)
     invoke("train-tokenizer", "--run-dir", run_dir, *tiny())
+    invoke("tokenize", "--run-dir", run_dir, *tiny())
     invoke("pretrain", "--run-dir", run_dir, "--no-tracking", *tiny("train.max_steps=20"))
     assert {f"checkpoint-10/{MARKER}", f"checkpoint-20/{MARKER}"} <= _keys(bucket, "runs/resume/checkpoints/")
     # What a pod killed during an upload leaves: a newer checkpoint's files without its marker.
@@ -133,6 +134,7 @@ def test_sigterm_checkpoints_and_the_retry_resumes_there(
     invoke("prepare", "--run-dir", run_dir, "--corpus", corpus)
     job = tiny("train.max_steps=600", "train.save_steps=50", "train.logging_steps=10", "train.save_total_limit=5")
     invoke("train-tokenizer", "--run-dir", run_dir, *job)
+    invoke("tokenize", "--run-dir", run_dir, *job)
     proc = _pretrain_process(run_dir, *job, cwd=tmp_path)
     _wait_for_key(bucket, f"runs/preempted/checkpoints/checkpoint-50/{MARKER}", proc)
     time.sleep(1.0)  # between periodic checkpoints

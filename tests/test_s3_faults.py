@@ -91,6 +91,7 @@ def test_s3_outage_during_checkpoint_uploads(own_s3, corpus_file: Path, tmp_path
     run_dir = f"s3://{BUCKET}/{RUN}"
     invoke("prepare", "--run-dir", run_dir, "--corpus", f"s3://{BUCKET}/corpora/kantian.txt")
     invoke("train-tokenizer", "--run-dir", run_dir, *JOB)
+    invoke("tokenize", "--run-dir", run_dir, *JOB)
 
     # 1. The server is killed the moment checkpoint-100 is marked locally, i.e. as its upload starts,
     # and stays down: the upload fails after the client's bounded retries (the defaults: 10 attempts,
