@@ -256,6 +256,7 @@ def s3fs_worker(job: dict) -> dict:
 
 
 def _sha256(path: Path) -> str:
+    # manifest.file_sha256's twin: the s3fs worker runs in s3fs's own venv, without kantai_batch (PYTHONPATH cleared).
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
