@@ -4,8 +4,8 @@ The GPU image has torch, transformers, accelerate and tokenizers (and what they 
 collects every other package the check imports, with the dependencies the image lacks, as binary
 wheels for the target, pinned to the versions installed here (so the check runs what the tests here
 ran). DeepSpeed publishes only a source archive: it is built here into a pure-Python wheel (its CUDA
-ops compile just in time where they run). MLflow is left out: the check trains without tracking,
-and its dependencies alone would not fit the limit.
+ops compile just in time where they run). MLflow and boto3 are left out: the check trains without
+tracking on a local run dir, and their dependencies alone would not fit the limit.
 
     python bench/gpu_wheels.py --out .whl [--limit-mib 60]
 
@@ -31,19 +31,21 @@ from pathlib import Path
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
-# What the check imports beyond the image (the package's runtime dependencies without mlflow, and
-# the test runner for the gpu-marked tests).
+# What the check imports beyond the image (the package's runtime dependencies without mlflow and
+# boto3, which only S3 run dirs import, and the test runner for the gpu-marked tests).
 ROOTS = (
     "datasets",
     "pydantic",
-    "boto3",
     "click",
     "charset-normalizer",
     "deepspeed",
+    "fsspec",  # datasets caps its version; the image's may be newer
     "pytest",
     "pytest-timeout",
 )
 IMAGE = ("torch", "transformers", "accelerate", "tokenizers")
+# Also in the device image (its package list), and large: carried, it would split the set in two calls.
+ALSO_IN_IMAGE = ("pandas",)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 TARGET = {
     **default_environment(),
@@ -63,7 +65,7 @@ def wanted(requirement: Requirement) -> bool:
 
 def image_packages() -> set[str]:
     """The image's packages: the closure of IMAGE's requirements, as installed here."""
-    seen: set[str] = set()
+    seen: set[str] = {normalize(name) for name in ALSO_IN_IMAGE}
     roots = {normalize(name) for name in ROOTS}
     queue = list(IMAGE)
     while queue:

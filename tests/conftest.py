@@ -11,7 +11,6 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 
 import seaweed
@@ -97,6 +96,8 @@ def bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
     # S3 bucket names: lowercase letters, digits and hyphens (a parametrized test's id has others),
     # at most 63; the digest keeps two long names that share a beginning apart.
     slug = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
+    import boto3  # lazily, like every S3 import of the tests: the GPU check carries no S3 stack
+
     name = f"kantai-{slug}-{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return name

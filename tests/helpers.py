@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import boto3
 import pytest
 from click.testing import CliRunner, Result
 
@@ -170,6 +169,8 @@ SUPPORT_OVERRIDES = ("corpus.min_words=10", "train.max_steps=150", "train.save_s
 @contextlib.contextmanager
 def s3_environment(endpoint: str, access_key: str = seaweed.ACCESS_KEY, secret_key: str = seaweed.SECRET_KEY):
     """The variables boto3 reads (ours and any child process's) pointed at ``endpoint``; a fresh client."""
+    import boto3  # here, not above: the GPU check runs the gpu tests on a machine without the S3 stack
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWS_ENDPOINT_URL_S3", endpoint)
         mp.setenv("AWS_ACCESS_KEY_ID", access_key)
