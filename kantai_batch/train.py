@@ -28,6 +28,7 @@ from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.hardware import peak_flops, resolve_precision, training_flops_per_token
 from kantai_batch.job import Job, ModelSection
 from kantai_batch.manifest import read_marker, write_json_atomic
+from kantai_batch.masking import MaskedSamples
 from kantai_batch.model import init_model, load_tokenizer
 from kantai_batch.objective import (
     ACCURACY,
@@ -174,6 +175,8 @@ def build_trainer(
     if samples is None:
         samples = (load_samples(run, job, "train", tokenizer), load_samples(run, job, "eval", tokenizer))
     train_set, eval_set = samples
+    if job.task == "mlm":
+        train_set = MaskedSamples(train_set, tokenizer, job.train.mlm_probability, job.train.seed)
     if job.train.lr_scheduler == "warmup_stable_decay" and not args.lr_scheduler_kwargs:
         args.lr_scheduler_kwargs = schedule_kwargs(job, planned_steps(args, len(train_set)))
     if budget is not None:
