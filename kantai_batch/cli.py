@@ -192,9 +192,23 @@ def train_tokenizer(job: Job, run: RunDir) -> None:
     type=click.IntRange(min=1),
     help="Processes that tokenize and write the shards [default: data.tokenize_workers, else by corpus size].",
 )
-def tokenize(job: Job, run: RunDir, workers: int | None) -> None:
+@click.option(
+    "--parts",
+    type=click.IntRange(min=1),
+    default=1,
+    envvar="KANTAI_TOKENIZE_PARTS",
+    help="Processes or pods that each make a part of the tokens; the one that completes them commits tokens/.",
+)
+@click.option(
+    "--part",
+    type=click.IntRange(min=0),
+    default=0,
+    envvar="JOB_COMPLETION_INDEX",
+    help="Which part this process makes, 0 to parts-1 [default: a Kubernetes Indexed Job's pod index, else 0].",
+)
+def tokenize(job: Job, run: RunDir, workers: int | None, parts: int, part: int) -> None:
     """Tokenize both splits once into RUN/tokens/{train,eval}/, memory-mapped Arrow shards that pretrain reads."""
-    phase("tokenize").run(job, run, workers=workers)
+    phase("tokenize").run(job, run, workers=workers, part=part, parts=parts)
 
 
 @cli.command()
