@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kantai_batch.data import build_split
-from kantai_batch.errors import InputDataError, JobConfigError
+from kantai_batch.errors import InputDataError, JobConfigError, SourceUnavailableError
 from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.job import Job
 from kantai_batch.manifest import write_json_atomic
@@ -117,7 +117,12 @@ def _commit(job: Job, run: RunDir, tokenizer, inputs: str, count: int, workers: 
     """Commit ``RUN/tokens/`` from the complete parts, then remove them."""
     from datasets import concatenate_datasets, load_from_disk
 
-    folders = [run.require(run.tokens_part(i, count), f"tokens part {i} of {count}", "tokenize") for i in range(count)]
+    try:
+        folders = [run.require(run.tokens_part(i, count), f"part {i} of {count}", "tokenize") for i in range(count)]
+    except InputDataError as exc:
+        # Only a part re-committed since it was listed (a rerun of its index) goes missing here; that
+        # rerun completes a new set and commits it, so this is not the input error that fails the Job.
+        raise SourceUnavailableError(f"tokenize: a part changed while tokens/ was committed from it: {exc}") from None
     train = [load_from_disk(str(folder / "train")) for folder in folders if (folder / "train").is_dir()]
     if not train:
         raise InputDataError(
