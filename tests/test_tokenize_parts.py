@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from helpers import invoke, kantian_text, prepared_run, tiny
+from helpers import TINY, invoke, kantian_text, prepared_run, tiny
 from kantai_batch import tokenize_parts
 from kantai_batch.manifest import MARKER, read_marker
 from kantai_batch.rundir import RunDir
@@ -148,3 +148,19 @@ def test_parts_against_an_s3_run_dir_commit_what_one_process_makes(
     reader = RunDir.from_uri(s3_run)
     local = reader.require(reader.tokens, "tokens", "tokenize")
     _assert_same_tokens(local.parent, prepared)
+
+
+def test_a_part_that_changes_under_the_committer_is_a_retryable_error(prepared: Path, tmp_path: Path):
+    """A rerun of an index re-commits its part (marker gone first) while another pod commits the old set."""
+    from kantai_batch.errors import SourceUnavailableError
+    from kantai_batch.job import load_job
+    from kantai_batch.model import load_tokenizer
+
+    run_dir = _copy_without_tokens(prepared, tmp_path / "run")
+    _part(str(run_dir), 0, 2)
+    run = RunDir(run_dir)
+    (run.tokens_part(1, 2) / "train").mkdir(parents=True)  # being rewritten: no marker yet
+    job = load_job(None, list(TINY))
+    with pytest.raises(SourceUnavailableError, match="a part changed while tokens/ was committed from it"):
+        tokenize_parts._commit(job, run, load_tokenizer(run.tokenizer), "inputs", 2, None)
+    assert not (run_dir / "tokens").exists()
