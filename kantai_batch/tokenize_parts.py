@@ -32,7 +32,7 @@ from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.job import Job
 from kantai_batch.manifest import write_json_atomic
 from kantai_batch.rundir import PART_STATS, RunDir
-from kantai_batch.tokens import token_count, write_splits
+from kantai_batch.token_splits import token_count, write_splits
 
 log = logging.getLogger(__name__)
 
