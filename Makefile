@@ -57,6 +57,8 @@ BUILD_IMAGE = set -e; rm -rf build/home; mkdir -p build/home/.config/pip build/h
 OVERLAY ?= k8s/overlays/gpu
 NODES ?= 1
 GPUS ?= 1
+# Pods of the tokenize Indexed Job, each making one part of the tokens.
+TOKENIZE_PODS ?= 1
 RUN_ID ?= $(shell date -u +%Y%m%d-%H%M%S)
 RUN_ID := $(RUN_ID)
 KUBECTL ?= $(BIN)/kubectl
@@ -64,6 +66,7 @@ KUBECTL ?= $(BIN)/kubectl
 QUEUE ?=
 # Only what was given to make overrides the overlay's settings (its run dir, job, image).
 RENDER = $(BIN)/kantai-batch render-k8s --overlay $(OVERLAY) --run-id $(RUN_ID) --nodes $(NODES) --gpus $(GPUS) \
+	--tokenize-pods $(TOKENIZE_PODS) \
 	$(if $(filter command line environment,$(origin JOB)),--job $(JOB)) \
 	$(if $(filter command line environment,$(origin RUN_DIR)),--run-dir $(RUN_DIR)) \
 	$(if $(CORPUS),--corpus $(CORPUS)) \
@@ -93,7 +96,7 @@ help:
 	@echo "make image-cpu build the same Dockerfile as a CPU image $(IMAGE):$(CPU_TAG) on a Debian base made here"
 	@echo "make local-pretrain  run the job in the image on all GPUs with ./runs mounted [JOB CORPUS RUN_DIR]"
 	@echo "make submit-prepare | submit-tokenizer | submit-tokenize | submit-pretrain | submit-evaluate | submit-register"
-	@echo "               one phase as a Kubernetes Job [OVERLAY RUN_ID JOB RUN_DIR CORPUS IMAGE TAG QUEUE; NODES GPUS]"
+	@echo "               one phase as a Kubernetes Job [OVERLAY RUN_ID JOB RUN_DIR CORPUS IMAGE TAG QUEUE; NODES GPUS; TOKENIZE_PODS]"
 	@echo "make submit-pipeline  every phase in turn, each after the one before completed"
 	@echo "make schedule  the retraining CronJob [RUN_ID=weekly ...]; make status / logs [RUN_ID]"
 

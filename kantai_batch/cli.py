@@ -192,9 +192,23 @@ def train_tokenizer(job: Job, run: RunDir) -> None:
     type=click.IntRange(min=1),
     help="Processes that tokenize and write the shards [default: data.tokenize_workers, else by corpus size].",
 )
-def tokenize(job: Job, run: RunDir, workers: int | None) -> None:
+@click.option(
+    "--parts",
+    type=click.IntRange(min=1),
+    default=1,
+    envvar="KANTAI_TOKENIZE_PARTS",
+    help="Processes or pods that each make a part of the tokens; the one that completes them commits tokens/.",
+)
+@click.option(
+    "--part",
+    type=click.IntRange(min=0),
+    default=0,
+    envvar="JOB_COMPLETION_INDEX",
+    help="Which part this process makes, 0 to parts-1 [default: a Kubernetes Indexed Job's pod index, else 0].",
+)
+def tokenize(job: Job, run: RunDir, workers: int | None, parts: int, part: int) -> None:
     """Tokenize both splits once into RUN/tokens/{train,eval}/, memory-mapped Arrow shards that pretrain reads."""
-    phase("tokenize").run(job, run, workers=workers)
+    phase("tokenize").run(job, run, workers=workers, part=part, parts=parts)
 
 
 @cli.command()
@@ -490,19 +504,21 @@ def launch_command(arguments: tuple[str, ...]) -> None:
 )
 @click.option("--nodes", type=int, default=1, help="Pods of the pretrain Indexed Job.")
 @click.option("--gpus", type=int, default=1, help="Processes (GPUs) per pretrain pod.")
+@click.option("--tokenize-pods", type=int, default=1, help="Pods of the tokenize Indexed Job, each making a part.")
 @click.option("--job", "job_file", help="Job file inside the image [default: the overlay's KANTAI_JOB].")
 @click.option("--run-dir", help="Run dir, s3://bucket/prefix [default: the overlay's KANTAI_RUN_DIR].")
 @click.option("--corpus", help="Corpus source [default: the job's corpus.source].")
 @click.option("--image", help="NAME:TAG instead of the overlay's pinned image.")
 @click.option("--queue", help="Kueue LocalQueue admitting the Jobs (label kueue.x-k8s.io/queue-name) [default: none].")
-def render_k8s(overlay: Path, run_id: str, phases: tuple[str, ...], nodes: int, gpus: int, job_file: str | None,
-               run_dir: str | None, corpus: str | None, image: str | None, queue: str | None) -> None:  # fmt: skip
+def render_k8s(overlay: Path, run_id: str, phases: tuple[str, ...], nodes: int, gpus: int, tokenize_pods: int,
+               job_file: str | None, run_dir: str | None, corpus: str | None, image: str | None,
+               queue: str | None) -> None:  # fmt: skip
     """Print the Kubernetes manifests of one submission (for `kubectl apply -f -`)."""
     from kantai_batch.submission import PHASES, Submission, render
 
     submission = Submission(
-        overlay=overlay, run_id=run_id, nodes=nodes, gpus=gpus, job=job_file, run_dir=run_dir, corpus=corpus,
-        image=image, queue=queue,
+        overlay=overlay, run_id=run_id, nodes=nodes, gpus=gpus, tokenize_pods=tokenize_pods, job=job_file,
+        run_dir=run_dir, corpus=corpus, image=image, queue=queue,
     )  # fmt: skip
     emit(render(submission, phases or PHASES).rstrip("\n"))
 

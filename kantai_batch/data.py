@@ -33,11 +33,30 @@ _MAX_TOKENIZE_WORKERS = 8
 _PACK_ROWS = 1000
 
 
-def build_split(path: Path, job: Job, tokenizer, *, fix_masks: bool, what: str, workers: int | None = None):
+def part_rows(rows: int, index: int, count: int) -> range:
+    """The rows of part ``index`` of ``count``: whole runs of _PACK_ROWS, so a part packs the blocks one process
+    cuts from the same rows, and the parts in order are every row once."""
+    runs = -(-rows // _PACK_ROWS)
+    start, stop = (runs * i // count * _PACK_ROWS for i in (index, index + 1))
+    return range(min(start, rows), min(stop, rows))
+
+
+def build_split(
+    path: Path,
+    job: Job,
+    tokenizer,
+    *,
+    fix_masks: bool,
+    what: str,
+    workers: int | None = None,
+    part: tuple[int, int] | None = None,
+):
     """Tokenize one text file (a prepared split) into a ``datasets.Dataset`` of samples.
 
     ``fix_masks`` masks every sample once, for masked-LM evaluation. ``workers`` processes tokenize it
-    (default: several only on a large corpus); the samples are the same for any number.
+    (default: several only on a large corpus); the samples are the same for any number. ``part``
+    (index, count) makes only that part's samples (``part_rows``), which may be none: whether the
+    whole split has a block is for whoever joins the parts to say.
     """
     from datasets import load_dataset
     from transformers.utils import logging as hf_logging
@@ -45,6 +64,8 @@ def build_split(path: Path, job: Job, tokenizer, *, fix_masks: bool, what: str, 
     sample_by = "paragraph" if job.data.mode == "packed" else "line"
     raw = load_dataset("text", data_files={"corpus": str(path)}, sample_by=sample_by, split="corpus")
     raw = raw.filter(lambda row: bool(row["text"].strip()), desc=f"{what}: drop blank lines")
+    if part is not None:
+        raw = raw.select(part_rows(len(raw), *part))
     # Worker processes pay off only on large corpora (the twcs CSV has millions of examples); on a
     # book they cost more to start than they save.
     if workers is None:
@@ -87,7 +108,7 @@ def build_split(path: Path, job: Job, tokenizer, *, fix_masks: bool, what: str, 
             )
     finally:
         hf_logging.set_verbosity(verbosity)
-    if len(samples) == 0:
+    if len(samples) == 0 and part is None:
         tokens = sum(len(ids) for ids in tokenizer(list(raw["text"]), add_special_tokens=False)["input_ids"])
         raise InputDataError(
             f"{what} {path} is too small for one block: {tokens} tokens, data.block_size is {block}; "

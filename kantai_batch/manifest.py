@@ -137,6 +137,9 @@ def mirror(prefix: S3Uri, folder: Path, manifest: dict[str, Any]) -> Path:
 
 
 def delete(prefix: S3Uri) -> None:
-    """Remove a committed folder: its marker first, so it stops being trusted before it is partial."""
+    """Remove a committed folder, or a folder of them: markers first, so none is trusted while partial."""
     s3.delete_keys(prefix, [MARKER])
-    s3.delete_keys(prefix, s3.list_keys(prefix))
+    keys = s3.list_keys(prefix)
+    markers = {key for key in keys if key.rsplit("/", 1)[-1] == MARKER}
+    s3.delete_keys(prefix, sorted(markers))
+    s3.delete_keys(prefix, [key for key in keys if key not in markers])

@@ -61,11 +61,12 @@ PHASES: tuple[Phase, ...] = (
     Phase(
         "tokenize",
         output="tokens",
-        # The eval samples of a masked LM carry their fixed masks; data.tokenize_workers changes no sample.
+        # The eval samples of a masked LM carry their fixed masks; data.tokenize_workers (and how many
+        # pods make the parts) changes no sample.
         reads=("task", "data.mode", "data.block_size", "train.mlm_probability", "train.seed"),
         upstream=("prepare", "train-tokenizer"),
         runner="kantai_batch.tokens:tokenize",
-        options=("workers",),
+        options=("workers", "part", "parts"),
     ),
     Phase(
         "pretrain",

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 TRAIN_TEXT = "train.txt"
 EVAL_TEXT = "eval.txt"
 TOKENS_STATS = "tokens.json"
+PART_STATS = "part.json"
 CORPUS_STATS = "stats.json"
 TRAIN_SUMMARY = "train_summary.json"
 JOB_FILE = "job.yaml"
@@ -102,6 +103,16 @@ class RunDir:
         return self.tokens / TOKENS_STATS
 
     @property
+    def tokens_parts(self) -> Path:
+        """tokenize's staging when several pods make the tokens: one committed folder per part, removed
+        once ``tokens/`` is committed from them."""
+        return self.root / "tokens-parts"
+
+    def tokens_part(self, index: int, count: int) -> Path:
+        """Part ``index`` of ``count``: ``train/`` (its rows' samples), ``eval/`` (part 0 only), ``part.json``."""
+        return self.tokens_parts / f"part-{index:05d}-of-{count:05d}"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
@@ -164,6 +175,39 @@ class RunDir:
         with manifest.committed_dir(folder, **marker_extra) as scratch:
             yield scratch
         self.publish(folder)
+
+    def committed_subfolders(self, folder: Path) -> dict[str, dict[str, Any]]:
+        """The complete folders directly below ``folder`` (remotely, for a remote run dir), with their manifests."""
+        remote = self._remote_of(folder)
+        if remote:
+            markers = {name: manifest.remote_marker(remote.child(name)) for name in s3.list_folders(remote)}
+            return {name: found for name, found in sorted(markers.items()) if found is not None}
+        if not folder.is_dir():
+            return {}
+        return {p.name: manifest.read_marker(p) for p in sorted(folder.iterdir()) if p.is_dir() and is_complete(p)}
+
+    def claim(self, path: Path, note: str) -> bool:
+        """Create the file ``path`` holding ``note`` unless it exists (remotely, for a remote run dir), as one
+        atomic step: of processes claiming the same path at once, exactly one gets True."""
+        remote = self._remote_of(path)
+        if remote:
+            return s3.create_if_absent(remote, note.encode("utf-8"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with path.open("x", encoding="utf-8") as handle:
+                handle.write(note)
+        except FileExistsError:
+            return False
+        return True
+
+    def discard(self, folder: Path) -> None:
+        """Remove ``folder`` and everything below it, here and remotely (a marker first, like any removal)."""
+        remote = self._remote_of(folder)
+        if remote:
+            manifest.delete(remote)
+        for marker in folder.rglob(manifest.MARKER):
+            marker.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
     def publish(self, folder: Path) -> None:
         """Commit a locally complete folder to the remote run dir; nothing to do for a local one."""

@@ -222,6 +222,22 @@ def upload_file(path: Path, uri: S3Uri) -> None:
         )
 
 
+def create_if_absent(uri: S3Uri, body: bytes) -> bool:
+    """Write ``body`` to ``uri`` only if no object is there (a conditional write, If-None-Match: *); True if
+    this call created it. The store decides, so of writers racing for one key exactly one wins."""
+    from botocore.exceptions import ClientError
+
+    with translated(uri, "write"):
+        try:
+            client().put_object(Bucket=uri.bucket, Key=uri.key, Body=body, IfNoneMatch="*")
+        except ClientError as exc:
+            # 412: the key exists; 409: another conditional write to it is in flight, and will win.
+            if _code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise
+    return True
+
+
 def list_keys(prefix: S3Uri) -> list[str]:
     """Every key below ``prefix`` (as a folder), relative to it."""
     keys = []

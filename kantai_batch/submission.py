@@ -3,7 +3,8 @@
 ``kubectl kustomize`` renders them from a kustomization written to a scratch folder: it names every
 Job, CronJob, rendezvous Service and ConfigMap after the run id (the ServiceAccount keeps its name,
 which the cloud role trusts), merges the job, run dir and corpus into the settings ConfigMap, and sets the
-pretrain Job's pod count, GPU limit and torchrun topology together, so they cannot disagree.
+pretrain Job's pod count, GPU limit and torchrun topology together, so they cannot disagree; likewise the
+tokenize Job's pod count and the number of parts its pods make.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class Submission:
     """Pods of the pretrain Indexed Job."""
     gpus: int = 1
     """Processes per pretrain pod: its GPU limit, or CPU processes where the overlay has no GPUs."""
+    tokenize_pods: int = 1
+    """Pods of the tokenize Indexed Job, each making one part of the tokens."""
     job: str | None = None
     """Job file inside the image (default: the overlay's KANTAI_JOB)."""
     run_dir: str | None = None
@@ -68,22 +71,26 @@ class Submission:
                 f"queue {self.queue!r} must be a LocalQueue name: at most 63 lowercase letters, digits, '-' or '.', "
                 "starting and ending with a letter or digit"
             )
-        if self.nodes < 1 or self.gpus < 1:
-            raise JobConfigError(f"nodes ({self.nodes}) and gpus ({self.gpus}) must be at least 1")
+        if min(self.nodes, self.gpus, self.tokenize_pods) < 1:
+            raise JobConfigError(
+                f"nodes ({self.nodes}), gpus ({self.gpus}) and tokenize pods ({self.tokenize_pods}) must be at least 1"
+            )
         if not (self.overlay / "kustomization.yaml").is_file():
             raise JobConfigError(f"overlay {self.overlay} has no kustomization.yaml")
 
     def kustomization(self, folder: Path) -> dict:
         """The kustomization that ``folder`` holds to render this submission."""
         settings = {"KANTAI_JOB": self.job, "KANTAI_RUN_DIR": self.run_dir, "KANTAI_CORPUS": self.corpus}
-        topology = [f"PET_NNODES={self.nodes}", f"PET_NPROC_PER_NODE={self.gpus}"]
-        scale = [
-            {"op": "replace", "path": "/spec/completions", "value": self.nodes},
-            {"op": "replace", "path": "/spec/parallelism", "value": self.nodes},
+        topology = [
+            f"PET_NNODES={self.nodes}",
+            f"PET_NPROC_PER_NODE={self.gpus}",
+            f"KANTAI_TOKENIZE_PARTS={self.tokenize_pods}",
         ]
+        scale = _pods(self.nodes)
         if self._overlay_has_gpus():
             limit = "/spec/template/spec/containers/0/resources/limits/nvidia.com~1gpu"
             scale.append({"op": "replace", "path": limit, "value": self.gpus})
+        pretrain, tokenize = yaml.safe_dump(scale), yaml.safe_dump(_pods(self.tokenize_pods))
         kustomization = {
             "apiVersion": "kustomize.config.k8s.io/v1beta1",
             "kind": "Kustomization",
@@ -103,7 +110,10 @@ class Submission:
             "configMapGenerator": [
                 {"name": "kantai-topology", "behavior": "merge", "literals": topology},
             ],
-            "patches": [{"target": {"kind": "Job", "name": "kantai-pretrain"}, "patch": yaml.safe_dump(scale)}],
+            "patches": [
+                {"target": {"kind": "Job", "name": "kantai-pretrain"}, "patch": pretrain},
+                {"target": {"kind": "Job", "name": "kantai-tokenize"}, "patch": tokenize},
+            ],
         }
         if self.queue:
             # On the Jobs and on those the CronJob creates. Kueue admits each Job as one workload (the
@@ -138,6 +148,14 @@ class Submission:
     @cached_property
     def _overlay_manifests(self) -> str:
         return kustomize(self.overlay)
+
+
+def _pods(count: int) -> list[dict]:
+    """The JSON patch that makes an Indexed Job run ``count`` pods at once."""
+    return [
+        {"op": "replace", "path": "/spec/completions", "value": count},
+        {"op": "replace", "path": "/spec/parallelism", "value": count},
+    ]
 
 
 def split_image(image: str) -> tuple[str, str | None]:

@@ -76,6 +76,28 @@ def test_a_submission_sets_the_pretrain_topology_in_one_place():
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_a_submission_runs_tokenize_as_one_pod_per_part(overlay: Path):
+    submission = Submission(overlay=overlay, run_id="t2", tokenize_pods=3, run_dir="s3://b/r")
+    docs = documents(render(submission, ("tokenize",)))
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 3
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["args"][0] == "tokenize"
+    # What the CLI reads: --part from the pod's index, --parts from the topology.
+    for index in range(3):
+        env = _container_env(container, docs, job["metadata"]["name"], index)
+        assert (env["JOB_COMPLETION_INDEX"], env["KANTAI_TOKENIZE_PARTS"]) == (str(index), "3")
+    single = documents(render(Submission(overlay=overlay, run_id="t2", run_dir="s3://b/r"), ("tokenize",)))
+    (job,) = [d for d in single if d["kind"] == "Job"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 1
+    assert _container_env(container, single, job["metadata"]["name"], 0)["KANTAI_TOKENIZE_PARTS"] == "1"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_pods_are_locked_down_and_fail_fast_only_on_what_a_retry_cannot_fix(overlay: Path):
     docs = documents(kustomize(overlay))
     grace = TrainSection().preemption_grace_s
@@ -115,6 +137,8 @@ def test_bad_submissions_are_one_line_config_errors(tmp_path: Path):
         Submission(overlay=K8S / "overlays" / "gpu", run_id="Not_A_Label")
     with pytest.raises(JobConfigError, match="at least 1"):
         Submission(overlay=K8S / "overlays" / "gpu", run_id="r", nodes=0)
+    with pytest.raises(JobConfigError, match=r"tokenize pods \(0\) must be at least 1"):
+        Submission(overlay=K8S / "overlays" / "gpu", run_id="r", tokenize_pods=0)
     with pytest.raises(JobConfigError, match="no kustomization.yaml"):
         Submission(overlay=tmp_path, run_id="r")
     with pytest.raises(JobConfigError, match="unknown phase"):
@@ -218,7 +242,7 @@ def test_the_rendered_pods_run_every_phase_against_one_s3_run_dir(
     (workdir / "jobs" / "tiny.yaml").write_text(job.to_yaml())
     boto3.client("s3").upload_file(str(corpus_file), bucket, "corpora/kant.txt")
     submission = Submission(
-        overlay=K8S / "overlays" / "cpu", run_id="e2e", nodes=2, gpus=1, job="jobs/tiny.yaml",
+        overlay=K8S / "overlays" / "cpu", run_id="e2e", nodes=2, gpus=1, tokenize_pods=2, job="jobs/tiny.yaml",
         run_dir=f"s3://{bucket}/runs/e2e", corpus=f"s3://{bucket}/corpora/kant.txt",
     )  # fmt: skip
     docs = documents(render(submission, (*PHASES, RETRAIN)))
@@ -226,7 +250,7 @@ def test_the_rendered_pods_run_every_phase_against_one_s3_run_dir(
 
     for phase in PHASES:
         results = cluster.run("Job", f"kantai-{phase}-")
-        assert len(results) == (2 if phase == "pretrain" else 1)
+        assert len(results) == (2 if phase in ("pretrain", "tokenize") else 1)
         for result in results:
             assert result.returncode == 0, f"{phase}: {result.stderr[-3000:]}"
 
@@ -264,7 +288,7 @@ def test_a_config_error_in_a_pretrain_pod_exits_with_its_own_code(tmp_path: Path
 def test_make_render_passes_the_submission_variables(tmp_path: Path):
     done = subprocess.run(
         ["make", "-s", "render", "OVERLAY=k8s/overlays/cpu", "RUN_ID=mk", "NODES=2", "GPUS=3", "RUN_DIR=s3://b/mk",
-         "JOB=jobs/customer-support.yaml"],
+         "JOB=jobs/customer-support.yaml", "TOKENIZE_PODS=4"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -273,6 +297,8 @@ def test_make_render_passes_the_submission_variables(tmp_path: Path):
     assert (settings["KANTAI_RUN_DIR"], settings["KANTAI_JOB"]) == ("s3://b/mk", "jobs/customer-support.yaml")
     pretrain = next(d for d in docs if d["metadata"]["name"] == "kantai-pretrain-mk" and d["kind"] == "Job")
     assert pretrain["spec"]["completions"] == 2
+    tokenize = next(d for d in docs if d["metadata"]["name"] == "kantai-tokenize-mk")
+    assert tokenize["spec"]["completions"] == 4
 
 
 # ---- queueing on a shared cluster (Kueue) ----
