@@ -31,6 +31,8 @@ _PARALLEL_FROM_EXAMPLES = 100_000
 _MAX_TOKENIZE_WORKERS = 8
 # Paragraphs packed together (datasets' default map batch); each run of them drops its last partial block.
 _PACK_ROWS = 1000
+# How eval masks are drawn: per sample from (seed, index) since version 2 (one shared stream before).
+EVAL_MASKS = 2
 
 
 def part_rows(rows: int, index: int, count: int) -> range:
@@ -137,15 +139,16 @@ def _pack(batch: dict[str, list[list[int]]], bos: int, eos: int, block_size: int
 
 
 def mask_once(samples, job: Job, tokenizer, what: str):
-    from transformers import DataCollatorForLanguageModeling
+    from kantai_batch.masking import Masker
 
-    masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=job.train.mlm_probability, seed=job.train.seed)
-
-    def mask(example: dict[str, Any]) -> dict[str, list[int]]:
-        batch = masker([example])
-        return {key: value[0].tolist() for key, value in batch.items()}
-
-    return samples.map(mask, remove_columns=samples.column_names, desc=f"{what}: fix evaluation masks")
+    masker = Masker(tokenizer, job.train.mlm_probability, job.train.seed)
+    return samples.map(
+        masker.mask_lists,
+        batched=True,
+        with_indices=True,
+        remove_columns=samples.column_names,
+        desc=f"{what}: fix evaluation masks",
+    )
 
 
 def sample_settings(job: Job, split: str, tokenizer) -> dict[str, Any]:
@@ -154,7 +157,7 @@ def sample_settings(job: Job, split: str, tokenizer) -> dict[str, Any]:
     if split == "eval":
         settings["task"] = job.task
         if job.task == "mlm":
-            settings.update(mlm_probability=job.train.mlm_probability, seed=job.train.seed)
+            settings.update(mlm_probability=job.train.mlm_probability, seed=job.train.seed, masks=EVAL_MASKS)
     return {**settings, "tokenizer_sha256": tokenizer_digest(tokenizer)}
 
 

@@ -26,6 +26,8 @@ def fingerprint_of(job: Job, phase: str, run=None, *, model_dir: Path | None = N
     row = phase_row(phase)
     data = job.model_dump(mode="json")
     parts: dict[str, Any] = {"phase": phase, "job": {name: _pick(data, name) for name in row.reads}}
+    if row.version > 1:
+        parts["version"] = row.version
     for upstream in map(phase_row, row.upstream):
         if upstream.output == "model" and model_dir is not None:
             found = read_marker(model_dir) if is_complete(model_dir) else None

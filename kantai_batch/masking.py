@@ -11,7 +11,8 @@ walks the index order only).
 Masking is RoBERTa's (BERT's 80/10/10, as ``DataCollatorForLanguageModeling`` does it): each
 non-special token is chosen with ``mlm_probability``; a chosen token becomes ``<mask>`` 80% of the
 time, a random token 10%, and stays 10%. It runs on whole batches of numpy arrays read from Arrow in
-one slice, which also takes the per-token Python work of the stock collator off the data path.
+one slice, which also takes the per-token Python work of the stock collator off the data path. The
+held-out samples are masked the same way, once, when they are built (``Masker.mask_lists``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from torch.utils.data import Dataset, Sampler
 
 IGNORE = -100  # the label of a position the loss does not score
 _FIELDS = ("input_ids", "attention_mask", "labels")
+# The generator stream of held-out samples: never an epoch, so eval masks are not any epoch's masks.
+EVAL_STREAM = 2**32 - 1
 
 
 class EpochOrder(Sampler[int]):
@@ -60,11 +63,7 @@ class MaskedSamples(Dataset):
     def __init__(self, samples, tokenizer, mlm_probability: float, seed: int) -> None:
         self.samples = samples.with_format("arrow")
         self.size = len(samples)
-        self.mlm_probability = mlm_probability
-        self.seed = seed
-        self.mask_id = tokenizer.mask_token_id
-        self.vocab = len(tokenizer)
-        self.special = np.array(sorted(tokenizer.all_special_ids))
+        self.masker = Masker(tokenizer, mlm_probability, seed)
         self.has_special_mask = "special_tokens_mask" in samples.column_names
 
     def __len__(self) -> int:
@@ -77,21 +76,35 @@ class MaskedSamples(Dataset):
         epochs, indices = np.divmod(np.asarray(keys, dtype=np.int64), self.size)
         rows = self.samples[indices.tolist()]
         ids, lengths = _flat(rows.column("input_ids"))
-        if self.has_special_mask:
-            special = _flat(rows.column("special_tokens_mask"))[0].astype(bool)
-        else:
-            special = np.isin(ids, self.special)
-        samples = zip(epochs.tolist(), indices.tolist(), lengths.tolist(), strict=True)
-        draws = np.concatenate([np.random.default_rng([self.seed, e, i]).random((4, n)) for e, i, n in samples], axis=1)
-        inputs, labels = self.mask(ids, special, draws)
+        special = _flat(rows.column("special_tokens_mask"))[0].astype(bool) if self.has_special_mask else None
+        inputs, labels = self.masker.mask(ids, lengths, special, epochs, indices)
         bounds = np.cumsum(lengths)[:-1]
         return [
             {"input_ids": sample, "labels": label}
             for sample, label in zip(np.split(inputs, bounds), np.split(labels, bounds), strict=True)
         ]
 
-    def mask(self, ids: np.ndarray, special: np.ndarray, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """RoBERTa's masking of ``ids`` with four uniform draws per token (chosen, masked, random, which token)."""
+
+class Masker:
+    """RoBERTa's masking of a batch of samples, each by its own generator seeded by (seed, stream, index).
+
+    The stream is the epoch for training samples and ``EVAL_STREAM`` for the held-out samples, whose
+    masks are fixed once when they are built.
+    """
+
+    def __init__(self, tokenizer, mlm_probability: float, seed: int) -> None:
+        self.mlm_probability = mlm_probability
+        self.seed = seed
+        self.mask_id = tokenizer.mask_token_id
+        self.vocab = len(tokenizer)
+        self.special = np.array(sorted(tokenizer.all_special_ids))
+
+    def mask(self, ids, lengths, special, streams, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Masked inputs and labels for the flat ``ids`` of samples of ``lengths`` (``special``: None to look up)."""
+        if special is None:
+            special = np.isin(ids, self.special)
+        samples = zip(np.asarray(streams).tolist(), np.asarray(indices).tolist(), lengths.tolist(), strict=True)
+        draws = np.concatenate([np.random.default_rng([self.seed, s, i]).random((4, n)) for s, i, n in samples], axis=1)
         chosen = (draws[0] < self.mlm_probability) & ~special
         labels = np.where(chosen, ids, IGNORE)
         masked = chosen & (draws[1] < 0.8)
@@ -100,6 +113,21 @@ class MaskedSamples(Dataset):
         inputs = np.where(masked, self.mask_id, ids)
         inputs = np.where(randomized, (draws[3] * self.vocab).astype(np.int64), inputs)
         return inputs, labels
+
+    def mask_lists(self, batch: dict[str, list], indices: list[int]) -> dict[str, list[list[int]]]:
+        """``datasets.map(batched=True, with_indices=True)``: a batch of held-out samples, masked for good."""
+        lengths = np.array([len(ids) for ids in batch["input_ids"]], dtype=np.int64)
+        ids = np.concatenate([np.asarray(row, dtype=np.int64) for row in batch["input_ids"]])
+        special = None
+        if "special_tokens_mask" in batch:
+            special = np.concatenate([np.asarray(row, dtype=bool) for row in batch["special_tokens_mask"]])
+        inputs, labels = self.mask(ids, lengths, special, np.full(len(lengths), EVAL_STREAM), indices)
+        bounds = np.cumsum(lengths)[:-1]
+        return {
+            "input_ids": [row.tolist() for row in np.split(inputs, bounds)],
+            "attention_mask": [[1] * int(n) for n in lengths],
+            "labels": [row.tolist() for row in np.split(labels, bounds)],
+        }
 
 
 def _flat(column) -> tuple[np.ndarray, np.ndarray]:

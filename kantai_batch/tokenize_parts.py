@@ -2,7 +2,7 @@
 
 Part i of n holds the train samples of its rows (``data.part_rows``: whole runs of the paragraphs that
 are packed together, so its blocks are the ones a single process cuts from them); part 0 also holds
-the whole eval split, whose fixed masks come from one random stream in sample order. Each part is a
+the whole eval split, which is small beside the train split. Each part is a
 committed folder of its own, ``RUN/tokens-parts/part-<i>-of-<n>/`` (marker last, like any phase's
 folder), so no pod writes where another does, and a rerun of a failed index redoes only its part.
 

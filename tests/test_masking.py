@@ -3,6 +3,7 @@ and a run resumed from a checkpoint trains on exactly the batches of the uninter
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
 from helpers import invoke, prepared_run, tiny
-from kantai_batch.masking import IGNORE, EpochOrder, MaskedSamples, collate
+from kantai_batch.masking import IGNORE, EpochOrder, MaskedSamples, Masker, collate
 from kantai_batch.throughput import ThroughputCallback
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -130,3 +131,26 @@ def test_a_resumed_run_trains_on_exactly_the_uninterrupted_batches(tmp_path: Pat
     assert sorted(got) == sorted(expected) == list(range(1, 61))
     for step in range(26, 61):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), f"step {step}"
+
+
+def test_eval_masks_are_per_sample_whatever_the_batching(tokenizer):
+    masker = Masker(tokenizer, 0.15, seed=5)
+    rows = blocks(40)[:]
+    whole = masker.mask_lists(rows, list(range(40)))
+    cuts = ((0, 17), (17, 40))
+    halves = [masker.mask_lists({k: v[a:b] for k, v in rows.items()}, list(range(a, b))) for a, b in cuts]
+    for key in ("input_ids", "labels", "attention_mask"):
+        assert whole[key] == halves[0][key] + halves[1][key]
+    train_epoch0 = MaskedSamples(blocks(40), tokenizer, 0.15, seed=5).__getitems__(list(range(40)))
+    assert any(list(t["labels"]) != e for t, e in zip(train_epoch0, whole["labels"], strict=True))
+
+
+def test_a_raised_phase_version_changes_its_fingerprint(monkeypatch: pytest.MonkeyPatch):
+    from kantai_batch import fingerprint, phases
+    from kantai_batch.job import Job
+
+    job = Job()
+    raised = fingerprint.fingerprint_of(job, "tokenize")
+    first = dataclasses.replace(phases.phase("tokenize"), version=1)
+    monkeypatch.setattr(fingerprint, "phase_row", lambda name: first if name == "tokenize" else phases.phase(name))
+    assert phases.phase("tokenize").version > 1 and fingerprint.fingerprint_of(job, "tokenize") != raised
