@@ -10,8 +10,6 @@ the first version is promoted) trains from scratch: that is how the first schedu
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -144,17 +142,3 @@ def continued_model(job: Job, source: Path, tokenizer):
         )
     with unusable_as(f"model {source}"):
         return model_class(job.task).from_pretrained(str(source), config=wanted)
-
-
-def samples_digest(run, job: Job) -> str:
-    """What a checkpoint was trained on: the run's tokenizer and samples and the model it started from.
-
-    A checkpoint of another digest belongs to an earlier training (a retraining on a grown corpus in
-    the same run dir) and is not resumed.
-    """
-    parts = {
-        "tokenizer": (run.marker(run.tokenizer) or {}).get("files"),
-        "tokens": (run.marker(run.tokens) or {}).get("files"),
-        "init_from": init_identity(job),
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

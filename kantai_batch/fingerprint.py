@@ -60,3 +60,31 @@ def settings_digest(job: Job) -> str:
     if isinstance(picked.get("corpus"), dict):
         picked["corpus"] = {key: value for key, value in picked["corpus"].items() if key != "source"}
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+
+
+# Fields a training may change and still resume its checkpoints: how long it trains, and bookkeeping
+# that does not change what a step computes.
+_RESUMABLE_ACROSS = frozenset(
+    "max_steps epochs max_seconds save_steps save_total_limit logging_steps eval_steps preemption_grace_s "
+    "collective_timeout_s dataloader_workers torch_compile".split()
+)
+
+
+def checkpoint_lineage(job: Job, run) -> str:
+    """What a checkpoint is a step of: the run's tokenizer and samples, the model it started from and the
+    training settings, the step and time bounds aside (a longer training resumes a shorter one).
+
+    A checkpoint of another lineage belongs to an earlier training (a retraining on a grown corpus in
+    the same run dir, or with another learning rate) and is not resumed.
+    """
+    from kantai_batch.continued import init_identity
+
+    train = {key: value for key, value in job.train.model_dump(mode="json").items() if key not in _RESUMABLE_ACROSS}
+    parts = {
+        "tokenizer": (run.marker(run.tokenizer) or {}).get("files"),
+        "tokens": (run.marker(run.tokens) or {}).get("files"),
+        "init_from": init_identity(job),
+        "task": job.task,
+        "train": train,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

@@ -32,6 +32,8 @@ class _Section(BaseModel):
         validate_default=True,
         # `--set name=2024` arrives as an int after YAML parsing; a string field should take it.
         coerce_numbers_to_str=True,
+        # `.inf` or `.nan` in a job file is a mistake, never a setting.
+        allow_inf_nan=False,
     )
 
 

@@ -21,11 +21,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from kantai_batch import tracking
 from kantai_batch.budget import PlannedSchedule, TimeBudget
 from kantai_batch.checkpoints import CheckpointMarkerCallback
-from kantai_batch.continued import continued_model, init_model_dir, samples_digest
+from kantai_batch.continued import continued_model, init_model_dir
 from kantai_batch.data import load_samples
 from kantai_batch.distributed import node_count
 from kantai_batch.errors import JobConfigError, PreemptedError
-from kantai_batch.fingerprint import fingerprint_of
+from kantai_batch.fingerprint import checkpoint_lineage, fingerprint_of
 from kantai_batch.hardware import peak_flops, resolve_precision, training_flops_per_token
 from kantai_batch.job import Job
 from kantai_batch.manifest import read_marker, write_json_atomic
@@ -63,12 +63,15 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
         tokenizer = load_tokenizer(run.require(run.tokenizer, "tokenizer", "train-tokenizer"))
         run.require(run.tokens, "tokens", "tokenize")
         start_from = init_model_dir(job)
-        trained_on = samples_digest(run, job)
+        lineage = checkpoint_lineage(job, run)
         resume_from = run.newest_checkpoint(tidy=args.local_process_index == 0)
-        if resume_from and read_marker(resume_from).get("samples_sha256", trained_on) != trained_on:
+        if resume_from and read_marker(resume_from).get("lineage_sha256", lineage) != lineage:
             # An earlier training's checkpoint (a retraining on a grown corpus in the same run dir):
             # resuming it would skip this training's steps, and its higher step would outlive the new ones.
-            log.info("pretrain: %s was trained on other samples; starting over", run.uri(resume_from))
+            log.info(
+                "pretrain: %s is of another training (other samples, starting model or settings); starting over",
+                run.uri(resume_from),
+            )
             if args.local_process_index == 0:
                 run.discard_checkpoints(remote=args.process_index == 0)
             resume_from = None
@@ -85,7 +88,7 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     with tracking.pretrain_run(job, run, enabled=tracked, resuming=resume_from is not None) as mlflow_run:
         budget = time_budget(job, resume_from)
         checkpoints = CheckpointMarkerCallback(
-            run, job.train.save_total_limit, clock=budget.spent if budget else None, samples_sha256=trained_on
+            run, job.train.save_total_limit, clock=budget.spent if budget else None, lineage_sha256=lineage
         )
         stop = StopAgreement(Preemption(job.train.preemption_grace_s), budget)
         session = build_trainer(job, model, tokenizer, args, run, callbacks=[checkpoints, stop], budget=budget)
