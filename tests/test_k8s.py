@@ -15,7 +15,7 @@ import mlflow
 import pytest
 import yaml
 
-from helpers import ROOT, TINY, free_port
+from helpers import ROOT, TINY, free_port, kantian_text
 from kantai_batch.errors import InputDataError, JobConfigError, NotPromotedError, PreemptedError
 from kantai_batch.job import TrainSection, load_job
 from kantai_batch.submission import PHASES, QUEUE_LABEL, RETRAIN, Submission, kustomize, render
@@ -240,12 +240,34 @@ def test_the_rendered_pods_run_every_phase_against_one_s3_run_dir(
     assert len(versions) == 1, "register (KANTAI_MODEL_NAME) made the first version"
     assert client.get_model_version_by_alias("kantaibert", "candidate").version == versions[0].version
 
-    # The scheduled retraining finds every phase complete with unchanged inputs: nothing retrained,
-    # so no new version is registered.
+    # The scheduled retraining. There is no champion yet (register moved `candidate`), so the CronJob's
+    # train.init_from (models:/kantaibert@champion) has nothing to continue from: it trains from
+    # scratch, scores the model on its held-out split (frozen then) and promotes it.
     (result,) = cluster.run("CronJob", "kantai-retrain-")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "skipped" in result.stderr and "no new version" in result.stderr
-    assert len(client.search_model_versions("name = 'kantaibert'")) == 1
+    assert "no such version yet, training from scratch" in result.stderr
+    assert result.stdout.lstrip().startswith("promoted: kantaibert version 2 is champion"), result.stdout
+    assert client.get_model_version_by_alias("kantaibert", "champion").version == "2"
+    # Next week, the same corpus and job: nothing trained, no new version.
+    (result,) = cluster.run("CronJob", "kantai-retrain-")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.lstrip().startswith("nothing to do: the corpus"), result.stdout
+    assert len(client.search_model_versions("name = 'kantaibert'")) == 2
+    # The week after, the corpus object has grown in place: the CronJob continues from the champion's
+    # weights and tokenizer, and both are scored on the frozen benchmark.
+    grown = corpus_file.read_bytes() + b"\r\n\r\n" + kantian_text(200, seed=5).replace("\n", "\r\n").encode("cp1252")
+    boto3.client("s3").put_object(Bucket=bucket, Key="corpora/kant.txt", Body=grown)
+    (result,) = cluster.run("CronJob", "kantai-retrain-")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tokenizer: copied from models:/kantaibert@champion" in result.stderr
+    assert "pretrain: continuing from" in result.stderr
+    assert re.match(r"(promoted|not promoted): kantaibert version 3 is (champion|challenger)", result.stdout.lstrip())
+    v2, v3 = (client.get_model_version("kantaibert", v).tags for v in ("2", "3"))
+    assert float(v3["champion_loss"]) == pytest.approx(float(v2["benchmark_loss"]), rel=1e-5)
+    assert v3["benchmark_sha256"] == v2["benchmark_sha256"] and v3["corpus_sha256"] != v2["corpus_sha256"]
+    promoted = float(v3["benchmark_loss"]) <= float(v3["champion_loss"]) * (1 - 0.005)
+    champion = client.get_model_version_by_alias("kantaibert", "champion").version
+    assert champion == ("3" if promoted else "2"), "champion moves only to a better model"
 
 
 @pytest.mark.slow
