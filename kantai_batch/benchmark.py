@@ -63,8 +63,11 @@ def benchmark_for(job: Job, run: RunDir, name: str, scratch: Path) -> Benchmark:
                 f"{frozen.get(FROZEN_SHA256)} (tag {FROZEN_SHA256})"
             )
         return Benchmark(text, digest, frozen[FROZEN_URI], freeze=False)
-    run.require(run.corpus, "corpus", "prepare")
+    # The held-out split alone: a remote run dir's train split may be most of a large corpus.
+    run.pull_file(run.eval_text)
     text = run.eval_text
+    if not text.is_file():
+        raise InputDataError(f"corpus {run.uri(run.eval_text)} is missing: run `kantai-batch prepare` first")
     return Benchmark(text, file_sha256(text), f"{run.uri(run.eval_text)} (frozen now)", freeze=True)
 
 

@@ -66,14 +66,13 @@ def init_model_dir(job: Job) -> Path | None:
     return folder
 
 
-def copy_tokenizer(job: Job, run, source: Path) -> Path:
-    """Commit ``source``'s tokenizer as the run's, after checking the job's tokenizer settings allow it."""
-    from kantai_batch.fingerprint import fingerprint_of
+def copy_tokenizer(job: Job, run, source: Path, fingerprint: str) -> Path:
+    """Commit ``source``'s tokenizer as the run's (its marker recording ``fingerprint``), after checking
+    that the job's tokenizer settings allow it."""
     from kantai_batch.model import load_model_tokenizer
 
     tokenizer = load_model_tokenizer(source)
     require_compatible_tokenizer(job, tokenizer)
-    fingerprint = fingerprint_of(job, "train-tokenizer", run)
     with run.committed(run.tokenizer, inputs_sha256=fingerprint, copied_from=job.train.init_from) as out:
         tokenizer.save_pretrained(str(out))
     log.info(
