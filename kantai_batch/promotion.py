@@ -109,7 +109,7 @@ def _decide(job: Job, run: RunDir, name: str, champion: str | None, lineage: dic
         benchmark = benchmark_for(job, run, name, Path(scratch))
         new_loss = score(job, run.model, benchmark, "new model")["loss"]
         if not math.isfinite(new_loss):
-            raise InputDataError(f"the new model's benchmark loss is {new_loss} (training diverged); {stays}")
+            raise InputDataError(f"pretrain diverged: the new model's benchmark loss is {new_loss}; {stays}")
         old_loss = None
         if champion:
             champion_dir = cached_pull(f"models:/{name}/{champion}", cache_dir())
@@ -238,10 +238,11 @@ def _model_sha256(run: RunDir) -> str:
 
 
 def _require_finite_training(run: RunDir, stays: str) -> None:
+    """A model whose held-out loss is not finite diverged. (The training loss is a mean over logged steps,
+    finite while the first steps were, and not logged at all by a run resumed after its budget.)"""
     summary = json.loads(run.train_summary.read_text(encoding="utf-8"))
-    for key in ("train_loss", "eval_loss"):
-        value = summary.get(key)
-        if isinstance(value, (int, float)) and not math.isfinite(value):
-            raise InputDataError(
-                f"pretrain diverged: {key} is {value} in {run.uri(run.train_summary)}; nothing registered, {stays}"
-            )
+    value = summary.get("eval_loss")
+    if isinstance(value, (int, float)) and not math.isfinite(value):
+        raise InputDataError(
+            f"pretrain diverged: eval_loss is {value} in {run.uri(run.train_summary)}; nothing registered, {stays}"
+        )

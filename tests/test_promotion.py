@@ -140,6 +140,14 @@ def test_retraining_promotes_only_a_better_model_continuing_from_the_champion(
     v3 = registry.get_model_version(name, "3").tags
     assert v3["champion.previous_version"] == "2"
     assert v3["champion.set_by"].startswith(f"kantai-batch promote models:/{name}/3 --alias champion")
+    # Asking for what is not there is one line, and moves nothing.
+    gone = invoke("promote", f"models:/{name}/99", expect=InputDataError.exit_code).stderr.strip()
+    assert len(gone.splitlines()) == 1 and f"models:/{name}/99 in MLflow" in gone
+    reserved = invoke("promote", f"models:/{name}/2", "--alias", "latest", expect=JobConfigError.exit_code)
+    assert "alias 'latest'" in reserved.stderr
+    assert _champion(registry, name) == "3"
+    unknown = invoke("models", "no-such-model", expect=InputDataError.exit_code).stderr.strip()
+    assert len(unknown.splitlines()) == 1 and "models:/no-such-model in MLflow" in unknown
 
 
 def test_a_failure_after_training_leaves_the_champion_where_it_was(registry: mlflow.MlflowClient, tmp_path: Path):
