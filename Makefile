@@ -158,7 +158,7 @@ gpu-wheels: install
 	$(BIN)/python bench/gpu_wheels.py --out .whl
 
 gpu-check:
-	PYTHONPATH="$(PYTHONPATH)" $(GPU_PYTHON) bench/gpu_check.py --out bench/results
+	PYTHONPATH="$(PYTHONPATH)" $(GPU_PYTHON) bench/gpu_check.py --out bench/results $(GPU_CHECK_ARGS)
 
 gpu-check-dry-run: install
 	$(BIN)/python bench/gpu_check.py --dry-run --out $${TMPDIR:-/tmp}/kantai-gpu-check-results

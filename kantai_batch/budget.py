@@ -85,6 +85,9 @@ class TimeBudget:
         """Time that was not training (a periodic evaluation) does not count against the budget."""
         self._excluded += seconds
 
+    def exhausted(self) -> bool:
+        return self.spent() >= self.max_seconds
+
     def spent(self) -> float:
         if self._started is None:
             return self.spent_before

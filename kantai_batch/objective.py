@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kantai_batch.job import Job
+from kantai_batch.masking import collate
 
 # Pad to a multiple of 8 so padded batches keep tensor-core friendly shapes on GPUs.
 PAD_MULTIPLE = 8
@@ -71,22 +72,22 @@ def _share_correct(predictions, labels) -> float:
 
 @dataclass
 class MlmCollator:
-    """Masks training batches at random; pads evaluation batches, whose masks were fixed at build time."""
+    """Stacks samples that come masked (training samples from ``masking.MaskedSamples``, evaluation samples
+    masked once when built); masks the others at random with the stock collator (the run_mlm baseline)."""
 
     tokenizer: Any
     mlm_probability: float
 
     def __post_init__(self) -> None:
-        from transformers import DataCollatorForLanguageModeling, DataCollatorForTokenClassification
+        from transformers import DataCollatorForLanguageModeling
 
         self._mask = DataCollatorForLanguageModeling(
             self.tokenizer, mlm_probability=self.mlm_probability, pad_to_multiple_of=PAD_MULTIPLE
         )
-        self._pad = DataCollatorForTokenClassification(self.tokenizer, pad_to_multiple_of=PAD_MULTIPLE)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if "labels" in features[0]:
-            return self._pad(features)
+            return collate(features, self.tokenizer.pad_token_id, PAD_MULTIPLE)
         return self._mask(features)
 
 

@@ -15,13 +15,17 @@ import time
 
 from transformers import TrainerCallback
 
+# A step taking more than this many median steps is warm-up (compilation, allocation), not steady state.
+WARMUP_STEP = 10
+
 
 class ThroughputCallback(TrainerCallback):
     """Times the steps, gives each training log line its rates, keeps the session's totals for the summary.
 
-    A resumed run counts only its own session. The steady-state figures leave out the first step
-    (allocations, kernel selection, compilation) and measure from one step's end to the next, data
-    loading included, so a starved dataloader shows.
+    A resumed run counts only its own session. The steady-state figures leave out the first step and
+    any step over ``WARMUP_STEP`` median steps (allocations, kernel selection, compilation; their
+    count and time are reported) and measure from one step's end to the next, data loading included,
+    so a starved dataloader shows.
     """
 
     def __init__(self, flops_per_token: float, peak_flops: float, world_size: int) -> None:
@@ -31,7 +35,7 @@ class ThroughputCallback(TrainerCallback):
         self.samples = 0
         self.elapsed = 0.0
         self._step_times: list[float] = []
-        self._steady_tokens = 0
+        self._step_tokens: list[int] = []
         self._last_step: tuple[float, int] | None = None
         self._start_time = time.perf_counter()
         self._start_tokens = 0
@@ -50,7 +54,7 @@ class ThroughputCallback(TrainerCallback):
         if self._last_step is not None:
             then, tokens_then = self._last_step
             self._step_times.append(now - then)
-            self._steady_tokens += state.num_input_tokens_seen - tokens_then
+            self._step_tokens.append(state.num_input_tokens_seen - tokens_then)
         self._last_step = (now, state.num_input_tokens_seen)
         return control
 
@@ -85,13 +89,21 @@ class ThroughputCallback(TrainerCallback):
 
     def summary(self) -> dict[str, float]:
         tokens_per_second = self.tokens / self.elapsed if self.elapsed > 0 else 0.0
-        steady_time = sum(self._step_times)
-        steady = self._steady_tokens / steady_time if steady_time > 0 else tokens_per_second
+        median = statistics.median(self._step_times) if self._step_times else 0.0
+        # Steps that take many times the median are compilations (torch.compile compiles again when a
+        # shape changes, well after the first step), not a steady state; a starved dataloader's waits
+        # are a few step times and stay in.
+        warmup = [(t, n) for t, n in zip(self._step_times, self._step_tokens, strict=True) if t > WARMUP_STEP * median]
+        steady_time = sum(self._step_times) - sum(t for t, _ in warmup)
+        steady_tokens = sum(self._step_tokens) - sum(n for _, n in warmup)
+        steady = steady_tokens / steady_time if steady_time > 0 else tokens_per_second
         return {
             "real_tokens_trained": self.tokens,
             "real_tokens_per_second": tokens_per_second,
             "samples_per_second": self.samples / self.elapsed if self.elapsed > 0 else 0.0,
-            "step_time_s": statistics.median(self._step_times) if self._step_times else None,
+            "step_time_s": median if self._step_times else None,
+            "warmup_steps": len(warmup),
+            "warmup_seconds": sum(t for t, _ in warmup),
             "steady_tokens_per_second": steady,
             "mfu": self.mfu(tokens_per_second),
             "steady_mfu": self.mfu(steady),

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 
 from kantai_batch import tracking
 from kantai_batch.budget import PlannedSchedule, TimeBudget
@@ -29,6 +30,7 @@ from kantai_batch.fingerprint import checkpoint_lineage, fingerprint_of
 from kantai_batch.hardware import peak_flops, resolve_precision, training_flops_per_token
 from kantai_batch.job import Job
 from kantai_batch.manifest import read_marker, write_json_atomic
+from kantai_batch.masking import MaskedSamples
 from kantai_batch.model import ARCHITECTURE_KEYS, init_model, load_tokenizer
 from kantai_batch.objective import (
     ACCURACY,
@@ -38,7 +40,7 @@ from kantai_batch.objective import (
 )
 from kantai_batch.preemption import Preemption, sigterm_checkpoints
 from kantai_batch.rundir import JOB_FILE, TRAIN_SUMMARY, RunDir, checkpoint_step
-from kantai_batch.stopping import StopAgreement
+from kantai_batch.stopping import BUDGET, StopAgreement
 from kantai_batch.throughput import ThroughputCallback
 from kantai_batch.trainer import (
     UNBOUNDED_EPOCHS,
@@ -83,10 +85,15 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
         log.info("pretrain: continuing from %s (train.init_from %s)", start_from, job.train.init_from)
     if resume_from:
         require_same_architecture(resume_from, model.config)
+    budget = time_budget(job, resume_from)
+    # The Trainer takes at least one step after a resume; a run whose budget was already spent (a pod
+    # retried after the budget ran out) takes none: it commits the checkpoint's model as it is.
+    finished = budget is not None and resume_from is not None and budget.exhausted()
+    if finished:
+        model = type(model).from_pretrained(str(resume_from))
     # The tracking store is reached before any data work, so an unreachable one fails in seconds.
     tracked = track and args.process_index == 0
     with tracking.pretrain_run(job, run, enabled=tracked, resuming=resume_from is not None) as mlflow_run:
-        budget = time_budget(job, resume_from)
         checkpoints = CheckpointMarkerCallback(
             run, job.train.save_total_limit, clock=budget.spent if budget else None, lineage_sha256=lineage
         )
@@ -95,9 +102,20 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
         trainer = session.trainer
         if resume_from:
             log.info("pretrain: resuming from %s", run.uri(resume_from))
-        with sigterm_checkpoints(stop.preemption):
-            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-            checkpoints.wait()
+        if finished:
+            log.info(
+                "pretrain: the budget of %gs was spent before %s (%.0fs); no more steps",
+                budget.max_seconds,
+                run.uri(resume_from),
+                budget.spent(),
+            )
+            trainer.state = TrainerState.load_from_json(str(resume_from / TRAINER_STATE_NAME))
+            stop.stopped_by = BUDGET
+            result = None
+        else:
+            with sigterm_checkpoints(stop.preemption):
+                result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+                checkpoints.wait()
         if stop.preempted:
             raise PreemptedError(
                 f"pretrain stopped on SIGTERM at step {trainer.state.global_step}; the checkpoint is committed to "
@@ -109,11 +127,11 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
             "resumed_from_step": checkpoint_step(resume_from) if resume_from else 0,
             "world_size": args.world_size,
             "nodes": nodes,
-            "train_loss": result.training_loss,
+            "train_loss": result.training_loss if result else last_logged_loss(trainer.state),
             "eval_loss": eval_metrics["eval_loss"],
             "eval_perplexity": perplexity(eval_metrics["eval_loss"]),
             f"eval_{ACCURACY[job.task]}": eval_metrics[f"eval_{ACCURACY[job.task]}"],
-            "train_runtime_s": result.metrics["train_runtime"],
+            "train_runtime_s": result.metrics["train_runtime"] if result else 0.0,
             "stopped_by": stop.stopped_by or ("max_steps" if args.max_steps > 0 else "epochs"),
             "stop_agreement_s": stop.agreement_s,
             **({"max_seconds": budget.max_seconds, "budget_spent_s": budget.spent()} if budget else {}),
@@ -191,6 +209,8 @@ def build_trainer(
     if samples is None:
         samples = (load_samples(run, job, "train", tokenizer), load_samples(run, job, "eval", tokenizer))
     train_set, eval_set = samples
+    if job.task == "mlm":
+        train_set = MaskedSamples(train_set, tokenizer, job.train.mlm_probability, job.train.seed)
     if job.train.lr_scheduler == "warmup_stable_decay" and not args.lr_scheduler_kwargs:
         args.lr_scheduler_kwargs = schedule_kwargs(job, planned_steps(args, len(train_set)))
     if budget is not None:
@@ -283,6 +303,11 @@ def require_shared_checkpoints(job: Job, run: RunDir, nodes: int) -> None:
             f"train.deepspeed on {nodes} nodes with an S3 run dir ({run.uri(run.root)}) is not supported: "
             "the other nodes' optimizer shards would not be checkpointed; use DDP across nodes or DeepSpeed on one node"
         )
+
+
+def last_logged_loss(state) -> float:
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    return losses[-1] if losses else float("nan")
 
 
 def time_budget(job: Job, resume_from: Path | None) -> TimeBudget | None:

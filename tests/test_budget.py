@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,3 +109,21 @@ def test_a_resumed_run_counts_the_time_already_spent(tmp_path: Path, corpus_file
     assert summary["stopped_by"] == "max_seconds" and spent < summary["budget_spent_s"] < 2 * budget
     # Without the spent time carried over, the resumed run would train for the whole budget again.
     assert summary["train_runtime_s"] < budget - spent / 2, summary
+
+
+def test_a_run_resumed_after_its_budget_was_spent_takes_no_more_steps(tmp_path: Path, corpus_file: Path):
+    run_dir = prepared_run(tmp_path / "run", corpus_file)
+    first = tiny("train.max_steps=10", "train.save_steps=10", "train.max_seconds=3600")  # a clock, not a bound
+    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *first)
+    checkpoint = run_dir / "checkpoints" / "checkpoint-10"
+    spent = read_marker(checkpoint)["train_seconds"]
+    trained = _summary(run_dir)
+    shutil.rmtree(run_dir / "model")  # what a pod retried after its last checkpoint, before the model, finds
+
+    budget = tiny("train.max_steps=null", f"train.max_seconds={spent / 2}")
+    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *budget)
+    summary = _summary(run_dir)
+    assert summary["global_step"] == 10 and summary["resumed_from_step"] == 10
+    assert summary["stopped_by"] == "max_seconds" and summary["budget_spent_s"] == pytest.approx(spent)
+    assert summary["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-5), "the checkpoint's weights"
+    assert not (run_dir / "checkpoints" / "checkpoint-11").exists()

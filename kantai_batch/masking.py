@@ -1,0 +1,129 @@
+"""Masked LM training batches that follow from (seed, epoch, sample index) alone.
+
+The Trainer's default path masks in the collator with the process's RNG, so what a sample looks like
+depends on which worker collated it and on everything drawn before: a resumed run masks its first
+batches differently from the uninterrupted run. Here the order of an epoch is a permutation seeded by
+(seed, epoch), and each sample's masks come from a generator seeded by (seed, epoch, index). So a
+resumed run trains on exactly the batches the uninterrupted one would, whatever the number of
+dataloader workers, and the Trainer's fast-forward past the trained batches reads no sample (it
+walks the index order only).
+
+Masking is RoBERTa's (BERT's 80/10/10, as ``DataCollatorForLanguageModeling`` does it): each
+non-special token is chosen with ``mlm_probability``; a chosen token becomes ``<mask>`` 80% of the
+time, a random token 10%, and stays 10%. It runs on whole batches of numpy arrays read from Arrow in
+one slice, which also takes the per-token Python work of the stock collator off the data path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+IGNORE = -100  # the label of a position the loss does not score
+_FIELDS = ("input_ids", "attention_mask", "labels")
+
+
+class EpochOrder(Sampler[int]):
+    """A fresh permutation per epoch, seeded by (seed, epoch); yields ``epoch * n + index`` keys.
+
+    The key carries the epoch to the dataset, which may live in a persistent dataloader worker that
+    never sees ``set_epoch``.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        return iter((order + self.epoch * self.size).tolist())
+
+
+class MaskedSamples(Dataset):
+    """Training samples (Arrow, memory-mapped) masked per (seed, epoch, index) as they are read.
+
+    ``__getitems__`` reads a batch's rows in one Arrow ``take`` and masks the batch's tokens as one
+    flat array; only the uniform draws are per sample, from that sample's own generator. Keys come
+    from ``EpochOrder``; a plain index (below ``len``) is epoch 0.
+    """
+
+    def __init__(self, samples, tokenizer, mlm_probability: float, seed: int) -> None:
+        self.samples = samples.with_format("arrow")
+        self.size = len(samples)
+        self.mlm_probability = mlm_probability
+        self.seed = seed
+        self.mask_id = tokenizer.mask_token_id
+        self.vocab = len(tokenizer)
+        self.special = np.array(sorted(tokenizer.all_special_ids))
+        self.has_special_mask = "special_tokens_mask" in samples.column_names
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: int) -> dict[str, np.ndarray]:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[int]) -> list[dict[str, np.ndarray]]:
+        epochs, indices = np.divmod(np.asarray(keys, dtype=np.int64), self.size)
+        rows = self.samples[indices.tolist()]
+        ids, lengths = _flat(rows.column("input_ids"))
+        if self.has_special_mask:
+            special = _flat(rows.column("special_tokens_mask"))[0].astype(bool)
+        else:
+            special = np.isin(ids, self.special)
+        samples = zip(epochs.tolist(), indices.tolist(), lengths.tolist(), strict=True)
+        draws = np.concatenate([np.random.default_rng([self.seed, e, i]).random((4, n)) for e, i, n in samples], axis=1)
+        inputs, labels = self.mask(ids, special, draws)
+        bounds = np.cumsum(lengths)[:-1]
+        return [
+            {"input_ids": sample, "labels": label}
+            for sample, label in zip(np.split(inputs, bounds), np.split(labels, bounds), strict=True)
+        ]
+
+    def mask(self, ids: np.ndarray, special: np.ndarray, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """RoBERTa's masking of ``ids`` with four uniform draws per token (chosen, masked, random, which token)."""
+        chosen = (draws[0] < self.mlm_probability) & ~special
+        labels = np.where(chosen, ids, IGNORE)
+        masked = chosen & (draws[1] < 0.8)
+        # Half of the remaining 20%: a random token; the other half keeps its own.
+        randomized = chosen & ~masked & (draws[2] < 0.5)
+        inputs = np.where(masked, self.mask_id, ids)
+        inputs = np.where(randomized, (draws[3] * self.vocab).astype(np.int64), inputs)
+        return inputs, labels
+
+
+def _flat(column) -> tuple[np.ndarray, np.ndarray]:
+    """A list column's values as one flat array, and each row's length."""
+    lists = column.combine_chunks()
+    return lists.flatten().to_numpy().astype(np.int64), lists.value_lengths().to_numpy().astype(np.int64)
+
+
+def collate(features: list[dict[str, Any]], pad_id: int, multiple: int) -> dict[str, torch.Tensor]:
+    """Stacks masked samples (arrays or lists) into tensors, padding to a multiple of ``multiple`` where needed."""
+    features = [_arrays(feature) for feature in features]
+    longest = max(len(f["input_ids"]) for f in features)
+    if all(len(f["input_ids"]) == longest for f in features) and longest % multiple == 0:
+        return {key: torch.from_numpy(np.stack([f[key] for f in features]).astype(np.int64)) for key in _FIELDS}
+    width = -(-longest // multiple) * multiple
+    fill = dict(zip(_FIELDS, (pad_id, 0, IGNORE), strict=True))
+    out = {key: np.full((len(features), width), value, dtype=np.int64) for key, value in fill.items()}
+    for row, feature in enumerate(features):
+        for key in _FIELDS:
+            out[key][row, : len(feature[key])] = feature[key]
+    return {key: torch.from_numpy(value) for key, value in out.items()}
+
+
+def _arrays(feature: dict[str, Any]) -> dict[str, np.ndarray]:
+    ids = np.asarray(feature["input_ids"], dtype=np.int64)
+    attention = feature["attention_mask"] if "attention_mask" in feature else np.ones_like(ids)
+    return {"input_ids": ids, "attention_mask": np.asarray(attention), "labels": np.asarray(feature["labels"])}

@@ -1,0 +1,132 @@
+"""Masked LM training batches from (seed, epoch, index): the same sample masks the same way wherever it is read,
+and a run resumed from a checkpoint trains on exactly the batches of the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import Dataset
+from tokenizers import ByteLevelBPETokenizer
+from transformers import PreTrainedTokenizerFast
+
+from helpers import invoke, prepared_run, tiny
+from kantai_batch.masking import IGNORE, EpochOrder, MaskedSamples, collate
+from kantai_batch.throughput import ThroughputCallback
+
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["Human thinking involves human reason."] * 20, vocab_size=300, special_tokens=SPECIALS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        mask_token="<mask>",
+    )  # fmt: skip
+
+
+def blocks(count: int, length: int = 64, seed: int = 0) -> Dataset:
+    ids = np.random.default_rng(seed).integers(5, 300, (count, length))
+    ids[:, 0], ids[:, -1] = 0, 2
+    special = np.zeros_like(ids)
+    special[:, [0, -1]] = 1
+    return Dataset.from_dict({"input_ids": ids.tolist(), "special_tokens_mask": special.tolist()})
+
+
+def test_a_sample_masks_the_same_in_any_batch_and_differently_each_epoch(tokenizer):
+    samples = MaskedSamples(blocks(100), tokenizer, 0.15, seed=7)
+    alone = samples[42]
+    among_others = samples.__getitems__([3, 42, 99])[1]
+    assert np.array_equal(alone["input_ids"], among_others["input_ids"])
+    assert np.array_equal(alone["labels"], among_others["labels"])
+    next_epoch = samples[100 + 42]
+    assert not np.array_equal(alone["labels"], next_epoch["labels"])
+    other_seed = MaskedSamples(blocks(100), tokenizer, 0.15, seed=8)[42]
+    assert not np.array_equal(alone["labels"], other_seed["labels"])
+
+
+def test_masking_is_robertas_80_10_10_and_never_touches_special_tokens(tokenizer):
+    ids = np.asarray(blocks(2000)["input_ids"])
+    batch = collate(MaskedSamples(blocks(2000), tokenizer, 0.15, seed=0).__getitems__(list(range(2000))), 1, 8)
+    labels, inputs = batch["labels"].numpy(), batch["input_ids"].numpy()
+    chosen = labels != IGNORE
+    assert not chosen[:, [0, -1]].any()
+    assert np.array_equal(labels[chosen], ids[chosen])
+    assert chosen[:, 1:-1].mean() == pytest.approx(0.15, abs=0.005)
+    masked = inputs[chosen] == tokenizer.mask_token_id
+    kept = inputs[chosen] == ids[chosen]
+    assert masked.mean() == pytest.approx(0.8, abs=0.01)
+    assert kept.mean() == pytest.approx(0.1 + 0.1 / len(tokenizer), abs=0.01)
+    assert np.array_equal(inputs[~chosen], ids[~chosen])
+
+
+def test_epoch_order_is_a_fresh_permutation_per_epoch_carrying_its_epoch(tokenizer):
+    order = EpochOrder(50, seed=3)
+    first = list(order)
+    assert sorted(first) == list(range(50)) and first != list(range(50))
+    assert list(order) == first
+    order.set_epoch(2)
+    second = list(order)
+    assert sorted(second) == list(range(100, 150))
+    assert [key - 100 for key in second] != first
+
+
+def test_collate_pads_samples_of_different_lengths(tokenizer):
+    lines = Dataset.from_dict({"input_ids": [[0, 5, 6, 2], [0, 7, 8, 9, 10, 11, 12, 13, 14, 2]]})
+    batch = collate(MaskedSamples(lines, tokenizer, 0.5, seed=0).__getitems__([0, 1]), tokenizer.pad_token_id, 8)
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["attention_mask"].sum(dim=1).tolist() == [4, 10]
+    assert (batch["input_ids"][0, 4:] == tokenizer.pad_token_id).all()
+    assert (batch["labels"][0, 4:] == IGNORE).all()
+
+
+def test_steady_throughput_leaves_out_compilations(monkeypatch: pytest.MonkeyPatch):
+    clock = iter([0.0, 0.0, 1.0, 2.0, 32.0, 33.0, 34.0, 35.0])  # train begin, then step ends: one 30 s step
+    monkeypatch.setattr("kantai_batch.throughput.time.perf_counter", lambda: next(clock))
+
+    class State:
+        num_input_tokens_seen = 0
+        global_step = 0
+
+    state = State()
+    meter = ThroughputCallback(flops_per_token=1.0, peak_flops=1.0, world_size=1)
+    meter.on_train_begin(None, state, None)
+    for _ in range(6):
+        state.num_input_tokens_seen += 100
+        meter.on_step_end(None, state, None)
+    summary = meter.summary()
+    assert summary["warmup_steps"] == 1 and summary["warmup_seconds"] == 30.0
+    assert summary["steady_tokens_per_second"] == pytest.approx(100.0)
+
+
+def _step_losses(run_dir: Path, last_step: int) -> dict[int, float]:
+    state = json.loads((run_dir / "checkpoints" / f"checkpoint-{last_step}" / "trainer_state.json").read_text())
+    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+
+
+@pytest.mark.slow
+def test_a_resumed_run_trains_on_exactly_the_uninterrupted_batches(tmp_path: Path, corpus_file: Path):
+    # Batches of 8 over a few hundred blocks: an epoch is a few dozen steps, so step 25 is mid-epoch
+    # and the resumed run crosses an epoch boundary before step 60.
+    job = tiny("train.max_steps=60", "train.save_steps=25", "train.save_total_limit=5", "train.logging_steps=1")
+    whole = prepared_run(tmp_path / "whole", corpus_file)
+    invoke("pretrain", "--run-dir", str(whole), "--no-tracking", *job)
+    train_blocks = len(Dataset.load_from_disk(str(whole / "tokens" / "train")))
+    assert 25 < train_blocks // 8 < 60, train_blocks
+
+    # What a run killed after step 25 leaves: its committed checkpoint, nothing newer, no model.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed, ignore=shutil.ignore_patterns("model", "checkpoint-50", "checkpoint-60"))
+    invoke("pretrain", "--run-dir", str(resumed), "--no-tracking", *job)
+    summary = json.loads((resumed / "model" / "train_summary.json").read_text())
+    assert summary["resumed_from_step"] == 25
+
+    expected, got = _step_losses(whole, 60), _step_losses(resumed, 60)
+    assert sorted(got) == sorted(expected) == list(range(1, 61))
+    for step in range(26, 61):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), f"step {step}"
