@@ -201,7 +201,7 @@ def tokenize(job: Job, run: RunDir, workers: int | None) -> None:
 @job_options
 @tracking_option
 def pretrain(job: Job, run: RunDir, tracking: bool) -> None:
-    """Pretrain the model from scratch; resumes from the newest complete checkpoint in the run dir."""
+    """Pretrain the model from scratch (or from train.init_from); resumes from the newest complete checkpoint."""
     phase("pretrain").run(job, run, track=tracking)
 
 

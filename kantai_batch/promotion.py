@@ -89,7 +89,14 @@ def retrain(job: Job, run: RunDir, name: str, *, track: bool) -> Outcome | None:
 
 def _decide(job: Job, run: RunDir, name: str, champion: str | None, lineage: dict[str, str]) -> Outcome:
     from kantai_batch.benchmark import benchmark_for, freeze, score
-    from kantai_batch.registry import cached_pull, log_metrics, move_alias, register, set_version_tags
+    from kantai_batch.registry import (
+        cached_pull,
+        log_metrics,
+        move_alias,
+        register,
+        set_version_tags,
+        version_by_alias,
+    )
     from kantai_batch.sources import cache_dir
 
     run.require(run.model, "model", "pretrain")
@@ -136,6 +143,16 @@ def _decide(job: Job, run: RunDir, name: str, champion: str | None, lineage: dic
         if benchmark.freeze:
             freeze(benchmark, name, run_id)
     line = _explain(name, version, champion, new_loss, old_loss, promoted, job.register.min_improvement)
+    now = version_by_alias(name, CHAMPION)
+    if promoted and now != champion:
+        # Moved (by hand) while this run trained: the new model was not compared with that one. (The
+        # registry has no compare-and-set; this narrows the window to the next call.)
+        promoted = False
+        line = (
+            f"not promoted: {name} version {version} is {CHALLENGER}: {CHAMPION} moved from "
+            f"{'version ' + champion if champion else 'unset'} to version {now} while this run trained, and it was "
+            "not scored against that one"
+        )
     move_alias(name, CHAMPION if promoted else CHALLENGER, version, by=_BY_RUN)
     set_version_tags(name, version, {DECISION: line})
     return Outcome(line, trained=True, promoted=promoted)
