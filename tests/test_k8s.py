@@ -243,9 +243,14 @@ def test_the_rendered_pods_run_every_phase_against_one_s3_run_dir(
     # The scheduled retraining. There is no champion yet (register moved `candidate`), so the CronJob's
     # train.init_from (models:/kantaibert@champion) has nothing to continue from: it trains from
     # scratch, scores the model on its held-out split (frozen then) and promotes it.
+    marker = "runs/e2e/checkpoints/checkpoint-40/_COMPLETE"
+    lineage = json.loads(s3.get_object(Bucket=bucket, Key=marker)["Body"].read())["lineage_sha256"]
     (result,) = cluster.run("CronJob", "kantai-retrain-")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "no such version yet, training from scratch" in result.stderr
+    # The Jobs' checkpoints are of a training without train.init_from: deleted, not resumed.
+    assert "is of another training" in result.stderr
+    assert json.loads(s3.get_object(Bucket=bucket, Key=marker)["Body"].read())["lineage_sha256"] != lineage
     assert result.stdout.lstrip().startswith("promoted: kantaibert version 2 is champion"), result.stdout
     assert client.get_model_version_by_alias("kantaibert", "champion").version == "2"
     # Next week, the same corpus and job: nothing trained, no new version.
