@@ -168,6 +168,18 @@ def test_a_failure_after_training_leaves_the_champion_where_it_was(registry: mlf
     assert _champion(registry, name) == "1"
     assert len(registry.search_model_versions(f"name = '{name}'")) == 1
 
+    # A benchmark the job names: both models are scored on it; the frozen split stays the model's default.
+    frozen = registry.get_registered_model(name).tags["kantai.benchmark_sha256"]
+    named = tmp_path / "benchmark.txt"
+    named.write_text(kantian_text(60, seed=99), encoding="utf-8")
+    _retrain(run_dir, corpus, name, f"eval.benchmark={named}")
+    v2 = registry.get_model_version(name, "2").tags
+    assert v2["benchmark"] == str(named) and v2["benchmark_sha256"] != frozen
+    assert float(v2["champion_loss"]) != pytest.approx(
+        float(registry.get_model_version(name, "1").tags["benchmark_loss"])
+    )
+    assert registry.get_registered_model(name).tags["kantai.benchmark_sha256"] == frozen
+
 
 def test_an_unreachable_registry_fails_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
