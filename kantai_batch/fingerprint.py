@@ -3,8 +3,8 @@
 ``run`` redoes a phase whose folder is complete but whose recorded digest differs from the current
 one: the job fields the phase reads changed, or an upstream folder was redone. Both come from the
 phase table, and so does whether the model ``train.init_from`` names counts too. Upstream folders are
-identified by their manifests' file checksums, so a redone corpus
-with identical content does not force a new tokenizer.
+identified by their manifests' file checksums, so a redone corpus with identical content does not
+force a new tokenizer.
 """
 
 from __future__ import annotations
