@@ -35,9 +35,13 @@ log = logging.getLogger(__name__)
 class CheckpointMarkerCallback(TrainerCallback):
     """Marks each checkpoint complete, publishes it to a remote run dir, prunes beyond ``keep``."""
 
-    def __init__(self, run: RunDir, keep: int, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self, run: RunDir, keep: int, clock: Callable[[], float] | None = None, lineage_sha256: str | None = None
+    ) -> None:
         self.run = run
         self.keep = keep
+        # What the checkpoints are steps of: a later training of another lineage does not resume them.
+        self.lineage = {"lineage_sha256": lineage_sha256} if lineage_sha256 else {}
         # A time budget's seconds spent, kept in each marker so a resumed run counts them.
         self.clock = clock
         self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
@@ -50,7 +54,7 @@ class CheckpointMarkerCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return control
         clock = {"train_seconds": self.clock()} if self.clock else {}
-        checkpoint = self.run.seal_checkpoint(state.global_step, **clock)
+        checkpoint = self.run.seal_checkpoint(state.global_step, **clock, **self.lineage)
         if not self.run.is_remote:
             self.run.prune_checkpoints(self.keep)
             return control

@@ -21,7 +21,7 @@ import click
 
 from kantai_batch import __version__, s3
 from kantai_batch.distributed import distributed_state
-from kantai_batch.errors import JobConfigError, KantaiError, first_line
+from kantai_batch.errors import JobConfigError, KantaiError, NotPromotedError, first_line
 from kantai_batch.job import Job, load_job
 from kantai_batch.phases import phase
 from kantai_batch.rundir import RunDir
@@ -215,7 +215,7 @@ def tokenize(job: Job, run: RunDir, workers: int | None, parts: int, part: int) 
 @job_options
 @tracking_option
 def pretrain(job: Job, run: RunDir, tracking: bool) -> None:
-    """Pretrain the model from scratch; resumes from the newest complete checkpoint in the run dir."""
+    """Pretrain the model from scratch (or from train.init_from); resumes from the newest complete checkpoint."""
     phase("pretrain").run(job, run, track=tracking)
 
 
@@ -430,23 +430,35 @@ def pull(uri: str, out_dir: Path) -> None:
 @cli.command("run")
 @job_options
 @tracking_option
-@click.option("--register", "register_as", metavar="NAME", help="Register the model as NAME when it was (re)trained.")
-@click.option("--alias", envvar="KANTAI_MODEL_ALIAS", help="With --register: alias to point at the new version.")
-def run_all(job: Job, run: RunDir, tracking: bool, register_as: str | None, alias: str | None) -> None:
+@click.option(
+    "--register",
+    "register_as",
+    metavar="NAME",
+    help="Score the model and NAME@champion on the benchmark, register it, and make it champion only if better.",
+)
+@click.option(
+    "--fail-if-not-promoted",
+    is_flag=True,
+    help="With --register: exit 5 when the new version is not promoted (it is still registered, as challenger).",
+)
+def run_all(job: Job, run: RunDir, tracking: bool, register_as: str | None, fail_if_not_promoted: bool) -> None:
     """Every phase in order, skipping those whose output is complete; then fill-mask or generate."""
     from kantai_batch.distributed import is_main_process
     from kantai_batch.pipeline import run_pipeline
 
-    ran = run_pipeline(job, run, track=tracking)
+    outcome = None
+    if register_as:
+        from kantai_batch.promotion import retrain
+
+        outcome = retrain(job, run, register_as, track=tracking)
+    else:
+        run_pipeline(job, run, track=tracking)
     if not is_main_process():
         return
-    if register_as:
-        if "pretrain" in ran:
-            from kantai_batch.registry import register as register_model
-
-            emit(json.dumps(register_model(run.model, register_as, alias), indent=2))
-        else:
-            log.info("run: the model did not change, so no new version of %s is registered", register_as)
+    if outcome is not None:
+        emit(outcome.line)
+        if not outcome.trained:
+            return
     if job.task == "clm":
         from kantai_batch.generate import Generator
 
@@ -455,6 +467,34 @@ def run_all(job: Job, run: RunDir, tracking: bool, register_as: str | None, alia
     else:
         _show_fill_mask(_model(None, run), job.infer.fill_mask_text, job.infer.top_k, as_json=False)
         _show_probes(run)
+    if outcome is not None and fail_if_not_promoted and not outcome.promoted:
+        raise NotPromotedError(outcome.line)
+
+
+@cli.command()
+@click.argument("uri")
+@click.option("--alias", default="champion", help="The alias to move to the version URI names.")
+def promote(uri: str, alias: str) -> None:
+    """Move an alias to models:/NAME/VERSION by hand (tagged with the command and the previous holder)."""
+    from kantai_batch.promotion import promote as move
+
+    results = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        line = move(uri, alias)
+    click.echo(line, file=results)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the versions as JSON.")
+def models(name: str, as_json: bool) -> None:
+    """The versions of registered model NAME: aliases, benchmark loss, corpus checksum."""
+    from kantai_batch.promotion import format_table, model_table
+
+    results = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        rows = model_table(name)
+    click.echo(json.dumps(rows, indent=2) if as_json else "\n".join(format_table(rows)), file=results)
 
 
 def _show_probes(run: RunDir) -> None:

@@ -34,6 +34,16 @@ class SourceUnavailableError(KantaiError):
     exit_code = 4
 
 
+class NotPromotedError(KantaiError):
+    """``run --register --fail-if-not-promoted``: the new version did not beat the champion on the benchmark.
+
+    Not an error of the run (the version is registered as the challenger); a scheduler that wants to
+    hear of it gets its own code, which no retry changes.
+    """
+
+    exit_code = 5
+
+
 class PreemptedError(KantaiError):
     """Training stopped on SIGTERM after committing a checkpoint; a retry resumes from it.
 

@@ -2,8 +2,9 @@
 
 ``run`` redoes a phase whose folder is complete but whose recorded digest differs from the current
 one: the job fields the phase reads changed, or an upstream folder was redone. Both come from the
-phase table. Upstream folders are identified by their manifests' file checksums, so a redone corpus
-with identical content does not force a new tokenizer.
+phase table, and so does whether the model ``train.init_from`` names counts too. Upstream folders are
+identified by their manifests' file checksums, so a redone corpus with identical content does not
+force a new tokenizer.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def fingerprint_of(job: Job, phase: str, run=None, *, model_dir: Path | None = N
         else:
             found = run.marker(upstream.output_of(run)) if run is not None else None
         parts[upstream.output] = found.get("files") if found else None
+    if row.starts_from_model and job.train.init_from:
+        from kantai_batch.continued import init_identity
+
+        # The alias is a name; which version it points at is what the output depends on. Only when set,
+        # so the fingerprints of run dirs made before train.init_from existed stand.
+        parts["init_from"] = init_identity(job)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -41,3 +48,45 @@ def _pick(data: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         data = data[part]
     return data
+
+
+def settings_digest(job: Job) -> str:
+    """The job settings a trained model depends on: every field the phases up to pretrain read, but
+    ``corpus.source``, whose content the corpus's own checksum stands for (the same files under another
+    name train the same model)."""
+    from kantai_batch.phases import before
+
+    data = job.model_dump(mode="json")
+    fields = {name for row in (*before("pretrain"), phase_row("pretrain")) for name in row.reads}
+    picked = {name: _pick(data, name) for name in sorted(fields)}
+    if isinstance(picked.get("corpus"), dict):
+        picked["corpus"] = {key: value for key, value in picked["corpus"].items() if key != "source"}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+
+
+# Fields a training may change and still resume its checkpoints: how long it trains, and bookkeeping
+# that does not change what a step computes.
+_RESUMABLE_ACROSS = frozenset(
+    "max_steps epochs max_seconds save_steps save_total_limit logging_steps eval_steps preemption_grace_s "
+    "collective_timeout_s dataloader_workers torch_compile".split()
+)
+
+
+def checkpoint_lineage(job: Job, run) -> str:
+    """What a checkpoint is a step of: the run's tokenizer and samples, the model it started from and the
+    training settings, the step and time bounds aside (a longer training resumes a shorter one).
+
+    A checkpoint of another lineage belongs to an earlier training (a retraining on a grown corpus in
+    the same run dir, or with another learning rate) and is not resumed.
+    """
+    from kantai_batch.continued import init_identity
+
+    train = {key: value for key, value in job.train.model_dump(mode="json").items() if key not in _RESUMABLE_ACROSS}
+    parts = {
+        "tokenizer": (run.marker(run.tokenizer) or {}).get("files"),
+        "tokens": (run.marker(run.tokens) or {}).get("files"),
+        "init_from": init_identity(job),
+        "task": job.task,
+        "train": train,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

@@ -8,6 +8,7 @@ never silently falls back to a default.
 from __future__ import annotations
 
 import codecs
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,6 +32,8 @@ class _Section(BaseModel):
         validate_default=True,
         # `--set name=2024` arrives as an int after YAML parsing; a string field should take it.
         coerce_numbers_to_str=True,
+        # `.inf` or `.nan` in a job file is a mistake, never a setting.
+        allow_inf_nan=False,
     )
 
 
@@ -257,6 +260,11 @@ class TrainSection(_Section):
     dataloader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     """Processes collating batches: `auto` is 2 per GPU process and 0 on a CPU, whose cores the
     training step needs."""
+    init_from: str | None = None
+    """Continued pretraining: start from this model's weights instead of random ones and reuse its
+    tokenizer (train-tokenizer copies it, so token ids keep their meaning): `models:/NAME@ALIAS`,
+    `models:/NAME/VERSION`, a model folder or an s3:// model folder. An alias that does not exist yet
+    (the first scheduled retraining, before any champion) trains from scratch. `null` trains from scratch."""
     deepspeed: str | None = None
     """A DeepSpeed config (JSON) to train under instead of plain DDP, e.g. the shipped
     `jobs/deepspeed/zero2.json` or `zero3.json`; a relative path is taken from the working directory
@@ -275,6 +283,16 @@ class EvalSection(_Section):
     """mlm: a probe file, lines of `TEXT -> ANSWER, ANSWER` with one mask token in TEXT, that `evaluate`
     and `run` score as top-1 and top-`infer.top_k` hits (e.g. the shipped `jobs/probes/kant.txt`); a
     relative path is taken from the working directory (the image's is the folder holding `jobs/`)."""
+    benchmark: str | None = None
+    """`run --register`: the fixed text (any corpus source: file, folder, glob, URL, s3://, plain text)
+    that the new model and the champion are both scored on before promotion. Unset: the held-out split of
+    the first version registered, frozen then as an artifact of that version."""
+
+
+class RegisterSection(_Section):
+    min_improvement: float = Field(0.005, ge=0.0, lt=1.0)
+    """`run --register`: the new version becomes `champion` only if its benchmark loss is lower than the
+    champion's by at least this share (0.005 is 0.5%); otherwise it gets the alias `challenger`."""
 
 
 class Sampling(_Section):
@@ -319,6 +337,10 @@ class GenerateSection(Sampling):
     """The prompt `run` continues at the end."""
 
 
+# The `register` section shadows ABCMeta.register on the class, which nothing here calls.
+warnings.filterwarnings("ignore", message='Field name "register" in "Job" shadows', category=UserWarning)
+
+
 class Job(_Section):
     name: str = "kantaibert"
     """The job's name; also the MLflow experiment."""
@@ -341,6 +363,8 @@ class Job(_Section):
     """What `evaluate` reports next to loss and accuracy."""
     generate: GenerateSection = GenerateSection()
     """What `run` shows at the end of a clm job; the defaults of `generate` and `chat`."""
+    register: RegisterSection = RegisterSection()
+    """When `run --register` promotes the new version to `champion`."""
 
     @model_validator(mode="after")
     def _sections_agree(self) -> Job:

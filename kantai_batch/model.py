@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kantai_batch.errors import InputDataError, JobConfigError, first_line, unusable_as
-from kantai_batch.job import Job
+from kantai_batch.job import Job, ModelSection
 from kantai_batch.objective import model_class, task_of
 
 
@@ -16,6 +16,9 @@ class ParameterRow:
     shape: tuple[int, ...]
     count: int
 
+
+# Dropout changes how a model trains, not its shape: a checkpoint resumes across it, a model continues.
+ARCHITECTURE_KEYS = tuple(key for key in ModelSection.model_fields if not key.endswith("dropout_prob"))
 
 # Embedding and output rows in multiples of 64 keep the LM head's matmul on fast kernel shapes.
 VOCAB_MULTIPLE = 64

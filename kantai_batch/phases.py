@@ -34,6 +34,8 @@ class Phase:
     """``module:function`` taking ``(job, run, **options)``."""
     options: tuple[str, ...] = ()
     """The run-wide options (such as ``track``) the function takes."""
+    starts_from_model: bool = False
+    """Its output depends on the model ``train.init_from`` names (which version an alias points at)."""
     version: int = 1
     """Raised when the code changes what the phase writes from the same inputs: outputs of an older
     version are redone. Version 1 adds nothing to the fingerprint, so rows never raised keep theirs."""
@@ -57,8 +59,10 @@ PHASES: tuple[Phase, ...] = (
     Phase(
         "train-tokenizer",
         output="tokenizer",
+        # With train.init_from the tokenizer is the model's, copied (starts_from_model).
         reads=("corpus", "tokenizer"),
         upstream=("prepare",),
+        starts_from_model=True,
         runner="kantai_batch.tokenizer:train_tokenizer",
     ),
     Phase(
@@ -79,6 +83,7 @@ PHASES: tuple[Phase, ...] = (
         # The tokenizer is saved with the model; the samples come from tokens.
         upstream=("train-tokenizer", "tokenize"),
         every_rank=True,
+        starts_from_model=True,
         runner="kantai_batch.train:pretrain",
         options=("track",),
     ),

@@ -20,9 +20,16 @@ from kantai_batch.rundir import RunDir
 log = logging.getLogger(__name__)
 
 
-def run_pipeline(job: Job, run: RunDir, *, track: bool = True, phases: Iterable[Phase] = PHASES) -> list[str]:
-    """Run ``phases`` (every phase by default) as needed; return the names of those that ran."""
+def run_pipeline(
+    job: Job, run: RunDir, *, track: bool = True, phases: Iterable[Phase] = PHASES, redo: Iterable[str] = ()
+) -> list[str]:
+    """Run ``phases`` (every phase by default) as needed; return the names of those that ran.
+
+    The phases named in ``redo`` (not every-rank ones) run even when complete, on the main process; the
+    others then find them complete.
+    """
     state = distributed_state()
+    redo = set(redo)
     ran = []
     for phase in phases:
         if state is None:
@@ -32,17 +39,20 @@ def run_pipeline(job: Job, run: RunDir, *, track: bool = True, phases: Iterable[
             turn = contextlib.nullcontext()
         else:
             turn = state.main_process_first()
+        forced = phase.name in redo and not phase.every_rank and (state is None or state.is_main_process)
         with turn:
-            if _run_phase(job, run, phase, track=track):
+            if _run_phase(job, run, phase, track=track, forced=forced):
                 ran.append(phase.name)
     return ran
 
 
-def _run_phase(job: Job, run: RunDir, phase: Phase, *, track: bool) -> bool:
+def _run_phase(job: Job, run: RunDir, phase: Phase, *, track: bool, forced: bool = False) -> bool:
     """Run one phase unless its output is complete with unchanged inputs; return whether it ran."""
     output = phase.output_of(run)
-    marker = run.marker(output)
-    if marker is not None:
+    marker = None if forced else run.marker(output)
+    if forced:
+        log.info("%s: redoing it, to see what its sources hold now", phase.name)
+    elif marker is not None:
         if marker.get("inputs_sha256") == fingerprint_of(job, phase.name, run):
             log.info("%s: %s is complete and its inputs are unchanged, skipped", phase.name, run.uri(output))
             return False

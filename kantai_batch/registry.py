@@ -34,8 +34,13 @@ def is_registry_uri(uri: str) -> bool:
     return uri.startswith("models:/")
 
 
-def register(model_dir: Path, name: str, alias: str | None = None) -> dict[str, Any]:
-    """Log ``model_dir`` as an MLflow transformers model and register a new version of ``name``."""
+def register(
+    model_dir: Path, name: str, alias: str | None = None, tags: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Log ``model_dir`` as an MLflow transformers model and register a new version of ``name``.
+
+    ``tags`` are set on the version before any alias moves to it.
+    """
     import mlflow
 
     config = load_model_config(model_dir)
@@ -63,8 +68,11 @@ def register(model_dir: Path, name: str, alias: str | None = None) -> dict[str, 
                 pip_requirements=_requirements(),
             )
         version = str(info.registered_model_version)
+        client = mlflow.MlflowClient()
+        for key, value in (tags or {}).items():
+            client.set_model_version_tag(name, version, key, value)
         if alias:
-            mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
+            client.set_registered_model_alias(name, alias, version)
     log.info("registry: %s version %s%s from %s", name, version, f" (@{alias})" if alias else "", model_dir)
     return {
         "name": name,
@@ -107,6 +115,138 @@ def cached_pull(uri: str, cache: Path) -> Path:
     return folder
 
 
+def resolve_version(uri: str) -> tuple[str, str] | None:
+    """``models:/NAME/VERSION`` as (NAME, VERSION); ``models:/NAME@ALIAS`` as the version the alias points
+    at, or None where the model or the alias does not exist (yet)."""
+    body = uri[len("models:/") :]
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        found = version_by_alias(name, alias)
+        return None if found is None else (name, found)
+    return _resolve(uri)
+
+
+def version_by_alias(name: str, alias: str) -> str | None:
+    """The version ``alias`` points at; None where the model or the alias does not exist."""
+    import mlflow
+
+    with _tracking_errors(f"models:/{name}@{alias}"):
+        try:
+            return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+        except mlflow.exceptions.MlflowException as exc:
+            if getattr(exc, "error_code", "") in _MISSING:
+                return None
+            raise
+
+
+def version_tags(name: str, version: str) -> dict[str, str]:
+    import mlflow
+
+    with _tracking_errors(f"models:/{name}/{version}"):
+        return dict(mlflow.MlflowClient().get_model_version(name, version).tags)
+
+
+def set_version_tags(name: str, version: str, tags: dict[str, str]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    with _tracking_errors(f"models:/{name}/{version}"):
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+
+
+def model_exists(name: str) -> bool:
+    """Whether ``name`` is a registered model."""
+    import mlflow
+
+    with _tracking_errors(f"models:/{name}"):
+        try:
+            mlflow.MlflowClient().get_registered_model(name)
+        except mlflow.exceptions.MlflowException as exc:
+            if getattr(exc, "error_code", "") in _MISSING:
+                return False
+            raise
+    return True
+
+
+def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
+    """Log ``metrics`` to the MLflow run ``run_id`` (the run the version's model was logged to)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    with _tracking_errors():
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value)
+
+
+def model_tags(name: str) -> dict[str, str]:
+    """The registered model's own tags; empty where it does not exist yet."""
+    import mlflow
+
+    with _tracking_errors(f"models:/{name}"):
+        try:
+            return dict(mlflow.MlflowClient().get_registered_model(name).tags)
+        except mlflow.exceptions.MlflowException as exc:
+            if getattr(exc, "error_code", "") in _MISSING:
+                return {}
+            raise
+
+
+def set_model_tags(name: str, tags: dict[str, str]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    with _tracking_errors(f"models:/{name}"):
+        for key, value in tags.items():
+            client.set_registered_model_tag(name, key, value)
+
+
+def move_alias(name: str, alias: str, version: str, *, by: str) -> str | None:
+    """Point ``alias`` at ``version``; the version's tags record who asked and the previous holder, which is
+    returned (None when the alias is new)."""
+    import datetime
+
+    import mlflow
+
+    previous = version_by_alias(name, alias)
+    client = mlflow.MlflowClient()
+    with _tracking_errors(f"models:/{name}/{version}"):
+        client.get_model_version(name, version)  # a version that does not exist is an error, not a new alias
+        client.set_registered_model_alias(name, alias, version)
+        tags = {
+            f"{alias}.set_by": by,
+            f"{alias}.previous_version": previous or "none",
+            f"{alias}.set_at": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%dT%H:%M:%SZ}",
+        }
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+    log.info("registry: %s@%s -> version %s (was %s), by %s", name, alias, version, previous or "none", by)
+    return previous
+
+
+def versions(name: str) -> list[dict[str, Any]]:
+    """Every version of ``name``, oldest first: version, aliases, tags, creation time (ms), run id."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    with _tracking_errors(f"models:/{name}"):
+        aliases: dict[str, list[str]] = {}
+        for alias, version in client.get_registered_model(name).aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
+        found = client.search_model_versions(f"name = '{name}'")
+    rows = [
+        {
+            "version": str(v.version),
+            "aliases": sorted(aliases.get(str(v.version), [])),
+            "tags": dict(v.tags),
+            "created_ms": v.creation_timestamp,
+            "run_id": v.run_id,
+        }
+        for v in found
+    ]
+    return sorted(rows, key=lambda row: int(row["version"]))
+
+
 def _resolve(uri: str) -> tuple[str, str]:
     import mlflow
 
@@ -142,6 +282,9 @@ def _experiment_of(model_dir: Path) -> str:
     return "kantai-registry"
 
 
+_MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
 @contextlib.contextmanager
 def _tracking_errors(uri: str | None = None) -> Iterator[None]:
     """MLflow failures as one-line errors naming the tracking store (and the model URI)."""
@@ -151,6 +294,6 @@ def _tracking_errors(uri: str | None = None) -> Iterator[None]:
         yield
     except mlflow.exceptions.MlflowException as exc:
         where = f"{uri} in " if uri else ""
-        missing = getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+        missing = getattr(exc, "error_code", "") in _MISSING
         error = InputDataError if missing else SourceUnavailableError
         raise error(f"{where}MLflow {mlflow.get_tracking_uri()}: {first_line(exc)}") from None

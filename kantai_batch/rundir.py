@@ -277,6 +277,14 @@ class RunDir:
             for name in self._remote_checkpoint_names()[:-keep]:
                 manifest.delete(self._remote_of(self.checkpoints / name))
 
+    def discard_checkpoints(self, *, remote: bool) -> None:
+        """Remove every checkpoint on this disk and, with ``remote``, in the remote run dir."""
+        for old in self._local_checkpoints():
+            shutil.rmtree(old, ignore_errors=True)
+        if remote and self.remote is not None:
+            for name in self._remote_checkpoint_names():
+                manifest.delete(self._remote_of(self.checkpoints / name))
+
     def _local_checkpoints(self) -> list[Path]:
         """The checkpoint folders on this disk, oldest first."""
         if not self.checkpoints.is_dir():

@@ -51,6 +51,11 @@ def train_tokenizer(job: Job, run: RunDir) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     run.require(run.corpus, "corpus", "prepare")
+    from kantai_batch.continued import copy_tokenizer, init_model_dir
+
+    start_from = init_model_dir(job)
+    if start_from is not None:
+        return copy_tokenizer(job, run, start_from, fingerprint_of(job, "train-tokenizer", run))
     bos, pad, eos, unk, mask = job.tokenizer.special_tokens
     special_tokens = [bos, pad, eos, unk, AddedToken(mask, lstrip=True, special=True)]
     conversation = job.corpus.format == "twcs" and job.corpus.conversation

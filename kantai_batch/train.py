@@ -22,15 +22,16 @@ from transformers.trainer import TRAINER_STATE_NAME
 from kantai_batch import tracking
 from kantai_batch.budget import PlannedSchedule, TimeBudget
 from kantai_batch.checkpoints import CheckpointMarkerCallback
+from kantai_batch.continued import continued_model, init_model_dir
 from kantai_batch.data import load_samples
 from kantai_batch.distributed import node_count
 from kantai_batch.errors import JobConfigError, PreemptedError
-from kantai_batch.fingerprint import fingerprint_of
+from kantai_batch.fingerprint import checkpoint_lineage, fingerprint_of
 from kantai_batch.hardware import peak_flops, resolve_precision, training_flops_per_token
-from kantai_batch.job import Job, ModelSection
+from kantai_batch.job import Job
 from kantai_batch.manifest import read_marker, write_json_atomic
 from kantai_batch.masking import MaskedSamples
-from kantai_batch.model import init_model, load_tokenizer
+from kantai_batch.model import ARCHITECTURE_KEYS, init_model, load_tokenizer
 from kantai_batch.objective import (
     ACCURACY,
     accuracy_metric,
@@ -52,9 +53,6 @@ from kantai_batch.trainer import (
 
 log = logging.getLogger(__name__)
 
-# Dropout changes how a model trains, not its shape: a checkpoint resumes across it.
-ARCHITECTURE_KEYS = tuple(key for key in ModelSection.model_fields if not key.endswith("dropout_prob"))
-
 
 def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     """Train the job's model on the prepared corpus; return the committed model folder."""
@@ -66,9 +64,25 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     with args.main_process_first(local=True, desc="pretrain inputs"):
         tokenizer = load_tokenizer(run.require(run.tokenizer, "tokenizer", "train-tokenizer"))
         run.require(run.tokens, "tokens", "tokenize")
+        start_from = init_model_dir(job)
+        lineage = checkpoint_lineage(job, run)
         resume_from = run.newest_checkpoint(tidy=args.local_process_index == 0)
+        if resume_from and read_marker(resume_from).get("lineage_sha256", lineage) != lineage:
+            # An earlier training's checkpoint (a retraining on a grown corpus in the same run dir):
+            # resuming it would skip this training's steps, and its higher step would outlive the new ones.
+            log.info(
+                "pretrain: %s is of another training (other samples, starting model or settings); starting over",
+                run.uri(resume_from),
+            )
+            if args.local_process_index == 0:
+                run.discard_checkpoints(remote=args.process_index == 0)
+            resume_from = None
     inputs = fingerprint_of(job, "pretrain", run)
-    model = init_model(job, len(tokenizer))
+    if start_from is None:
+        model = init_model(job, len(tokenizer))
+    else:
+        model = continued_model(job, start_from, tokenizer)
+        log.info("pretrain: continuing from %s (train.init_from %s)", start_from, job.train.init_from)
     if resume_from:
         require_same_architecture(resume_from, model.config)
     budget = time_budget(job, resume_from)
@@ -80,7 +94,9 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     # The tracking store is reached before any data work, so an unreachable one fails in seconds.
     tracked = track and args.process_index == 0
     with tracking.pretrain_run(job, run, enabled=tracked, resuming=resume_from is not None) as mlflow_run:
-        checkpoints = CheckpointMarkerCallback(run, job.train.save_total_limit, clock=budget.spent if budget else None)
+        checkpoints = CheckpointMarkerCallback(
+            run, job.train.save_total_limit, clock=budget.spent if budget else None, lineage_sha256=lineage
+        )
         stop = StopAgreement(Preemption(job.train.preemption_grace_s), budget)
         session = build_trainer(job, model, tokenizer, args, run, callbacks=[checkpoints, stop], budget=budget)
         trainer = session.trainer
@@ -121,6 +137,7 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
             **({"max_seconds": budget.max_seconds, "budget_spent_s": budget.spent()} if budget else {}),
             **session.summary(),
             "mlflow_run_id": mlflow_run.info.run_id if mlflow_run else None,
+            "init_from": job.train.init_from if start_from is not None else None,
         }
         if not trainer.is_world_process_zero():
             # Under ZeRO-3 the weights are sharded: saving gathers them from every process, and only

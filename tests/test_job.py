@@ -43,6 +43,8 @@ def test_corpus_option_overrides_the_source(tmp_path: Path):
         (["infer.fill_mask_text=no mask here"], "infer.fill_mask_text has no <mask> token"),
         (["train"], "expected dotted.key=value"),
         (["model=3"], "model: Input should be a valid dictionary"),
+        (["train.learning_rate=.inf"], "train.learning_rate: Input should be a finite number"),
+        (["register.min_improvement=1.5"], "register.min_improvement: Input should be less than 1"),
     ],
 )
 def test_invalid_values_name_the_key(overrides: list[str], message: str):
@@ -89,3 +91,20 @@ def test_readme_documents_every_job_field():
                 assert f"`{section_name}.{field}`" in readme, f"README does not document {section_name}.{field}"
         else:
             assert f"`{section_name}`" in readme, f"README does not document {section_name}"
+
+
+def test_the_settings_a_retraining_compares_are_those_that_shape_the_model():
+    from kantai_batch.fingerprint import settings_digest
+
+    base = settings_digest(load_job(None))
+    # Where the corpus is read from, what is shown and how the new model is judged train the same model.
+    for same in (
+        "corpus.source=elsewhere.txt",
+        "eval.benchmark=b.txt",
+        "register.min_improvement=0.1",
+        "infer.top_k=3",
+    ):
+        assert settings_digest(load_job(None, [same])) == base, same
+    for changed in ("train.learning_rate=3e-4", "tokenizer.vocab_size=3000", "data.eval_fraction=0.2",
+                    "train.init_from=models:/m@champion", "model.num_hidden_layers=4"):  # fmt: skip
+        assert settings_digest(load_job(None, [changed])) != base, changed

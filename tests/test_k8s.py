@@ -15,8 +15,8 @@ import mlflow
 import pytest
 import yaml
 
-from helpers import ROOT, TINY, free_port
-from kantai_batch.errors import InputDataError, JobConfigError, PreemptedError
+from helpers import ROOT, TINY, free_port, kantian_text
+from kantai_batch.errors import InputDataError, JobConfigError, NotPromotedError, PreemptedError
 from kantai_batch.job import TrainSection, load_job
 from kantai_batch.submission import PHASES, QUEUE_LABEL, RETRAIN, Submission, kustomize, render
 
@@ -110,7 +110,7 @@ def test_pods_are_locked_down_and_fail_fast_only_on_what_a_retry_cannot_fix(over
         fail = [r["onExitCodes"]["values"] for r in rules if r["action"] == "FailJob"]
         ignore = [r.get("onExitCodes", {}).get("values") or r["onPodConditions"][0]["type"] for r in rules
                   if r["action"] == "Ignore"]  # fmt: skip
-        assert fail == [[JobConfigError.exit_code, InputDataError.exit_code]]
+        assert fail == [[JobConfigError.exit_code, InputDataError.exit_code, NotPromotedError.exit_code]]
         assert [PreemptedError.exit_code] in ignore and "DisruptionTarget" in ignore
         for container in pod["containers"]:
             security = container["securityContext"]
@@ -264,12 +264,39 @@ def test_the_rendered_pods_run_every_phase_against_one_s3_run_dir(
     assert len(versions) == 1, "register (KANTAI_MODEL_NAME) made the first version"
     assert client.get_model_version_by_alias("kantaibert", "candidate").version == versions[0].version
 
-    # The scheduled retraining finds every phase complete with unchanged inputs: nothing retrained,
-    # so no new version is registered.
+    # The scheduled retraining. There is no champion yet (register moved `candidate`), so the CronJob's
+    # train.init_from (models:/kantaibert@champion) has nothing to continue from: it trains from
+    # scratch, scores the model on its held-out split (frozen then) and promotes it.
+    marker = "runs/e2e/checkpoints/checkpoint-40/_COMPLETE"
+    lineage = json.loads(s3.get_object(Bucket=bucket, Key=marker)["Body"].read())["lineage_sha256"]
     (result,) = cluster.run("CronJob", "kantai-retrain-")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "skipped" in result.stderr and "no new version" in result.stderr
-    assert len(client.search_model_versions("name = 'kantaibert'")) == 1
+    assert "no such version yet, training from scratch" in result.stderr
+    # The Jobs' checkpoints are of a training without train.init_from: deleted, not resumed.
+    assert "is of another training" in result.stderr
+    assert json.loads(s3.get_object(Bucket=bucket, Key=marker)["Body"].read())["lineage_sha256"] != lineage
+    assert result.stdout.lstrip().startswith("promoted: kantaibert version 2 is champion"), result.stdout
+    assert client.get_model_version_by_alias("kantaibert", "champion").version == "2"
+    # Next week, the same corpus and job: nothing trained, no new version.
+    (result,) = cluster.run("CronJob", "kantai-retrain-")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.lstrip().startswith("nothing to do: the corpus"), result.stdout
+    assert len(client.search_model_versions("name = 'kantaibert'")) == 2
+    # The week after, the corpus object has grown in place: the CronJob continues from the champion's
+    # weights and tokenizer, and both are scored on the frozen benchmark.
+    grown = corpus_file.read_bytes() + b"\r\n\r\n" + kantian_text(200, seed=5).replace("\n", "\r\n").encode("cp1252")
+    boto3.client("s3").put_object(Bucket=bucket, Key="corpora/kant.txt", Body=grown)
+    (result,) = cluster.run("CronJob", "kantai-retrain-")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tokenizer: copied from models:/kantaibert@champion" in result.stderr
+    assert "pretrain: continuing from" in result.stderr
+    assert re.match(r"(promoted|not promoted): kantaibert version 3 is (champion|challenger)", result.stdout.lstrip())
+    v2, v3 = (client.get_model_version("kantaibert", v).tags for v in ("2", "3"))
+    assert float(v3["champion_loss"]) == pytest.approx(float(v2["benchmark_loss"]), rel=1e-5)
+    assert v3["benchmark_sha256"] == v2["benchmark_sha256"] and v3["corpus_sha256"] != v2["corpus_sha256"]
+    promoted = float(v3["benchmark_loss"]) <= float(v3["champion_loss"]) * (1 - 0.005)
+    champion = client.get_model_version_by_alias("kantaibert", "champion").version
+    assert champion == ("3" if promoted else "2"), "champion moves only to a better model"
 
 
 @pytest.mark.slow

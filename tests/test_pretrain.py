@@ -245,3 +245,20 @@ def test_unreachable_tracking_store_is_one_line(tmp_path: Path, corpus_file: Pat
     assert "MLflow tracking store http://127.0.0.1:9" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "model").exists()
+
+
+def test_checkpoints_of_another_training_are_not_resumed_but_a_longer_one_resumes(tmp_path: Path, corpus_file: Path):
+    run_dir = prepared_run(tmp_path / "run", corpus_file)
+    short = tiny("train.max_steps=10", "train.save_steps=10")
+    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *short)
+    first = json.loads((run_dir / "checkpoints" / "checkpoint-10" / MARKER).read_text())["lineage_sha256"]
+    # Another learning rate is another training: it starts over, and the old checkpoint is gone.
+    other = tiny("train.max_steps=10", "train.save_steps=10", "train.learning_rate=3e-3")
+    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *other)
+    assert json.loads((run_dir / "model" / "train_summary.json").read_text())["resumed_from_step"] == 0
+    second = json.loads((run_dir / "checkpoints" / "checkpoint-10" / MARKER).read_text())["lineage_sha256"]
+    assert second != first
+    # A longer training of the same lineage resumes it.
+    longer = tiny("train.max_steps=20", "train.save_steps=10", "train.learning_rate=3e-3")
+    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *longer)
+    assert json.loads((run_dir / "model" / "train_summary.json").read_text())["resumed_from_step"] == 10

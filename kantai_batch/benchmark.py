@@ -1,0 +1,187 @@
+"""The fixed benchmark that a new model and the champion are both scored on before a promotion.
+
+The benchmark is text: ``eval.benchmark`` (any corpus source, read as plain text), else the held-out
+split of the first version registered with a benchmark, which is then frozen (logged as an artifact
+of that version's run and named by tags on the registered model), else, for that first version, this
+run's held-out split. Each model is scored with its own tokenizer on blocks of ``data.block_size``,
+masked once with ``train.seed`` for a masked LM, in this process by ``score``: the same model on the
+same bytes always gets the same number, and two models compared are scored by the same code.
+
+The loss is the mean cross-entropy over every scored token of the benchmark (the masked tokens of a
+masked LM, every next token of a causal LM), computed in fp32 without the Trainer, so it runs alike on
+one process or on the main process of a launch whose other ranks have finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kantai_batch.errors import InputDataError, KantaiError, SourceUnavailableError, first_line
+from kantai_batch.job import Job
+from kantai_batch.manifest import file_sha256
+from kantai_batch.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+# Registered model tags naming the frozen benchmark.
+FROZEN_URI = "kantai.benchmark_uri"
+FROZEN_SHA256 = "kantai.benchmark_sha256"
+_ARTIFACT_DIR = "benchmark"
+_ARTIFACT = "benchmark.txt"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    text: Path
+    """UTF-8 text, examples separated by blank lines, as a prepared split."""
+    sha256: str
+    source: str
+    """Where it comes from, for messages and tags."""
+    freeze: bool
+    """This run's held-out split, to be frozen on the version this run registers."""
+
+
+def benchmark_for(job: Job, run: RunDir, name: str, scratch: Path) -> Benchmark:
+    """The benchmark of registered model ``name`` for this job; ``scratch`` holds downloads."""
+    from kantai_batch.registry import model_tags
+
+    if job.eval.benchmark:
+        text = _decoded(job.eval.benchmark, job, scratch / "benchmark.txt")
+        return Benchmark(text, file_sha256(text), job.eval.benchmark, freeze=False)
+    frozen = model_tags(name)
+    if FROZEN_URI in frozen:
+        text = _download(frozen[FROZEN_URI], scratch)
+        digest = file_sha256(text)
+        if digest != frozen.get(FROZEN_SHA256):
+            raise InputDataError(
+                f"benchmark {frozen[FROZEN_URI]} of models:/{name} does not match its checksum "
+                f"{frozen.get(FROZEN_SHA256)} (tag {FROZEN_SHA256})"
+            )
+        return Benchmark(text, digest, frozen[FROZEN_URI], freeze=False)
+    # The held-out split alone: a remote run dir's train split may be most of a large corpus.
+    run.pull_file(run.eval_text)
+    text = run.eval_text
+    if not text.is_file():
+        raise InputDataError(f"corpus {run.uri(run.eval_text)} is missing: run `kantai-batch prepare` first")
+    return Benchmark(text, file_sha256(text), f"{run.uri(run.eval_text)} (frozen now)", freeze=True)
+
+
+def freeze(benchmark: Benchmark, name: str, run_id: str) -> str:
+    """Log the benchmark text as an artifact of ``run_id`` and name it on the registered model; its URI."""
+    import mlflow
+
+    from kantai_batch.registry import set_model_tags
+
+    uri = f"runs:/{run_id}/{_ARTIFACT_DIR}/{_ARTIFACT}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="kantai-benchmark-") as scratch:
+            # Under the artifact's own name, whatever the split's file is called.
+            staged = Path(scratch) / _ARTIFACT
+            staged.write_bytes(benchmark.text.read_bytes())
+            mlflow.MlflowClient().log_artifact(run_id, str(staged), _ARTIFACT_DIR)
+    except mlflow.exceptions.MlflowException as exc:
+        raise SourceUnavailableError(f"MLflow {mlflow.get_tracking_uri()}: {first_line(exc)}") from None
+    set_model_tags(name, {FROZEN_URI: uri, FROZEN_SHA256: benchmark.sha256})
+    log.info("benchmark: froze %s as %s for every later version of %s", benchmark.source, uri, name)
+    return uri
+
+
+def score(job: Job, model_dir: Path, benchmark: Benchmark, what: str) -> dict[str, Any]:
+    """The loss of the model in ``model_dir`` on ``benchmark``: ``loss``, ``scored_tokens``, ``samples``."""
+    from kantai_batch.data import build_split
+    from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer
+    from kantai_batch.objective import task_of
+
+    config = load_model_config(model_dir)
+    task = task_of(config)
+    if task is None:
+        raise InputDataError(f"{what} {model_dir} is neither a masked nor a causal language model")
+    if job.data.block_size + 2 > config.max_position_embeddings:
+        raise InputDataError(
+            f"{what} {model_dir} takes at most {config.max_position_embeddings - 2} tokens; "
+            f"data.block_size is {job.data.block_size}"
+        )
+    tokenizer = load_model_tokenizer(model_dir)
+    model = load_lm(model_dir, task)
+    shaped = job.model_copy(update={"task": task})
+    samples = build_split(benchmark.text, shaped, tokenizer, fix_masks=task == "mlm", what="benchmark")
+    try:
+        total, count = _loss_sum(model, tokenizer, samples, task, job)
+    except KantaiError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to score leaves the alias alone, as one line
+        raise InputDataError(f"{what} {model_dir} could not be scored on the benchmark: {first_line(exc)}") from None
+    loss = total / count if count else math.nan
+    log.info("benchmark: %s loss %.4f on %s scored tokens of %s", what, loss, f"{count:,}", benchmark.source)
+    return {"loss": loss, "scored_tokens": count, "samples": len(samples)}
+
+
+def _loss_sum(model, tokenizer, samples, task: str, job: Job) -> tuple[float, int]:
+    """Summed cross-entropy (fp32) and the number of tokens it sums over."""
+    import torch
+    import torch.nn.functional as F
+
+    from kantai_batch.objective import collator
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    collate = collator(task, tokenizer, job)
+    size = job.train.per_device_batch_size
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(samples), size):
+            rows = samples[start : start + size]
+            features = [dict(zip(rows, values, strict=True)) for values in zip(*rows.values(), strict=True)]
+            batch = {key: value.to(device) for key, value in collate(features).items()}
+            labels = batch.pop("labels")
+            batch.pop("special_tokens_mask", None)
+            logits = model(**batch).logits.float()
+            if task == "clm":
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            scored = labels != -100
+            total += F.cross_entropy(logits[scored], labels[scored], reduction="sum").item()
+            count += int(scored.sum())
+    return total, count
+
+
+def _decoded(source: str, job: Job, dest: Path) -> Path:
+    """Every file ``source`` names, decoded and cleaned as prepare does plain text, into one text."""
+    from kantai_batch.decoding import detect_encoding, write_text
+    from kantai_batch.formats import SUFFIXES
+    from kantai_batch.sources import decompressed, expand, local_copy
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_suffix(".part")
+    paragraphs = 0
+    with dest.open("w", encoding="utf-8", newline="\n") as out:
+        for item in expand((source,), "benchmark", SUFFIXES["text"]):
+            with local_copy(item, "benchmark") as path:
+                opened = lambda: decompressed(path, item.name)  # noqa: B023, E731 - used within this iteration
+                decoding = detect_encoding(opened, job.corpus.encoding, f"benchmark {item.name}")
+                with opened() as raw:
+                    count = write_text(raw, decoding, part)
+                if count:
+                    out.write(("\n" if paragraphs else "") + part.read_text(encoding="utf-8"))
+                    paragraphs += count
+    part.unlink(missing_ok=True)
+    if paragraphs == 0:
+        raise InputDataError(f"benchmark {source} has no text")
+    return dest
+
+
+def _download(uri: str, scratch: Path) -> Path:
+    import mlflow
+
+    folder = scratch / "frozen-download"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder)))
+    except mlflow.exceptions.MlflowException as exc:
+        raise SourceUnavailableError(
+            f"benchmark {uri}: MLflow {mlflow.get_tracking_uri()}: {first_line(exc)}"
+        ) from None

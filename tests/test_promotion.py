@@ -1,0 +1,214 @@
+"""Retraining that promotes only a better model, against a real `mlflow server` (artifacts in the loopback S3).
+
+`run --register NAME` scores the new model and NAME@champion on one benchmark in one process and moves
+`champion` only to a model that is better by register.min_improvement; `train.init_from` continues
+from the champion with its tokenizer; an unchanged corpus and job do nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from helpers import free_port, invoke, kantian_text, tiny
+from kantai_batch.data import tokenizer_digest
+from kantai_batch.errors import InputDataError, JobConfigError, NotPromotedError, SourceUnavailableError
+from kantai_batch.manifest import read_marker
+from kantai_batch.model import load_tokenizer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def registry(mlflow_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> mlflow.MlflowClient:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "cache"))
+    return mlflow.MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+
+
+def _week(folder: Path, week: int) -> Path:
+    """One more file of a growing corpus folder (different paragraphs each week)."""
+    folder.mkdir(exist_ok=True)
+    path = folder / f"week-{week}.txt"
+    path.write_text(kantian_text(300, seed=week), encoding="utf-8")
+    return folder
+
+
+def _retrain(run_dir: Path, corpus: Path, name: str, *extra: str, expect: int | None = 0):
+    args = ["run", "--run-dir", str(run_dir), "--corpus", f"{corpus}/", "--register", name]
+    return invoke(*args, *tiny(f"train.init_from=models:/{name}@champion", *extra), expect=expect)
+
+
+def _champion(client: mlflow.MlflowClient, name: str) -> str:
+    return str(client.get_model_version_by_alias(name, "champion").version)
+
+
+def _results(result) -> list[str]:
+    return [line for line in result.stdout.splitlines() if line.strip()]
+
+
+def test_retraining_promotes_only_a_better_model_continuing_from_the_champion(
+    registry: mlflow.MlflowClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="kantai_batch")
+    name = "retrain-tiny"
+    corpus, run_dir = tmp_path / "corpus", tmp_path / "run"
+
+    # 1. The first run: no champion yet (and no version for init_from), so it trains from scratch,
+    # freezes its held-out split as the benchmark, and is promoted.
+    first = _retrain(run_dir, _week(corpus, 1), name)
+    assert _results(first)[0].startswith(f"promoted: {name} version 1 is champion"), first.stdout
+    assert "no such version yet, training from scratch" in caplog.text
+    assert _champion(registry, name) == "1"
+    v1 = registry.get_model_version(name, "1").tags
+    stats = json.loads((run_dir / "corpus" / "stats.json").read_text())
+    assert v1["corpus_sha256"] == stats["source_sha256"]
+    assert v1["champion_loss"] == "none" and float(v1["benchmark_loss"]) > 0
+    frozen = registry.get_registered_model(name).tags
+    eval_split = (run_dir / "corpus" / "eval.txt").read_bytes()
+    assert frozen["kantai.benchmark_sha256"] == v1["benchmark_sha256"] == hashlib.sha256(eval_split).hexdigest()
+    downloaded = mlflow.artifacts.download_artifacts(frozen["kantai.benchmark_uri"], dst_path=str(tmp_path / "b"))
+    assert Path(downloaded).read_bytes() == eval_split, "the first version's held-out split, as an artifact"
+    history = registry.get_metric_history(registry.get_model_version(name, "1").run_id, "benchmark_loss")
+    assert [m.value for m in history] == [pytest.approx(float(v1["benchmark_loss"]), rel=1e-5)]
+    tokenizer_v1 = tokenizer_digest(load_tokenizer(run_dir / "tokenizer"))
+    model_v1 = read_marker(run_dir / "model")["files"]
+
+    # 2. The same corpus and job: nothing trained, no version.
+    caplog.clear()
+    again = _retrain(run_dir, corpus, name)
+    assert len(_results(again)) == 1 and _results(again)[0].startswith("nothing to do:"), again.stdout
+    assert "prepare: redoing it" in caplog.text and "pretrain:" not in caplog.text
+    assert len(registry.search_model_versions(f"name = '{name}'")) == 1
+    assert read_marker(run_dir / "model")["files"] == model_v1
+
+    # 3. A week more data: continues from the champion with its tokenizer, on the same benchmark.
+    caplog.clear()
+    grown = _retrain(run_dir, _week(corpus, 2), name)
+    assert "tokenizer: copied from models:/retrain-tiny@champion" in caplog.text
+    assert "pretrain: continuing from" in caplog.text
+    assert tokenizer_digest(load_tokenizer(run_dir / "tokenizer")) == tokenizer_v1, "token ids keep their meaning"
+    assert _results(grown)[0].startswith(f"promoted: {name} version 2 is champion"), grown.stdout
+    v2 = registry.get_model_version(name, "2").tags
+    assert v2["benchmark_sha256"] == v1["benchmark_sha256"], "the frozen benchmark, not the grown eval split"
+    # The champion was scored again, in this process, on the same bytes and masks: the same number.
+    assert float(v2["champion_loss"]) == pytest.approx(float(v1["benchmark_loss"]), rel=1e-5)
+    assert float(v2["benchmark_loss"]) <= float(v2["champion_loss"]) * (1 - 0.005)
+    assert v2["corpus_sha256"] != v1["corpus_sha256"]
+    assert _champion(registry, name) == "2"
+
+    # 4. Sabotaged: a learning rate that makes it diverge. Registered as the challenger; the champion stays.
+    worse = _retrain(run_dir, corpus, name, "train.learning_rate=1", expect=None)
+    assert worse.exit_code == 0, worse.stderr[-3000:]
+    line = _results(worse)[0]
+    assert line.startswith(f"not promoted: {name} version 3 is challenger") and "champion stays version 2" in line
+    v3 = registry.get_model_version(name, "3").tags
+    assert float(v3["benchmark_loss"]) > float(v3["champion_loss"]) * (1 - 0.005)
+    assert _champion(registry, name) == "2"
+    assert registry.get_model_version_by_alias(name, "challenger").version == "3"
+
+    # The same run again: its model is already registered; with --fail-if-not-promoted that is exit 5.
+    retry = invoke(
+        "run", "--run-dir", str(run_dir), "--corpus", f"{corpus}/", "--register", name, "--fail-if-not-promoted",
+        *tiny(f"train.init_from=models:/{name}@champion", "train.learning_rate=1"),
+        expect=NotPromotedError.exit_code,
+    )  # fmt: skip
+    assert (
+        _results(retry)[0]
+        == f"nothing new: the run's model is already {name} version 3 (@challenger); not registered again"
+    )
+    assert retry.stderr.strip().splitlines()[-1] == f"kantai-batch: error: {_results(retry)[0]}"
+    assert len(registry.search_model_versions(f"name = '{name}'")) == 3
+
+    # The table of versions, and a promotion by hand recorded on the version.
+    rows = json.loads(invoke("models", name, "--json").stdout)
+    assert [(r["version"], r["aliases"]) for r in rows] == [("1", []), ("2", ["champion"]), ("3", ["challenger"])]
+    assert rows[2]["benchmark_loss"] == pytest.approx(float(v3["benchmark_loss"]))
+    assert rows[1]["corpus_sha256"] == v2["corpus_sha256"]
+    table = invoke("models", name).stdout.splitlines()
+    assert table[0].split()[:4] == ["version", "aliases", "benchmark_loss", "corpus_sha256"]
+    assert table[2].split()[:2] == ["2", "champion"] and v2["corpus_sha256"][:12] in table[2]
+
+    moved = invoke("promote", f"models:/{name}/3")
+    assert moved.stdout.strip() == f"{name}@champion: version 3 (was version 2)"
+    assert _champion(registry, name) == "3"
+    v3 = registry.get_model_version(name, "3").tags
+    assert v3["champion.previous_version"] == "2"
+    assert v3["champion.set_by"].startswith(f"kantai-batch promote models:/{name}/3 --alias champion")
+    # Asking for what is not there is one line, and moves nothing.
+    gone = invoke("promote", f"models:/{name}/99", expect=InputDataError.exit_code).stderr.strip()
+    assert len(gone.splitlines()) == 1 and f"models:/{name}/99 in MLflow" in gone
+    reserved = invoke("promote", f"models:/{name}/2", "--alias", "latest", expect=JobConfigError.exit_code)
+    assert "alias 'latest'" in reserved.stderr
+    assert _champion(registry, name) == "3"
+    unknown = invoke("models", "no-such-model", expect=InputDataError.exit_code).stderr.strip()
+    assert len(unknown.splitlines()) == 1 and "models:/no-such-model in MLflow" in unknown
+
+
+def test_a_failure_after_training_leaves_the_champion_where_it_was(registry: mlflow.MlflowClient, tmp_path: Path):
+    name = "failing-tiny"
+    corpus, run_dir = tmp_path / "corpus", tmp_path / "run"
+    _retrain(run_dir, _week(corpus, 1), name)
+    assert _champion(registry, name) == "1"
+
+    # Training diverges to NaN: one line, exit 3, nothing registered.
+    nan = _retrain(run_dir, _week(corpus, 2), name, "train.learning_rate=1e30", expect=InputDataError.exit_code)
+    message = nan.stderr.strip().splitlines()[-1]
+    assert message.startswith("kantai-batch: error: pretrain diverged: eval_loss is nan")
+    assert message.endswith(f"nothing registered, {name}@champion stays version 1")
+    # The benchmark cannot be read (evaluation fails): one line, exit 4, nothing registered.
+    missing = tmp_path / "no-such-benchmark.txt"
+    failed = _retrain(run_dir, corpus, name, f"eval.benchmark={missing}", expect=SourceUnavailableError.exit_code)
+    assert failed.stderr.strip().splitlines()[-1] == f"kantai-batch: error: benchmark {missing} does not exist"
+    assert _champion(registry, name) == "1"
+    assert len(registry.search_model_versions(f"name = '{name}'")) == 1
+
+    # A benchmark the job names: both models are scored on it; the frozen split stays the model's default.
+    frozen = registry.get_registered_model(name).tags["kantai.benchmark_sha256"]
+    named = tmp_path / "benchmark.txt"
+    named.write_text(kantian_text(60, seed=99), encoding="utf-8")
+    _retrain(run_dir, corpus, name, f"eval.benchmark={named}")
+    v2 = registry.get_model_version(name, "2").tags
+    assert v2["benchmark"] == str(named) and v2["benchmark_sha256"] != frozen
+    assert float(v2["champion_loss"]) != pytest.approx(
+        float(registry.get_model_version(name, "1").tags["benchmark_loss"])
+    )
+    assert registry.get_registered_model(name).tags["kantai.benchmark_sha256"] == frozen
+
+
+def test_an_unreachable_registry_fails_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    result = _retrain(tmp_path / "run", _week(tmp_path / "corpus", 1), "x", expect=SourceUnavailableError.exit_code)
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and "models:/x@champion in MLflow http://127.0.0.1:" in message
+    assert not (tmp_path / "run").exists(), "nothing was prepared"
+
+
+def test_a_job_that_conflicts_with_the_model_it_continues_is_a_one_line_error(
+    trained_run: Path, corpus_file: Path, tmp_path: Path
+):
+    run_dir = tmp_path / "run"
+    invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file))
+    start = f"train.init_from={trained_run / 'model'}"
+    small = invoke("train-tokenizer", "--run-dir", str(run_dir), *tiny(start, "tokenizer.vocab_size=300"), expect=2)
+    message = small.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"kantai-batch: error: train.init_from {trained_run / 'model'}: its tokenizer conflicts")
+    assert "(tokenizer.vocab_size 300 but the model's has" in message
+    assert not (run_dir / "tokenizer").exists()
+    invoke("train-tokenizer", "--run-dir", str(run_dir), *tiny(start))
+    assert tokenizer_digest(load_tokenizer(run_dir / "tokenizer")) == tokenizer_digest(
+        load_tokenizer(trained_run / "model")
+    )
+    invoke("tokenize", "--run-dir", str(run_dir), *tiny(start))
+    wider = invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *tiny(start, "model.intermediate_size=256"),
+                   expect=JobConfigError.exit_code)  # fmt: skip
+    message = wider.stderr.strip().splitlines()[-1]
+    assert "has another architecture than the job (intermediate_size 128 -> 256)" in message
+    assert not (run_dir / "model").exists()
