@@ -45,18 +45,14 @@ from pathlib import Path
 
 import psutil
 
+from kantai_batch.job import TINY_MODEL
+
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1_000_000
 # The commit before pretrain read RUN/tokens (7df60aa): its pretrain tokenized with datasets map.
 OLD_COMMIT = "79c09b6"
 TINY = (
-    "model.num_hidden_layers=2",
-    "model.hidden_size=64",
-    "model.num_attention_heads=2",
-    "model.intermediate_size=128",
-    "model.max_position_embeddings=66",
-    "tokenizer.vocab_size=1000",
-    "data.block_size=32",
+    *TINY_MODEL,
     "train.per_device_batch_size=8",
     "train.max_steps=1",
     "train.save_steps=1000",

@@ -52,6 +52,16 @@ TWCS_FIELDS = (
 
 # The formats whose examples are one field of a record; `text_field` names it.
 FIELD_FORMATS = ("jsonl", "csv", "parquet")
+# A model and tokenizer small enough to train in seconds on a CPU: the tests' and smoke benchmarks' overrides.
+TINY_MODEL = (
+    "model.num_hidden_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=2",
+    "model.intermediate_size=128",
+    "model.max_position_embeddings=66",
+    "tokenizer.vocab_size=1000",
+    "data.block_size=32",
+)
 
 
 class CorpusSection(_Section):

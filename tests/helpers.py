@@ -21,18 +21,13 @@ from click.testing import CliRunner, Result
 import seaweed
 from kantai_batch import s3
 from kantai_batch.cli import cli
+from kantai_batch.job import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 KANT = ROOT.parent / "shared" / "data" / "kant.txt"
 
 TINY = (
-    "model.num_hidden_layers=2",
-    "model.hidden_size=64",
-    "model.num_attention_heads=2",
-    "model.intermediate_size=128",
-    "model.max_position_embeddings=66",
-    "tokenizer.vocab_size=1000",
-    "data.block_size=32",
+    *TINY_MODEL,
     "train.per_device_batch_size=8",
     "train.max_steps=40",
     "train.save_steps=10",
