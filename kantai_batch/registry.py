@@ -233,7 +233,7 @@ def versions(name: str) -> list[dict[str, Any]]:
         aliases: dict[str, list[str]] = {}
         for alias, version in client.get_registered_model(name).aliases.items():
             aliases.setdefault(str(version), []).append(alias)
-        found = client.search_model_versions(f"name = '{name}'")
+        found = client.search_model_versions(name_filter(name))
     rows = [
         {
             "version": str(v.version),
@@ -245,6 +245,11 @@ def versions(name: str) -> list[dict[str, Any]]:
         for v in found
     ]
     return sorted(rows, key=lambda row: int(row["version"]))
+
+
+def name_filter(name: str) -> str:
+    """MLflow's search filter for one model's versions: a name with a single quote goes in double quotes."""
+    return f'name = "{name}"' if "'" in name else f"name = '{name}'"
 
 
 def _resolve(uri: str) -> tuple[str, str]:

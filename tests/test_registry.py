@@ -68,3 +68,12 @@ def test_unreachable_tracking_server_is_a_one_line_error(trained_run: Path, monk
     result = invoke("register", "--model", str(trained_run / "model"), "--name", "x", expect=4)
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1 and "MLflow http://127.0.0.1:" in message
+
+
+@pytest.mark.parametrize("name", ["kantaibert", "Kant's critique", 'the "support" model'])
+def test_the_version_search_filter_keeps_any_quote_in_a_model_name(name: str):
+    from mlflow.utils.search_utils import SearchModelVersionUtils
+
+    from kantai_batch.registry import name_filter
+
+    assert SearchModelVersionUtils.parse_search_filter(name_filter(name))[0]["value"] == name
