@@ -27,6 +27,7 @@ from kantai_batch.curve import time_to_reach
 from kantai_batch.errors import JobConfigError, KantaiError
 from kantai_batch.job import Job, override_job
 from kantai_batch.manifest import write_json_atomic
+from kantai_batch.probes import format_quality, read_probes
 from kantai_batch.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,9 @@ def bench(
     names = [name for name, _ in configs]
     if len(set(names)) != len(names):
         raise JobConfigError(f"--variant: configuration names repeat: {', '.join(names)}")
+    for _, config in configs:
+        if config.task == "mlm" and config.eval.probes:
+            read_probes(config.eval.probes)  # a malformed probe file fails now, not after the training
     _prepare_inputs(job, run)
     header: dict[str, Any] = {
         "job": job.name,
@@ -200,6 +204,8 @@ def format_table(record: dict[str, Any]) -> str:
                     f"{name} reached run_mlm's final {cut} loss {reached['baseline_loss']:.3f} "
                     f"(at {reached['baseline_seconds']:.0f} s): {when}"
                 )
+    for row in record["results"]:
+        lines.extend(f"{row['name']}: {line}" for line in format_quality(row.get("quality") or {}))
     lines.append(
         f"machine: {record['machine']['device']}, torch {record['machine']['torch']}, "
         f"load average after the last configuration {record['results'][-1]['load_average_after']}"
@@ -315,6 +321,7 @@ def _measure(
         trainer.eval_dataset = {cut: cuts[cut] for cut in CURVE_CUTS}
         result = trainer.train()
         final = trainer.evaluate(cuts)
+        quality = _quality(job, trainer.model, tokenizer)
     return {
         "name": name,
         "global_step": trainer.state.global_step,
@@ -331,9 +338,20 @@ def _measure(
         **{f"eval_loss_{cut}": final[f"eval_{cut}_loss"] for cut in EVAL_CUTS},
         "eval_masked_accuracy_packed": final.get("eval_packed_masked_accuracy"),
         "curve": curve.points,
+        "quality": quality,
         "train": job.train.model_dump(mode="json"),
         **session.summary(),
     }
+
+
+def _quality(job: Job, model, tokenizer) -> dict[str, Any]:
+    """What people read after the budget: the recipe's fill-mask sentence and the job's probes."""
+    from kantai_batch.probes import quality_report
+
+    if job.task != "mlm":
+        return {}
+    probes = read_probes(job.eval.probes, tokenizer.mask_token) if job.eval.probes else None
+    return quality_report(model.eval(), tokenizer, job, probes)
 
 
 def _train_samples(job: Job, run: RunDir, tokenizer):
