@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 # also evaluated during training (the loss curve).
 EVAL_CUTS = ("packed", "grouped", "lines")
 CURVE_CUTS = EVAL_CUTS[:2]
-# Held-out masks are the same for every configuration, whatever masking rate or seed it trains with.
-EVAL_MASKING = 0.15
 
 
 def recipe_job(job: Job) -> Job:
@@ -104,7 +102,7 @@ def bench(
             # Ours plans its schedule for the time it is given (train.max_seconds); a baseline keeps its own plan.
             config = config.model_copy(update={"train": config.train.model_copy(update={"max_seconds": seconds})})
         row = _in_fresh_process(
-            name, config, run, steps, seconds, eval_every, baseline=name == baseline, eval_seed=job.train.seed
+            name, config, run, steps, seconds, eval_every, baseline=name == baseline, eval_masks=job
         )
         rows.append({**row, "load_average_after": _load_average()})
         # Rewritten after every configuration: a long bench that is stopped keeps what it measured.
@@ -239,7 +237,7 @@ def _in_fresh_process(
     eval_every: float | None,
     *,
     baseline: bool,
-    eval_seed: int,
+    eval_masks: Job,
 ) -> dict[str, Any]:
     """``_measure`` in a new interpreter: its own peak memory, no state left by the previous config.
 
@@ -258,7 +256,10 @@ def _in_fresh_process(
                     "seconds": seconds,
                     "eval_every": eval_every,
                     "grouped_training": baseline and name == "run_mlm",
-                    "eval_seed": eval_seed,
+                    # Held-out masks are the same for every configuration, whatever masking rate or
+                    # seed it trains with: the bench job's eval.mlm_probability and train.seed.
+                    "eval_masking": eval_masks.eval.mlm_probability,
+                    "eval_seed": eval_masks.train.seed,
                     "level": logging.getLogger().getEffectiveLevel(),
                 }
             )
@@ -279,6 +280,7 @@ def _measure(
     seconds: float | None,
     eval_every: float | None,
     grouped_training: bool,
+    eval_masking: float,
     eval_seed: int,
     level: int,
 ) -> dict[str, Any]:
@@ -310,7 +312,7 @@ def _measure(
         args = training_arguments(job, Path(scratch), track=False, **overrides)
         budget = time_budget(job, resume_from=None)
         stop = StopAgreement(Preemption(job.train.preemption_grace_s), budget)
-        cuts = _eval_cuts(job, tokenizer, run, eval_seed)
+        cuts = _eval_cuts(job, tokenizer, run, eval_masking, eval_seed)
         samples = (_train_samples(job, run, tokenizer), cuts["packed"])
         session = build_trainer(
             job, model, tokenizer, args, run, callbacks=[curve, stop], budget=budget, samples=samples
@@ -366,14 +368,15 @@ def _train_samples(job: Job, run: RunDir, tokenizer):
     return build_split(run.train_text, job, tokenizer, fix_masks=False, what="train split")
 
 
-def _eval_cuts(job: Job, tokenizer, run: RunDir, seed: int) -> dict[str, Any]:
+def _eval_cuts(job: Job, tokenizer, run: RunDir, masking: float, seed: int) -> dict[str, Any]:
     """The held-out split as packed blocks, run_mlm's grouped lines and single lines, with the same
     fixed masks for every configuration, so all are scored on the same tokens."""
     from kantai_batch.data import build_split, mask_once
 
     text = run.eval_text
-    train = job.train.model_copy(update={"mlm_probability": EVAL_MASKING, "seed": seed})
-    job = job.model_copy(update={"train": train})
+    train = job.train.model_copy(update={"seed": seed})
+    held_out = job.eval.model_copy(update={"mlm_probability": masking})
+    job = job.model_copy(update={"train": train, "eval": held_out})
     cuts = {}
     for cut in EVAL_CUTS:
         if cut == "grouped":

@@ -94,13 +94,16 @@ class TimeBudget:
         return self.spent_before + ((self._stopped or time.monotonic()) - self._started) - self._excluded
 
     def observe(self, step: int) -> tuple[bool, bool, float]:
-        """This rank's view after ``step``: out of budget, past half of it, mean step time so far."""
-        now = time.monotonic()
-        if self._timing_from is None:
-            self._timing_from = (step, now)  # the first step of a run pays for warm-up: not timed
-        first, since = self._timing_from
-        step_s = (now - since) / (step - first) if step > first else 0.0
+        """This rank's view after ``step``: out of budget, past half of it, mean step time so far.
+
+        Steps are timed on the budget's own clock: an evaluation between them would otherwise count
+        as step time, and a plan from inflated steps ends the schedule (and training) early.
+        """
         spent = self.spent()
+        if self._timing_from is None:
+            self._timing_from = (step, spent)  # the first step of a run pays for warm-up: not timed
+        first, since = self._timing_from
+        step_s = (spent - since) / (step - first) if step > first else 0.0
         return spent >= self.max_seconds, spent >= self.max_seconds / 2, step_s
 
     def steer(self, step: int, past_half: bool, step_s: float) -> bool:

@@ -141,7 +141,7 @@ def _pack(batch: dict[str, list[list[int]]], bos: int, eos: int, block_size: int
 def mask_once(samples, job: Job, tokenizer, what: str):
     from kantai_batch.masking import Masker
 
-    masker = Masker(tokenizer, job.train.mlm_probability, job.train.seed)
+    masker = Masker(tokenizer, job.eval.mlm_probability, job.train.seed)
     return samples.map(
         masker.mask_lists,
         batched=True,
@@ -157,7 +157,7 @@ def sample_settings(job: Job, split: str, tokenizer) -> dict[str, Any]:
     if split == "eval":
         settings["task"] = job.task
         if job.task == "mlm":
-            settings.update(mlm_probability=job.train.mlm_probability, seed=job.train.seed, masks=EVAL_MASKS)
+            settings.update(mlm_probability=job.eval.mlm_probability, seed=job.train.seed, masks=EVAL_MASKS)
     return {**settings, "tokenizer_sha256": tokenizer_digest(tokenizer)}
 
 

@@ -63,7 +63,31 @@ def init_model(job: Job, tokenizer_size: int):
 
     config = roberta_config(job, resolved_vocab_size(job, tokenizer_size))
     set_seed(job.train.seed)
-    return model_class(job.task)(config)
+    model = model_class(job.task)(config)
+    if job.train.position_init == "sinusoidal":
+        sinusoidal_positions(model)
+    return model
+
+
+def sinusoidal_positions(model) -> None:
+    """Overwrite the position embeddings with the Transformer's sine/cosine table, scaled to the
+    model's init std so positions do not drown the word embeddings they are added to."""
+    import math
+
+    import torch
+
+    weight = model.base_model.embeddings.position_embeddings.weight
+    rows, width = weight.shape
+    # RoBERTa numbers positions from padding_idx + 1; the rows below it are never looked up by a token.
+    first = model.config.pad_token_id + 1
+    positions = torch.arange(rows - first, dtype=torch.float32)[:, None]
+    rates = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(10_000.0) / width))
+    table = torch.zeros(rows - first, width)
+    table[:, 0::2] = torch.sin(positions * rates)
+    table[:, 1::2] = torch.cos(positions * rates[: width // 2])
+    # A sine's RMS is 1/sqrt(2); the other embeddings are drawn with std initializer_range.
+    with torch.no_grad():
+        weight[first:] = table * (model.config.initializer_range * math.sqrt(2))
 
 
 def model_for_job(job: Job, tokenizer_size: int):

@@ -45,10 +45,12 @@ def test_time_to_reach_interpolates_between_evaluations():
 @pytest.mark.slow
 def test_bench_against_run_mlm_with_a_variant(tmp_path: Path, corpus_file: Path):
     out = tmp_path / "results"
+    probes = tmp_path / "probes.txt"
+    probes.write_text("Pure <mask> is the faculty of principles. -> reason\nIt begins with <mask>. -> experience\n")
     result = invoke(
-        "bench", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file), *tiny(),
+        "bench", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file), *tiny(f"eval.probes={probes}"),
         "--steps", "4", "--eval-every", "2", "--baseline", "run_mlm",
-        "--variant", "wsd:train.lr_scheduler=warmup_stable_decay,train.mlm_probability=0.3", "--out", str(out),
+        "--variant", "wsd:train.lr_scheduler=warmup_stable_decay,train.mlm_probability=0.5", "--out", str(out),
     )  # fmt: skip
     (record_file,) = out.glob("kantaibert-*.json")
     record = json.loads(record_file.read_text())
@@ -57,11 +59,15 @@ def test_bench_against_run_mlm_with_a_variant(tmp_path: Path, corpus_file: Path)
     assert (run_mlm["data_mode"], run_mlm["dropout"], run_mlm["batch_size"]) == ("grouped", 0.1, 8)
     assert run_mlm["sparse_prediction"] is False and run_mlm["vocab_size"] == job["vocab_size"] < 1024
     assert run_mlm["learning_rate"] == 5e-5 and run_mlm["train"]["weight_decay"] == 0.0
-    assert (wsd["lr_scheduler"], wsd["mlm_probability"]) == ("warmup_stable_decay", 0.3)
+    assert (wsd["lr_scheduler"], wsd["mlm_probability"]) == ("warmup_stable_decay", 0.5)
     for row in record["results"]:
         assert [point["step"] for point in row["curve"]] == [2, 4]
         assert row["curve"][-1]["packed_loss"] == pytest.approx(row["eval_loss_packed"], rel=1e-5)
         assert row["eval_loss_grouped"] > 0 and row["eval_loss_lines"] > 0 and row["training_seconds"] > 0
+        # What people read after the budget: the recipe's sentence and the probes, for every configuration.
+        assert len(row["quality"]["fill_mask"]["predicted"]) == 5
+        assert row["quality"]["probes"]["probes"] == 2 and len(row["quality"]["probes"]["results"]) == 2
+        assert f"{row['name']}: fill-mask 'Human thinking involves human <mask>.': " in result.stdout
     # Held-out masks are the same for all, whatever rate a configuration trains with.
     reached = record["time_to_baseline_loss"]["packed"]
     assert reached["baseline_loss"] == run_mlm["eval_loss_packed"]
@@ -76,6 +82,17 @@ def test_bad_variant_is_a_config_error(tmp_path: Path, corpus_file: Path):
     )  # fmt: skip
     assert "--variant fast: train.learning_rte: unknown key" in result.stderr
     assert not (tmp_path / "run").exists(), "nothing is prepared before the configurations are valid"
+
+
+def test_a_malformed_probe_file_fails_before_any_training(tmp_path: Path, corpus_file: Path):
+    probes = tmp_path / "probes.txt"
+    probes.write_text("a probe without its mask -> reason\n")
+    result = invoke(
+        "bench", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file), *tiny(f"eval.probes={probes}"),
+        expect=3,
+    )  # fmt: skip
+    assert str(probes) in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists(), "nothing is prepared before the probe file is read"
 
 
 @pytest.mark.slow

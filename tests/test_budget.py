@@ -17,7 +17,8 @@ import torch
 from transformers import get_scheduler
 
 from helpers import ROOT, invoke, prepared_run, tiny
-from kantai_batch.budget import ESTIMATE_STEPS, PlannedSchedule
+from kantai_batch import budget as budget_module
+from kantai_batch.budget import ESTIMATE_STEPS, PlannedSchedule, TimeBudget
 from kantai_batch.manifest import read_marker
 
 
@@ -47,6 +48,27 @@ def test_a_re_planned_schedule_ends_at_the_new_total():
     schedule.total_steps = 200
     assert schedule(10) == pytest.approx(0.5) and schedule(200) == pytest.approx(0.0)
     assert 0 < schedule(150) < 1
+
+
+def test_evaluations_between_steps_do_not_shrink_the_plan(monkeypatch: pytest.MonkeyPatch):
+    """Steps of 2 s with a 60 s evaluation every 50 steps: the plan is for 2 s steps, and it stands."""
+    clock = [0.0]
+    monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock[0])
+    budget = TimeBudget(max_seconds=1000)
+    budget.schedule = PlannedSchedule("linear", 10_000, warmup_steps=0, warmup_ratio=0.1, decay_ratio=0.2)
+    budget.start()
+    ended_at = None
+    for step in range(1, 10_000):
+        clock[0] += 2.0
+        out_of_time, past_half, step_s = budget.observe(step)
+        if budget.steer(step, past_half, step_s) or out_of_time:
+            ended_at = step
+            break
+        if step % 50 == 0:
+            clock[0] += 60.0  # an evaluation, which the stopping callback excludes
+            budget.exclude(60.0)
+    assert budget.schedule.total_steps == 500
+    assert ended_at == 500 and budget.spent() == pytest.approx(1000.0)
 
 
 def _summary(run_dir: Path) -> dict:

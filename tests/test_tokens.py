@@ -116,6 +116,7 @@ def test_run_tokenizes_once_and_again_only_when_the_samples_change(tmp_path: Pat
     assert run_pipeline(job(), run, track=False) == ["prepare", "train-tokenizer", "tokenize", "pretrain", "evaluate"]
     assert run_pipeline(job(), run, track=False) == []
     assert run_pipeline(job("data.tokenize_workers=2"), run, track=False) == [], "workers change no sample"
+    assert run_pipeline(job("train.mlm_probability=0.3"), run, track=False) == ["pretrain", "evaluate"]
     changed = job("data.block_size=16")
     assert run_pipeline(changed, run, track=False) == ["tokenize", "pretrain", "evaluate"]
     assert json.loads(run.tokens_stats.read_text())["splits"]["train"]["settings"]["block_size"] == 16
@@ -129,9 +130,30 @@ def test_the_eval_samples_fit_only_the_task_settings_and_tokenizer_they_were_mad
     assert tokens_mismatch(run, load_job(None, [*TINY, "task=clm"]), "train", tokenizer) is None, "no masks in train"
     assert tokens_mismatch(run, load_job(None, [*TINY, "task=clm"]), "eval", tokenizer) == "task mlm -> clm"
     assert tokens_mismatch(run, load_job(None, [*TINY, "train.seed=7"]), "eval", tokenizer) == "seed 42 -> 7"
+    trained_at_30 = load_job(None, [*TINY, "train.mlm_probability=0.3"])
+    assert tokens_mismatch(run, trained_at_30, "eval", tokenizer) is None, "held-out masks follow eval's rate"
+    scored_at_30 = load_job(None, [*TINY, "eval.mlm_probability=0.3"])
+    assert tokens_mismatch(run, scored_at_30, "eval", tokenizer) == "mlm_probability 0.15 -> 0.3"
     other = load_tokenizer(prepared / "tokenizer")
     other.add_tokens(["Königsberg"])
     assert tokens_mismatch(run, job, "train", other) == "another tokenizer"
+
+
+@pytest.mark.parametrize("train_rate", [0.15, 0.5])
+def test_held_out_masks_are_drawn_at_the_eval_rate_whatever_training_uses(prepared: Path, train_rate: float):
+    tokenizer = load_tokenizer(prepared / "tokenizer")
+    job = load_job(None, [*TINY, f"train.mlm_probability={train_rate}"])
+    samples = build_split(RunDir(prepared).eval_text, job, tokenizer, fix_masks=True, what="eval")
+    special = set(tokenizer.all_special_ids)
+    scored = masked = 0
+    for ids, labels in zip(samples["input_ids"], samples["labels"], strict=True):
+        for token, label in zip(ids, labels, strict=True):
+            if label != -100:
+                masked += 1
+            # Only non-special tokens are candidates (a masked one shows its original id in the label).
+            scored += (label if label != -100 else token) not in special
+    assert scored > 500
+    assert abs(masked / scored - job.eval.mlm_probability) < 0.04  # 3.5 sigma at 1,000 tokens; 0.5 is far off
 
 
 def test_tokens_of_another_corpus_do_not_fit(prepared: Path, tmp_path: Path, corpus_file: Path):
