@@ -21,9 +21,7 @@ def curves(paths: list[Path], key: str, x: str) -> list[tuple[str, list[tuple[fl
             points = [(p[x], p[key]) for p in row["curve"] if key in p]
             label = row["name"]
             if label == "job":  # the bench's own row: say which job it was
-                label = (
-                    f"job (lr {row['learning_rate']:g}, {row['lr_scheduler'].replace('warmup_stable_decay', 'wsd')})"
-                )
+                label = f"job (batch {row['batch_size']}, {row['mlm_probability']:.0%} masked)"
             found.append((label, points))
     return found
 
