@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from kantai_batch import __version__, s3
-from kantai_batch.distributed import distributed_state
+from kantai_batch.distributed import distributed_state, leave_process_group
 from kantai_batch.errors import JobConfigError, KantaiError, NotPromotedError, first_line
 from kantai_batch.job import Job, load_job
 from kantai_batch.phases import phase
@@ -118,7 +118,11 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
         # to stderr with the logs and progress bars.
         click.get_current_context().meta[_RESULTS] = sys.stdout
         with contextlib.redirect_stdout(sys.stderr):
-            return func(job=job, run=run, **kwargs)
+            result = func(job=job, run=run, **kwargs)
+        # Only after success: a rank that failed may leave the others inside a collective, and
+        # destroying the group then waits on them (torchtitan learned the same).
+        leave_process_group()
+        return result
 
     return wrapper
 

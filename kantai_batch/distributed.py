@@ -28,6 +28,19 @@ def distributed_state(collective_timeout_s: float | None = None):
     return PartialState(cpu=not has_accelerator(), **options)
 
 
+def leave_process_group() -> None:
+    """Destroy the process group before the interpreter exits.
+
+    Left to interpreter teardown, gloo's worker threads are destroyed while still joinable and a
+    rank can die with SIGABRT ("terminate called without an active exception") after its work is
+    done, turning a finished run into a failed one.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     state = distributed_state()
     return state is None or state.is_main_process

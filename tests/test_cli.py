@@ -94,3 +94,16 @@ def test_corpus_from_the_environment_feeds_prepare_not_evaluate(tmp_path, corpus
     assert json.loads((tmp_path / "run" / "corpus" / "stats.json").read_text())["source"] == str(corpus_file)
     metrics = json.loads(invoke("evaluate", "--run-dir", str(trained_run), "--json", *tiny()).stdout)
     assert metrics["corpus"] == str(trained_run / "corpus" / "eval.txt"), "the held-out split, not $KANTAI_CORPUS"
+
+
+def test_a_finished_phase_leaves_the_process_group(tmp_path, corpus_file):
+    # Left to interpreter teardown, gloo's threads can abort a rank that finished (SIGABRT in CI).
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        invoke("prepare", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file))
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
