@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 
 
@@ -35,9 +36,10 @@ def leave_process_group() -> None:
     rank can die with SIGABRT ("terminate called without an active exception") after its work is
     done, turning a finished run into a failed one.
     """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    # Only a process that loaded torch can have a group; prepare and the others that never need
+    # torch must not pay for importing it (seconds, and 200 MB of memory) on their way out.
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -46,6 +46,20 @@ def test_module_entry_point_and_help_do_not_import_torch():
     assert imported.stdout.strip() == "[]", "help must answer without loading torch"
 
 
+def test_prepare_does_not_load_torch(tmp_path, corpus_file):
+    # prepare runs in light pods and on laptops: torch would add seconds and 200 MB to it.
+    argv = ["kantai-batch", "prepare", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file)]
+    probe = (
+        f"import sys\nfrom kantai_batch.cli import main\nsys.argv = {argv!r}\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "run" / "corpus" / "train.txt").is_file()
+
+
 def test_every_phase_accepts_the_job_options():
     for command in ("prepare", "train-tokenizer", "pretrain", "evaluate", "fill-mask", "inspect", "run"):
         help_text = invoke(command, "--help").stdout
