@@ -27,6 +27,7 @@ IGNORE = -100  # the label of a position the loss does not score
 _FIELDS = ("input_ids", "attention_mask", "labels")
 # The generator stream of held-out samples: never an epoch, so eval masks are not any epoch's masks.
 EVAL_STREAM = 2**32 - 1
+_ORDER_SLICE = 65_536  # keys an epoch's order turns into Python ints at a time
 
 
 class EpochOrder(Sampler[int]):
@@ -48,8 +49,14 @@ class EpochOrder(Sampler[int]):
         return self.size
 
     def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
-        return iter((order + self.epoch * self.size).tolist())
+        # The same permutation as ``Generator.permutation(size)`` (the same swaps), in 4 bytes a sample
+        # where the corpus allows, and handed out a slice at a time: the epoch as one list of Python
+        # ints cost 40 bytes a sample (200 MB for 5 million blocks) before the first step.
+        order = np.arange(self.size, dtype=np.int32 if self.size < 2**31 else np.int64)
+        np.random.default_rng([self.seed, self.epoch]).shuffle(order)
+        offset = self.epoch * self.size
+        for start in range(0, self.size, _ORDER_SLICE):
+            yield from (order[start : start + _ORDER_SLICE].astype(np.int64) + offset).tolist()
 
 
 class MaskedSamples(Dataset):

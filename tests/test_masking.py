@@ -77,6 +77,26 @@ def test_epoch_order_is_a_fresh_permutation_per_epoch_carrying_its_epoch(tokeniz
     assert [key - 100 for key in second] != first
 
 
+def test_epoch_order_keeps_its_permutation_and_does_not_list_the_epoch():
+    import itertools
+    import tracemalloc
+
+    size = 3_000_000
+    order = EpochOrder(size, seed=3)
+    order.set_epoch(1)
+    expected = np.random.default_rng([3, 1]).permutation(size) + size  # the order resumed runs were trained on
+    tracemalloc.start()
+    try:
+        head = list(itertools.islice(iter(order), 1000))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert head == expected[:1000].tolist()
+    # The permutation itself (4 bytes a sample) and a slice of keys; a list of the epoch is over 100 MB.
+    assert peak < 4 * size + 10_000_000, f"{peak:,} bytes to start an epoch of {size:,}"
+    assert np.array_equal(np.fromiter(order, dtype=np.int64, count=size), expected)
+
+
 def test_collate_pads_samples_of_different_lengths(tokenizer):
     lines = Dataset.from_dict({"input_ids": [[0, 5, 6, 2], [0, 7, 8, 9, 10, 11, 12, 13, 14, 2]]})
     batch = collate(MaskedSamples(lines, tokenizer, 0.5, seed=0).__getitems__([0, 1]), tokenizer.pad_token_id, 8)
