@@ -43,6 +43,7 @@ RECIPE: dict[str, dict[str, Any]] = {
         "precision": "fp32",
         "torch_compile": False,
         "per_device_batch_size": 64,
+        "position_init": "random",  # RoBERTa's init, whatever the job starts from
         **TRAINER_DEFAULTS,
     },
 }
@@ -56,6 +57,7 @@ RUN_MLM: dict[str, dict[str, Any]] = {
         "max_steps": None,
         "epochs": 3.0,
         "per_device_batch_size": 8,
+        "position_init": "random",  # RoBERTa's init, whatever the job starts from
         **TRAINER_DEFAULTS,
     },
 }

@@ -267,7 +267,7 @@ class TrainSection(_Section):
     sparse_prediction: bool = True
     """mlm: run the LM head on masked positions only while training (same loss, a fraction of the
     head's compute); the saved model is a standard RobertaForMaskedLM either way."""
-    position_init: Literal["random", "sinusoidal"] = "random"
+    position_init: Literal["random", "sinusoidal"] = "sinusoidal"
     """How a model trained from scratch starts its learned position embeddings: `random` (RoBERTa's
     normal init) or `sinusoidal` (the original Transformer's table at the same scale), which gives
     attention the offsets between positions from step 0. Only the start differs: the embeddings still

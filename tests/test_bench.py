@@ -59,6 +59,7 @@ def test_bench_against_run_mlm_with_a_variant(tmp_path: Path, corpus_file: Path)
     assert (run_mlm["data_mode"], run_mlm["dropout"], run_mlm["batch_size"]) == ("grouped", 0.1, 8)
     assert run_mlm["sparse_prediction"] is False and run_mlm["vocab_size"] == job["vocab_size"] < 1024
     assert run_mlm["learning_rate"] == 5e-5 and run_mlm["train"]["weight_decay"] == 0.0
+    assert (run_mlm["train"]["position_init"], job["train"]["position_init"]) == ("random", "sinusoidal")
     assert (wsd["lr_scheduler"], wsd["mlm_probability"]) == ("warmup_stable_decay", 0.5)
     for row in record["results"]:
         assert [point["step"] for point in row["curve"]] == [2, 4]

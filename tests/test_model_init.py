@@ -28,7 +28,7 @@ def _same_similarity_for_same_offset(weight: torch.Tensor) -> bool:
 
 
 def test_sinusoidal_positions_encode_offsets_at_the_init_scale_and_change_nothing_else(tmp_path: Path):
-    plain = init_model(load_job(None, list(TINY)), TOKENIZER_SIZE)
+    plain = init_model(load_job(None, [*TINY, "train.position_init=random"]), TOKENIZER_SIZE)
     model = init_model(load_job(None, [*TINY, "train.position_init=sinusoidal"]), TOKENIZER_SIZE)
     positions = _positions(model)
     assert _same_similarity_for_same_offset(positions)

@@ -111,6 +111,7 @@ def test_defaults_are_robertas_adamw():
     assert (train.per_device_batch_size, train.learning_rate, train.lr_scheduler) == (8, 1e-4, "linear")
     # The levers the 20-minute comparison kept (README: Time to quality); held-out text is scored at 15%.
     assert (train.mlm_probability, load_job(None).eval.mlm_probability) == (0.3, 0.15)
+    assert train.position_init == "sinusoidal"
 
 
 @pytest.mark.parametrize("override", ["train.lr_scheduler=step", "train.adam_beta2=1.0", "train.decay_ratio=0"])
