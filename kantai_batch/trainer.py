@@ -1,7 +1,8 @@
 """The HF Trainer as pretraining extends it: the masked LM's loss and sparse head, a re-plannable schedule.
 
-Each extension goes through a door the Trainer's authors left for it, so nothing is patched on a
-live object and the model stays a standard ``RobertaForMaskedLM`` / ``RobertaForCausalLM``:
+Each extension but the last goes through a door the Trainer's authors left for it, so nothing is
+patched on a live object and the model stays a standard ``RobertaForMaskedLM`` /
+``RobertaForCausalLM``:
 
 - The masked LM's loss is the Trainer's ``compute_loss_func``: the summed cross-entropy over the
   masked tokens divided by the number of masked tokens in the whole global batch, which the Trainer
@@ -17,15 +18,27 @@ live object and the model stays a standard ``RobertaForMaskedLM`` / ``RobertaFor
 - A time budget's schedule (``budget.PlannedSchedule``) through ``create_scheduler``.
 - Throughput (real tokens/s, MFU) on every training log line through ``log``, before the console
   and MLflow callbacks see it.
+- A resume's fast-forward in O(1): the Trainer skips the trained batches of the resumed epoch with
+  accelerate's ``skip_first_batches``, which enumerates them (``bench/resume_skip.py``: 4 s beyond
+  the epoch's shuffle at 50 million samples, growing with the corpus, on every node of every
+  retry). The samples' order is ``EpochOrder``, so the pass can start at the resume point instead
+  (``fast_forward``). This one has no door: while an epoch runs, the name ``skip_first_batches`` in
+  the Trainer's module resolves to ``fast_forward``, which hands any other loader to accelerate's.
+  Should a Trainer release stop skipping this way, a test that resumes a run fails (the resumed
+  pass would not start at the resume point) rather than training going wrong.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
 from typing import Any
 
+import transformers.trainer
+from accelerate import skip_first_batches
+from accelerate.data_loader import BatchSamplerShard
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
 
@@ -68,8 +81,14 @@ class PretrainTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if isinstance(dataset, MaskedSamples):
-            return EpochOrder(len(dataset), self.args.seed)
+            shared = self.args.world_size > 1 and not self.args.dataloader_drop_last
+            multiple = self._train_batch_size * self.args.world_size if shared else 1
+            return EpochOrder(len(dataset), self.args.seed, multiple=multiple)
         return super()._get_train_sampler(train_dataset)
+
+    def _run_epoch(self, *args, **kwargs):
+        with _resolving(transformers.trainer, "skip_first_batches", fast_forward):
+            return super()._run_epoch(*args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.throughput is not None and "loss" in logs:
@@ -83,6 +102,38 @@ class PretrainTrainer(Trainer):
             self.lr_scheduler = LambdaLR(optimizer or self.optimizer, self.schedule)
             self._created_lr_scheduler = True
         return self.lr_scheduler
+
+
+def fast_forward(dataloader, num_batches: int = 0):
+    """accelerate's ``skip_first_batches`` for a loader over ``EpochOrder``: the same batches, no walk.
+
+    Each process's batch ``i`` is the global batch ``i * processes + rank`` of the epoch's order, so
+    ``num_batches`` trained on every process are the order's first ``num_batches * batch * processes``
+    samples.
+    """
+    batches, processes = getattr(dataloader, "batch_sampler", None), 1
+    if isinstance(batches, BatchSamplerShard):
+        if batches.split_batches:
+            return skip_first_batches(dataloader, num_batches)
+        batches, processes = batches.batch_sampler, batches.num_processes
+    order = getattr(batches, "sampler", None)
+    if not isinstance(order, EpochOrder) or getattr(batches, "batch_size", None) is None:
+        return skip_first_batches(dataloader, num_batches)
+    order.start_at(num_batches * batches.batch_size * processes)
+    return dataloader
+
+
+@contextlib.contextmanager
+def _resolving(module, name: str, value):
+    original = getattr(module, name, None)
+    if original is None:  # a Trainer that no longer skips this way: train as it does
+        yield
+        return
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
 
 
 def training_arguments(job: Job, output_dir: Path, *, track: bool, **overrides: Any) -> TrainingArguments:
