@@ -21,8 +21,7 @@ from accelerate import skip_first_batches
 from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler, DataLoader
 
-from kantai_batch.masking import EpochOrder
-from kantai_batch.trainer import fast_forward
+from kantai_batch.order import EpochOrder, fast_forward
 
 
 def _loader(size: int, batch: int, processes: int) -> DataLoader:

@@ -6,7 +6,7 @@ batches differently from the uninterrupted run. Here the order of an epoch is a 
 (seed, epoch), and each sample's masks come from a generator seeded by (seed, epoch, index). So a
 resumed run trains on exactly the batches the uninterrupted one would, whatever the number of
 dataloader workers, and the fast-forward past the trained batches starts the epoch's order at the
-resume point (``EpochOrder.start_at``): it reads no sample and walks no batch.
+resume point (``order.EpochOrder``): it reads no sample and walks no batch.
 
 Masking is RoBERTa's (BERT's 80/10/10, as ``DataCollatorForLanguageModeling`` does it): each
 non-special token is chosen with ``mlm_probability``; a chosen token becomes ``<mask>`` 80% of the
@@ -21,58 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 IGNORE = -100  # the label of a position the loss does not score
 _FIELDS = ("input_ids", "attention_mask", "labels")
 # The generator stream of held-out samples: never an epoch, so eval masks are not any epoch's masks.
 EVAL_STREAM = 2**32 - 1
-_ORDER_SLICE = 65_536  # keys an epoch's order turns into Python ints at a time
-
-
-class EpochOrder(Sampler[int]):
-    """A fresh permutation per epoch, seeded by (seed, epoch); yields ``epoch * n + index`` keys.
-
-    The key carries the epoch to the dataset, which may live in a persistent dataloader worker that
-    never sees ``set_epoch``.
-
-    With ``multiple`` (the global batch of several processes) the epoch is padded to a multiple of it
-    by starting the order over, which is what accelerate's ``BatchSamplerShard`` does with the epoch's
-    first batches when the last round is short. Done here, the order alone decides every batch, so a
-    pass started at the resume point is the uninterrupted pass's rest, tail included.
-    """
-
-    def __init__(self, size: int, seed: int, *, multiple: int = 1) -> None:
-        self.size = size
-        self.seed = seed
-        self.multiple = multiple
-        self.epoch = 0
-        self._start = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size + (-self.size) % self.multiple
-
-    def start_at(self, position: int) -> None:
-        """Begin the next pass at ``position`` of the epoch's order: a resume's fast-forward in O(1)."""
-        if not 0 <= position <= len(self):
-            raise ValueError(f"resume position {position:,} is outside an epoch of {len(self):,} samples")
-        self._start = position
-
-    def __iter__(self):
-        start, self._start = self._start, 0
-        # The same permutation as ``Generator.permutation(size)`` (the same swaps), in 4 bytes a sample
-        # where the corpus allows, and handed out a slice at a time: the epoch as one list of Python
-        # ints cost 40 bytes a sample (200 MB for 5 million blocks) before the first step.
-        order = np.arange(self.size, dtype=np.int32 if self.size < 2**31 else np.int64)
-        np.random.default_rng([self.seed, self.epoch]).shuffle(order)
-        if len(self) != self.size:
-            order = np.resize(order, len(self))  # repeats the order from its start
-        offset = self.epoch * self.size
-        for at in range(start, len(order), _ORDER_SLICE):
-            yield from (order[at : at + _ORDER_SLICE].astype(np.int64) + offset).tolist()
 
 
 class MaskedSamples(Dataset):
@@ -80,7 +34,7 @@ class MaskedSamples(Dataset):
 
     ``__getitems__`` reads a batch's rows in one Arrow ``take`` and masks the batch's tokens as one
     flat array; only the uniform draws are per sample, from that sample's own generator. Keys come
-    from ``EpochOrder``; a plain index (below ``len``) is epoch 0.
+    from ``order.EpochOrder``; a plain index (below ``len``) is epoch 0.
     """
 
     def __init__(self, samples, tokenizer, mlm_probability: float, seed: int) -> None:

@@ -38,6 +38,7 @@ from kantai_batch.objective import (
     collator,
     predicted_ids,
 )
+from kantai_batch.order import EpochRows
 from kantai_batch.preemption import Preemption, sigterm_checkpoints
 from kantai_batch.rundir import JOB_FILE, TRAIN_SUMMARY, RunDir, checkpoint_step
 from kantai_batch.stopping import BUDGET, StopAgreement
@@ -211,6 +212,8 @@ def build_trainer(
     train_set, eval_set = samples
     if job.task == "mlm":
         train_set = MaskedSamples(train_set, tokenizer, job.train.mlm_probability, job.train.seed)
+    else:
+        train_set = EpochRows(train_set)
     if job.train.lr_scheduler == "warmup_stable_decay" and not args.lr_scheduler_kwargs:
         args.lr_scheduler_kwargs = schedule_kwargs(job, planned_steps(args, len(train_set)))
     if budget is not None:

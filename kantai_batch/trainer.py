@@ -37,16 +37,15 @@ from pathlib import Path
 from typing import Any
 
 import transformers.trainer
-from accelerate import skip_first_batches
-from accelerate.data_loader import BatchSamplerShard
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
 
 from kantai_batch.distributed import deepspeed_config
 from kantai_batch.hardware import has_accelerator, resolve_precision
 from kantai_batch.job import Job
-from kantai_batch.masking import EpochOrder, MaskedSamples
+from kantai_batch.masking import MaskedSamples
 from kantai_batch.objective import loss_function
+from kantai_batch.order import EpochOrder, EpochRows, fast_forward
 
 # With a time budget and no other bound, the Trainer is told "this many epochs" and the budget ends it.
 UNBOUNDED_EPOCHS = 1_000_000
@@ -80,7 +79,7 @@ class PretrainTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if isinstance(dataset, MaskedSamples):
+        if isinstance(dataset, (MaskedSamples, EpochRows)):
             shared = self.args.world_size > 1 and not self.args.dataloader_drop_last
             multiple = self._train_batch_size * self.args.world_size if shared else 1
             return EpochOrder(len(dataset), self.args.seed, multiple=multiple)
@@ -102,25 +101,6 @@ class PretrainTrainer(Trainer):
             self.lr_scheduler = LambdaLR(optimizer or self.optimizer, self.schedule)
             self._created_lr_scheduler = True
         return self.lr_scheduler
-
-
-def fast_forward(dataloader, num_batches: int = 0):
-    """accelerate's ``skip_first_batches`` for a loader over ``EpochOrder``: the same batches, no walk.
-
-    Each process's batch ``i`` is the global batch ``i * processes + rank`` of the epoch's order, so
-    ``num_batches`` trained on every process are the order's first ``num_batches * batch * processes``
-    samples.
-    """
-    batches, processes = getattr(dataloader, "batch_sampler", None), 1
-    if isinstance(batches, BatchSamplerShard):
-        if batches.split_batches:
-            return skip_first_batches(dataloader, num_batches)
-        batches, processes = batches.batch_sampler, batches.num_processes
-    order = getattr(batches, "sampler", None)
-    if not isinstance(order, EpochOrder) or getattr(batches, "batch_size", None) is None:
-        return skip_first_batches(dataloader, num_batches)
-    order.start_at(num_batches * batches.batch_size * processes)
-    return dataloader
 
 
 @contextlib.contextmanager

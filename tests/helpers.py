@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +195,46 @@ def seaweed_server(root: Path) -> seaweed.SeaweedS3:
     except RuntimeError as exc:
         pytest.fail(str(exc), pytrace=False)
     return server
+
+
+def killed_after(whole: Path, to: Path, step: int) -> Path:
+    """What a run killed after checkpoint ``step`` leaves, copied from the uninterrupted ``whole``:
+    the checkpoints up to it, nothing newer, no model."""
+
+    def later(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if n == "model" or (n.startswith("checkpoint-") and int(n.split("-")[1]) > step)]
+
+    shutil.copytree(whole, to, ignore=later)
+    return to
+
+
+def assert_resumed_like_uninterrupted(whole: Path, resumed: Path, *, resumed_from: int, last: int) -> None:
+    """Every per-step training loss after the resume equals the uninterrupted run's, to float noise."""
+
+    def step_losses(run_dir: Path) -> dict[int, float]:
+        state = json.loads((run_dir / "checkpoints" / f"checkpoint-{last}" / "trainer_state.json").read_text())
+        return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+
+    assert json.loads((resumed / "model" / "train_summary.json").read_text())["resumed_from_step"] == resumed_from
+    expected, got = step_losses(whole), step_losses(resumed)
+    assert sorted(got) == sorted(expected) == list(range(1, last + 1))
+    for step in range(resumed_from + 1, last + 1):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), f"step {step}"
+
+
+def record_epoch_starts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(epoch, first key) of each pass the pretrain Trainer starts over its sample order, from now on."""
+    from kantai_batch.order import EpochOrder
+
+    starts: list[tuple[int, int]] = []
+
+    class Recorded(EpochOrder):
+        def __iter__(self):
+            keys = super().__iter__()
+            first = next(keys)
+            starts.append((self.epoch, first))
+            yield first
+            yield from keys
+
+    monkeypatch.setattr("kantai_batch.trainer.EpochOrder", Recorded)
+    return starts

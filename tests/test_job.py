@@ -4,15 +4,31 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import BaseModel
 
 from helpers import ROOT, invoke
 from kantai_batch.errors import JobConfigError
-from kantai_batch.job import Job, load_job
+from kantai_batch.job import TWCS_FIELDS, Job, load_job
 
 
 def test_shipped_job_file_is_the_embedded_defaults():
     assert load_job(ROOT / "jobs" / "kantaibert.yaml") == load_job(None) == Job()
+
+
+def test_shipped_job_file_lists_every_key_a_masked_lm_job_reads():
+    listed = yaml.safe_load((ROOT / "jobs" / "kantaibert.yaml").read_text())
+    customer_support_only = {("corpus", name) for name in TWCS_FIELDS} | {("generate", "*")}
+    missing = [
+        f"{section}.{name}"
+        for section, field in Job.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        for name in field.annotation.model_fields
+        if name not in (listed.get(section) or {})
+        and (section, name) not in customer_support_only
+        and (section, "*") not in customer_support_only
+    ]
+    assert not missing, f"jobs/kantaibert.yaml does not list {', '.join(missing)}"
 
 
 def test_overrides_are_typed_by_the_schema():

@@ -4,8 +4,6 @@ and a run resumed from a checkpoint trains on exactly the batches of the uninter
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +12,9 @@ from datasets import Dataset
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
-from helpers import invoke, prepared_run, tiny
+from helpers import assert_resumed_like_uninterrupted, invoke, killed_after, prepared_run, record_epoch_starts, tiny
 from kantai_batch.job import Job
-from kantai_batch.masking import IGNORE, EpochOrder, MaskedSamples, Masker, collate
+from kantai_batch.masking import IGNORE, MaskedSamples, Masker, collate
 from kantai_batch.throughput import ThroughputCallback
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -67,86 +65,6 @@ def test_masking_is_robertas_80_10_10_and_never_touches_special_tokens(tokenizer
     assert np.array_equal(inputs[~chosen], ids[~chosen])
 
 
-def test_epoch_order_is_a_fresh_permutation_per_epoch_carrying_its_epoch(tokenizer):
-    order = EpochOrder(50, seed=3)
-    first = list(order)
-    assert sorted(first) == list(range(50)) and first != list(range(50))
-    assert list(order) == first
-    order.set_epoch(2)
-    second = list(order)
-    assert sorted(second) == list(range(100, 150))
-    assert [key - 100 for key in second] != first
-
-
-def test_epoch_order_keeps_its_permutation_and_does_not_list_the_epoch():
-    import itertools
-    import tracemalloc
-
-    size = 3_000_000
-    order = EpochOrder(size, seed=3)
-    order.set_epoch(1)
-    expected = np.random.default_rng([3, 1]).permutation(size) + size  # the order resumed runs were trained on
-    tracemalloc.start()
-    try:
-        head = list(itertools.islice(iter(order), 1000))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert head == expected[:1000].tolist()
-    # The permutation itself (4 bytes a sample) and a slice of keys; a list of the epoch is over 100 MB.
-    assert peak < 4 * size + 10_000_000, f"{peak:,} bytes to start an epoch of {size:,}"
-    assert np.array_equal(np.fromiter(order, dtype=np.int64, count=size), expected)
-
-
-def _batches(order: EpochOrder, batch: int, processes: int, rank: int, skip: int = 0, *, fast: bool) -> list[list[int]]:
-    """What one process trains on in an epoch over ``order``, after ``skip`` batches: accelerate's shard
-    of the order's batches, fast-forwarded by ``fast_forward`` or by accelerate's walk."""
-    from accelerate import skip_first_batches
-    from accelerate.data_loader import BatchSamplerShard
-    from torch.utils.data import BatchSampler, DataLoader
-
-    from kantai_batch.trainer import fast_forward
-
-    batches = BatchSampler(order, batch, drop_last=False)
-    if processes > 1:
-        batches = BatchSamplerShard(batches, num_processes=processes, process_index=rank, even_batches=True)
-    loader = DataLoader(range(order.size * (order.epoch + 1)), batch_sampler=batches, collate_fn=list)
-    if not skip:
-        return list(loader)
-    forwarded = fast_forward(loader, skip) if fast else skip_first_batches(loader, skip)
-    assert (forwarded is loader) == fast  # no walk: the same loader, its order started further on
-    return list(forwarded)
-
-
-@pytest.mark.parametrize("processes,batch", [(2, 3), (3, 4), (2, 8)])
-def test_the_padded_epoch_order_shards_as_accelerate_shards_the_plain_one(processes: int, batch: int):
-    for size in (1, 5, 23, 24, 25, 50, 97):
-        for rank in range(processes):
-            plain = _batches(EpochOrder(size, seed=3), batch, processes, rank, fast=False)
-            padded = EpochOrder(size, seed=3, multiple=batch * processes)
-            assert len(padded) % (batch * processes) == 0
-            assert _batches(padded, batch, processes, rank, fast=False) == plain, (size, rank)
-
-
-@pytest.mark.parametrize("processes,batch,size", [(1, 8, 203), (2, 3, 50), (3, 4, 97), (2, 8, 25)])
-def test_fast_forward_gives_the_batches_accelerates_walk_gives(processes: int, batch: int, size: int):
-    multiple = batch * processes if processes > 1 else 1
-    for rank in range(processes):
-
-        def order():
-            made = EpochOrder(size, seed=3, multiple=multiple)
-            made.set_epoch(2)
-            return made
-
-        whole = _batches(order(), batch, processes, rank, fast=False)
-        for skip in range(1, len(whole)):
-            walked = _batches(order(), batch, processes, rank, skip, fast=False)
-            assert walked == whole[skip:]
-            assert _batches(order(), batch, processes, rank, skip, fast=True) == walked, (rank, skip)
-    with pytest.raises(ValueError, match="outside an epoch of 203 samples"):
-        EpochOrder(203, seed=3).start_at(204)
-
-
 def test_collate_pads_samples_of_different_lengths(tokenizer):
     lines = Dataset.from_dict({"input_ids": [[0, 5, 6, 2], [0, 7, 8, 9, 10, 11, 12, 13, 14, 2]]})
     batch = collate(MaskedSamples(lines, tokenizer, 0.5, seed=0).__getitems__([0, 1]), tokenizer.pad_token_id, 8)
@@ -175,11 +93,6 @@ def test_steady_throughput_leaves_out_compilations(monkeypatch: pytest.MonkeyPat
     assert summary["steady_tokens_per_second"] == pytest.approx(100.0)
 
 
-def _step_losses(run_dir: Path, last_step: int) -> dict[int, float]:
-    state = json.loads((run_dir / "checkpoints" / f"checkpoint-{last_step}" / "trainer_state.json").read_text())
-    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
-
-
 @pytest.mark.slow
 def test_a_resumed_run_trains_on_exactly_the_uninterrupted_batches(
     tmp_path: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch
@@ -192,35 +105,17 @@ def test_a_resumed_run_trains_on_exactly_the_uninterrupted_batches(
     train_blocks = len(Dataset.load_from_disk(str(whole / "tokens" / "train")))
     assert 25 < train_blocks // 8 < 60, train_blocks
 
-    # What a run killed after step 25 leaves: its committed checkpoint, nothing newer, no model.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(whole, resumed, ignore=shutil.ignore_patterns("model", "checkpoint-50", "checkpoint-60"))
-    passes: list[tuple[int, int]] = []  # (epoch, first key) of each pass over the order
-
-    class Recorded(EpochOrder):
-        def __iter__(self):
-            keys = super().__iter__()
-            first = next(keys)
-            passes.append((self.epoch, first))
-            yield first
-            yield from keys
-
-    monkeypatch.setattr("kantai_batch.trainer.EpochOrder", Recorded)
+    resumed = killed_after(whole, tmp_path / "resumed", 25)
+    starts = record_epoch_starts(monkeypatch)
     invoke("pretrain", "--run-dir", str(resumed), "--no-tracking", *job)
-    summary = json.loads((resumed / "model" / "train_summary.json").read_text())
-    assert summary["resumed_from_step"] == 25
+    assert_resumed_like_uninterrupted(whole, resumed, resumed_from=25, last=60)
     # The fast-forward started the resumed epoch at its 201st sample rather than walking 200 to it.
     seed = Job().train.seed
 
     def order(epoch: int) -> np.ndarray:
         return np.random.default_rng([seed, epoch]).permutation(train_blocks) + epoch * train_blocks
 
-    assert passes[:2] == [(0, order(0)[200]), (1, order(1)[0])]
-
-    expected, got = _step_losses(whole, 60), _step_losses(resumed, 60)
-    assert sorted(got) == sorted(expected) == list(range(1, 61))
-    for step in range(26, 61):
-        assert got[step] == pytest.approx(expected[step], rel=1e-5), f"step {step}"
+    assert starts[:2] == [(0, order(0)[200]), (1, order(1)[0])]
 
 
 def test_eval_masks_are_per_sample_whatever_the_batching(tokenizer):
