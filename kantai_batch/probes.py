@@ -2,12 +2,13 @@
 
 A probe file has one probe per line, ``TEXT -> ANSWER, ANSWER, ...``: TEXT has exactly one mask
 token, the answers are the words that count as right. Blank lines and lines starting with ``#`` are
-skipped. A probe is hit at k when one of its answers is among the model's top k predictions (compared
-without case and surrounding spaces).
+skipped. A probe's rank is that of its best answer among all the model's predictions (compared
+without case and surrounding spaces); it is hit at k when that rank is k or better.
 """
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,32 +51,50 @@ def read_probes(path: str | Path, mask_token: str = "<mask>") -> list[Probe]:
     return probes
 
 
-def score_probes(fill, probes: list[Probe], top_k: int) -> dict[str, Any]:
-    """Top-1 and top-k hits of a fill-mask pipeline on the probes, with each probe's predictions."""
-    rows = []
+def score_probes(model, tokenizer, probes: list[Probe], top_k: int) -> dict[str, Any]:
+    """Each probe's rank of its best acceptable answer in the whole vocabulary, and the hits at 1 and k.
+
+    The rank moves long before a right answer reaches the top k, so it shows a model learning
+    concepts while the hits still read 0.
+    """
+    import torch
+
+    # token_str as the fill-mask pipeline gives it: each id decoded alone.
+    words = [word.strip().lower() for word in tokenizer.batch_decode([[i] for i in range(len(tokenizer))])]
+    ids_of: dict[str, list[int]] = {}
+    for token_id, word in enumerate(words):
+        ids_of.setdefault(word, []).append(token_id)
+    rows, vocabulary = [], 0
     for probe in probes:
-        # One text with one mask gives a flat list of candidates (a batch of one would not).
-        candidates = fill(probe.text, top_k=top_k)
-        predicted = [candidate["token_str"].strip().lower() for candidate in candidates]
-        rank = next((i + 1 for i, word in enumerate(predicted) if word in probe.answers), None)
+        encoded = tokenizer(probe.text, return_tensors="pt").to(model.device)
+        with torch.no_grad():
+            logits = model(**encoded).logits[0]
+        position = int((encoded["input_ids"][0] == tokenizer.mask_token_id).nonzero()[0, 0])
+        scores = logits[position].float()
+        vocabulary = scores.numel()  # the model's rows, padding rows included: the pipeline ranks them too
+        predicted = [words[i] if i < len(words) else "" for i in scores.topk(top_k).indices.tolist()]
+        answer_ids = [token_id for answer in probe.answers for token_id in ids_of.get(answer, [])]
+        rank = int((scores > scores[answer_ids].max()).sum()) + 1 if answer_ids else None
         rows.append({"text": probe.text, "answers": list(probe.answers), "predicted": predicted, "rank": rank})
-    count = len(rows)
+    ranks = sorted(row["rank"] for row in rows if row["rank"] is not None)
     return {
-        "probes": count,
+        "probes": len(rows),
         "top_k": top_k,
         "top1_hits": sum(1 for row in rows if row["rank"] == 1),
-        "topk_hits": sum(1 for row in rows if row["rank"] is not None),
+        "topk_hits": sum(1 for row in rows if row["rank"] is not None and row["rank"] <= top_k),
+        # A probe none of whose answers is a token of the vocabulary has no rank and is left out.
+        "median_rank": float(statistics.median(ranks)) if ranks else None,
+        "vocabulary": vocabulary,
         "results": rows,
     }
 
 
 def quality_report(model, tokenizer, job, probes: list[Probe] | None) -> dict[str, Any]:
-    """The recipe's fill-mask sentence and, when there are probes, their hits."""
+    """The recipe's fill-mask sentence and, when there are probes, their hits and ranks."""
     from transformers import pipeline
 
     fill = pipeline("fill-mask", model=model, tokenizer=tokenizer)
-    top_k = job.infer.top_k
-    sentence = fill(job.infer.fill_mask_text, top_k=top_k)
+    sentence = fill(job.infer.fill_mask_text, top_k=job.infer.top_k)
     report: dict[str, Any] = {
         "fill_mask": {
             "text": job.infer.fill_mask_text,
@@ -83,7 +102,7 @@ def quality_report(model, tokenizer, job, probes: list[Probe] | None) -> dict[st
         }
     }
     if probes:
-        report["probes"] = score_probes(fill, probes, top_k)
+        report["probes"] = score_probes(model, tokenizer, probes, job.infer.top_k)
     return report
 
 
@@ -95,6 +114,13 @@ def format_quality(report: dict[str, Any]) -> list[str]:
     if probes:
         lines.append(
             f"probes: {probes['top1_hits']}/{probes['probes']} right at top 1, "
-            f"{probes['topk_hits']}/{probes['probes']} in the top {probes['top_k']}"
+            f"{probes['topk_hits']}/{probes['probes']} in the top {probes['top_k']}" + _median_rank(probes)
         )
     return lines
+
+
+def _median_rank(probes: dict[str, Any]) -> str:
+    median = probes.get("median_rank")  # absent from metrics written before ranks were kept
+    if median is None:
+        return ""
+    return f", median rank of a right answer {median:,g} of {probes['vocabulary']:,}"

@@ -11,7 +11,8 @@ import pytest
 from helpers import ROOT, invoke, kantian_text, tiny
 from kantai_batch.errors import InputDataError, SourceUnavailableError
 from kantai_batch.infer import fill_mask
-from kantai_batch.probes import read_probes
+from kantai_batch.model import load_lm, load_model_tokenizer
+from kantai_batch.probes import Probe, format_quality, read_probes, score_probes
 
 
 def _probe_file(path: Path, lines: list[str]) -> Path:
@@ -77,9 +78,11 @@ def test_evaluate_scores_probes_against_the_models_own_predictions(trained_run: 
     scored = quality["probes"]
     assert (scored["probes"], scored["top1_hits"], scored["topk_hits"]) == (3, 2, 2)
     assert [row["rank"] for row in scored["results"]] == [1, 1, None]
+    assert scored["median_rank"] == 1.0
     table = invoke("evaluate", "--run-dir", str(tmp_path / "run"), "--model", str(model), "--corpus", str(held_out),
                    *tiny(f"eval.probes={probes}"))  # fmt: skip
-    assert "probes: 2/3 right at top 1, 2/3 in the top 5" in table.stdout
+    hits = "probes: 2/3 right at top 1, 2/3 in the top 5"
+    assert f"{hits}, median rank of a right answer 1 of {scored['vocabulary']:,}" in table.stdout
     assert "fill-mask 'Human thinking involves human <mask>.'" in table.stdout
 
 
@@ -108,3 +111,27 @@ def test_run_prints_the_probe_hits_after_the_fill_mask_answers(tmp_path: Path, c
     assert "/1 in the top 5" in result.stdout
     saved = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert saved["quality"]["probes"]["probes"] == 1
+
+
+@pytest.mark.slow
+def test_probe_ranks_follow_the_fill_mask_pipeline_over_the_whole_vocabulary(trained_run: Path):
+    from transformers import pipeline
+
+    model_dir = trained_run / "model"
+    model, tokenizer = load_lm(model_dir, "mlm").eval(), load_model_tokenizer(model_dir)
+    text = "Reason determines <mask> cognition."
+    ranked = pipeline("fill-mask", model=model, tokenizer=tokenizer)(text, top_k=model.config.vocab_size)
+    everything = [candidate["token_str"].strip().lower() for candidate in ranked]
+    last = next(word for word in reversed(everything) if word)  # padding rows decode to nothing
+    picks = [everything[0], everything[3], everything[60], last]
+    # A word can be several tokens (" the", "the"): its rank is its best one's.
+    expected = [everything.index(word) + 1 for word in picks]
+    probes = [Probe(text, (word,), line) for line, word in enumerate(picks, start=1)]
+    scored = score_probes(model, tokenizer, [*probes, Probe(text, ("zzzz-not-a-token",), 9)], top_k=5)
+    assert [row["rank"] for row in scored["results"]] == [*expected, None]
+    assert expected[2] > 5 and scored["vocabulary"] == model.config.vocab_size
+    assert (scored["top1_hits"], scored["topk_hits"]) == (1, sum(rank <= 5 for rank in expected))
+    assert scored["median_rank"] == sum(sorted(expected)[1:3]) / 2
+    assert scored["results"][0]["predicted"] == everything[:5]
+    line = format_quality({"fill_mask": {"text": text, "predicted": []}, "probes": scored})[1]
+    assert line.endswith(f"median rank of a right answer {scored['median_rank']:,g} of {model.config.vocab_size:,}")
