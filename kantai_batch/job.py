@@ -215,7 +215,7 @@ class TrainSection(_Section):
     """Wall-clock budget for training: the ranks stop together at the first step boundary past it,
     and the learning-rate schedule is planned (from the timed first steps) to end when it does. A
     resumed run counts the time already spent. max_steps, or epochs when set, still bound it."""
-    per_device_batch_size: int = Field(8, ge=1)
+    per_device_batch_size: int = Field(4, ge=1)
     """Samples per device per step."""
     learning_rate: float = Field(1e-4, gt=0.0)
     """Peak AdamW learning rate, reached after the warm-up; `lr_scheduler` shapes the rest."""
