@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from kantai_batch import __version__, s3
-from kantai_batch.distributed import distributed_state, leave_process_group
+from kantai_batch.distributed import distributed_state, exit_process, joined_process_group, leave_process_group
 from kantai_batch.errors import JobConfigError, KantaiError, NotPromotedError, first_line
 from kantai_batch.job import Job, load_job
 from kantai_batch.phases import phase
@@ -606,4 +606,19 @@ def _print_metrics(metrics: dict[str, Any], as_json: bool) -> None:
 
 
 def main() -> None:
-    cli(prog_name="kantai-batch")
+    try:
+        cli(prog_name="kantai-batch")
+    except SystemExit as exc:
+        if joined_process_group():
+            exit_process(_exit_code(exc))
+        raise
+
+
+def _exit_code(exc: SystemExit) -> int:
+    """The status the interpreter would exit with for ``exc``: 0 for None, 1 for a message."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    print(exc.code, file=sys.stderr)
+    return 1
