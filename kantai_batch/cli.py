@@ -612,6 +612,12 @@ def main() -> None:
         if joined_process_group():
             exit_process(_exit_code(exc))
         raise
+    except Exception:
+        # A crash (a peer's lost connection, a bug) reports as Python would, with Python's exit code.
+        if joined_process_group():
+            sys.excepthook(*sys.exc_info())
+            exit_process(1)
+        raise
 
 
 def _exit_code(exc: SystemExit) -> int:

@@ -140,23 +140,30 @@ class Teardown:
 
 kept_until_teardown = Teardown()
 sys.argv = ["kantai-batch", *sys.argv[3:]]
-from kantai_batch.cli import main
-main()
+import kantai_batch.cli as cli
+
+if "crash" in out.name:
+    def crash(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    cli.load_job = crash
+cli.main()
 """
 
 
 @pytest.mark.parametrize("role", ["rank", "single"])
-@pytest.mark.parametrize("outcome", ["success", "config error"])
+@pytest.mark.parametrize("outcome", ["success", "config error", "crash"])
 def test_a_rank_exits_with_its_code_after_exit_handlers_but_without_interpreter_teardown(
-    tmp_path, corpus_file, role, outcome
+    tmp_path_factory, corpus_file, role, outcome
 ):
     # A rank's C++ teardown aborted finished ranks now and then (gloo threads kept alive by DDP), and
     # its 134 hid the phase's own exit code: a rank skips that teardown, a single process does not.
+    tmp_path = tmp_path_factory.mktemp(outcome.replace(" ", "-"))
     command = [sys.executable, "-c", _RANK, str(tmp_path), role, "prepare", "--run-dir", str(tmp_path / "run")]
-    command += ["--corpus", str(corpus_file), *(["--set", "train.max_steps=many"] if outcome != "success" else [])]
+    command += ["--corpus", str(corpus_file), *(["--set", "train.max_steps=many"] if outcome == "config error" else [])]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert result.returncode == (0 if outcome == "success" else 2), result.stderr
-    if outcome != "success":
-        assert "train.max_steps" in result.stderr.strip().splitlines()[-1]
+    assert result.returncode == {"success": 0, "config error": 2, "crash": 1}[outcome], result.stderr
+    last_line = result.stderr.strip().splitlines()[-1] if outcome != "success" else ""
+    assert {"success": "", "config error": "train.max_steps", "crash": "RuntimeError: a bug"}[outcome] in last_line
     assert (tmp_path / "atexit").exists(), "Python's exit handlers still run"
     assert (tmp_path / "teardown").exists() == (role == "single"), "a rank leaves before interpreter teardown"
