@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import logging
 import os
 import sys
 import threading
@@ -42,9 +41,9 @@ def leave_process_group() -> None:
     That frees a group nothing else holds; one that a DDP model still holds from C++ lives on, and
     the rank's exit (``exit_process``) is what keeps its threads from aborting a finished rank.
     """
+    global _left_group
     # Only a process that loaded torch can have a group; prepare and the others that never need
     # torch must not pay for importing it (seconds, and 200 MB of memory) on their way out.
-    global _left_group
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -65,11 +64,10 @@ def exit_process(code: int) -> NoReturn:
     aborted finished ranks now and then (SIGABRT, "terminate called without an active exception",
     after every file was written), and exit code 134 then hid a success, or the real exit code,
     from the launcher and the pod's failure policy. What teardown would still do for us is done
-    here: non-daemon threads joined, atexit handlers (MLflow, logging) run, streams flushed.
+    here: non-daemon threads joined, atexit handlers (MLflow's, logging's flush) run, streams flushed.
     """
     threading._shutdown()  # what the interpreter's own exit does first: join the non-daemon threads
     atexit._run_exitfuncs()
-    logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
