@@ -44,6 +44,7 @@ RECIPE: dict[str, dict[str, Any]] = {
         "torch_compile": False,
         "per_device_batch_size": 64,
         "position_init": "random",  # RoBERTa's init, whatever the job starts from
+        "attention_init": "random",
         **TRAINER_DEFAULTS,
     },
 }
@@ -58,6 +59,7 @@ RUN_MLM: dict[str, dict[str, Any]] = {
         "epochs": 3.0,
         "per_device_batch_size": 8,
         "position_init": "random",  # RoBERTa's init, whatever the job starts from
+        "attention_init": "random",
         **TRAINER_DEFAULTS,
     },
 }

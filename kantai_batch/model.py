@@ -66,7 +66,49 @@ def init_model(job: Job, tokenizer_size: int):
     model = model_class(job.task)(config)
     if job.train.position_init == "sinusoidal":
         sinusoidal_positions(model)
+    if job.train.attention_init != "random":
+        mimetic_attention(model, value_output=job.train.attention_init == "mimetic", seed=job.train.seed)
     return model
+
+
+# Trockman & Kolter (2023), "Mimetic Initialization of Self-Attention Layers": the weight of the
+# random part and of the (negative) identity in each product.
+MIMETIC_QUERY_KEY = (0.7, 0.7)
+MIMETIC_VALUE_OUTPUT = (0.4, 0.4)
+
+
+def mimetic_attention(model, *, value_output: bool, seed: int) -> None:
+    """Start each layer's query-key product W_q W_k^T near alpha Z + beta I and, with ``value_output``,
+    its value-output product W_v W_o near alpha Z - beta I (Z Gaussian with variance 1/width).
+
+    Each product is one width x width matrix split into two factors by its SVD, so the heads share
+    it: head h takes the h-th slice of singular directions. Biases stay zero.
+    """
+    import torch
+
+    width = model.config.hidden_size
+    # Its own generator: the global one goes on to draw masks and sample order, which stay as with random init.
+    generator = torch.Generator().manual_seed(seed)
+
+    def factors(alpha: float, sign_beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.randn(width, width, generator=generator) / width**0.5
+        u, s, vh = torch.linalg.svd(alpha * z + sign_beta * torch.eye(width))
+        root = s.sqrt()
+        return u * root, vh.T * root  # left @ right.T == alpha Z + sign_beta I
+
+    with torch.no_grad():
+        for layer in model.base_model.encoder.layer:
+            attention = layer.attention
+            alpha, beta = MIMETIC_QUERY_KEY
+            left, right = factors(alpha, beta)
+            # nn.Linear computes x @ weight.T: x W_q is x @ query.weight.T, so weight = factor.T.
+            attention.self.query.weight.copy_(left.T)
+            attention.self.key.weight.copy_(right.T)
+            if value_output:
+                alpha, beta = MIMETIC_VALUE_OUTPUT
+                left, right = factors(alpha, -beta)
+                attention.self.value.weight.copy_(left.T)
+                attention.output.dense.weight.copy_(right)
 
 
 def sinusoidal_positions(model) -> None:

@@ -1,4 +1,4 @@
-"""How a model trained from scratch starts: train.position_init."""
+"""How a model trained from scratch starts: train.position_init and train.attention_init."""
 
 from __future__ import annotations
 
@@ -50,3 +50,74 @@ def test_sinusoidal_positions_encode_offsets_at_the_init_scale_and_change_nothin
 def test_an_unknown_position_init_is_a_config_error():
     with pytest.raises(JobConfigError, match="train.position_init"):
         load_job(None, [*TINY, "train.position_init=rotary"])
+
+
+def _products(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, W_q W_k^T and W_v W_o as maps on the residual stream (x @ product)."""
+    rows = []
+    for layer in model.roberta.encoder.layer:
+        attention = layer.attention
+        query_key = attention.self.query.weight.T @ attention.self.key.weight
+        value_output = attention.self.value.weight.T @ attention.output.dense.weight.T
+        rows.append((query_key.detach(), value_output.detach()))
+    return rows
+
+
+def _diagonal_and_rest(product: torch.Tensor) -> tuple[float, float]:
+    off = product - torch.diag(torch.diagonal(product))
+    return torch.diagonal(product).mean().item(), off.abs().mean().item()
+
+
+def _self_attention_share(model, tokens: torch.Tensor) -> float:
+    """How much attention each position pays itself, averaged over layers, heads and positions."""
+    with torch.no_grad():
+        attentions = model(input_ids=tokens, output_attentions=True).attentions
+    return torch.stack([a.diagonal(dim1=-2, dim2=-1).mean() for a in attentions]).mean().item()
+
+
+@pytest.mark.parametrize("kind", ["mimetic", "mimetic_qk"])
+def test_mimetic_attention_starts_near_the_identity_and_changes_only_attention(tmp_path: Path, kind: str):
+    plain = init_model(load_job(None, [*TINY, "train.attention_init=random"]), TOKENIZER_SIZE)
+    model = init_model(load_job(None, [*TINY, f"train.attention_init={kind}"]), TOKENIZER_SIZE)
+    for (plain_qk, plain_vo), (query_key, value_output) in zip(_products(plain), _products(model), strict=True):
+        diagonal, rest = _diagonal_and_rest(query_key)
+        assert diagonal == pytest.approx(0.7, abs=0.1)  # beta of alpha Z + beta I
+        assert rest < 0.2 * diagonal
+        assert abs(_diagonal_and_rest(plain_qk)[0]) < 0.01, "RoBERTa's init has no such structure"
+        if kind == "mimetic":
+            diagonal, rest = _diagonal_and_rest(value_output)
+            assert diagonal == pytest.approx(-0.4, abs=0.06)
+            assert rest < 0.2 * abs(diagonal)
+        else:
+            assert torch.equal(value_output, plain_vo)
+    changed = {
+        name
+        for (name, a), (_, b) in zip(plain.state_dict().items(), model.state_dict().items(), strict=True)
+        if not torch.equal(a, b)
+    }
+    touched = {"query", "key"} | ({"value", "output.dense"} if kind == "mimetic" else set())
+    expected = {
+        f"roberta.encoder.layer.{i}.attention.{'self.' if part != 'output.dense' else ''}{part}.weight"
+        for i in range(model.config.num_hidden_layers)
+        for part in touched
+    }
+    assert changed == expected
+    # What the start is for: a position attends to itself (and tokens like it) far more than uniformly.
+    tokens = torch.randint(5, TOKENIZER_SIZE, (2, 24), generator=torch.Generator().manual_seed(0))
+    plain.set_attn_implementation("eager")
+    model.set_attn_implementation("eager")
+    assert _self_attention_share(plain, tokens) == pytest.approx(1 / 24, rel=0.2)
+    assert _self_attention_share(model, tokens) > 3 / 24
+    model.save_pretrained(tmp_path / "model")
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "model")
+    assert type(loaded) is RobertaForMaskedLM
+    assert all(torch.equal(a, b) for a, b in zip(_products(loaded)[0], _products(model)[0], strict=True))
+
+
+def test_the_same_seed_gives_the_same_mimetic_start_and_another_seed_another():
+    def query(seed: int) -> torch.Tensor:
+        job = load_job(None, [*TINY, "train.attention_init=mimetic", f"train.seed={seed}"])
+        return init_model(job, TOKENIZER_SIZE).roberta.encoder.layer[0].attention.self.query.weight
+
+    assert torch.equal(query(1), query(1))
+    assert not torch.equal(query(1), query(2))
