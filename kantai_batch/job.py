@@ -276,9 +276,10 @@ class TrainSection(_Section):
     """How a model trained from scratch starts its self-attention weights: `random` (RoBERTa's normal
     init, under which every head starts attending almost uniformly) or mimetic initialization
     (Trockman & Kolter, 2023), which starts each layer's query-key product near the identity (a token
-    attends to tokens and positions like its own, so neighbours from step 0) and, with `mimetic`,
-    its value-output product near the negative identity, as in trained Transformers; `mimetic_qk`
-    sets the query-key product only. Only the start differs: the saved model is the same architecture."""
+    attends to tokens and positions like its own) and, with `mimetic`, its value-output product near
+    the negative identity, as in trained Transformers; `mimetic_qk` sets the query-key product only
+    (on the Kant job it alone changed nothing; README: Time to quality). Only the start differs: the
+    saved model is the same architecture."""
     torch_compile: bool = False
     """Compile the model with torch.compile: faster steps after a compile of a minute or more."""
     dataloader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
