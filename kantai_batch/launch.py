@@ -38,14 +38,24 @@ def launch(torchrun_options: list[str], command: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        # A negative code is the signal that killed the process; report it the way a shell does.
-        code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+        rank, code = reported_failure(exc.failures)
         log.error("launch: process of rank %d exited with %d", rank, code)
         return code
     except SignalException as exc:
         return 128 + signal.Signals(exc.sigval).value
     return 0
+
+
+def reported_failure(failures: dict) -> tuple[int, int]:
+    """The rank and exit code a launch reports when ranks failed (``ChildFailedError.failures``).
+
+    When a rank dies, its peers exit 1 on the lost connection, sometimes before torchrun has seen the
+    death, and torchrun stamps failures in whole seconds; so the cause (a signal or a specific code)
+    wins over a 1, then the earlier failure, then the lower rank.
+    """
+    rank, failure = min(failures.items(), key=lambda item: (item[1].exitcode == 1, item[1].timestamp, item[0]))
+    # A negative code is the signal that killed the process; report it the way a shell does.
+    return rank, failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
 
 
 def rendezvous_wait_s() -> float:

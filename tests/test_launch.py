@@ -1,0 +1,24 @@
+"""Which failure a launch reports when several ranks failed."""
+
+from __future__ import annotations
+
+import signal
+from types import SimpleNamespace
+
+from kantai_batch.launch import reported_failure
+
+
+def _failure(exitcode: int, timestamp: int) -> SimpleNamespace:
+    return SimpleNamespace(exitcode=exitcode, timestamp=timestamp)
+
+
+def test_a_killed_rank_is_reported_over_the_peer_that_lost_its_connection():
+    # torchrun's timestamps are whole seconds: both failures in the same second, rank 0 first.
+    failures = {0: _failure(1, 100), 1: _failure(-signal.SIGKILL, 100)}
+    assert reported_failure(failures) == (1, 128 + signal.SIGKILL)
+
+
+def test_a_specific_code_wins_over_1_and_otherwise_the_earliest_then_the_lowest_rank():
+    assert reported_failure({0: _failure(1, 100), 1: _failure(2, 101)}) == (1, 2)
+    assert reported_failure({0: _failure(143, 101), 1: _failure(3, 100)}) == (1, 3)
+    assert reported_failure({0: _failure(1, 100), 1: _failure(1, 100)}) == (0, 1)
