@@ -33,6 +33,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "adam_epsilon": 1e-8,
     "max_grad_norm": 1.0,
     "mlm_probability": 0.15,
+    "mask_frequency_power": 0.0,
 }
 
 RECIPE: dict[str, dict[str, Any]] = {

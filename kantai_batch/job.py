@@ -243,6 +243,11 @@ class TrainSection(_Section):
     """mlm: share of tokens selected for masking while training; 30% gives twice RoBERTa's 15% of
     predictions per step and learned faster in time (README: Time to quality). Held-out text is
     scored at `eval.mlm_probability`."""
+    mask_frequency_power: float = Field(0.0, ge=0.0, le=1.0)
+    """mlm: 0 chooses every token for masking alike (RoBERTa); above 0, a token is chosen with a
+    probability proportional to its train-split count to the power of minus this, scaled so that
+    `mlm_probability` of the tokens are still chosen on average: frequent tokens (punctuation,
+    articles) are predicted less often and content words more. Held-out text keeps uniform masking."""
     save_steps: int = Field(10_000, ge=1)
     """Write a checkpoint every this many steps."""
     save_total_limit: int = Field(2, ge=1)

@@ -13,6 +13,12 @@ non-special token is chosen with ``mlm_probability``; a chosen token becomes ``<
 time, a random token 10%, and stays 10%. It runs on whole batches of numpy arrays read from Arrow in
 one slice, which also takes the per-token Python work of the stock collator off the data path. The
 held-out samples are masked the same way, once, when they are built (``Masker.mask_lists``).
+
+With ``train.mask_frequency_power`` above 0, a token is chosen with a probability of its own instead:
+proportional to its train-split count to the power of minus ``power``, scaled so that on average
+``mlm_probability`` of the tokens are still chosen (``selection_probabilities``). Frequent tokens
+(punctuation, articles) are then predicted less often and content words more, as word2vec subsamples
+frequent words; held-out samples keep uniform masking, so their loss still scores every token alike.
 """
 
 from __future__ import annotations
@@ -37,10 +43,15 @@ class MaskedSamples(Dataset):
     from ``order.EpochOrder``; a plain index (below ``len``) is epoch 0.
     """
 
-    def __init__(self, samples, tokenizer, mlm_probability: float, seed: int) -> None:
+    def __init__(self, samples, tokenizer, mlm_probability: float, seed: int, frequency_power: float = 0.0) -> None:
         self.samples = samples.with_format("arrow")
         self.size = len(samples)
-        self.masker = Masker(tokenizer, mlm_probability, seed)
+        selection = None
+        if frequency_power > 0:
+            counts = token_counts(samples, len(tokenizer))
+            counts[sorted(tokenizer.all_special_ids)] = 0
+            selection = selection_probabilities(counts, mlm_probability, frequency_power)
+        self.masker = Masker(tokenizer, mlm_probability, seed, selection)
         self.has_special_mask = "special_tokens_mask" in samples.column_names
 
     def __len__(self) -> int:
@@ -66,11 +77,13 @@ class Masker:
     """RoBERTa's masking of a batch of samples, each by its own generator seeded by (seed, stream, index).
 
     The stream is the epoch for training samples and ``EVAL_STREAM`` for the held-out samples, whose
-    masks are fixed once when they are built.
+    masks are fixed once when they are built. ``selection``, when given, is each token id's own
+    probability of being chosen in place of ``mlm_probability``.
     """
 
-    def __init__(self, tokenizer, mlm_probability: float, seed: int) -> None:
+    def __init__(self, tokenizer, mlm_probability: float, seed: int, selection: np.ndarray | None = None) -> None:
         self.mlm_probability = mlm_probability
+        self.selection = selection
         self.seed = seed
         self.mask_id = tokenizer.mask_token_id
         self.vocab = len(tokenizer)
@@ -82,7 +95,8 @@ class Masker:
             special = np.isin(ids, self.special)
         samples = zip(np.asarray(streams).tolist(), np.asarray(indices).tolist(), lengths.tolist(), strict=True)
         draws = np.concatenate([np.random.default_rng([self.seed, s, i]).random((4, n)) for s, i, n in samples], axis=1)
-        chosen = (draws[0] < self.mlm_probability) & ~special
+        threshold = self.mlm_probability if self.selection is None else self.selection[ids]
+        chosen = (draws[0] < threshold) & ~special
         labels = np.where(chosen, ids, IGNORE)
         masked = chosen & (draws[1] < 0.8)
         # Half of the remaining 20%: a random token; the other half keeps its own.
@@ -105,6 +119,32 @@ class Masker:
             "attention_mask": [[1] * int(n) for n in lengths],
             "labels": [row.tolist() for row in np.split(labels, bounds)],
         }
+
+
+def token_counts(samples, vocab: int) -> np.ndarray:
+    """How often each token id occurs in ``samples`` (a ``datasets.Dataset``), one Arrow chunk at a time."""
+    counts = np.zeros(vocab, dtype=np.int64)
+    for chunk in samples.data.column("input_ids").chunks:
+        counts += np.bincount(chunk.flatten().to_numpy(), minlength=vocab)[:vocab]
+    return counts
+
+
+def selection_probabilities(counts: np.ndarray, rate: float, power: float) -> np.ndarray:
+    """Per-token probabilities of being chosen, ``min(1, c * count**-power)``, with ``c`` set so that
+    ``rate`` of all occurrences are chosen on average; ids that never occur get 0."""
+    seen = counts > 0
+    weights = np.zeros(len(counts))
+    weights[seen] = counts[seen].astype(np.float64) ** -power
+    target = rate * counts.sum()
+    # The chosen share grows with c and reaches all occurrences at c = 1 / min weight: bisect for it.
+    low, high = 0.0, 1.0 / weights[seen].min()
+    for _ in range(100):
+        middle = (low + high) / 2
+        if (counts * np.minimum(1.0, middle * weights)).sum() < target:
+            low = middle
+        else:
+            high = middle
+    return np.minimum(1.0, high * weights)
 
 
 def _flat(column) -> tuple[np.ndarray, np.ndarray]:

@@ -211,7 +211,8 @@ def build_trainer(
         samples = (load_samples(run, job, "train", tokenizer), load_samples(run, job, "eval", tokenizer))
     train_set, eval_set = samples
     if job.task == "mlm":
-        train_set = MaskedSamples(train_set, tokenizer, job.train.mlm_probability, job.train.seed)
+        t = job.train
+        train_set = MaskedSamples(train_set, tokenizer, t.mlm_probability, t.seed, t.mask_frequency_power)
     else:
         train_set = EpochRows(train_set)
     if job.train.lr_scheduler == "warmup_stable_decay" and not args.lr_scheduler_kwargs:

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from helpers import assert_resumed_like_uninterrupted, invoke, killed_after, prepared_run, record_epoch_starts, tiny
 from kantai_batch.job import Job
-from kantai_batch.masking import IGNORE, MaskedSamples, Masker, collate
+from kantai_batch.masking import IGNORE, MaskedSamples, Masker, collate, selection_probabilities
 from kantai_batch.throughput import ThroughputCallback
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -63,6 +63,34 @@ def test_masking_is_robertas_80_10_10_and_never_touches_special_tokens(tokenizer
     assert masked.mean() == pytest.approx(0.8, abs=0.01)
     assert kept.mean() == pytest.approx(0.1 + 0.1 / len(tokenizer), abs=0.01)
     assert np.array_equal(inputs[~chosen], ids[~chosen])
+
+
+def test_frequency_weighted_selection_keeps_the_rate_and_favours_rare_tokens():
+    counts = np.array([0, 1000, 100, 10, 1, 0])
+    chosen = selection_probabilities(counts, 0.3, 0.5)
+    assert (counts * chosen).sum() / counts.sum() == pytest.approx(0.3)
+    assert chosen[0] == chosen[5] == 0  # never seen
+    assert np.all(np.diff(chosen[1:5]) >= 0) and chosen[1] < 0.3 < chosen[3]
+    assert chosen[4] == 1.0  # capped: a probability
+    assert chosen[1] / chosen[2] == pytest.approx(10**-0.5)
+    assert np.allclose(selection_probabilities(counts, 0.3, 0.0)[1:5], 0.3)
+
+
+def test_frequency_weighted_masking_chooses_frequent_tokens_less_at_the_same_rate(tokenizer):
+    rng = np.random.default_rng(0)
+    ids = np.where(rng.random((2000, 64)) < 0.5, 7, rng.integers(20, 280, (2000, 64)))  # token 7: half of all
+    ids[:, 0], ids[:, -1] = 0, 2
+    special = np.zeros_like(ids)
+    special[:, [0, -1]] = 1
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "special_tokens_mask": special.tolist()})
+    weighted = MaskedSamples(data, tokenizer, 0.3, seed=0, frequency_power=0.5)
+    labels = collate(weighted.__getitems__(list(range(2000))), 1, 8)["labels"].numpy()
+    chosen = labels != IGNORE
+    assert not chosen[:, [0, -1]].any()
+    assert chosen[:, 1:-1].mean() == pytest.approx(0.3, abs=0.005)
+    assert chosen[ids == 7].mean() < 0.1 < 0.5 < chosen[(ids != 7) & (special == 0)].mean()
+    again = weighted.__getitems__([5, 42])[1]
+    assert np.array_equal(again["labels"], weighted[42]["labels"])
 
 
 def test_collate_pads_samples_of_different_lengths(tokenizer):
