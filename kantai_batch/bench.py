@@ -68,8 +68,8 @@ def bench(
     """Measure the job, the baseline and the variants; write the JSON record, return it.
 
     With ``--steps`` every configuration trains (and plans its schedule for) that many steps; with
-    only ``--seconds`` the job and its variants plan their schedule for that time (``train.max_seconds``)
-    while a baseline keeps its own plan (run_mlm's 3 epochs), and each is stopped when its time is up.
+    only ``--seconds`` the job, its variants and run_mlm plan their schedule for that time
+    (``train.max_seconds``) while the recipe keeps the notebook's plan, and each is stopped when its time is up.
     """
     configs = [("job", job)]
     if baseline:
@@ -99,8 +99,13 @@ def bench(
     for name, config in configs:
         log.info("bench: training %s for %s", name, f"{seconds:.0f} s" if seconds else f"{steps} steps")
         if seconds and steps is None and name != baseline:
-            # Ours plans its schedule for the time it is given (train.max_seconds); a baseline keeps its own plan.
+            # Ours plans its schedule for the time it is given (train.max_seconds).
             config = config.model_copy(update={"train": config.train.model_copy(update={"max_seconds": seconds})})
+        elif seconds and steps is None and name == "run_mlm":
+            # So does run_mlm: a skilled user given the time sets num_train_epochs to what fits it, rather
+            # than stopping after 3 epochs on a fast machine or mid-schedule on a slow one.
+            fitted = {"max_seconds": seconds, "epochs": None}
+            config = config.model_copy(update={"train": config.train.model_copy(update=fitted)})
         row = _in_fresh_process(
             name, config, run, steps, seconds, eval_every, baseline=name == baseline, eval_masks=job
         )

@@ -76,6 +76,24 @@ def test_bench_against_run_mlm_with_a_variant(tmp_path: Path, corpus_file: Path)
     assert "reached run_mlm's final packed loss" in result.stdout
 
 
+@pytest.mark.slow
+def test_with_seconds_run_mlm_fills_the_time_like_the_job(tmp_path: Path, corpus_file: Path):
+    out = tmp_path / "results"
+    invoke(
+        "bench", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file), *tiny("train.max_steps=null"),
+        "--seconds", "4", "--baseline", "run_mlm", "--out", str(out),
+    )  # fmt: skip
+    (record_file,) = out.glob("kantaibert-*.json")
+    job, run_mlm = json.loads(record_file.read_text())["results"]
+    for row in (job, run_mlm):
+        assert row["train"]["max_seconds"] == 4 and row["train"]["epochs"] is None
+        assert 3 <= row["training_seconds"] <= 6
+    # run_mlm's own plan, 3 epochs of the tiny corpus, ends long before the 4 s.
+    run = tmp_path / "run"
+    blocks = grouped_lines(run / "corpus" / "train.txt", AutoTokenizer.from_pretrained(run / "tokenizer"), 32, what="t")
+    assert run_mlm["global_step"] > 3 * -(-len(blocks) // 8)
+
+
 def test_bad_variant_is_a_config_error(tmp_path: Path, corpus_file: Path):
     result = invoke(
         "bench", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file),
