@@ -277,14 +277,15 @@ class TrainSection(_Section):
     normal init) or `sinusoidal` (the original Transformer's table at the same scale), which gives
     attention the offsets between positions from step 0. Only the start differs: the embeddings still
     train and the saved model is the same architecture."""
-    attention_init: Literal["random", "mimetic", "mimetic_qk"] = "random"
+    attention_init: Literal["random", "mimetic", "mimetic_qk"] = "mimetic"
     """How a model trained from scratch starts its self-attention weights: `random` (RoBERTa's normal
     init, under which every head starts attending almost uniformly) or mimetic initialization
     (Trockman & Kolter, 2023), which starts each layer's query-key product near the identity (a token
     attends to tokens and positions like its own) and, with `mimetic`, its value-output product near
     the negative identity, as in trained Transformers; `mimetic_qk` sets the query-key product only
-    (on the Kant job it alone changed nothing; README: Time to quality). Only the start differs: the
-    saved model is the same architecture."""
+    (on the Kant job it alone changed nothing). `mimetic` is the Kant job's default: after 20 minutes
+    its held-out loss was 0.33 lower and 5 of 22 probes were in the top 5, against none with `random`
+    (README: Time to quality). Only the start differs: the saved model is the same architecture."""
     torch_compile: bool = False
     """Compile the model with torch.compile: faster steps after a compile of a minute or more."""
     dataloader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
