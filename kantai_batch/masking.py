@@ -29,8 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kantai_batch.errors import InputDataError
+
 IGNORE = -100  # the label of a position the loss does not score
 _FIELDS = ("input_ids", "attention_mask", "labels")
+_COUNT_ROWS = 10_000
 # The generator stream of held-out samples: never an epoch, so eval masks are not any epoch's masks.
 EVAL_STREAM = 2**32 - 1
 
@@ -50,6 +53,10 @@ class MaskedSamples(Dataset):
         if frequency_power > 0:
             counts = token_counts(samples, len(tokenizer))
             counts[sorted(tokenizer.all_special_ids)] = 0
+            if not counts.any():
+                raise InputDataError(
+                    "train split: every token is a special token, so train.mask_frequency_power has no token to choose"
+                )
             selection = selection_probabilities(counts, mlm_probability, frequency_power)
         self.masker = Masker(tokenizer, mlm_probability, seed, selection)
         self.has_special_mask = "special_tokens_mask" in samples.column_names
@@ -122,10 +129,13 @@ class Masker:
 
 
 def token_counts(samples, vocab: int) -> np.ndarray:
-    """How often each token id occurs in ``samples`` (a ``datasets.Dataset``), one Arrow chunk at a time."""
+    """How often each token id occurs in ``samples`` (a ``datasets.Dataset``), a batch of rows at a time.
+
+    Iterating (not reading the Arrow table under it) counts only the dataset's rows when it is a
+    selection or a shard of a larger table."""
     counts = np.zeros(vocab, dtype=np.int64)
-    for chunk in samples.data.column("input_ids").chunks:
-        counts += np.bincount(chunk.flatten().to_numpy(), minlength=vocab)[:vocab]
+    for rows in samples.with_format("arrow").iter(batch_size=_COUNT_ROWS):
+        counts += np.bincount(_flat(rows.column("input_ids"))[0], minlength=vocab)[:vocab]
     return counts
 
 

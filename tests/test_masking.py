@@ -13,8 +13,9 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
 from helpers import assert_resumed_like_uninterrupted, invoke, killed_after, prepared_run, record_epoch_starts, tiny
+from kantai_batch.errors import InputDataError
 from kantai_batch.job import Job
-from kantai_batch.masking import IGNORE, MaskedSamples, Masker, collate, selection_probabilities
+from kantai_batch.masking import IGNORE, MaskedSamples, Masker, collate, selection_probabilities, token_counts
 from kantai_batch.throughput import ThroughputCallback
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -91,6 +92,19 @@ def test_frequency_weighted_masking_chooses_frequent_tokens_less_at_the_same_rat
     assert chosen[ids == 7].mean() < 0.1 < 0.5 < chosen[(ids != 7) & (special == 0)].mean()
     again = weighted.__getitems__([5, 42])[1]
     assert np.array_equal(again["labels"], weighted[42]["labels"])
+
+
+def test_token_counts_count_only_the_rows_a_selection_holds():
+    data = Dataset.from_dict({"input_ids": [[0, 5, 5, 2], [0, 6, 2], [0, 7, 7, 7, 2]]})
+    assert token_counts(data, 9).tolist() == [3, 0, 3, 0, 0, 2, 1, 3, 0]
+    assert token_counts(data.select([2, 1]), 9).tolist() == [2, 0, 2, 0, 0, 0, 1, 3, 0]
+    assert token_counts(data.shard(3, 0), 9).tolist() == [1, 0, 1, 0, 0, 2, 0, 0, 0]
+
+
+def test_frequency_weighted_masking_of_only_special_tokens_is_a_clear_error(tokenizer):
+    data = Dataset.from_dict({"input_ids": [[0, 4, 2], [0, 2]]})
+    with pytest.raises(InputDataError, match="train split: every token is a special token"):
+        MaskedSamples(data, tokenizer, 0.3, seed=0, frequency_power=0.5)
 
 
 def test_collate_pads_samples_of_different_lengths(tokenizer):
