@@ -2,9 +2,11 @@
 
 A schedule that decays to zero must know its length in steps, and a budget gives it in seconds. So
 the steps after the first (which pays for warm-up of caches and compilation) are timed, and the
-schedule is planned to end at the step the budget allows; halfway through the budget the plan is
-checked once more (once at least as many further steps were timed) and re-planned if the step time
-has drifted. The ranks plan with the slowest rank's step time, so all of them share one schedule
+schedule is planned to end at the step the budget allows. The plan is checked once more, halfway
+through the budget or through the planned steps, whichever comes first, against the step time since
+it was made (not the mean since the start, which keeps the slow first steps), and re-planned if that
+has drifted: a plan made from slow first steps would otherwise end training well before the budget.
+The ranks plan with the slowest rank's step time, so all of them share one schedule
 (their learning rates must match, or the data-parallel replicas drift apart), and they stop
 together through ``StopAgreement``. Evaluations do not count as training time.
 
@@ -94,7 +96,7 @@ class TimeBudget:
         return self.spent_before + ((self._stopped or time.monotonic()) - self._started) - self._excluded
 
     def observe(self, step: int) -> tuple[bool, bool, float]:
-        """This rank's view after ``step``: out of budget, past half of it, mean step time so far.
+        """This rank's view after ``step``: out of budget, past half of it, mean step time since the last plan.
 
         Steps are timed on the budget's own clock: an evaluation between them would otherwise count
         as step time, and a plan from inflated steps ends the schedule (and training) early.
@@ -108,17 +110,16 @@ class TimeBudget:
 
     def steer(self, step: int, past_half: bool, step_s: float) -> bool:
         """Act on what the ranks agreed: (re-)plan when due; return whether the schedule has ended."""
-        if self._timing_from is not None and step == self._timing_from[0] + ESTIMATE_STEPS:
-            self._plan(step, step_s)
-        elif (
-            past_half
-            and self._planned_at is not None
-            and step >= self._planned_at + ESTIMATE_STEPS
-            and not (self._checked_drift)
-        ):
-            self._checked_drift = True
-            if abs(step_s / self._planned_step_s - 1) > DRIFT:
+        if self._planned_at is None:
+            if self._timing_from is not None and step == self._timing_from[0] + ESTIMATE_STEPS:
                 self._plan(step, step_s)
+        elif not self._checked_drift and step >= self._planned_at + ESTIMATE_STEPS:
+            # Every rank holds the same plan, so the planned midpoint is a step they all agree on.
+            midway = self._planned_at + (self.schedule.total_steps - self._planned_at) // 2
+            if past_half or step >= midway:
+                self._checked_drift = True
+                if abs(step_s / self._planned_step_s - 1) > DRIFT:
+                    self._plan(step, step_s)
         # A plan cut to max_steps or the epochs' end leaves the ending to that bound.
         return self.schedule.total_steps < self._bound and step >= self.schedule.total_steps
 
@@ -138,3 +139,4 @@ class TimeBudget:
         self.schedule.total_steps = total
         self._planned_step_s = step_s
         self._planned_at = step
+        self._timing_from = (step, self.spent())  # the next check times only the steps after this plan

@@ -71,6 +71,25 @@ def test_evaluations_between_steps_do_not_shrink_the_plan(monkeypatch: pytest.Mo
     assert ended_at == 500 and budget.spent() == pytest.approx(1000.0)
 
 
+def test_a_plan_from_slow_first_steps_is_corrected_before_it_ends_training(monkeypatch: pytest.MonkeyPatch):
+    """First steps of 3 s, then 1 s: the first plan ends at a third of the budget; the check halfway
+    through it times the steps since the plan and re-plans to the budget's end."""
+    clock = [0.0]
+    monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock[0])
+    budget = TimeBudget(max_seconds=1000)
+    budget.schedule = PlannedSchedule("linear", 10_000, warmup_steps=0, warmup_ratio=0.1, decay_ratio=0.2)
+    budget.start()
+    ended_at = None
+    for step in range(1, 10_000):
+        clock[0] += 3.0 if step <= ESTIMATE_STEPS + 1 else 1.0
+        out_of_time, past_half, step_s = budget.observe(step)
+        if budget.steer(step, past_half, step_s) or out_of_time:
+            ended_at = step
+            break
+    assert budget.schedule.total_steps == ended_at == 978
+    assert budget.spent() == pytest.approx(1000.0)
+
+
 def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "model" / "train_summary.json").read_text())
 
