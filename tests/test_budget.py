@@ -50,23 +50,28 @@ def test_a_re_planned_schedule_ends_at_the_new_total():
     assert 0 < schedule(150) < 1
 
 
-def test_evaluations_between_steps_do_not_shrink_the_plan(monkeypatch: pytest.MonkeyPatch):
-    """Steps of 2 s with a 60 s evaluation every 50 steps: the plan is for 2 s steps, and it stands."""
+def _train_on_a_fake_clock(monkeypatch: pytest.MonkeyPatch, step_seconds, evaluate_every: int = 0):
+    """Steps of ``step_seconds(step)`` against a 1,000 s budget, as the stopping callback drives it, with
+    a 60 s evaluation (excluded) every ``evaluate_every`` steps: the budget and the step training ended at."""
     clock = [0.0]
     monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock[0])
     budget = TimeBudget(max_seconds=1000)
     budget.schedule = PlannedSchedule("linear", 10_000, warmup_steps=0, warmup_ratio=0.1, decay_ratio=0.2)
     budget.start()
-    ended_at = None
     for step in range(1, 10_000):
-        clock[0] += 2.0
+        clock[0] += step_seconds(step)
         out_of_time, past_half, step_s = budget.observe(step)
         if budget.steer(step, past_half, step_s) or out_of_time:
-            ended_at = step
-            break
-        if step % 50 == 0:
-            clock[0] += 60.0  # an evaluation, which the stopping callback excludes
+            return budget, step
+        if evaluate_every and step % evaluate_every == 0:
+            clock[0] += 60.0
             budget.exclude(60.0)
+    return budget, None
+
+
+def test_evaluations_between_steps_do_not_shrink_the_plan(monkeypatch: pytest.MonkeyPatch):
+    """Steps of 2 s with a 60 s evaluation every 50 steps: the plan is for 2 s steps, and it stands."""
+    budget, ended_at = _train_on_a_fake_clock(monkeypatch, lambda step: 2.0, evaluate_every=50)
     assert budget.schedule.total_steps == 500
     assert ended_at == 500 and budget.spent() == pytest.approx(1000.0)
 
@@ -74,18 +79,7 @@ def test_evaluations_between_steps_do_not_shrink_the_plan(monkeypatch: pytest.Mo
 def test_a_plan_from_slow_first_steps_is_corrected_before_it_ends_training(monkeypatch: pytest.MonkeyPatch):
     """First steps of 3 s, then 1 s: the first plan ends at a third of the budget; the check halfway
     through it times the steps since the plan and re-plans to the budget's end."""
-    clock = [0.0]
-    monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock[0])
-    budget = TimeBudget(max_seconds=1000)
-    budget.schedule = PlannedSchedule("linear", 10_000, warmup_steps=0, warmup_ratio=0.1, decay_ratio=0.2)
-    budget.start()
-    ended_at = None
-    for step in range(1, 10_000):
-        clock[0] += 3.0 if step <= ESTIMATE_STEPS + 1 else 1.0
-        out_of_time, past_half, step_s = budget.observe(step)
-        if budget.steer(step, past_half, step_s) or out_of_time:
-            ended_at = step
-            break
+    budget, ended_at = _train_on_a_fake_clock(monkeypatch, lambda step: 3.0 if step <= ESTIMATE_STEPS + 1 else 1.0)
     assert budget.schedule.total_steps == ended_at == 978
     assert budget.spent() == pytest.approx(1000.0)
 
