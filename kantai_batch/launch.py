@@ -46,14 +46,21 @@ def launch(torchrun_options: list[str], command: list[str]) -> int:
     return 0
 
 
+# How the peers of a dead rank exit: the lost connection, or torchrun's SIGTERM (handled, or not).
+_PEER_EXITS = (1, 128 + signal.SIGTERM, -signal.SIGTERM)
+
+
 def reported_failure(failures: dict) -> tuple[int, int]:
     """The rank and exit code a launch reports when ranks failed (``ChildFailedError.failures``).
 
-    When a rank dies, its peers exit 1 on the lost connection, sometimes before torchrun has seen the
-    death, and torchrun stamps failures in whole seconds; so the cause (a signal or a specific code)
-    wins over a 1, then the earlier failure, then the lower rank.
+    When a rank dies, its peers exit 1 on the lost connection or 143 on the SIGTERM with which torchrun
+    stops them, sometimes before torchrun has seen the death, and torchrun stamps failures in whole
+    seconds; so the cause (another signal or a specific code) wins over those, then the earlier
+    failure, then the lower rank.
     """
-    rank, failure = min(failures.items(), key=lambda item: (item[1].exitcode == 1, item[1].timestamp, item[0]))
+    rank, failure = min(
+        failures.items(), key=lambda item: (item[1].exitcode in _PEER_EXITS, item[1].timestamp, item[0])
+    )
     # A negative code is the signal that killed the process; report it the way a shell does.
     return rank, failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
 

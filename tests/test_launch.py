@@ -16,6 +16,10 @@ def test_a_killed_rank_is_reported_over_the_peer_that_lost_its_connection():
     # torchrun's timestamps are whole seconds: both failures in the same second, rank 0 first.
     failures = {0: _failure(1, 100), 1: _failure(-signal.SIGKILL, 100)}
     assert reported_failure(failures) == (1, 128 + signal.SIGKILL)
+    # Or rank 0 was stopped by torchrun's SIGTERM in that second (CI, 2026-12-04: 143 was reported).
+    for stopped in (128 + signal.SIGTERM, -signal.SIGTERM):
+        failures = {0: _failure(stopped, 100), 1: _failure(-signal.SIGKILL, 100)}
+        assert reported_failure(failures) == (1, 128 + signal.SIGKILL)
 
 
 def test_a_specific_code_wins_over_1_and_otherwise_the_earliest_then_the_lowest_rank():
