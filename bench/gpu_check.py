@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KANTAI_VOCAB = 8384  # the Kant tokenizer's size rounded up to 64, as model.vocab_size auto gives
-TINY = ("model.num_hidden_layers=2", "model.hidden_size=64", "model.num_attention_heads=2",
+TINY = ("model.num_hidden_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
         "model.intermediate_size=128", "tokenizer.vocab_size=1000")  # fmt: skip
 
 _WORDS = {

@@ -67,7 +67,9 @@ def init_model(job: Job, tokenizer_size: int):
     if job.train.position_init == "sinusoidal":
         sinusoidal_positions(model)
     if job.train.attention_init != "random":
-        mimetic_attention(model, value_output=job.train.attention_init == "mimetic", seed=job.train.seed)
+        mimetic_attention(model, value_output=job.train.attention_init != "mimetic_qk", seed=job.train.seed)
+    if job.train.attention_init == "mimetic_local":
+        local_window_heads(model)
     return model
 
 
@@ -109,6 +111,49 @@ def mimetic_attention(model, *, value_output: bool, seed: int) -> None:
                 left, right = factors(alpha, -beta)
                 attention.self.value.weight.copy_(left.T)
                 attention.output.dense.weight.copy_(right)
+
+
+# How sharply a local-window head starts to attend: the scale of its query and key rows. At 2.0 the
+# full-size Kant model's first layer starts with 70% of a window head's attention on offsets 1-3
+# (fastest band) or 80% on 1-8 (the next band), less in deeper layers as the residual stream mixes.
+LOCAL_WINDOW_GAIN = 2.0
+
+
+def local_window_heads(model) -> None:
+    """Start four heads of each layer attending to a window of nearby tokens: two to the left, two to
+    the right, over the sinusoidal position table's two fastest frequency bands.
+
+    Per (sin, cos) pair of the table the query is the key turned by 90 degrees, so the pair scores
+    sin((j - i) w) between positions i and j: largest a quarter-turn away, zero for the token itself
+    and, being antisymmetric, blind to which word sits where (a rotated word scores 0 with itself).
+    The window is what a masked token needs from the first step (its own embedding is only <mask>).
+    """
+    import torch
+
+    heads = model.config.num_attention_heads
+    head_size = model.config.hidden_size // heads
+    pairs = head_size // 2
+    # (direction, first sine/cosine pair): the fastest band's window peaks at offset 2, the next one's further out.
+    windows = [(-1, 0), (1, 0), (-1, pairs), (1, pairs)]
+    with torch.no_grad():
+        for layer in model.base_model.encoder.layer:
+            attention = layer.attention.self
+            for head, (direction, first) in enumerate(windows):
+                rows = slice(head * head_size, (head + 1) * head_size)
+                query = torch.zeros(head_size, model.config.hidden_size)
+                key = torch.zeros_like(query)
+                sine = torch.arange(first, first + pairs) * 2  # the table's sine columns; cosine is the next one
+                rank = torch.arange(pairs)
+                key[2 * rank, sine] = LOCAL_WINDOW_GAIN
+                key[2 * rank + 1, sine + 1] = LOCAL_WINDOW_GAIN
+                # (sin, cos) of position i becomes direction * (cos, -sin): its dot with position j's is
+                # direction * sin((j - i) w).
+                query[2 * rank, sine + 1] = direction * LOCAL_WINDOW_GAIN
+                query[2 * rank + 1, sine] = -direction * LOCAL_WINDOW_GAIN
+                attention.query.weight[rows] = query
+                attention.key.weight[rows] = key
+                attention.query.bias[rows] = 0
+                attention.key.bias[rows] = 0
 
 
 def sinusoidal_positions(model) -> None:

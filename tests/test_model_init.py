@@ -28,8 +28,10 @@ def _same_similarity_for_same_offset(weight: torch.Tensor) -> bool:
 
 
 def test_sinusoidal_positions_encode_offsets_at_the_init_scale_and_change_nothing_else(tmp_path: Path):
-    plain = init_model(load_job(None, [*TINY, "train.position_init=random"]), TOKENIZER_SIZE)
-    model = init_model(load_job(None, [*TINY, "train.position_init=sinusoidal"]), TOKENIZER_SIZE)
+    # Attention starts at RoBERTa's init, so the positions are the only difference.
+    random_attention = "train.attention_init=random"
+    plain = init_model(load_job(None, [*TINY, "train.position_init=random", random_attention]), TOKENIZER_SIZE)
+    model = init_model(load_job(None, [*TINY, "train.position_init=sinusoidal", random_attention]), TOKENIZER_SIZE)
     positions = _positions(model)
     assert _same_similarity_for_same_offset(positions)
     assert not _same_similarity_for_same_offset(_positions(plain)), "random init has no offset structure"
@@ -121,3 +123,56 @@ def test_the_same_seed_gives_the_same_mimetic_start_and_another_seed_another():
 
     assert torch.equal(query(1), query(1))
     assert not torch.equal(query(1), query(2))
+
+
+def _attention_by_offset(model, tokens: torch.Tensor, layer: int, head: int) -> dict[int, float]:
+    """A head's attention to the token `offset` places away, averaged over positions at least 8 from either end."""
+    with torch.no_grad():
+        attention = model(input_ids=tokens, output_attentions=True).attentions[layer][:, head]
+    positions = torch.arange(8, tokens.shape[1] - 8)
+    return {offset: attention[:, positions, positions + offset].mean().item() for offset in range(-8, 9)}
+
+
+def test_local_window_heads_start_attending_to_one_side_and_not_to_themselves(tmp_path: Path):
+    # Eight heads of 32: four windows of 16 sine/cosine pairs each, and four heads left mimetic.
+    shape = ["model.hidden_size=256", "model.num_attention_heads=8"]
+    mimetic = init_model(load_job(None, [*TINY, *shape, "train.attention_init=mimetic"]), TOKENIZER_SIZE)
+    model = init_model(load_job(None, [*TINY, *shape, "train.attention_init=mimetic_local"]), TOKENIZER_SIZE)
+    head_size = model.config.hidden_size // 8
+    window_rows = slice(0, 4 * head_size)
+    for plain_layer, layer in zip(mimetic.roberta.encoder.layer, model.roberta.encoder.layer, strict=True):
+        for part in ("query", "key"):
+            ours, theirs = getattr(layer.attention.self, part).weight, getattr(plain_layer.attention.self, part).weight
+            assert not torch.equal(ours[window_rows], theirs[window_rows])
+            assert torch.equal(ours[window_rows.stop :], theirs[window_rows.stop :]), "the other heads stay mimetic"
+    changed = {
+        name
+        for (name, a), (_, b) in zip(mimetic.state_dict().items(), model.state_dict().items(), strict=True)
+        if not torch.equal(a, b)
+    }
+    assert changed and all(name.endswith(("self.query.weight", "self.key.weight")) for name in changed)
+
+    tokens = torch.randint(5, TOKENIZER_SIZE, (4, 30), generator=torch.Generator().manual_seed(0))
+    model.set_attn_implementation("eager")
+    for layer in range(model.config.num_hidden_layers):
+        for head, side in ((0, -1), (1, 1), (2, -1), (3, 1)):
+            by_offset = _attention_by_offset(model, tokens, layer, head)
+            # At init a uniform head gives 8/30 to either side; the window takes most of it from one side.
+            near = sum(share for offset, share in by_offset.items() if offset * side > 0)
+            other_side = sum(share for offset, share in by_offset.items() if -4 <= offset * side < 0)
+            assert near > 0.5, (layer, head, by_offset)
+            assert by_offset[0] < 0.02 and other_side < 0.02, (layer, head, by_offset)
+    model.save_pretrained(tmp_path / "model")
+    assert type(AutoModelForMaskedLM.from_pretrained(tmp_path / "model")) is RobertaForMaskedLM
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        (["train.position_init=random"], "train.position_init sinusoidal"),
+        (["model.num_attention_heads=2"], "model.num_attention_heads of at least 4"),
+    ],
+)
+def test_local_window_heads_need_the_sinusoidal_table_and_four_heads(overrides: list[str], names: str):
+    with pytest.raises(JobConfigError, match=names):
+        load_job(None, [*TINY, "model.num_attention_heads=4", "train.attention_init=mimetic_local", *overrides])
