@@ -284,9 +284,10 @@ class TrainSection(_Section):
     attends to tokens and positions like its own) and, with `mimetic`, its value-output product near
     the negative identity, as in trained Transformers; `mimetic_qk` sets the query-key product only
     (on the Kant job it alone changed nothing). `mimetic_local` is `mimetic` with four heads of each
-    layer starting as windows on the nearby tokens (two to the left, two to the right), drawn on the
-    sinusoidal position table, so it needs `position_init: sinusoidal` and at least 4 heads: a masked
-    token's own embedding says nothing, its neighbours do. It is the Kant job's default: after 20
+    layer starting as windows on the nearby tokens (two to the left, two to the right; for a causal LM
+    all four to the left, from about 1-3 to 17-33 tokens back), drawn on the sinusoidal position
+    table, so it needs `position_init: sinusoidal` and at least 4 heads: a masked token's own
+    embedding says nothing, its neighbours do. It is the Kant job's default: after 20
     minutes its held-out loss was lower than `mimetic`'s and far lower than `random`'s, with concepts
     in the recipe sentence's top 5 (README: Time to quality). Only the start differs: the saved model
     is the same architecture."""

@@ -69,7 +69,7 @@ def init_model(job: Job, tokenizer_size: int):
     if job.train.attention_init != "random":
         mimetic_attention(model, value_output=job.train.attention_init != "mimetic_qk", seed=job.train.seed)
     if job.train.attention_init == "mimetic_local":
-        local_window_heads(model)
+        local_window_heads(model, causal=job.task == "clm")
     return model
 
 
@@ -119,22 +119,28 @@ def mimetic_attention(model, *, value_output: bool, seed: int) -> None:
 LOCAL_WINDOW_GAIN = 2.0
 
 
-def local_window_heads(model) -> None:
-    """Start four heads of each layer attending to a window of nearby tokens: two to the left, two to
-    the right, over the sinusoidal position table's two fastest frequency bands.
+def local_window_heads(model, *, causal: bool = False) -> None:
+    """Start four heads of each layer attending to a window of nearby tokens: for a masked LM two to the
+    left and two to the right over the sinusoidal position table's two fastest frequency bands; for a
+    causal LM, which sees nothing to the right, all four to the left over its four fastest bands, so the
+    windows widen from head to head (offsets of about 1-3, 3-7, 7-17 and 17-33 tokens).
 
     Per (sin, cos) pair of the table the query is the key turned by 90 degrees, so the pair scores
     sin((j - i) w) between positions i and j: largest a quarter-turn away, zero for the token itself
     and, being antisymmetric, blind to which word sits where (a rotated word scores 0 with itself).
-    The window is what a masked token needs from the first step (its own embedding is only <mask>).
+    The window is what a masked token needs from the first step (its own embedding is only <mask>),
+    and what a next-token prediction needs most (the previous words).
     """
     import torch
 
     heads = model.config.num_attention_heads
     head_size = model.config.hidden_size // heads
     pairs = head_size // 2
-    # (direction, first sine/cosine pair): the fastest band's window peaks at offset 2, the next one's further out.
-    windows = [(-1, 0), (1, 0), (-1, pairs), (1, pairs)]
+    # (direction, first sine/cosine pair): the fastest band's window peaks at offset 2, slower ones further out.
+    if causal:
+        windows = [(-1, band * pairs) for band in range(4)]
+    else:
+        windows = [(-1, 0), (1, 0), (-1, pairs), (1, pairs)]
     with torch.no_grad():
         for layer in model.base_model.encoder.layer:
             attention = layer.attention.self

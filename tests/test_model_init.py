@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM, RobertaForMaskedLM
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, RobertaForCausalLM, RobertaForMaskedLM
 
 from helpers import TINY
 from kantai_batch.errors import JobConfigError
@@ -164,6 +164,27 @@ def test_local_window_heads_start_attending_to_one_side_and_not_to_themselves(tm
             assert by_offset[0] < 0.02 and other_side < 0.02, (layer, head, by_offset)
     model.save_pretrained(tmp_path / "model")
     assert type(AutoModelForMaskedLM.from_pretrained(tmp_path / "model")) is RobertaForMaskedLM
+
+
+def test_local_window_heads_of_a_causal_lm_all_look_left_and_widen_from_head_to_head(tmp_path: Path):
+    # Heads of 64 like the real job's, so the four bands are its frequencies; two thin layers keep it fast.
+    shape = ["model.hidden_size=768", "model.num_attention_heads=12", "model.intermediate_size=256"]
+    shape += ["task=clm", "model.num_hidden_layers=2", "model.max_position_embeddings=130"]
+    model = init_model(load_job(None, [*TINY, *shape, "train.attention_init=mimetic_local"]), TOKENIZER_SIZE)
+    tokens = torch.randint(5, TOKENIZER_SIZE, (4, 128), generator=torch.Generator().manual_seed(0))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = model(input_ids=tokens, output_attentions=True).attentions
+    positions = torch.arange(64, 128)  # each with 64 tokens behind it
+    windows = [(1, 3), (4, 7), (8, 16), (17, 33)]
+    for layer, attention in enumerate(attentions):
+        for head in range(4):
+            share = [attention[:, head, positions, positions - back].mean().item() for back in range(34)]
+            by_window = [sum(share[first : last + 1]) for first, last in windows]
+            assert share[0] < 0.02, (layer, head, share[0])
+            assert max(by_window) == by_window[head] > 0.5, (layer, head, by_window)
+    model.save_pretrained(tmp_path / "model")
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "model")) is RobertaForCausalLM
 
 
 @pytest.mark.parametrize(
