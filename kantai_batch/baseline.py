@@ -11,6 +11,9 @@ tokenized with its special tokens and the stream cut into full blocks (``group_t
 the dense LM head, and the Trainer's defaults for everything run_mlm does not set: AdamW (β 0.9,
 0.999, ε 1e-8, no weight decay), learning rate 5e-5 decaying linearly to 0 with no warm-up,
 gradients clipped at 1.0, 8 samples per device, 3 epochs.
+
+``run_clm`` is the same for a causal LM job: ``run_clm.py`` tokenizes, groups and trains exactly as
+``run_mlm.py`` does, with next-token labels instead of masks.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+from kantai_batch.errors import JobConfigError
 from kantai_batch.job import Job
 
 # The Trainer's optimizer and schedule defaults, which both the notebook and run_mlm.py train with.
@@ -65,11 +69,21 @@ RUN_MLM: dict[str, dict[str, Any]] = {
     },
 }
 
-BASELINES = {"recipe": RECIPE, "run_mlm": RUN_MLM}
+BASELINES = {"recipe": RECIPE, "run_mlm": RUN_MLM, "run_clm": RUN_MLM}
+# The task each baseline trains: the recipe is the notebook's masked LM; run_clm is run_mlm's causal twin.
+BASELINE_TASK = {"recipe": "mlm", "run_mlm": "mlm", "run_clm": "clm"}
+# The transformers example scripts: their schedule is fitted to the time, and ours are timed against their loss.
+SCRIPTS = ("run_mlm", "run_clm")
 
 
 def baseline_job(job: Job, name: str) -> Job:
     """The job with the baseline's choices; corpus, tokenizer, architecture and block size stay the job's."""
+    if job.task != BASELINE_TASK[name]:
+        fits = " or ".join(sorted(other for other, task in BASELINE_TASK.items() if task == job.task))
+        raise JobConfigError(
+            f"--baseline {name} trains task {BASELINE_TASK[name]}, job {job.name} is task {job.task}: "
+            f"use --baseline {fits}"
+        )
     raw = job.model_dump(mode="json")
     for section, values in BASELINES[name].items():
         raw[section].update(values)

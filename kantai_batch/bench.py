@@ -5,7 +5,7 @@ and tokenizer, for ``--steps`` steps or ``--seconds`` of training time (evaluati
 evaluated every ``--eval-every`` steps or seconds on the same held-out text with the same fixed
 masks, cut three ways: packed blocks, run_mlm's grouped lines and single lines. Throughput is the
 steady state: the first step (allocation, kernel selection, compilation) is left out. Against the
-``run_mlm`` baseline the record also says when each configuration reached the baseline's final
+``run_mlm`` (``run_clm``) baseline the record also says when each configuration reached the baseline's final
 held-out loss. Results are printed as a table and written to ``bench/results/`` as JSON.
 """
 
@@ -22,11 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.baseline import BASELINES, baseline_job, grouped_lines
+from kantai_batch.baseline import BASELINES, SCRIPTS, baseline_job, grouped_lines
 from kantai_batch.curve import time_to_reach
 from kantai_batch.errors import JobConfigError, KantaiError
 from kantai_batch.job import Job, override_job
 from kantai_batch.manifest import write_json_atomic
+from kantai_batch.masking import IGNORE
+from kantai_batch.objective import ACCURACY
 from kantai_batch.probes import format_quality, read_probes
 from kantai_batch.rundir import RunDir
 
@@ -68,7 +70,7 @@ def bench(
     """Measure the job, the baseline and the variants; write the JSON record, return it.
 
     With ``--steps`` every configuration trains (and plans its schedule for) that many steps; with
-    only ``--seconds`` the job, its variants and run_mlm plan their schedule for that time
+    only ``--seconds`` the job, its variants and run_mlm or run_clm plan their schedule for that time
     (``train.max_seconds``) while the recipe keeps the notebook's plan, and each is stopped when its time is up.
     """
     configs = [("job", job)]
@@ -98,8 +100,8 @@ def bench(
     rows: list[dict[str, Any]] = []
     for name, config in configs:
         log.info("bench: training %s for %s", name, f"{seconds:.0f} s" if seconds else f"{steps} steps")
-        if seconds and steps is None and (name != baseline or name == "run_mlm"):
-            # Ours plans its schedule for the time it is given (train.max_seconds), and so does run_mlm: a
+        if seconds and steps is None and (name != baseline or name in SCRIPTS):
+            # Ours plans its schedule for the time it is given (train.max_seconds), and so do the scripts: a
             # skilled user given the time sets num_train_epochs to what fits it, rather than stopping after
             # 3 epochs on a fast machine or mid-schedule on a slow one. The recipe keeps the notebook's plan.
             fitted = {"max_seconds": seconds} | ({"epochs": None} if name == baseline else {})
@@ -126,7 +128,7 @@ def compare(rows: list[dict[str, Any]], baseline: str | None) -> dict[str, Any]:
             key: ours[key] / base[key] for key in ("steady_tokens_per_second", "real_tokens_per_second") if base[key]
         }
     }
-    if baseline == "run_mlm":
+    if baseline in SCRIPTS:
         reached: dict[str, Any] = {}
         for cut in EVAL_CUTS[:2]:
             target, spent = base[f"eval_loss_{cut}"], base["training_seconds"]
@@ -166,7 +168,13 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _accuracy(row: dict[str, Any]) -> float:
+    """Held-out accuracy on packed blocks: masked tokens for a masked LM, next tokens for a causal one."""
+    return next(row[f"eval_{name}_packed"] for name in ACCURACY.values() if f"eval_{name}_packed" in row)
+
+
 def format_table(record: dict[str, Any]) -> str:
+    accuracy = "masked acc" if "eval_masked_accuracy_packed" in record["results"][0] else "next-token acc"
     columns = (
         ("config", lambda r: r["name"]),
         ("vocab", lambda r: f"{r['vocab_size']:,}"),
@@ -185,7 +193,7 @@ def format_table(record: dict[str, Any]) -> str:
         ("loss blocks", lambda r: f"{r['eval_loss_packed']:.3f}"),
         ("loss grouped", lambda r: f"{r['eval_loss_grouped']:.3f}"),
         ("loss lines", lambda r: f"{r['eval_loss_lines']:.3f}"),
-        ("masked acc", lambda r: f"{100 * r['eval_masked_accuracy_packed']:.1f}%"),
+        (accuracy, lambda r: f"{100 * _accuracy(r):.1f}%"),
     )
     cells = [[header for header, _ in columns]] + [[cell(r) for _, cell in columns] for r in record["results"]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
@@ -202,7 +210,7 @@ def format_table(record: dict[str, Any]) -> str:
                     f"{at['seconds']:.0f} s ({100 * at['share']:.0f}% of its time)" if at["seconds"] else "not reached"
                 )
                 lines.append(
-                    f"{name} reached run_mlm's final {cut} loss {reached['baseline_loss']:.3f} "
+                    f"{name} reached {record['baseline']}'s final {cut} loss {reached['baseline_loss']:.3f} "
                     f"(at {reached['baseline_seconds']:.0f} s): {when}"
                 )
     for row in record["results"]:
@@ -258,7 +266,7 @@ def _in_fresh_process(
                     "steps": steps,
                     "seconds": seconds,
                     "eval_every": eval_every,
-                    "grouped_training": baseline and name == "run_mlm",
+                    "grouped_training": baseline and name in SCRIPTS,
                     # Held-out masks are the same for every configuration, whatever masking rate or
                     # seed it trains with: the bench job's eval.mlm_probability and train.seed.
                     "eval_masking": eval_masks.eval.mlm_probability,
@@ -341,7 +349,7 @@ def _measure(
         "mlm_probability": job.train.mlm_probability,
         "seed": job.train.seed,
         **{f"eval_loss_{cut}": final[f"eval_{cut}_loss"] for cut in EVAL_CUTS},
-        "eval_masked_accuracy_packed": final.get("eval_packed_masked_accuracy"),
+        f"eval_{ACCURACY[job.task]}_packed": final[f"eval_packed_{ACCURACY[job.task]}"],
         "curve": curve.points,
         "quality": quality,
         "train": job.train.model_dump(mode="json"),
@@ -350,11 +358,16 @@ def _measure(
 
 
 def _quality(job: Job, model, tokenizer) -> dict[str, Any]:
-    """What people read after the budget: the recipe's fill-mask sentence and the job's probes."""
+    """What people read after the budget: a masked LM's answer to the recipe's fill-mask sentence and
+    the job's probes; a causal LM's continuation of the job's prompt (its seeded sampling, as `run` prints)."""
     from kantai_batch.probes import quality_report
 
-    if job.task != "mlm":
-        return {}
+    if job.task == "clm":
+        from kantai_batch.generate import Generator
+
+        sampling = job.generate.with_overrides(num_return_sequences=1)
+        generation = Generator(model, tokenizer)(job.generate.prompt, sampling)
+        return {"generate": {"prompt": job.generate.prompt, "continuation": generation.continuations[0]}}
     probes = read_probes(job.eval.probes, tokenizer.mask_token) if job.eval.probes else None
     return quality_report(model.eval(), tokenizer, job, probes)
 
@@ -372,24 +385,38 @@ def _train_samples(job: Job, run: RunDir, tokenizer):
 
 
 def _eval_cuts(job: Job, tokenizer, run: RunDir, masking: float, seed: int) -> dict[str, Any]:
-    """The held-out split as packed blocks, run_mlm's grouped lines and single lines, with the same
-    fixed masks for every configuration, so all are scored on the same tokens."""
+    """The held-out split as packed blocks, run_mlm's grouped lines and single lines, for a masked LM
+    with the same fixed masks for every configuration, so all are scored on the same tokens; a causal
+    LM is scored on every next token."""
     from kantai_batch.data import build_split, mask_once
 
     text = run.eval_text
     train = job.train.model_copy(update={"seed": seed})
     held_out = job.eval.model_copy(update={"mlm_probability": masking})
     job = job.model_copy(update={"train": train, "eval": held_out})
+    masked = job.task == "mlm"
     cuts = {}
     for cut in EVAL_CUTS:
         if cut == "grouped":
             samples = grouped_lines(text, tokenizer, job.data.block_size, what="eval (grouped)")
-            cuts[cut] = mask_once(samples, job, tokenizer, "eval (grouped)")
+            cuts[cut] = mask_once(samples, job, tokenizer, "eval (grouped)") if masked else samples
         else:
             mode = "line_by_line" if cut == "lines" else cut
             shaped = job.model_copy(update={"data": job.data.model_copy(update={"mode": mode})})
-            cuts[cut] = build_split(text, shaped, tokenizer, fix_masks=True, what=f"eval ({mode})")
+            cuts[cut] = build_split(text, shaped, tokenizer, fix_masks=masked, what=f"eval ({mode})")
+        if not masked:
+            special = set(tokenizer.all_special_ids)
+            cuts[cut] = cuts[cut].map(
+                _words_as_labels, batched=True, remove_columns=["special_tokens_mask"], fn_kwargs={"special": special}
+            )
     return cuts
+
+
+def _words_as_labels(batch: dict[str, list[list[int]]], special: set[int]) -> dict[str, list[list[int]]]:
+    """A causal LM's held-out labels without the special tokens: where <s> and </s> fall is the data
+    format's (one per line for run_clm, per paragraph when packed), and a model trained on one format
+    predicts them almost for free there and badly in the other, which says nothing of the text."""
+    return {"labels": [[IGNORE if token in special else token for token in ids] for ids in batch["input_ids"]]}
 
 
 if __name__ == "__main__":

@@ -316,7 +316,7 @@ def generate(
     """Continue PROMPT [default: generate.prompt] with a causal LM; stops at </s>."""
     from kantai_batch.generate import Generator
 
-    generator = Generator(_model(model_uri, run))
+    generator = Generator.load(_model(model_uri, run))
     _show_generation(generator(prompt or job.generate.prompt, sampling, as_message=not raw), as_json)
 
 
@@ -332,7 +332,7 @@ def chat(job: Job, run: RunDir, model_uri: str | None, sampling, serve: bool, ho
     from kantai_batch.chat import repl, serve_page
     from kantai_batch.generate import Generator
 
-    generator = Generator(_model(model_uri, run), command="chat")
+    generator = Generator.load(_model(model_uri, run), command="chat")
     results = click.get_current_context().meta[_RESULTS]
     if serve:
         serve_page(generator, sampling, host=host, port=port, announce=results)
@@ -355,8 +355,9 @@ def chat(job: Job, run: RunDir, model_uri: str | None, sampling, serve: bool, ho
 )
 @click.option(
     "--baseline",
-    type=click.Choice(["recipe", "run_mlm"]),
-    help="Also train a baseline: the notebook recipe, or transformers' run_mlm.py as a skilled user runs it.",
+    type=click.Choice(["recipe", "run_mlm", "run_clm"]),
+    help="Also train a baseline: the notebook recipe, or transformers' run_mlm.py (run_clm.py for a causal LM job) "
+    "as a skilled user runs it.",
 )
 @click.option(
     "--eval-every", type=click.FloatRange(min=1),
@@ -466,7 +467,7 @@ def run_all(job: Job, run: RunDir, tracking: bool, register_as: str | None, fail
     if job.task == "clm":
         from kantai_batch.generate import Generator
 
-        generation = Generator(_model(None, run))(job.generate.prompt, job.generate)
+        generation = Generator.load(_model(None, run))(job.generate.prompt, job.generate)
         _show_generation(generation, as_json=False)
     else:
         _show_fill_mask(_model(None, run), job.infer.fill_mask_text, job.infer.top_k, as_json=False)

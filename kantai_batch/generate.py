@@ -46,13 +46,19 @@ class Generation:
 
 
 class Generator:
-    """A causal LM and its tokenizer loaded once, ready for many prompts (chat keeps one per session)."""
+    """A causal LM and its tokenizer loaded once, ready for many prompts (chat keeps one per session);
+    bench builds one on the model it has just trained."""
 
-    def __init__(self, model_dir: Path, command: str = "generate") -> None:
+    def __init__(self, model, tokenizer, model_dir: Path | None = None) -> None:
         self.model_dir = model_dir
-        self.tokenizer = load_lm_tokenizer(model_dir, "clm", command)
-        self.model = load_lm(model_dir, "clm").eval()
+        self.tokenizer = tokenizer
+        self.model = model.eval()
         self.max_length = self.model.config.max_position_embeddings - _POSITION_OFFSET
+
+    @classmethod
+    def load(cls, model_dir: Path, command: str = "generate") -> Generator:
+        tokenizer = load_lm_tokenizer(model_dir, "clm", command)
+        return cls(load_lm(model_dir, "clm"), tokenizer, model_dir)
 
     @property
     def answers(self) -> bool:

@@ -2,7 +2,8 @@
 
 ``mlm`` masks tokens at random (RoBERTa's objective; eval masks are fixed once, see ``data``) and
 scores the masked positions. ``clm`` predicts every next token with a causal decoder; labels are the
-inputs themselves (the model shifts them), and only padding is excluded from the loss.
+inputs themselves (the model shifts them), and only padding is excluded from the loss (bench's
+held-out cuts also leave out the special tokens, which each data format puts elsewhere).
 """
 
 from __future__ import annotations
@@ -37,12 +38,7 @@ def task_of(config) -> str | None:
 
 
 def collator(task: str, tokenizer, job: Job):
-    if task == "mlm":
-        return MlmCollator(tokenizer, job.train.mlm_probability)
-    from transformers import DataCollatorForLanguageModeling
-
-    # mlm=False: labels are a copy of input_ids with pad positions set to -100.
-    return DataCollatorForLanguageModeling(tokenizer, mlm=False, pad_to_multiple_of=PAD_MULTIPLE)
+    return LabelledCollator(tokenizer, task, job.train.mlm_probability)
 
 
 def predicted_ids(logits, labels):
@@ -71,24 +67,30 @@ def _share_correct(predictions, labels) -> float:
 
 
 @dataclass
-class MlmCollator:
-    """Stacks samples that come masked (training samples from ``masking.MaskedSamples``, evaluation samples
-    masked once when built); masks the others at random with the stock collator (the run_mlm baseline)."""
+class LabelledCollator:
+    """Stacks samples that come with their labels (masked training samples from
+    ``masking.MaskedSamples``, evaluation samples labelled once when built); the others get labels
+    from the stock collator: masked at random for ``mlm`` (the run_mlm baseline), the inputs
+    themselves for ``clm`` (padding left out)."""
 
     tokenizer: Any
-    mlm_probability: float
+    task: str = "mlm"
+    mlm_probability: float = 0.15
 
     def __post_init__(self) -> None:
         from transformers import DataCollatorForLanguageModeling
 
-        self._mask = DataCollatorForLanguageModeling(
-            self.tokenizer, mlm_probability=self.mlm_probability, pad_to_multiple_of=PAD_MULTIPLE
+        self._label = DataCollatorForLanguageModeling(
+            self.tokenizer,
+            mlm=self.task == "mlm",
+            mlm_probability=self.mlm_probability,
+            pad_to_multiple_of=PAD_MULTIPLE,
         )
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if "labels" in features[0]:
             return collate(features, self.tokenizer.pad_token_id, PAD_MULTIPLE)
-        return self._mask(features)
+        return self._label(features)
 
 
 def loss_function(task: str):

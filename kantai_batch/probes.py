@@ -109,6 +109,8 @@ def quality_report(model, tokenizer, job, probes: list[Probe] | None) -> dict[st
 def format_quality(report: dict[str, Any]) -> list[str]:
     if not report:
         return []
+    if "generate" in report:
+        return [f"generate {report['generate']['prompt']!r}: {report['generate']['continuation']!r}"]
     lines = [f"fill-mask {report['fill_mask']['text']!r}: {', '.join(report['fill_mask']['predicted'])}"]
     probes = report.get("probes")
     if probes:

@@ -1,4 +1,4 @@
-"""bench against run_mlm: the baseline's recipe, the loss curve, variants, time to the baseline's loss."""
+"""bench against run_mlm (run_clm): the baseline's recipe, the loss curve, variants, time to the baseline's loss."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from helpers import invoke, prepared_run, tiny
+from helpers import SUPPORT_JOB, SUPPORT_OVERRIDES, invoke, prepared_run, support_conversations, tiny, twcs_csv
 from kantai_batch.baseline import grouped_lines
+from kantai_batch.bench import _eval_cuts
 from kantai_batch.curve import time_to_reach
+from kantai_batch.job import load_job
+from kantai_batch.rundir import RunDir
 
 
 def test_grouped_lines_is_run_mlms_group_texts(tmp_path: Path, corpus_file: Path):
@@ -89,6 +92,67 @@ def test_with_seconds_run_mlm_fills_the_time_like_the_job(tmp_path: Path, corpus
         assert row["train"]["max_seconds"] == 4 and row["train"]["epochs"] is None
         # run_mlm's own plan, 3 epochs of the tiny corpus, takes about 1 s here: it used the whole 4 s.
         assert 3 <= row["training_seconds"] <= 6
+
+
+@pytest.mark.slow
+def test_bench_a_causal_lm_against_run_clm(tmp_path: Path):
+    out = tmp_path / "results"
+    source = twcs_csv(tmp_path / "twcs.csv", support_conversations(200))
+    result = invoke(
+        "bench", "--job", SUPPORT_JOB, "--run-dir", str(tmp_path / "run"), "--corpus", str(source),
+        *tiny(*SUPPORT_OVERRIDES), "--steps", "4", "--eval-every", "2", "--baseline", "run_clm",
+        "--variant", "local:train.position_init=sinusoidal,train.attention_init=mimetic_local", "--out", str(out),
+    )  # fmt: skip
+    (record_file,) = out.glob("customer-support-*.json")
+    record = json.loads(record_file.read_text())
+    job, run_clm, local = record["results"]
+    assert (job["name"], run_clm["name"], local["name"]) == ("job", "run_clm", "local")
+    assert (run_clm["data_mode"], run_clm["dropout"], run_clm["batch_size"]) == ("grouped", 0.1, 8)
+    assert run_clm["learning_rate"] == 5e-5 and run_clm["vocab_size"] == job["vocab_size"]
+    assert local["train"]["attention_init"] == "mimetic_local"
+    for row in record["results"]:
+        assert 0 < row["eval_next_token_accuracy_packed"] < 1 and "eval_masked_accuracy_packed" not in row
+        assert all(row[f"eval_loss_{cut}"] > 0 for cut in ("packed", "grouped", "lines"))
+        assert [point["step"] for point in row["curve"]] == [2, 4]
+        # What people read: the reply to the job's prompt, sampled with the job's seed.
+        generated = row["quality"]["generate"]
+        assert generated["prompt"] == "my package was supposed to arrive yesterday and it still has not shown up"
+        assert generated["continuation"] and f"{row['name']}: generate {generated['prompt']!r}: " in result.stdout
+    assert set(record["time_to_baseline_loss"]["grouped"]) == {"baseline_loss", "baseline_seconds", "job", "local"}
+    assert "next-token acc" in result.stdout and "reached run_clm's final packed loss" in result.stdout
+
+
+def test_a_causal_lm_is_scored_on_the_words_of_unmasked_text(tmp_path: Path, corpus_file: Path):
+    run = RunDir.from_uri(str(prepared_run(tmp_path / "run", corpus_file, "task=clm")))
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
+    text = run.eval_text.read_text()
+    for task in ("mlm", "clm"):
+        cuts = _eval_cuts(load_job(None, tiny(f"task={task}")[1::2]), tokenizer, run, 0.15, 42)
+        assert set(cuts) == {"packed", "grouped", "lines"}
+        for cut, samples in cuts.items():
+            masks = sum(row.count(tokenizer.mask_token_id) for row in samples["input_ids"])
+            if task == "mlm":
+                assert masks > 0 and "labels" in samples.column_names, cut
+            else:
+                # Nothing masked; every word is a label, the special tokens (placed by the data format) are not.
+                assert masks == 0, cut
+                special = set(tokenizer.all_special_ids)
+                for ids, labels in zip(samples["input_ids"], samples["labels"], strict=True):
+                    assert labels == [-100 if token in special else token for token in ids], cut
+                assert any(token in special for ids in samples["input_ids"] for token in ids), cut
+                assert tokenizer.decode(samples["input_ids"][0], skip_special_tokens=True).split()[0] in text
+
+
+@pytest.mark.parametrize(
+    ("job", "baseline", "fits"),
+    [(SUPPORT_JOB, "run_mlm", "run_clm"), (SUPPORT_JOB, "recipe", "run_clm"), (None, "run_clm", "recipe or run_mlm")],
+)
+def test_a_baseline_for_the_other_task_is_a_config_error(tmp_path: Path, job: str | None, baseline: str, fits: str):
+    result = invoke(
+        "bench", *(["--job", job] if job else []), "--run-dir", str(tmp_path / "run"), "--baseline", baseline, expect=2
+    )
+    assert f"--baseline {baseline} trains task" in result.stderr and f"use --baseline {fits}" in result.stderr
+    assert not (tmp_path / "run").exists(), "nothing is prepared before the configurations are valid"
 
 
 def test_bad_variant_is_a_config_error(tmp_path: Path, corpus_file: Path):

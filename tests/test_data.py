@@ -10,7 +10,7 @@ from kantai_batch.data import build_split
 from kantai_batch.errors import InputDataError
 from kantai_batch.job import load_job
 from kantai_batch.model import load_tokenizer
-from kantai_batch.objective import MlmCollator
+from kantai_batch.objective import LabelledCollator
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_line_by_line_makes_one_sample_per_line(prepared: Path):
 
 def test_padding_is_never_a_target(prepared: Path):
     job, tokenizer, samples = _build(prepared, "data.mode=line_by_line")
-    collate = MlmCollator(tokenizer, 0.5)
+    collate = LabelledCollator(tokenizer, "mlm", 0.5)
     batch = collate([samples[i] for i in range(16)])
     pad = batch["input_ids"] == tokenizer.pad_token_id
     assert pad.any(), "lines differ in length, so the batch is padded"
@@ -61,7 +61,7 @@ def test_eval_masks_are_fixed_and_about_the_configured_share(prepared: Path):
     labels = torch.tensor(first["labels"])
     share = (labels != -100).float().mean().item()
     assert 0.10 < share < 0.20
-    batch = MlmCollator(tokenizer, 0.15)([first[i] for i in range(4)])
+    batch = LabelledCollator(tokenizer, "mlm", 0.15)([first[i] for i in range(4)])
     assert torch.equal(batch["labels"], labels[:4]), "evaluation batches keep their fixed masks"
 
 
