@@ -45,23 +45,34 @@ def test_time_to_reach_interpolates_between_evaluations():
     assert time_to_reach(points, "packed_loss", 4.0) is None
 
 
+def _bench(out: Path, *args: str):
+    """Run bench into ``out``; its printed table and the record it wrote."""
+    result = invoke("bench", *args, "--out", str(out))
+    (record_file,) = out.glob("*.json")
+    return result, {**json.loads(record_file.read_text()), "path": str(record_file)}
+
+
+def _assert_runs_like_the_script(baseline: dict, job: dict) -> None:
+    """run_mlm.py / run_clm.py as a skilled user runs them: grouped lines, the Trainer's defaults."""
+    assert (baseline["data_mode"], baseline["dropout"], baseline["batch_size"]) == ("grouped", 0.1, 8)
+    assert baseline["learning_rate"] == 5e-5 and baseline["train"]["weight_decay"] == 0.0
+    assert baseline["vocab_size"] == job["vocab_size"]
+
+
 @pytest.mark.slow
 def test_bench_against_run_mlm_with_a_variant(tmp_path: Path, corpus_file: Path):
     out = tmp_path / "results"
     probes = tmp_path / "probes.txt"
     probes.write_text("Pure <mask> is the faculty of principles. -> reason\nIt begins with <mask>. -> experience\n")
-    result = invoke(
-        "bench", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file), *tiny(f"eval.probes={probes}"),
+    result, record = _bench(
+        out, "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file), *tiny(f"eval.probes={probes}"),
         "--steps", "4", "--eval-every", "2", "--baseline", "run_mlm",
-        "--variant", "wsd:train.lr_scheduler=warmup_stable_decay,train.mlm_probability=0.5", "--out", str(out),
+        "--variant", "wsd:train.lr_scheduler=warmup_stable_decay,train.mlm_probability=0.5",
     )  # fmt: skip
-    (record_file,) = out.glob("kantaibert-*.json")
-    record = json.loads(record_file.read_text())
     job, run_mlm, wsd = record["results"]
     assert (job["name"], run_mlm["name"], wsd["name"]) == ("job", "run_mlm", "wsd")
-    assert (run_mlm["data_mode"], run_mlm["dropout"], run_mlm["batch_size"]) == ("grouped", 0.1, 8)
-    assert run_mlm["sparse_prediction"] is False and run_mlm["vocab_size"] == job["vocab_size"] < 1024
-    assert run_mlm["learning_rate"] == 5e-5 and run_mlm["train"]["weight_decay"] == 0.0
+    _assert_runs_like_the_script(run_mlm, job)
+    assert run_mlm["sparse_prediction"] is False and job["vocab_size"] < 1024
     assert (run_mlm["train"]["position_init"], job["train"]["position_init"]) == ("random", "sinusoidal")
     assert (wsd["lr_scheduler"], wsd["mlm_probability"]) == ("warmup_stable_decay", 0.5)
     for row in record["results"]:
@@ -98,17 +109,15 @@ def test_with_seconds_run_mlm_fills_the_time_like_the_job(tmp_path: Path, corpus
 def test_bench_a_causal_lm_against_run_clm(tmp_path: Path):
     out = tmp_path / "results"
     source = twcs_csv(tmp_path / "twcs.csv", support_conversations(200))
-    result = invoke(
-        "bench", "--job", SUPPORT_JOB, "--run-dir", str(tmp_path / "run"), "--corpus", str(source),
+    result, record = _bench(
+        out, "--job", SUPPORT_JOB, "--run-dir", str(tmp_path / "run"), "--corpus", str(source),
         *tiny(*SUPPORT_OVERRIDES), "--steps", "4", "--eval-every", "2", "--baseline", "run_clm",
-        "--variant", "local:train.position_init=sinusoidal,train.attention_init=mimetic_local", "--out", str(out),
+        "--variant", "local:train.position_init=sinusoidal,train.attention_init=mimetic_local",
     )  # fmt: skip
-    (record_file,) = out.glob("customer-support-*.json")
-    record = json.loads(record_file.read_text())
+    assert Path(record["path"]).name.startswith("customer-support-")
     job, run_clm, local = record["results"]
     assert (job["name"], run_clm["name"], local["name"]) == ("job", "run_clm", "local")
-    assert (run_clm["data_mode"], run_clm["dropout"], run_clm["batch_size"]) == ("grouped", 0.1, 8)
-    assert run_clm["learning_rate"] == 5e-5 and run_clm["vocab_size"] == job["vocab_size"]
+    _assert_runs_like_the_script(run_clm, job)
     assert local["train"]["attention_init"] == "mimetic_local"
     for row in record["results"]:
         assert 0 < row["eval_next_token_accuracy_packed"] < 1 and "eval_masked_accuracy_packed" not in row
