@@ -395,6 +395,7 @@ def _eval_cuts(job: Job, tokenizer, run: RunDir, masking: float, seed: int) -> d
     held_out = job.eval.model_copy(update={"mlm_probability": masking})
     job = job.model_copy(update={"train": train, "eval": held_out})
     masked = job.task == "mlm"
+    special = set(tokenizer.all_special_ids)
     cuts = {}
     for cut in EVAL_CUTS:
         if cut == "grouped":
@@ -405,7 +406,6 @@ def _eval_cuts(job: Job, tokenizer, run: RunDir, masking: float, seed: int) -> d
             shaped = job.model_copy(update={"data": job.data.model_copy(update={"mode": mode})})
             cuts[cut] = build_split(text, shaped, tokenizer, fix_masks=masked, what=f"eval ({mode})")
         if not masked:
-            special = set(tokenizer.all_special_ids)
             cuts[cut] = cuts[cut].map(
                 _words_as_labels, batched=True, remove_columns=["special_tokens_mask"], fn_kwargs={"special": special}
             )

@@ -123,7 +123,7 @@ def local_window_heads(model, *, causal: bool = False) -> None:
     """Start four heads of each layer attending to a window of nearby tokens: for a masked LM two to the
     left and two to the right over the sinusoidal position table's two fastest frequency bands; for a
     causal LM, which sees nothing to the right, all four to the left over its four fastest bands, so the
-    windows widen from head to head (offsets of about 1-3, 3-7, 7-17 and 17-33 tokens).
+    windows widen from head to head (offsets of about 1-3, 4-7, 8-16 and 17-33 tokens).
 
     Per (sin, cos) pair of the table the query is the key turned by 90 degrees, so the pair scores
     sin((j - i) w) between positions i and j: largest a quarter-turn away, zero for the token itself
