@@ -341,7 +341,7 @@ def _measure(
         "train_loss": result.training_loss,
         "train_runtime_s": result.metrics["train_runtime"],
         "training_seconds": curve.training_seconds(),
-        "data_mode": "grouped" if grouped_training else job.data.mode,
+        "data_mode": "grouped_lines" if grouped_training else job.data.mode,
         "dropout": job.model.hidden_dropout_prob,
         "batch_size": job.train.per_device_batch_size,
         "block_size": job.data.block_size,

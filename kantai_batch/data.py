@@ -1,9 +1,12 @@
 """From corpus text to training samples: tokenization, the two dataset modes, fixed eval masks.
 
 ``packed`` (the default) unwraps each paragraph, joins paragraphs with ``</s>`` and cuts the token
-stream into full blocks of ``block_size``, each ``<s> … </s>``, like RoBERTa's FULL-SENTENCES input
-and run_mlm.py's group_texts. ``line_by_line`` is the recipe's LineByLineTextDataset: one sample per
-non-empty line, truncated to ``block_size`` and padded per batch.
+stream into full blocks of ``block_size``, each ``<s> … </s>``, like RoBERTa's FULL-SENTENCES input.
+``grouped`` unwraps each paragraph too but frames each one ``<s> … </s>`` before the stream is cut,
+as run_mlm.py / run_clm.py's group_texts frame each text: every paragraph starts after ``<s>``, as a
+prompt does in ``generate``, and a block starts wherever the cut falls. ``line_by_line`` is the
+recipe's LineByLineTextDataset: one sample per non-empty line, truncated to ``block_size`` and padded
+per batch.
 
 For masked LM evaluation, samples are masked once, with a fixed seed, when they are built, so eval
 loss compares like with like across steps, resumed runs and separate ``evaluate`` calls.
@@ -63,7 +66,7 @@ def build_split(
     from datasets import load_dataset
     from transformers.utils import logging as hf_logging
 
-    sample_by = "paragraph" if job.data.mode == "packed" else "line"
+    sample_by = "line" if job.data.mode == "line_by_line" else "paragraph"
     raw = load_dataset("text", data_files={"corpus": str(path)}, sample_by=sample_by, split="corpus")
     raw = raw.filter(lambda row: bool(row["text"].strip()), desc=f"{what}: drop blank lines")
     if part is not None:
@@ -78,7 +81,7 @@ def build_split(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        if job.data.mode == "packed":
+        if job.data.mode != "line_by_line":
             # Tokenizing is per paragraph, so it runs in any number of processes; packing cuts each run
             # of _PACK_ROWS paragraphs into blocks and drops its tail, so it stays in one process with
             # the same cuts whatever the number of workers.
@@ -91,12 +94,12 @@ def build_split(
                 desc=f"{what}: tokenize",
             )
             samples = ids.map(
-                _pack,
+                _pack if job.data.mode == "packed" else _group,
                 batched=True,
                 batch_size=_PACK_ROWS,
                 remove_columns=ids.column_names,
                 fn_kwargs={"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "block_size": block},
-                desc=f"{what}: pack into blocks of {block}",
+                desc=f"{what}: {job.data.mode.replace('packed', 'pack')} into blocks of {block}",
             )
         else:
             samples = raw.map(
@@ -135,6 +138,15 @@ def _pack(batch: dict[str, list[list[int]]], bos: int, eos: int, block_size: int
     # The tail shorter than a block is dropped, as group_texts does: a padded block wastes compute.
     blocks = [[bos, *stream[start : start + body], eos] for start in range(0, len(stream) - body + 1, body)]
     special = [[1] + [0] * body + [1] for _ in blocks]
+    return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "special_tokens_mask": special}
+
+
+def _group(batch: dict[str, list[list[int]]], bos: int, eos: int, block_size: int) -> dict[str, list[list[int]]]:
+    stream: list[int] = []
+    for ids in batch["ids"]:
+        stream.extend((bos, *ids, eos))
+    blocks = [stream[start : start + block_size] for start in range(0, len(stream) - block_size + 1, block_size)]
+    special = [[int(token in (bos, eos)) for token in block] for block in blocks]
     return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "special_tokens_mask": special}
 
 

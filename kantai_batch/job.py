@@ -196,8 +196,10 @@ class ModelSection(_Section):
 class DataSection(_Section):
     block_size: int = Field(128, ge=8)
     """Tokens per training sample, special tokens included."""
-    mode: Literal["packed", "line_by_line"] = "packed"
-    """`packed` fills every block with text; `line_by_line` makes one padded sample per line."""
+    mode: Literal["packed", "grouped", "line_by_line"] = "packed"
+    """`packed` fills every block with text, one `<s>` per block and `</s>` between paragraphs; `grouped`
+    fills every block too but frames each paragraph `<s> … </s>` (run_clm's group_texts), so each starts
+    as a prompt does; `line_by_line` makes one padded sample per line."""
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     """Share of the corpus's paragraphs held out for evaluation."""
     tokenize_workers: int | None = Field(None, ge=1)

@@ -54,7 +54,7 @@ def _bench(out: Path, *args: str):
 
 def _assert_runs_like_the_script(baseline: dict, job: dict) -> None:
     """run_mlm.py / run_clm.py as a skilled user runs them: grouped lines, the Trainer's defaults."""
-    assert (baseline["data_mode"], baseline["dropout"], baseline["batch_size"]) == ("grouped", 0.1, 8)
+    assert (baseline["data_mode"], baseline["dropout"], baseline["batch_size"]) == ("grouped_lines", 0.1, 8)
     assert baseline["learning_rate"] == 5e-5 and baseline["train"]["weight_decay"] == 0.0
     assert baseline["vocab_size"] == job["vocab_size"]
 

@@ -71,3 +71,21 @@ def test_corpus_too_small_for_one_block(prepared: Path):
         tiny_text = prepared / "tiny.txt"
         tiny_text.write_text("Too short.\n")
         build_split(tiny_text, job, load_tokenizer(prepared / "tokenizer"), fix_masks=False, what="train split")
+
+
+def test_grouped_blocks_frame_every_paragraph(prepared: Path):
+    job, tokenizer, samples = _build(prepared, "data.mode=grouped")
+    packed = _build(prepared)[2]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    assert all(len(ids) == job.data.block_size and tokenizer.pad_token_id not in ids for ids in samples["input_ids"])
+    stream = [token for ids in samples["input_ids"] for token in ids]
+    assert stream[0] == bos
+    # Every paragraph end is followed by the next one's start, across block boundaries too.
+    ends = [i for i, token in enumerate(stream[:-1]) if token == eos]
+    assert ends and all(stream[i + 1] == bos for i in ends)
+    assert sum(ids[0] != bos for ids in samples["input_ids"]) > len(samples) // 2, "blocks start where the cut falls"
+    assert [[int(t in (bos, eos)) for t in ids] for ids in samples["input_ids"]] == samples["special_tokens_mask"]
+    # The same paragraphs as packed, with one more token each: about as many blocks.
+    assert abs(len(samples) - len(packed)) <= len(packed) // 5
+    first = (prepared / "corpus" / "train.txt").read_text().strip().split("\n\n")[0]
+    assert tokenizer.decode(stream[1 : ends[0]]) == first.replace("\n", " "), "a paragraph, its lines unwrapped"
