@@ -333,7 +333,11 @@ def _measure(
             trainer.train_dataset = grouped_lines(run.train_text, tokenizer, job.data.block_size, what="train split")
         trainer.eval_dataset = {cut: cuts[cut] for cut in CURVE_CUTS}
         result = trainer.train()
-        final = trainer.evaluate(cuts)
+        # The last step's curve point often has the curve's cuts already (the budget and an evaluation
+        # fall due together); the others are scored into the same point.
+        last = curve.points[-1] if curve.points and curve.points[-1]["step"] == trainer.state.global_step else {}
+        trainer.evaluate({cut: cuts[cut] for cut in EVAL_CUTS if f"{cut}_loss" not in last})
+        final = curve.points[-1]
         quality = _quality(job, trainer.model, tokenizer)
     return {
         "name": name,
@@ -348,8 +352,8 @@ def _measure(
         "lr_scheduler": job.train.lr_scheduler,
         "mlm_probability": job.train.mlm_probability,
         "seed": job.train.seed,
-        **{f"eval_loss_{cut}": final[f"eval_{cut}_loss"] for cut in EVAL_CUTS},
-        f"eval_{ACCURACY[job.task]}_packed": final[f"eval_packed_{ACCURACY[job.task]}"],
+        **{f"eval_loss_{cut}": final[f"{cut}_loss"] for cut in EVAL_CUTS},
+        f"eval_{ACCURACY[job.task]}_packed": final[f"packed_{ACCURACY[job.task]}"],
         "curve": curve.points,
         "quality": quality,
         "train": job.train.model_dump(mode="json"),
