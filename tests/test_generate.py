@@ -34,7 +34,9 @@ def test_run_trains_a_causal_lm_with_its_own_tokenizer(support_run: Path):
     summary = json.loads((support_run / "model" / "train_summary.json").read_text())
     assert summary["global_step"] == 150
     tokens = summary["real_tokens_trained"]
-    assert tokens % 32 == 0 and 0.9 * 150 * 8 * 32 <= tokens <= 150 * 8 * 32, "packed blocks have no padding"
+    assert tokens % 32 == 0 and 0.9 * 150 * 8 * 32 <= tokens <= 150 * 8 * 32, "grouped blocks have no padding"
+    stats = json.loads((support_run / "tokens" / "tokens.json").read_text())
+    assert stats["splits"]["train"]["settings"]["mode"] == "grouped", "each conversation framed as a prompt is"
     # ln(1024) = 6.93 for an untrained model; the generated conversations are very repetitive.
     assert summary["eval_loss"] < 4.0
     assert 0 < summary["eval_next_token_accuracy"] <= 1
