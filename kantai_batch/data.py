@@ -1,4 +1,4 @@
-"""From corpus text to training samples: tokenization, the two dataset modes, fixed eval masks.
+"""From corpus text to training samples: tokenization, the three dataset modes, fixed eval masks.
 
 ``packed`` (the default) unwraps each paragraph, joins paragraphs with ``</s>`` and cuts the token
 stream into full blocks of ``block_size``, each ``<s> … </s>``, like RoBERTa's FULL-SENTENCES input.
@@ -99,7 +99,7 @@ def build_split(
                 batch_size=_PACK_ROWS,
                 remove_columns=ids.column_names,
                 fn_kwargs={"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "block_size": block},
-                desc=f"{what}: {job.data.mode.replace('packed', 'pack')} into blocks of {block}",
+                desc=f"{what}: {job.data.mode} into blocks of {block}",
             )
         else:
             samples = raw.map(
