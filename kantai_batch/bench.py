@@ -326,7 +326,15 @@ def _measure(
         cuts = _eval_cuts(job, tokenizer, run, eval_masking, eval_seed)
         samples = (_train_samples(job, run, tokenizer), cuts["packed"])
         session = build_trainer(
-            job, model, tokenizer, args, run, callbacks=[curve, stop], budget=budget, samples=samples
+            job,
+            model,
+            tokenizer,
+            args,
+            run,
+            callbacks=[curve, stop],
+            budget=budget,
+            samples=samples,
+            profile_dir=run.profile / name,
         )
         trainer = session.trainer
         if grouped_training:

@@ -68,7 +68,7 @@ def settings_digest(job: Job) -> str:
 # that does not change what a step computes.
 _RESUMABLE_ACROSS = frozenset(
     "max_steps epochs max_seconds save_steps save_total_limit logging_steps eval_steps preemption_grace_s "
-    "collective_timeout_s dataloader_workers torch_compile".split()
+    "collective_timeout_s dataloader_workers torch_compile profile_steps".split()
 )
 
 

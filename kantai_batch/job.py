@@ -293,6 +293,11 @@ class TrainSection(_Section):
     minutes its held-out loss was lower than `mimetic`'s and far lower than `random`'s, with concepts
     in the recipe sentence's top 5 (README: Time to quality). Only the start differs: the saved model
     is the same architecture."""
+    profile_steps: int | None = Field(None, ge=1)
+    """Profile this many training steps, after the first 5 (allocation, compilation), with
+    torch.profiler: the ops that took the most device time (CPU time on a CPU) and the share in
+    matmuls go into the train summary (and bench's record), a trace per process into the run dir's
+    `profile/` (Perfetto opens it). Profiling slows the steps it records; leave it unset to train."""
     torch_compile: bool = False
     """Compile the model with torch.compile: on a GPU faster steps after a compile of a minute or
     less (1.17x on an H200); on a CPU no faster (0.99x on a bf16 CPU), so only the compile's cost."""

@@ -122,6 +122,11 @@ class RunDir:
         return self.checkpoints / MLFLOW_RUN
 
     @property
+    def profile(self) -> Path:
+        """``train.profile_steps``' traces, one per process (local only: they are for reading, not resuming)."""
+        return self.root / "profile"
+
+    @property
     def model(self) -> Path:
         return self.root / "model"
 

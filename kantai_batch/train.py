@@ -40,6 +40,7 @@ from kantai_batch.objective import (
 )
 from kantai_batch.order import EpochRows
 from kantai_batch.preemption import Preemption, sigterm_checkpoints
+from kantai_batch.profiling import ProfilerCallback
 from kantai_batch.rundir import JOB_FILE, TRAIN_SUMMARY, RunDir, checkpoint_step
 from kantai_batch.stopping import BUDGET, StopAgreement
 from kantai_batch.throughput import ThroughputCallback
@@ -173,6 +174,7 @@ class TrainingSession:
     precision: str
     sparse: bool
     torch_compile: bool
+    profiler: ProfilerCallback | None = None
 
     def summary(self) -> dict[str, Any]:
         model = self.trainer.model
@@ -187,6 +189,7 @@ class TrainingSession:
             "torch_compile": self.torch_compile,
             "vocab_size": model.config.vocab_size,
             "parameters": model.num_parameters(),
+            **({"profile": self.profiler.report} if self.profiler else {}),
         }
 
 
@@ -200,11 +203,13 @@ def build_trainer(
     callbacks: list[TrainerCallback] = (),
     budget: TimeBudget | None = None,
     samples: tuple[Any, Any] | None = None,
+    profile_dir: Path | None = None,
 ) -> TrainingSession:
     """The job's datasets, collator, speed settings and throughput accounting around a Trainer.
 
     The train and eval ``samples`` default to the run's tokens, memory-mapped: ``run.require(run.tokens,
-    ...)`` must have made them local.
+    ...)`` must have made them local. ``train.profile_steps``' traces go to ``profile_dir`` (the run
+    dir's ``profile/`` by default).
     """
     sparse = job.task == "mlm" and job.train.sparse_prediction
     if samples is None:
@@ -231,6 +236,10 @@ def build_trainer(
     )
     peak, peak_source = peak_flops(precision)
     throughput = ThroughputCallback(flops_per_token, peak, args.world_size)
+    profiler = None
+    if job.train.profile_steps:
+        profiler = ProfilerCallback(profile_dir or run.profile, job.train.profile_steps, args.process_index)
+        callbacks = [*callbacks, profiler]
     trainer = PretrainTrainer(
         task=job.task,
         sparse=sparse,
@@ -274,7 +283,7 @@ def build_trainer(
         peak / 1e12,
         peak_source,
     )
-    return TrainingSession(trainer, throughput, precision, sparse, job.train.torch_compile)
+    return TrainingSession(trainer, throughput, precision, sparse, job.train.torch_compile, profiler)
 
 
 def training_bound(job: Job, args: TrainingArguments) -> str:

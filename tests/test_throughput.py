@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -12,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoConfig, RobertaConfig, RobertaForMaskedLM
 
-from helpers import invoke, tiny
+from helpers import invoke, prepared_run, tiny
 from kantai_batch.errors import JobConfigError
 from kantai_batch.hardware import cpu_supports_bf16, resolve_precision, training_flops_per_token
 from kantai_batch.job import load_job
@@ -145,3 +146,29 @@ def test_bench_measures_the_job_and_the_recipe_side_by_side(tmp_path: Path, corp
     for row in (job, recipe):
         assert row["eval_loss_packed"] > 0 and row["eval_loss_lines"] > 0 and row["peak_memory_bytes"] > 0
     assert "speedup over the recipe" in result.stdout and str(record_file) in result.stdout
+
+
+@pytest.mark.slow
+def test_profile_steps_says_where_the_step_time_goes(tmp_path: Path, corpus_file: Path):
+    prepared = prepared_run(tmp_path / "prepared", corpus_file)
+    short = shutil.copytree(prepared, tmp_path / "short")
+    run = shutil.copytree(prepared, tmp_path / "run")
+    invoke("pretrain", "--run-dir", str(run), "--no-tracking", *tiny("train.max_steps=12", "train.profile_steps=3"))
+    profile = json.loads((run / "model" / "train_summary.json").read_text())["profile"]
+    assert profile["steps"] == 3 and profile["clock"] == ("device" if torch.cuda.is_available() else "cpu")
+    names = [op["name"] for op in profile["top_ops"]]
+    assert "aten::addmm" in names or "aten::mm" in names, names
+    assert 0 < profile["matmul_share"] < 1 and 0 < profile["total_ms_per_step"]
+    # The step's wall time holds the time its ops (or kernels) took.
+    assert profile["total_ms_per_step"] <= 1.25 * profile["wall_ms_per_step"]
+    assert sum(op["share"] for op in profile["top_ops"]) <= 1 + 1e-9
+    assert Path(profile["trace"]) == run / "profile" / "trace-rank0.json"
+    trace = json.loads(Path(profile["trace"]).read_text())
+    # The training steps after the first 5, each marked in the trace.
+    steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
+    assert steps == {"ProfilerStep#5", "ProfilerStep#6", "ProfilerStep#7"}, steps
+
+    # A run that ends before the profiled steps reports no profile and writes no trace.
+    invoke("pretrain", "--run-dir", str(short), "--no-tracking", *tiny("train.max_steps=3", "train.profile_steps=3"))
+    assert json.loads((short / "model" / "train_summary.json").read_text())["profile"] is None
+    assert not (short / "profile").exists()
