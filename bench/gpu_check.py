@@ -64,13 +64,11 @@ def batch_for(block: int, dry_run: bool) -> int:
     return tokens // block
 
 
-def bench(run_dir: Path, source: Path, out: Path, steps: int, sets: list[str], variants: list[str], env=None):
+def bench(run_dir: Path, source: Path, out: Path, steps: int, sets: list[str], env=None):
     command = [sys.executable, "-m", "kantai_batch", "--log-level", "warning", "bench", "--run-dir", str(run_dir),
                "--corpus", str(source), "--steps", str(steps), "--out", str(out), "--json"]  # fmt: skip
     for item in sets:
         command += ["--set", item]
-    for variant in variants:
-        command += ["--variant", variant]
     done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"gpu-check: bench failed (exit {done.returncode}): {' '.join(command)}")
@@ -88,42 +86,49 @@ def single_process_env() -> dict[str, str]:
 
 CONFIGS = ("b128", "b128-compile", "b512", "b512-compile", "zero2", "profile")
 # b512 eager is left out by default: at the median step it gave what b128 eager did (H200, 2026-11-27),
-# and the time goes to profiling the best configuration instead.
-DEFAULT_CONFIGS = ("b128-compile", "b512-compile", "zero2", "profile")
+# and the time goes to profiling the best configuration instead. In the order that matters most
+# should a call run out of time.
+DEFAULT_CONFIGS = ("b128-compile", "b512-compile", "profile", "zero2")
 PROFILE_STEPS = 5
 
 
-def measure(args: argparse.Namespace, scratch: Path) -> list[dict]:
+def configurations(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Each configuration's settings (`--set`s), b128 (the job, eager) first: the others read as ratios to it."""
+    b128 = [f"train.per_device_batch_size={batch_for(128, args.dry_run)}"]
+    b512 = ["data.block_size=512", f"train.per_device_batch_size={batch_for(512, args.dry_run)}"]
+    compiled = ["train.torch_compile=true"]
+    every = {
+        "b128": b128,
+        "b128-compile": [*b128, *compiled],
+        "b512": b512,
+        "b512-compile": [*b512, *compiled],
+        "zero2": [*b128, f"train.deepspeed={ROOT / 'jobs/deepspeed/zero2.json'}"],
+        # Where b128-compile's step time goes (the profiler slows the steps it records: a row of its own).
+        "profile": [*b128, *compiled, f"train.profile_steps={PROFILE_STEPS}"],
+    }
+    if args.dry_run:
+        every["profile"] = [*b128, "train.profile_steps=1"]
+    wanted = ["b128", *(c for c in args.configs if c != "b128")]
+    return {c: every[c] for c in wanted if not (args.dry_run and (c.endswith("compile") or c == "zero2"))}
+
+
+def measure(args: argparse.Namespace, scratch: Path, out: Path | None) -> list[dict]:
+    """One bench run per configuration, each kept (and printed) as it ends: a call cut short by the
+    device's time limit still returns what it measured."""
     # Enough text that the steps stay within one epoch at 128k tokens a batch (about 8M tokens): an
     # epoch's first batch waits for the dataloader workers to start over, which is not the steady state.
     source = corpus(scratch / "kantian.txt", 300 if args.dry_run else 200_000)
     shape = list(TINY) if args.dry_run else [f"model.vocab_size={KANTAI_VOCAB}"]
     common = [*shape, "train.precision=auto" if args.dry_run else "train.precision=bf16"]
-    b128, b512 = batch_for(128, args.dry_run), batch_for(512, args.dry_run)
-    long = f"data.block_size=512,train.per_device_batch_size={b512}"
-    compiled = "train.torch_compile=true"
-    # The job itself (b128, eager) is always measured first: the others read as ratios to it.
-    wanted = [c for c in args.configs if not (args.dry_run and (c.endswith("compile") or c == "zero2"))]
-    variants = {
-        "b128-compile": compiled,
-        "b512": long,
-        "b512-compile": f"{long},{compiled}",
-        # Where b128-compile's step time goes (its steps are slowed by the profiler, so it is a row of its own).
-        "profile": f"{compiled},train.profile_steps={PROFILE_STEPS}",
-    }
-    if args.dry_run:
-        variants["profile"] = "train.profile_steps=1"
-    chosen = [f"{name}:{variants[name]}" for name in wanted if name in variants]
-    records = [
-        bench(scratch / "run", source, args.out, args.steps, [*common, f"train.per_device_batch_size={b128}"], chosen)
-    ]
-    if "zero2" in wanted:
-        zero2 = [
-            *common,
-            f"train.per_device_batch_size={b128}",
-            f"train.deepspeed={ROOT / 'jobs/deepspeed/zero2.json'}",
-        ]
-        records.append(bench(scratch / "run", source, args.out, args.steps, zero2, [], env=single_process_env()))
+    records = []
+    for name, sets in configurations(args).items():
+        env = single_process_env() if name == "zero2" else None
+        record = bench(scratch / "run", source, args.out, args.steps, [*common, *sets], env=env)
+        record["config"] = name
+        records.append(record)
+        print(table([record]).splitlines()[1], flush=True)
+        if out is not None:
+            keep([record], out)
     return records
 
 
@@ -132,10 +137,8 @@ def table(records: list[dict]) -> str:
              f"{'train s':>7} {'warm-up s':>9} {'parallelism':>18}"]  # fmt: skip
     for record in records:
         for row in record["results"]:
-            name = "zero2" if row["parallelism"].startswith("DeepSpeed") else row["name"]
-            name = "b128" if name == "job" else name
             lines.append(
-                f"{name:>13} {row['block_size']:>5} {row['batch_size']:>5} {str(row['torch_compile']):>7} "
+                f"{record['config']:>13} {row['block_size']:>5} {row['batch_size']:>5} {str(row['torch_compile']):>7} "
                 f"{row['steady_tokens_per_second']:>10,.0f} {100 * row['steady_mfu']:>5.1f}% "
                 f"{row['peak_memory_bytes'] / 2**30:>8.1f} {row['train_runtime_s']:>7.0f} "
                 f"{row.get('warmup_seconds', 0.0):>9.1f} {row['parallelism']:>18}"
@@ -146,16 +149,26 @@ def table(records: list[dict]) -> str:
     where = "on a GPU its dense data-sheet figure, on a CPU a measured matmul"
     records_at = ", ".join(r["path"] for r in records)
     lines.append(f"MFU against the {first['precision']} peak of {device}, {peak} ({where}); records: {records_at}")
-    for row in (row for record in records for row in record["results"] if row.get("profile")):
-        profile = row["profile"]
-        lines.append(
-            f"{row['name']}: {profile['steps']} steps profiled, {profile['wall_ms_per_step']:.1f} ms a step, "
-            f"{profile['total_ms_per_step']:.1f} ms of it {profile['clock']} time, "
-            f"{100 * profile['matmul_share']:.1f}% of that in matmuls"
-        )
-        lines += [f"  {100 * op['share']:5.1f}% {op['ms_per_step']:8.2f} ms {op['calls']:>6} calls  {op['name'][:90]}"
-                  for op in profile["top_ops"][:15]]  # fmt: skip
+    for record in records:
+        lines += [line for row in record["results"] if row.get("profile") for line in profiled(record["config"], row)]
     return "\n".join(lines)
+
+
+def profiled(config: str, row: dict) -> list[str]:
+    profile = row["profile"]
+    head = (
+        f"{config}: {profile['steps']} steps profiled, {profile['wall_ms_per_step']:.1f} ms a step, "
+        f"{profile['total_ms_per_step']:.1f} ms of it {profile['clock']} time, "
+        f"{100 * profile['matmul_share']:.1f}% of that in matmuls"
+    )
+    ops = profile["top_ops"][:15]
+    return [
+        head,
+        *(
+            f"  {100 * op['share']:5.1f}% {op['ms_per_step']:8.2f} ms {op['calls']:>6} calls  {op['name'][:90]}"
+            for op in ops
+        ),
+    ]
 
 
 def keep(records: list[dict], out: Path) -> None:
@@ -165,7 +178,7 @@ def keep(records: list[dict], out: Path) -> None:
         for row in record["results"]:
             if row.get("profile"):
                 trace = Path(row["profile"]["trace"])
-                with trace.open("rb") as src, gzip.open(out / f"{row['name']}-{trace.name}.gz", "wb") as dst:
+                with trace.open("rb") as src, gzip.open(out / f"{record['config']}-{trace.name}.gz", "wb") as dst:
                     shutil.copyfileobj(src, dst)
 
 
@@ -197,10 +210,8 @@ def main() -> None:
         print("gpu-check: gpu tests exit", subprocess.run(tests, cwd=ROOT, check=False).returncode, flush=True)
     shutil.rmtree(args.scratch, ignore_errors=True)
     args.scratch.mkdir(parents=True)
-    records = measure(args, args.scratch)
+    records = measure(args, args.scratch, Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     print(table(records), flush=True)
-    if os.environ.get("OUT"):
-        keep(records, Path(os.environ["OUT"]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,35 @@
+"""`make gpu-check` runs only when a GPU is lent, for minutes it cannot get back: its dry run (the same
+plumbing, a tiny model on any machine) must keep working here."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_keeps_each_record_and_the_profile(tmp_path: Path):
+    out, results = tmp_path / "out", tmp_path / "results"
+    out.mkdir()
+    done = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--dry-run", "--out", str(results), "--scratch", str(tmp_path / "s")],
+        cwd=ROOT, env={**os.environ, "OUT": str(out), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["b128"], ["profile"])]
+    assert [row[0] for row in rows] == ["b128", "profile"] * 2, "each row as it ends, then the table"
+    assert "profile: 1 steps profiled" in done.stdout and "% of that in matmuls" in done.stdout
+    records = sorted(out.glob("kantaibert-*.json"))
+    assert len(records) == 2 and {r.name for r in records} == {r.name for r in results.glob("*.json")}
+    profiled = json.loads(records[1].read_text())["results"][0]["profile"]
+    assert profiled["steps"] == 1 and profiled["top_ops"]
+    trace = json.loads(gzip.decompress((out / "profile-trace-rank0.json.gz").read_bytes()))
+    assert any(event.get("name") == "ProfilerStep#5" for event in trace["traceEvents"])
