@@ -68,12 +68,14 @@ class ProfilerCallback(TrainerCallback):
         return control
 
     def _write(self, profiler: profile) -> None:
+        if not self._profiled:
+            return  # training ended within the skipped steps: what was recorded is no training step
         events = profiler.key_averages()
         on_device = any(e.self_device_time_total > 0 for e in events)
         self.directory.mkdir(parents=True, exist_ok=True)
         trace = self.directory / f"trace-rank{self.rank}.json"
         profiler.export_chrome_trace(str(trace))
-        self.report = op_report(events, on_device=on_device, steps=self._profiled or self.steps)
+        self.report = op_report(events, on_device=on_device, steps=self._profiled)
         self.report["trace"] = str(trace)
         log.info(
             "profile: %d steps after the first %d, %.1f ms a step, %.1f ms of it %s time, %.0f%% of that in matmuls; "

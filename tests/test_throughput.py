@@ -168,7 +168,7 @@ def test_profile_steps_says_where_the_step_time_goes(tmp_path: Path, corpus_file
     steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
     assert steps == {"ProfilerStep#5", "ProfilerStep#6", "ProfilerStep#7"}, steps
 
-    # A run that ends before the profiled steps reports no profile and writes no trace.
-    invoke("pretrain", "--run-dir", str(short), "--no-tracking", *tiny("train.max_steps=3", "train.profile_steps=3"))
+    # A run that ends before the profiled steps (right after the skipped 5) reports no profile and writes no trace.
+    invoke("pretrain", "--run-dir", str(short), "--no-tracking", *tiny("train.max_steps=5", "train.profile_steps=3"))
     assert json.loads((short / "model" / "train_summary.json").read_text())["profile"] is None
     assert not (short / "profile").exists()
