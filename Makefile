@@ -90,7 +90,7 @@ help:
 	@echo "make test      run the test suite (installs Chromium for the chat page test when root)"
 	@echo "make test-fast the tests not marked slow: no training, torchrun, images, S3/MLflow servers or browser"
 	@echo "make gpu-wheels  the wheels a bare GPU machine lacks, for CPython 3.12 manylinux x86_64, in .whl/"
-	@echo "make gpu-check   on a GPU machine: gpu tests, bf16 throughput and MFU (block 128/512, compile, ZeRO-2)"
+	@echo "make gpu-check   on a GPU machine: gpu tests, bf16 throughput and MFU (block 128/512, compile, ZeRO-2) and a profile of the compiled step"
 	@echo "make lint      ruff check and format check"
 	@echo "make image     build the CUDA image $(IMAGE):$(TAG) (docker, else buildah/podman); make push pushes it"
 	@echo "make image-cpu build the same Dockerfile as a CPU image $(IMAGE):$(CPU_TAG) on a Debian base made here"
