@@ -89,8 +89,16 @@ class LabelledCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if "labels" in features[0]:
-            return collate(features, self.tokenizer.pad_token_id, PAD_MULTIPLE)
-        return self._label(features)
+            batch = collate(features, self.tokenizer.pad_token_id, PAD_MULTIPLE)
+        else:
+            batch = self._label(features)
+        # A batch without padding (every packed batch) goes without a mask, which the model reads as all
+        # ones. Given one, a model under torch.compile cannot look inside it, so transformers builds the
+        # attention mask and SDPA cannot take its flash kernel (tests/test_masking.py shows the traced call).
+        # PretrainTrainer counts those tokens as the mask would have.
+        if "attention_mask" in batch and bool(batch["attention_mask"].all()):
+            del batch["attention_mask"]
+        return batch
 
 
 def loss_function(task: str):

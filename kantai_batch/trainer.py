@@ -1,6 +1,6 @@
 """The HF Trainer as pretraining extends it: the masked LM's loss and sparse head, a re-plannable schedule.
 
-Each extension but the last goes through a door the Trainer's authors left for it, so nothing is
+Each extension but the last two goes through a door the Trainer's authors left for it, so nothing is
 patched on a live object and the model stays a standard ``RobertaForMaskedLM`` /
 ``RobertaForCausalLM``:
 
@@ -26,6 +26,11 @@ patched on a live object and the model stays a standard ``RobertaForMaskedLM`` /
   the Trainer's module resolves to ``fast_forward``, which hands any other loader to accelerate's.
   Should a Trainer release stop skipping this way, a test that resumes a run fails (the resumed
   pass would not start at the resume point) rather than training going wrong.
+- Real tokens counted exactly in batches the collator sent without their all-ones attention mask
+  (``objective.LabelledCollator``, for SDPA's flash kernel under ``torch.compile``): the Trainer's
+  ``_track_num_input_tokens`` gets the mask back. Without it the Trainer counts the tokens that are
+  not ``<pad>``, and a masked LM's random replacement can draw ``<pad>``; the exact counts of
+  ``tests/test_pretrain.py`` and ``tests/test_distributed.py`` catch a Trainer that stops calling it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers.trainer
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
@@ -70,6 +76,13 @@ class PretrainTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             self._scored = None
+
+    def _track_num_input_tokens(self, inputs):
+        # The collator leaves an all-ones mask out (objective.LabelledCollator). Without one the Trainer
+        # counts the tokens that are not <pad>, and a masked LM's random replacement can draw <pad>.
+        if "attention_mask" not in inputs and "input_ids" in inputs:
+            inputs = {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}
+        super()._track_num_input_tokens(inputs)
 
     def _scored_positions_only(self, head, args):
         if self._scored is None:

@@ -116,6 +116,46 @@ def test_collate_pads_samples_of_different_lengths(tokenizer):
     assert (batch["labels"][0, 4:] == IGNORE).all()
 
 
+@pytest.mark.parametrize("task", ["mlm", "clm"])
+def test_a_batch_without_padding_reaches_a_compiled_model_without_a_mask(tokenizer, task: str):
+    import torch
+    from transformers import RobertaConfig
+
+    from kantai_batch.objective import LabelledCollator, model_class
+
+    collator = LabelledCollator(tokenizer, task, 0.3)
+    full, lines = blocks(4, length=16), Dataset.from_dict({"input_ids": [[0, 5, 6, 2], [0, 7, 8, 9, 10, 2]]})
+    if task == "mlm":
+        full, padded = (
+            collator(MaskedSamples(d, tokenizer, 0.3, seed=0).__getitems__(list(range(len(d))))) for d in (full, lines)
+        )
+    else:
+        full, padded = (collator([{"input_ids": ids} for ids in d["input_ids"]]) for d in (full, lines))
+    assert "attention_mask" not in full and full["input_ids"].shape == (4, 16)
+    assert padded["attention_mask"].sum(dim=1).tolist() == [4, 6]
+
+    config = RobertaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=40, is_decoder=task == "clm")  # fmt: skip
+    model = model_class(task)(config).eval()
+    graphs = []
+
+    def capture(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    def attention_masks(batch) -> list:
+        graphs.clear()
+        torch._dynamo.reset()
+        torch.compile(model, backend=capture)(**{k: v for k, v in batch.items() if k != "labels"})
+        calls = [n for g in graphs for n in g.graph.nodes if "scaled_dot_product" in str(n.target)]
+        assert calls, "no SDPA call traced"
+        return [call.kwargs.get("attn_mask") for call in calls]
+
+    # Given even an all-ones mask, the traced model builds one and SDPA gets it: no flash kernel.
+    assert attention_masks(full) == [None]
+    assert attention_masks({**full, "attention_mask": torch.ones_like(full["input_ids"])}) != [None]
+
+
 def test_steady_throughput_leaves_out_compilations(monkeypatch: pytest.MonkeyPatch):
     clock = iter([0.0, 0.0, 1.0, 2.0, 32.0, 33.0, 34.0, 35.0])  # train begin, then step ends: one 30 s step
     monkeypatch.setattr("kantai_batch.throughput.time.perf_counter", lambda: next(clock))
