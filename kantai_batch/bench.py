@@ -268,9 +268,9 @@ def _in_fresh_process(
                     "eval_every": eval_every,
                     "grouped_training": baseline and name in SCRIPTS,
                     # Held-out masks are the same for every configuration, whatever masking rate or
-                    # seed it trains with: the bench job's eval.mlm_probability and train.seed.
+                    # seed it trains with: the bench job's eval.mlm_probability and eval.seed.
                     "eval_masking": eval_masks.eval.mlm_probability,
-                    "eval_seed": eval_masks.train.seed,
+                    "eval_seed": eval_masks.eval.seed,
                     "level": logging.getLogger().getEffectiveLevel(),
                 }
             )
@@ -403,9 +403,8 @@ def _eval_cuts(job: Job, tokenizer, run: RunDir, masking: float, seed: int) -> d
     from kantai_batch.data import build_split, mask_once
 
     text = run.eval_text
-    train = job.train.model_copy(update={"seed": seed})
-    held_out = job.eval.model_copy(update={"mlm_probability": masking})
-    job = job.model_copy(update={"train": train, "eval": held_out})
+    held_out = job.eval.model_copy(update={"mlm_probability": masking, "seed": seed})
+    job = job.model_copy(update={"eval": held_out})
     masked = job.task == "mlm"
     special = set(tokenizer.all_special_ids)
     cuts = {}

@@ -4,7 +4,7 @@ The benchmark is text: ``eval.benchmark`` (any corpus source, read as plain text
 split of the first version registered with a benchmark, which is then frozen (logged as an artifact
 of that version's run and named by tags on the registered model), else, for that first version, this
 run's held-out split. Each model is scored with its own tokenizer on blocks of ``data.block_size``,
-masked once (``eval.mlm_probability``, ``train.seed``) for a masked LM, in this process by
+masked once (``eval.mlm_probability``, ``eval.seed``) for a masked LM, in this process by
 ``score``: the same model on the same bytes always gets the same number, and two models compared are
 scored by the same code.
 

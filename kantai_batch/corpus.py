@@ -7,7 +7,7 @@ customer-support CSV), so memory stays flat however large the corpus grows. For 
 example is a paragraph, and the text's own characters are kept: dashes and curly quotes are content,
 not noise.
 
-An example goes to eval when a keyed hash of its text (the key: ``train.seed``) falls below
+An example goes to eval when a keyed hash of its text (the key: ``eval.seed``) falls below
 ``data.eval_fraction``: the split depends on the seed and the examples only, not on the order the
 files come in or on which other files are there, and a repeated paragraph never sits on both sides.
 
@@ -169,7 +169,7 @@ class _Split:
         self._out = out
         self._fraction = job.data.eval_fraction
         self._eval_fraction_text = f"data.eval_fraction={job.data.eval_fraction}"
-        self._key = str(job.train.seed).encode()
+        self._key = str(job.eval.seed).encode()
         self.counts = {name: {"examples": 0, "lines": 0, "chars": 0} for name in ("train", "eval")}
 
     def __enter__(self) -> _Split:

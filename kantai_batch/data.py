@@ -153,7 +153,7 @@ def _group(batch: dict[str, list[list[int]]], bos: int, eos: int, block_size: in
 def mask_once(samples, job: Job, tokenizer, what: str):
     from kantai_batch.masking import Masker
 
-    masker = Masker(tokenizer, job.eval.mlm_probability, job.train.seed)
+    masker = Masker(tokenizer, job.eval.mlm_probability, job.eval.seed)
     return samples.map(
         masker.mask_lists,
         batched=True,
@@ -169,7 +169,7 @@ def sample_settings(job: Job, split: str, tokenizer) -> dict[str, Any]:
     if split == "eval":
         settings["task"] = job.task
         if job.task == "mlm":
-            settings.update(mlm_probability=job.eval.mlm_probability, seed=job.train.seed, masks=EVAL_MASKS)
+            settings.update(mlm_probability=job.eval.mlm_probability, seed=job.eval.seed, masks=EVAL_MASKS)
     return {**settings, "tokenizer_sha256": tokenizer_digest(tokenizer)}
 
 

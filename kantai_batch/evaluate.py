@@ -2,7 +2,7 @@
 
 The task comes from the model: a masked LM is scored on masked tokens, a causal LM on every next
 token. The corpus is the run's held-out split, or any raw corpus given with ``--corpus`` (decoded the
-way ``prepare`` decodes). Masks are fixed by the job's seed, so the same model and corpus always
+way ``prepare`` decodes). Masks are fixed by ``eval.seed``, so the same model and corpus always
 give the same numbers. Results go to ``RUN/eval/metrics.json``.
 
 The held-out split is read as the ``tokenize`` phase committed it (``RUN/tokens/eval``, masks

@@ -266,8 +266,8 @@ class TrainSection(_Section):
     """Evaluate every this many steps; when unset, only at the end."""
     logging_steps: int = Field(50, ge=1)
     """Log the training loss every this many steps."""
-    seed: int = 42
-    """Seed for initialization, masking and data order."""
+    seed: int = Field(42, ge=0, lt=2**32)
+    """Seed for initialization, training masks and data order (not the held-out split: `eval.seed`)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Mixed precision (autocast; weights stay fp32): `auto` is bf16 where the hardware runs it natively
     (Ampere+ GPUs, CPUs with avx512-bf16 or AMX), fp16 on older GPUs, fp32 otherwise."""
@@ -323,6 +323,10 @@ class InferSection(_Section):
 
 
 class EvalSection(_Section):
+    seed: int = Field(42, ge=0, lt=2**32)
+    """The held-out split (which examples `prepare` holds out) and its fixed masks (also `evaluate
+    --corpus`'s and the registry benchmark's). Apart from `train.seed`, so that runs differing only in
+    their training seed are scored on the same text and masks, and share corpus, tokenizer and tokens."""
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     """mlm: the share of held-out tokens masked when scoring (the eval split's fixed masks, `evaluate`,
     the registry benchmark). Kept apart from `train.mlm_probability` so eval loss means the same thing

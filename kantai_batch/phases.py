@@ -53,7 +53,7 @@ PHASES: tuple[Phase, ...] = (
     Phase(
         "prepare",
         output="corpus",
-        reads=("corpus", "data.eval_fraction", "train.seed"),
+        reads=("corpus", "data.eval_fraction", "eval.seed"),
         runner="kantai_batch.corpus:prepare",
     ),
     Phase(
@@ -70,7 +70,7 @@ PHASES: tuple[Phase, ...] = (
         output="tokens",
         # The eval samples of a masked LM carry their fixed masks; data.tokenize_workers (and how many
         # pods make the parts) changes no sample.
-        reads=("task", "data.mode", "data.block_size", "eval.mlm_probability", "train.seed"),
+        reads=("task", "data.mode", "data.block_size", "eval.mlm_probability", "eval.seed"),
         upstream=("prepare", "train-tokenizer"),
         runner="kantai_batch.tokens:tokenize",
         options=("workers", "part", "parts"),
@@ -93,7 +93,6 @@ PHASES: tuple[Phase, ...] = (
         reads=(
             "data.mode",
             "data.block_size",
-            "train.seed",
             "train.per_device_batch_size",
             "eval",
             "infer",

@@ -48,10 +48,32 @@ def test_split_is_disjoint_complete_and_follows_eval_fraction(tmp_path: Path, co
 
 def test_split_is_deterministic_for_a_seed(tmp_path: Path, corpus_file: Path):
     _prepare(tmp_path / "a", corpus_file)
-    _prepare(tmp_path / "b", corpus_file)
-    _prepare(tmp_path / "c", corpus_file, "--set", "train.seed=7")
+    _prepare(tmp_path / "b", corpus_file, "--set", "train.seed=7")
+    _prepare(tmp_path / "c", corpus_file, "--set", "eval.seed=7")
     read = lambda name: (tmp_path / name / "corpus" / "eval.txt").read_bytes()  # noqa: E731
     assert read("a") == read("b") != read("c")
+
+
+def test_another_training_seed_reuses_the_split_tokenizer_and_tokens():
+    from kantai_batch.fingerprint import fingerprint_of
+    from kantai_batch.job import Job
+
+    job = Job()
+    reseeded = job.model_copy(update={"train": job.train.model_copy(update={"seed": 7})})
+    resplit = job.model_copy(update={"eval": job.eval.model_copy(update={"seed": 7})})
+    for phase in ("prepare", "train-tokenizer", "tokenize"):
+        assert fingerprint_of(reseeded, phase) == fingerprint_of(job, phase), phase
+    assert fingerprint_of(reseeded, "pretrain") != fingerprint_of(job, "pretrain")
+    for phase in ("prepare", "tokenize", "evaluate"):
+        assert fingerprint_of(resplit, phase) != fingerprint_of(job, phase), phase
+
+
+@pytest.mark.parametrize("value", ["-1", "4294967296"])
+def test_a_seed_numpy_cannot_take_is_a_clear_error(tmp_path: Path, corpus_file: Path, value: str):
+    for key in ("train.seed", "eval.seed"):
+        result = _prepare(tmp_path, corpus_file, "--set", f"{key}={value}", expect=2)
+        assert key in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "corpus").exists()
 
 
 def test_forced_wrong_encoding_reports_undecodable_characters(tmp_path: Path, corpus_file: Path):

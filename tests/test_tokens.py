@@ -129,7 +129,8 @@ def test_the_eval_samples_fit_only_the_task_settings_and_tokenizer_they_were_mad
     assert tokens_mismatch(run, job, "eval", tokenizer) is None
     assert tokens_mismatch(run, load_job(None, [*TINY, "task=clm"]), "train", tokenizer) is None, "no masks in train"
     assert tokens_mismatch(run, load_job(None, [*TINY, "task=clm"]), "eval", tokenizer) == "task mlm -> clm"
-    assert tokens_mismatch(run, load_job(None, [*TINY, "train.seed=7"]), "eval", tokenizer) == "seed 42 -> 7"
+    assert tokens_mismatch(run, load_job(None, [*TINY, "eval.seed=7"]), "eval", tokenizer) == "seed 42 -> 7"
+    assert tokens_mismatch(run, load_job(None, [*TINY, "train.seed=7"]), "eval", tokenizer) is None, "eval.seed's"
     trained_at_30 = load_job(None, [*TINY, "train.mlm_probability=0.3"])
     assert tokens_mismatch(run, trained_at_30, "eval", tokenizer) is None, "held-out masks follow eval's rate"
     scored_at_30 = load_job(None, [*TINY, "eval.mlm_probability=0.3"])
