@@ -11,6 +11,7 @@ held-out loss. Results are printed as a table and written to ``bench/results/`` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -93,6 +94,7 @@ def bench(
         "seconds": seconds,
         "eval_every": eval_every,
         "baseline": baseline,
+        "held_out": _held_out(job, run),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -237,6 +239,19 @@ def _prepare_inputs(job: Job, run: RunDir) -> None:
     from kantai_batch.pipeline import run_pipeline
 
     run_pipeline(job, run, phases=before("pretrain"), track=False)
+
+
+def _held_out(job: Job, run: RunDir) -> dict[str, Any]:
+    """What the held-out losses are computed on: records with equal entries scored the same tokens
+    and masks, so their losses compare across bench runs."""
+    corpus, tokenizer = run.marker(run.corpus), run.marker(run.tokenizer)
+    return {
+        "text_sha256": corpus["files"]["eval.txt"]["sha256"],
+        # Of its files' digests: the folder as its manifest lists it.
+        "tokenizer_sha256": hashlib.sha256(json.dumps(tokenizer["files"], sort_keys=True).encode()).hexdigest(),
+        "eval_seed": job.eval.seed,
+        "mlm_probability": job.eval.mlm_probability if job.task == "mlm" else None,
+    }
 
 
 def _in_fresh_process(

@@ -13,6 +13,7 @@ from kantai_batch.baseline import grouped_lines
 from kantai_batch.bench import _eval_cuts
 from kantai_batch.curve import time_to_reach
 from kantai_batch.job import load_job
+from kantai_batch.manifest import file_sha256
 from kantai_batch.rundir import RunDir
 
 
@@ -188,12 +189,25 @@ def test_a_malformed_probe_file_fails_before_any_training(tmp_path: Path, corpus
 def test_bench_retrains_a_tokenizer_whose_settings_changed(tmp_path: Path, corpus_file: Path):
     run_dir, out = tmp_path / "run", tmp_path / "results"
     common = ("bench", "--run-dir", str(run_dir), "--corpus", str(corpus_file), "--steps", "2", "--out", str(out))
-    invoke(*common, *tiny())
-    first = json.loads(max(out.glob("*.json")).read_text())["results"][0]
-    for record in out.glob("*.json"):
-        record.unlink()
-    invoke(*common, *tiny("tokenizer.vocab_size=300"))
-    second = json.loads(max(out.glob("*.json")).read_text())["results"][0]
+
+    def bench(*overrides: str) -> dict:
+        invoke(*common, *tiny(*overrides))
+        (path,) = out.glob("*.json")
+        record = json.loads(path.read_text())
+        path.unlink()
+        return record
+
+    first = bench()
+    second = bench("tokenizer.vocab_size=300")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     # The model's vocabulary is the tokenizer's, rounded up for tensor cores.
-    assert len(tokenizer) <= 300 and second["vocab_size"] < first["vocab_size"], (first, second)
+    assert len(tokenizer) <= 300 and second["results"][0]["vocab_size"] < first["results"][0]["vocab_size"]
+    # The record names what its held-out losses were scored on: the same text, another tokenizer.
+    assert first["held_out"]["text_sha256"] == file_sha256(run_dir / "corpus" / "eval.txt")
+    assert first["held_out"]["text_sha256"] == second["held_out"]["text_sha256"]
+    assert first["held_out"]["tokenizer_sha256"] != second["held_out"]["tokenizer_sha256"]
+    # Another training seed is scored on the same held-out tokens and masks; another eval.seed is not.
+    reseeded = bench("tokenizer.vocab_size=300", "train.seed=7")
+    assert reseeded["held_out"] == second["held_out"] and reseeded["results"][0]["seed"] == 7
+    resplit = bench("tokenizer.vocab_size=300", "eval.seed=7")
+    assert resplit["held_out"]["text_sha256"] != second["held_out"]["text_sha256"]
