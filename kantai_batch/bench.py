@@ -216,6 +216,8 @@ def format_table(record: dict[str, Any]) -> str:
                     f"(at {reached['baseline_seconds']:.0f} s): {when}"
                 )
     for row in record["results"]:
+        if row.get("stopped_by") == "diverged":
+            lines.append(f"{row['name']}: diverged (NaN or infinite loss) by step {row['global_step']}")
         lines.extend(f"{row['name']}: {line}" for line in format_quality(row.get("quality") or {}))
     lines.append(
         f"machine: {record['machine']['device']}, torch {record['machine']['torch']}, "
@@ -368,6 +370,8 @@ def _measure(
         "train_loss": result.training_loss,
         "train_runtime_s": result.metrics["train_runtime"],
         "training_seconds": curve.training_seconds(),
+        # "diverged" for a configuration whose loss became NaN or infinite: its losses are NaN from there.
+        "stopped_by": stop.stopped_by or ("max_steps" if by_steps else "epochs"),
         "data_mode": "grouped_lines" if grouped_training else job.data.mode,
         "dropout": job.model.hidden_dropout_prob,
         "batch_size": job.train.per_device_batch_size,

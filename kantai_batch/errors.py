@@ -44,6 +44,16 @@ class NotPromotedError(KantaiError):
     exit_code = 5
 
 
+class TrainingDivergedError(KantaiError):
+    """``pretrain``: the training loss or gradient norm became NaN or infinite; nothing past it was saved.
+
+    A retry would resume from the last checkpoint with the same samples in the same order and diverge
+    again, so a scheduler fails the Job at once: the job's settings must change.
+    """
+
+    exit_code = 6
+
+
 class PreemptedError(KantaiError):
     """Training stopped on SIGTERM after committing a checkpoint; a retry resumes from it.
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.errors import InputDataError, JobConfigError
+from kantai_batch.errors import InputDataError, JobConfigError, TrainingDivergedError
 from kantai_batch.job import Job
 from kantai_batch.rundir import RunDir
 
@@ -81,7 +81,10 @@ def retrain(job: Job, run: RunDir, name: str, *, track: bool) -> Outcome | None:
             trained=False,
             promoted=True,
         )
-    run_pipeline(job, run, track=track, phases=PHASES[1:])
+    try:
+        run_pipeline(job, run, track=track, phases=PHASES[1:])
+    except TrainingDivergedError as diverged:
+        raise TrainingDivergedError(f"{diverged}; nothing registered, {_stays(name, champion)}") from diverged
     if not is_main_process():
         return None
     return _decide(job, run, name, champion, {CORPUS_SHA256: corpus_sha, JOB_SHA256: job_sha})
@@ -110,7 +113,7 @@ def _decide(job: Job, run: RunDir, name: str, champion: str | None, lineage: dic
             trained=True,
             promoted=existing["version"] == champion,
         )
-    stays = f"{name}@{CHAMPION} stays {'version ' + champion if champion else 'unset'}"
+    stays = _stays(name, champion)
     _require_finite_training(run, stays)
     with tempfile.TemporaryDirectory(prefix="kantai-promote-") as scratch:
         benchmark = benchmark_for(job, run, name, Path(scratch))
@@ -247,6 +250,10 @@ def _corpus_sha256(run: RunDir) -> str:
     return str(json.loads(run.corpus_stats.read_text(encoding="utf-8")).get("source_sha256", ""))
 
 
+def _stays(name: str, champion: str | None) -> str:
+    return f"{name}@{CHAMPION} stays {'version ' + champion if champion else 'unset'}"
+
+
 def _model_sha256(run: RunDir) -> str:
     import hashlib
 
@@ -255,8 +262,8 @@ def _model_sha256(run: RunDir) -> str:
 
 
 def _require_finite_training(run: RunDir, stays: str) -> None:
-    """A model whose held-out loss is not finite diverged. (The training loss is a mean over logged steps,
-    finite while the first steps were, and not logged at all by a run resumed after its budget.)"""
+    """A model whose held-out loss is not finite diverged. (Pretrain stops a run whose training loss
+    does; a model of an older run dir, or one resumed after its budget, has no training loss to tell.)"""
     summary = json.loads(run.train_summary.read_text(encoding="utf-8"))
     value = summary.get("eval_loss")
     if isinstance(value, (int, float)) and not math.isfinite(value):

@@ -7,11 +7,16 @@ every optimizer step the ranks share what they see in one tiny ``all_reduce`` (M
 SIGTERM, budget spent, half of it spent, step time) and act on the same result: all save at the same
 step, all stop, all plan the budget's schedule alike. Its cost is measured in every run
 (``stop_agreement_s`` in the summary) and stays far below a step; with one process it is skipped.
+
+A diverged training (a NaN or infinite loss or gradient norm) needs no collective: the logged values
+are the same on every rank. They are read back from the device only at a log line, so every
+checkpoint gets a log line first, and a diverged model is never saved.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from transformers import TrainerCallback
@@ -23,6 +28,7 @@ log = logging.getLogger(__name__)
 
 PREEMPTION = "preemption"
 BUDGET = "max_seconds"
+DIVERGED = "diverged"
 
 
 class StopAgreement(TrainerCallback):
@@ -34,10 +40,16 @@ class StopAgreement(TrainerCallback):
         self.stopped_by: str | None = None
         self.agreement_s = 0.0
         self._step_end: float | None = None
+        self.divergence: dict[str, float] = {}  # what was logged at the step where training diverged
+        self.saved_step: int | None = None  # the newest checkpoint this training wrote
 
     @property
     def preempted(self) -> bool:
         return self.stopped_by == PREEMPTION
+
+    @property
+    def diverged(self) -> bool:
+        return self.stopped_by == DIVERGED
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.budget is not None:
@@ -77,6 +89,26 @@ class StopAgreement(TrainerCallback):
             log.info("pretrain: the time budget of %.0f s ends training at step %d", self.budget.max_seconds, step)
             self.stopped_by = BUDGET
             control.should_training_stop = True
+        if control.should_save:
+            # The loss is read back from the device only at a log line: one before every checkpoint lets
+            # on_log keep a diverged model out of it.
+            control.should_log = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # The logged loss and gradient norm are the same on every rank (the loss is gathered, the norm
+        # is of the reduced gradients), so every rank stops at this step without a collective.
+        seen = {key: (logs or {}).get(key) for key in ("loss", "grad_norm")}
+        if self.stopped_by != DIVERGED and any(v is not None and not math.isfinite(v) for v in seen.values()):
+            self.stopped_by = DIVERGED
+            self.divergence = {"step": state.global_step, **{k: v for k, v in seen.items() if v is not None}}
+            control.should_training_stop = True
+            control.should_save = False
+            control.should_evaluate = False
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saved_step = state.global_step
         return control
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from kantai_batch.checkpoints import CheckpointMarkerCallback
 from kantai_batch.continued import continued_model, init_model_dir
 from kantai_batch.data import load_samples
 from kantai_batch.distributed import node_count
-from kantai_batch.errors import JobConfigError, PreemptedError
+from kantai_batch.errors import JobConfigError, PreemptedError, TrainingDivergedError
 from kantai_batch.fingerprint import checkpoint_lineage, fingerprint_of
 from kantai_batch.hardware import peak_flops, resolve_precision, training_flops_per_token
 from kantai_batch.job import Job
@@ -118,6 +119,8 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
             with sigterm_checkpoints(stop.preemption):
                 result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
                 checkpoints.wait()
+        if stop.diverged or (result is not None and not math.isfinite(result.training_loss)):
+            raise diverged(stop, trainer.state, resume_from, run)
         if stop.preempted:
             raise PreemptedError(
                 f"pretrain stopped on SIGTERM at step {trainer.state.global_step}; the checkpoint is committed to "
@@ -163,6 +166,18 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
         run.model,
     )
     return run.model
+
+
+def diverged(stop: StopAgreement, state: TrainerState, resumed_from: Path | None, run: RunDir) -> TrainingDivergedError:
+    seen = stop.divergence or {"step": state.global_step, "loss": math.nan}
+    values = ", ".join(f"{key} {value}" for key, value in seen.items() if key != "step")
+    saved = stop.saved_step or (checkpoint_step(resumed_from) if resumed_from else None)
+    kept = f"the newest checkpoint is step {saved}" if saved else "no checkpoint was written"
+    return TrainingDivergedError(
+        f"pretrain diverged by step {seen['step']} ({values}); nothing after it was saved and {kept} in "
+        f"{run.uri(run.checkpoints)}; resuming would diverge again: lower train.learning_rate or lengthen "
+        "the warm-up (train.warmup_ratio), and the changed job trains from the start"
+    )
 
 
 @dataclass

@@ -16,6 +16,9 @@ patched on a live object and the model stays a standard ``RobertaForMaskedLM`` /
   runs inside the model's own forward, so DDP and DeepSpeed see an ordinary forward; evaluation
   keeps the per-position logits the accuracy metric reads.
 - A time budget's schedule (``budget.PlannedSchedule``) through ``create_scheduler``.
+- The Trainer's NaN filter off while training (its check reads the loss back every step, and it would
+  hide a diverged run, which ``stopping.StopAgreement`` stops instead) and on while evaluating
+  (``evaluation_loop``), where it leaves out held-out batches without a scored token.
 - Throughput (real tokens/s, MFU) on every training log line through ``log``, before the console
   and MLflow callbacks see it.
 - A resume's fast-forward in O(1): the Trainer skips the trained batches of the resumed epoch with
@@ -28,9 +31,12 @@ patched on a live object and the model stays a standard ``RobertaForMaskedLM`` /
   pass would not start at the resume point) rather than training going wrong.
 - Real tokens counted exactly in batches the collator sent without their all-ones attention mask
   (``objective.LabelledCollator``, for SDPA's flash kernel under ``torch.compile``): the Trainer's
-  ``_track_num_input_tokens`` gets the mask back. Without it the Trainer counts the tokens that are
-  not ``<pad>``, and a masked LM's random replacement can draw ``<pad>``; the exact counts of
-  ``tests/test_pretrain.py`` and ``tests/test_distributed.py`` catch a Trainer that stops calling it.
+  ``_track_num_input_tokens`` counts them from the batch's shape in one process (its own count reads
+  a sum back from the device every step, a wait for the step on a GPU) and gets the mask back to
+  gather across processes. Without it the Trainer counts the tokens that are not ``<pad>``, and a
+  masked LM's random replacement can draw ``<pad>``; the exact counts of ``tests/test_pretrain.py``
+  and ``tests/test_distributed.py`` catch a Trainer that stops calling it, and
+  ``tests/test_throughput.py`` one whose steps read values back between log lines.
 """
 
 from __future__ import annotations
@@ -81,8 +87,24 @@ class PretrainTrainer(Trainer):
         # The collator leaves an all-ones mask out (objective.LabelledCollator). Without one the Trainer
         # counts the tokens that are not <pad>, and a masked LM's random replacement can draw <pad>.
         if "attention_mask" not in inputs and "input_ids" in inputs:
+            if self.args.world_size == 1 and self.args.include_num_input_tokens_seen != "no":
+                # Every token of such a batch is real: counted from its shape on the host. The Trainer's
+                # count reads a sum back from the device, which waits there for the step to finish.
+                self.state.num_input_tokens_seen += inputs["input_ids"].numel()
+                return
             inputs = {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}
         super()._track_num_input_tokens(inputs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        # A held-out batch with no scored token (short lines whose fixed masks missed them all) has loss
+        # 0/0; the Trainer leaves NaN batches out of the eval mean only with the NaN filter that training
+        # keeps off (training_arguments), so it is on while evaluating, as before training turned it off.
+        training_filter = self.args.logging_nan_inf_filter
+        self.args.logging_nan_inf_filter = True
+        try:
+            return super().evaluation_loop(*args, **kwargs)
+        finally:
+            self.args.logging_nan_inf_filter = training_filter
 
     def _scored_positions_only(self, head, args):
         if self._scored is None:
@@ -163,6 +185,9 @@ def training_arguments(job: Job, output_dir: Path, *, track: bool, **overrides: 
         report_to=["mlflow"] if track else "none",
         run_name=job.name,
         include_num_input_tokens_seen="non_padding",
+        # The Trainer would replace a NaN or infinite step loss by the mean of the logged ones: it hides a
+        # diverged run from its own log, and its check reads the loss back from the device every step.
+        logging_nan_inf_filter=False,
         # Pinning only helps copies to an accelerator; on a CPU-only host torch warns about it.
         dataloader_pin_memory=accelerator,
         dataloader_num_workers=workers,

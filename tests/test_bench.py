@@ -92,6 +92,18 @@ def test_bench_against_run_mlm_with_a_variant(tmp_path: Path, corpus_file: Path)
 
 
 @pytest.mark.slow
+def test_a_diverging_configuration_stops_and_says_so(tmp_path: Path, corpus_file: Path):
+    result, record = _bench(
+        tmp_path / "results", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file), *tiny(),
+        "--steps", "6", "--variant", "too_fast:train.learning_rate=1e30",
+    )  # fmt: skip
+    job, too_fast = record["results"]
+    assert (job["stopped_by"], job["global_step"]) == ("max_steps", 6)
+    assert too_fast["stopped_by"] == "diverged" and too_fast["global_step"] < 6
+    assert f"too_fast: diverged (NaN or infinite loss) by step {too_fast['global_step']}" in result.stdout
+
+
+@pytest.mark.slow
 def test_with_seconds_run_mlm_fills_the_time_like_the_job(tmp_path: Path, corpus_file: Path):
     out = tmp_path / "results"
     invoke(

@@ -16,7 +16,13 @@ import pytest
 import yaml
 
 from helpers import ROOT, TINY, free_port, kantian_text
-from kantai_batch.errors import InputDataError, JobConfigError, NotPromotedError, PreemptedError
+from kantai_batch.errors import (
+    InputDataError,
+    JobConfigError,
+    NotPromotedError,
+    PreemptedError,
+    TrainingDivergedError,
+)
 from kantai_batch.job import TrainSection, load_job
 from kantai_batch.submission import PHASES, QUEUE_LABEL, RETRAIN, Submission, kustomize, render
 
@@ -110,7 +116,8 @@ def test_pods_are_locked_down_and_fail_fast_only_on_what_a_retry_cannot_fix(over
         fail = [r["onExitCodes"]["values"] for r in rules if r["action"] == "FailJob"]
         ignore = [r.get("onExitCodes", {}).get("values") or r["onPodConditions"][0]["type"] for r in rules
                   if r["action"] == "Ignore"]  # fmt: skip
-        assert fail == [[JobConfigError.exit_code, InputDataError.exit_code, NotPromotedError.exit_code]]
+        cannot_retry = [JobConfigError, InputDataError, NotPromotedError, TrainingDivergedError]
+        assert fail == [[error.exit_code for error in cannot_retry]]
         assert [PreemptedError.exit_code] in ignore and "DisruptionTarget" in ignore
         for container in pod["containers"]:
             security = container["securityContext"]

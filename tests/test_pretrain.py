@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -262,3 +264,41 @@ def test_checkpoints_of_another_training_are_not_resumed_but_a_longer_one_resume
     longer = tiny("train.max_steps=20", "train.save_steps=10", "train.learning_rate=3e-3")
     invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *longer)
     assert json.loads((run_dir / "model" / "train_summary.json").read_text())["resumed_from_step"] == 10
+
+
+def test_a_diverged_training_stops_before_its_next_checkpoint_and_fails_for_good(
+    tmp_path: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from kantai_batch import objective
+
+    steps = itertools.count(1)
+    masked_lm_loss = objective.masked_lm_loss
+
+    def diverging(outputs, labels, num_items_in_batch=None):  # from step 24 on, as a too-high learning rate would
+        loss = masked_lm_loss(outputs, labels, num_items_in_batch)
+        return loss * math.nan if next(steps) >= 24 else loss
+
+    monkeypatch.setattr(objective, "masked_lm_loss", diverging)
+    run_dir = prepared_run(tmp_path / "run", corpus_file)
+    # No log line falls between: the check before the checkpoint of step 30 finds it.
+    settings = tiny("train.max_steps=40", "train.save_steps=10", "train.logging_steps=1000")
+    result = invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *settings, expect=6)
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("kantai-batch: error: pretrain diverged by step 30 (loss nan, grad_norm nan)")
+    assert "the newest checkpoint is step 20" in error
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-20"]
+    assert not (run_dir / "model").exists(), "no diverged model is committed"
+
+
+def test_an_infinite_gradient_norm_stops_training_too():
+    from transformers import TrainerControl, TrainerState
+
+    from kantai_batch.preemption import Preemption
+    from kantai_batch.stopping import StopAgreement
+
+    stop, state = StopAgreement(Preemption(1.0)), TrainerState(global_step=7)
+    control = stop.on_log(None, state, TrainerControl(should_save=True), logs={"loss": 4.2, "grad_norm": 3.0})
+    assert not stop.diverged and control.should_save and not control.should_training_stop
+    control = stop.on_log(None, state, control, logs={"loss": 4.2, "grad_norm": math.inf})
+    assert stop.diverged and stop.divergence == {"step": 7, "loss": 4.2, "grad_norm": math.inf}
+    assert control.should_training_stop and not control.should_save

@@ -17,7 +17,13 @@ import pytest
 
 from helpers import free_port, invoke, kantian_text, tiny
 from kantai_batch.data import tokenizer_digest
-from kantai_batch.errors import InputDataError, JobConfigError, NotPromotedError, SourceUnavailableError
+from kantai_batch.errors import (
+    InputDataError,
+    JobConfigError,
+    NotPromotedError,
+    SourceUnavailableError,
+    TrainingDivergedError,
+)
 from kantai_batch.manifest import read_marker
 from kantai_batch.model import load_tokenizer
 
@@ -156,10 +162,10 @@ def test_a_failure_after_training_leaves_the_champion_where_it_was(registry: mlf
     _retrain(run_dir, _week(corpus, 1), name)
     assert _champion(registry, name) == "1"
 
-    # Training diverges to NaN: one line, exit 3, nothing registered.
-    nan = _retrain(run_dir, _week(corpus, 2), name, "train.learning_rate=1e30", expect=InputDataError.exit_code)
+    # Training diverges to NaN: pretrain stops it, one line, exit 6 (no retry), nothing registered.
+    nan = _retrain(run_dir, _week(corpus, 2), name, "train.learning_rate=1e30", expect=TrainingDivergedError.exit_code)
     message = nan.stderr.strip().splitlines()[-1]
-    assert message.startswith("kantai-batch: error: pretrain diverged: eval_loss is nan")
+    assert message.startswith("kantai-batch: error: pretrain diverged by step ")
     assert message.endswith(f"nothing registered, {name}@champion stays version 1")
     # The benchmark cannot be read (evaluation fails): one line, exit 4, nothing registered.
     missing = tmp_path / "no-such-benchmark.txt"

@@ -157,7 +157,9 @@ def test_sigterm_checkpoints_and_the_retry_resumes_there(
 
     client = mlflow.MlflowClient()
     steps = [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "loss")]
-    assert sorted(set(steps)) == list(range(10, 601, 10)), "one continuous loss history across the preemption"
+    # Every checkpoint gets a log line first (a diverged model is never saved): the one taken on SIGTERM too.
+    logged = list(range(10, 601, 10)) if stopped_at % 10 == 0 else sorted([*range(10, 601, 10), stopped_at])
+    assert sorted(set(steps)) == logged, "one continuous loss history across the preemption"
     tags = client.get_run(summary["mlflow_run_id"]).data.tags
     assert tags["kantai.corpus"] == corpus and len(tags["kantai.corpus_sha256"]) == 64
     assert tags["kantai.corpus_sha256"] == file_sha256(corpus_file)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import mlflow
@@ -172,3 +174,42 @@ def test_profile_steps_says_where_the_step_time_goes(tmp_path: Path, corpus_file
     invoke("pretrain", "--run-dir", str(short), "--no-tracking", *tiny("train.max_steps=5", "train.profile_steps=3"))
     assert json.loads((short / "model" / "train_summary.json").read_text())["profile"] is None
     assert not (short / "profile").exists()
+
+
+def _device_reads(run_dir: Path, steps: int, monkeypatch: pytest.MonkeyPatch) -> collections.Counter:
+    """Where pretraining reads a tensor's value back to Python (on a GPU each such read waits for the step)."""
+    reads: collections.Counter = collections.Counter()
+
+    def counting(name: str):
+        read = getattr(torch.Tensor, name)
+
+        def counted(tensor, *args, **kwargs):
+            caller = frame = sys._getframe(1)
+            while frame is not None and "torch/utils/data/" not in frame.f_code.co_filename:
+                frame = frame.f_back
+            if frame is None:  # not while a batch is made: on a GPU host that is a worker's CPU tensors
+                reads[f"{name} at {caller.f_code.co_filename}:{caller.f_lineno}"] += 1
+            return read(tensor, *args, **kwargs)
+
+        return counted
+
+    for name in ("item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    try:
+        overrides = (f"train.max_steps={steps}", "train.logging_steps=1000", "train.save_steps=1000")
+        invoke("pretrain", "--run-dir", str(run_dir), *tiny(*overrides))
+    finally:
+        monkeypatch.undo()
+    return reads
+
+
+@pytest.mark.slow
+def test_a_training_step_reads_nothing_back_between_log_lines(
+    tmp_path: Path, corpus_file: Path, isolated_env: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # Packed blocks in one process, the job's own data path. Steps between log lines may only queue work:
+    # the Trainer's NaN filter and its token count each read a value back every step.
+    short = _device_reads(prepared_run(tmp_path / "short", corpus_file), 3, monkeypatch)
+    long = _device_reads(prepared_run(tmp_path / "long", corpus_file), 9, monkeypatch)
+    per_step = {site: (long[site] - short[site]) / 6 for site in long if long[site] != short[site]}
+    assert per_step == {}, "tensor values read back every training step"
