@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,17 @@ def test_two_ranks_resumed_mid_epoch_train_on_exactly_the_uninterrupted_batches(
     done = torchrun("pretrain", "--run-dir", str(resumed), "--no-tracking", *job, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_resumed_like_uninterrupted(whole, resumed, resumed_from=25, last=60)
+
+
+def test_two_diverging_ranks_stop_at_the_same_step_without_saving(tmp_path: Path, corpus_file: Path):
+    run_dir = prepared_run(tmp_path / "run", corpus_file)
+    settings = tiny("train.per_device_batch_size=4", *STEPS, "train.learning_rate=1e30")
+    done = torchrun("pretrain", "--run-dir", str(run_dir), "--no-tracking", *settings, cwd=tmp_path)
+    # Each rank read the same gathered loss at the first log line and stopped there, none waiting in a
+    # collective for the other: both exit 6 (torchrun lists each), the main process prints the line.
+    assert done.returncode != 0 and len(re.findall(r"exitcode\s*: 6 ", done.stderr)) == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("kantai-batch: error: ")]
+    assert [line.split(";")[0] for line in errors] == [
+        "kantai-batch: error: pretrain diverged by step 10 (loss nan, grad_norm nan)"
+    ]
+    assert not (run_dir / "model").exists() and not list((run_dir / "checkpoints").glob("checkpoint-*"))
