@@ -97,8 +97,10 @@ class StopAgreement(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # The logged loss and gradient norm are the same on every rank (the loss is gathered, the norm
-        # is of the reduced gradients), so every rank stops at this step without a collective.
-        seen = {key: (logs or {}).get(key) for key in ("loss", "grad_norm")}
+        # is of the reduced gradients), so every rank stops at this step without a collective. Under fp16's
+        # loss scaling an infinite gradient norm is a step the scaler skips by design, not a divergence.
+        watched = ("loss",) if getattr(args, "fp16", False) else ("loss", "grad_norm")
+        seen = {key: (logs or {}).get(key) for key in watched}
         if self.stopped_by != DIVERGED and any(v is not None and not math.isfinite(v) for v in seen.values()):
             self.stopped_by = DIVERGED
             self.divergence = {"step": state.global_step, **{k: v for k, v in seen.items() if v is not None}}
