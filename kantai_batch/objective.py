@@ -11,11 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
+
 from kantai_batch.job import Job
-from kantai_batch.masking import collate
+from kantai_batch.masking import IGNORE, collate
 
 # Pad to a multiple of 8 so padded batches keep tensor-core friendly shapes on GPUs.
 PAD_MULTIPLE = 8
+
+# The key under which a training batch carries the flattened positions its labels score (sparse prediction).
+MASKED_POSITIONS = "masked_positions"
 
 MODEL_CLASSES = {"mlm": "RobertaForMaskedLM", "clm": "RobertaForCausalLM"}
 ACCURACY = {"mlm": "masked_accuracy", "clm": "next_token_accuracy"}
@@ -37,8 +43,8 @@ def task_of(config) -> str | None:
     return None
 
 
-def collator(task: str, tokenizer, job: Job):
-    return LabelledCollator(tokenizer, task, job.train.mlm_probability)
+def collator(task: str, tokenizer, job: Job, *, masked_positions: bool = False):
+    return LabelledCollator(tokenizer, task, job.train.mlm_probability, masked_positions)
 
 
 def predicted_ids(logits, labels):
@@ -71,11 +77,17 @@ class LabelledCollator:
     """Stacks samples that come with their labels (masked training samples from
     ``masking.MaskedSamples``, evaluation samples labelled once when built); the others get labels
     from the stock collator: masked at random for ``mlm`` (the run_mlm baseline), the inputs
-    themselves for ``clm`` (padding left out)."""
+    themselves for ``clm`` (padding left out).
+
+    With ``masked_positions`` a masked LM's batch also carries the flattened positions of its masked
+    tokens (``MASKED_POSITIONS``), found here on the host, for ``trainer.PretrainTrainer``'s sparse head:
+    found on the device, the host would wait there for the step so far, and ``torch.compile`` would
+    break its graph at that data-dependent shape."""
 
     tokenizer: Any
     task: str = "mlm"
     mlm_probability: float = 0.15
+    masked_positions: bool = False
 
     def __post_init__(self) -> None:
         from transformers import DataCollatorForLanguageModeling
@@ -98,6 +110,8 @@ class LabelledCollator:
         # PretrainTrainer counts those tokens as the mask would have.
         if "attention_mask" in batch and bool(batch["attention_mask"].all()):
             del batch["attention_mask"]
+        if self.masked_positions and self.task == "mlm":
+            batch[MASKED_POSITIONS] = torch.from_numpy(np.flatnonzero(batch["labels"].numpy() != IGNORE))
         return batch
 
 
@@ -109,16 +123,17 @@ def loss_function(task: str):
 def masked_lm_loss(outputs, labels, num_items_in_batch=None):
     """Cross-entropy over the masked tokens, summed, divided by the masked tokens of the global batch.
 
-    The logits are the head's output for the masked positions only (sparse prediction, training) or
-    for every position (evaluation), where the unmasked ones are dropped here.
+    The logits are the head's output either for the masked positions only (sparse prediction, training),
+    with ``labels`` those positions' labels, or for every position (evaluation), where the unmasked ones
+    are dropped here.
     """
     import torch.nn.functional as F
 
     logits = outputs["logits"]
     labels = labels.reshape(-1).to(logits.device)
-    scored = labels != -100
     if logits.dim() == 3:
-        logits = logits.reshape(-1, logits.size(-1))[scored]
+        scored = labels != IGNORE
+        logits, labels = logits.reshape(-1, logits.size(-1))[scored], labels[scored]
     # In fp32 even under autocast, as RoBERTa's own CrossEntropyLoss computes it.
-    loss = F.cross_entropy(logits.float(), labels[scored], reduction="sum")
-    return loss / (num_items_in_batch if num_items_in_batch is not None else scored.sum().clamp(min=1))
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=IGNORE)
+    return loss / (num_items_in_batch if num_items_in_batch is not None else (labels != IGNORE).sum().clamp(min=1))

@@ -14,7 +14,10 @@ patched on a live object and the model stays a standard ``RobertaForMaskedLM`` /
   matmul, and with 15% masking 85% of its output is thrown away by the loss; gathering first gives
   the same loss for a fraction of the work, as ModernBERT's ``sparse_prediction`` does. The hook
   runs inside the model's own forward, so DDP and DeepSpeed see an ordinary forward; evaluation
-  keeps the per-position logits the accuracy metric reads.
+  keeps the per-position logits the accuracy metric reads. The positions come with the batch
+  (``objective.MASKED_POSITIONS``, found by the collator on the host), so the gather is an
+  ``index_select`` of a size the host knows: a boolean mask would make the host wait for the
+  encoder's forward to learn how many rows it selects, and break ``torch.compile``'s graph there.
 - A time budget's schedule (``budget.PlannedSchedule``) through ``create_scheduler``.
 - The Trainer's NaN filter off while training (its check reads the loss back every step, and it would
   hide a diverged run, which ``stopping.StopAgreement`` stops instead) and on while evaluating
@@ -55,8 +58,8 @@ from transformers import Trainer, TrainingArguments
 from kantai_batch.distributed import deepspeed_config
 from kantai_batch.hardware import has_accelerator, resolve_precision
 from kantai_batch.job import Job
-from kantai_batch.masking import MaskedSamples
-from kantai_batch.objective import loss_function
+from kantai_batch.masking import IGNORE, MaskedSamples
+from kantai_batch.objective import MASKED_POSITIONS, loss_function
 from kantai_batch.order import EpochOrder, EpochRows, fast_forward
 
 # With a time budget and no other bound, the Trainer is told "this many epochs" and the budget ends it.
@@ -76,8 +79,15 @@ class PretrainTrainer(Trainer):
             self.accelerator.unwrap_model(self.model).lm_head.register_forward_pre_hook(self._scored_positions_only)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        positions = inputs.pop(MASKED_POSITIONS, None)
         if self.sparse and model.training and "labels" in inputs:
-            self._scored = inputs["labels"].reshape(-1) != -100
+            labels = inputs["labels"].reshape(-1)
+            if positions is None:  # a batch from another collator: found on the device, at a wait
+                positions = (labels != IGNORE).nonzero().squeeze(1)
+            # Their count changes with every batch: compiled for any count from the first batch on.
+            torch._dynamo.maybe_mark_dynamic(positions, 0)
+            self._scored = positions
+            inputs = {**inputs, "labels": labels.index_select(0, positions)}
         try:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
@@ -110,7 +120,7 @@ class PretrainTrainer(Trainer):
         if self._scored is None:
             return None
         hidden, *rest = args
-        return (hidden.reshape(-1, hidden.size(-1))[self._scored.to(hidden.device)], *rest)
+        return (hidden.reshape(-1, hidden.size(-1)).index_select(0, self._scored), *rest)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -190,6 +200,9 @@ def training_arguments(job: Job, output_dir: Path, *, track: bool, **overrides: 
         logging_nan_inf_filter=False,
         # Pinning only helps copies to an accelerator; on a CPU-only host torch warns about it.
         dataloader_pin_memory=accelerator,
+        # A blocking copy of the next batch to the GPU waits there for every step queued before it; from
+        # pinned memory the copy can queue behind them instead.
+        accelerator_config={"non_blocking": accelerator},
         dataloader_num_workers=workers,
         dataloader_persistent_workers=workers > 0,
         bf16=precision == "bf16",

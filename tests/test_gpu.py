@@ -1,4 +1,5 @@
-"""GPU smoke test: bf16 under DeepSpeed ZeRO-2, two processes where there are two GPUs, else one.
+"""GPU tests: bf16 under DeepSpeed ZeRO-2 (two processes where there are two GPUs, else one), and
+training steps that never make the host wait for the GPU.
 
 Skipped on machines without CUDA (conftest); run wherever a GPU is available, e.g. `make test
 PYTEST_ARGS="-m gpu -s"`, and record what it prints in the issue.
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, prepared_run, tiny, torchrun
+from helpers import ROOT, invoke, prepared_run, tiny, torchrun
 
 pytestmark = pytest.mark.gpu
 
@@ -35,3 +36,41 @@ def test_bf16_zero2_pretrains_on_the_gpus(tmp_path: Path, corpus_file: Path):
     assert (summary["precision"], summary["parallelism"]) == ("bf16", "DeepSpeed ZeRO-2")
     assert summary["world_size"] == processes
     assert summary["eval_loss"] < summary["train_loss"] + 1.0 and summary["eval_loss"] < 6.5
+
+
+def test_training_steps_never_make_the_host_wait_for_the_gpu(
+    tmp_path: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # The host queues a step's kernels while the GPU runs the one before; any op that waits for the GPU
+    # (a value read back, a data-dependent shape, a blocking copy of the next batch) idles it meanwhile.
+    # torch's sync debug mode raises at such an op. On from the third step to the one before the last:
+    # the first steps set up, and the last one logs and saves.
+    import torch
+    from transformers import TrainerCallback
+
+    from kantai_batch.trainer import PretrainTrainer
+
+    steps = 12
+
+    class WaitsRaise(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                torch.cuda.set_sync_debug_mode("error")
+            elif state.global_step == steps - 1:
+                torch.cuda.set_sync_debug_mode("default")
+
+    original = PretrainTrainer.__init__
+
+    def with_callback(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.add_callback(WaitsRaise())
+
+    monkeypatch.setattr(PretrainTrainer, "__init__", with_callback)
+    run_dir = prepared_run(tmp_path / "run", corpus_file)
+    overrides = (f"train.max_steps={steps}", "train.logging_steps=1000", "train.save_steps=1000")
+    try:
+        invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *tiny("train.precision=bf16", *overrides))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    summary = json.loads((run_dir / "model" / "train_summary.json").read_text())
+    assert summary["sparse_prediction"] is True and summary["global_step"] == steps

@@ -9,10 +9,12 @@ import math
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, RobertaConfig, RobertaForMaskedLM
 
 from helpers import invoke, prepared_run, tiny
@@ -20,6 +22,7 @@ from kantai_batch.errors import JobConfigError
 from kantai_batch.hardware import cpu_supports_bf16, resolve_precision, training_flops_per_token
 from kantai_batch.job import load_job
 from kantai_batch.model import load_tokenizer, resolved_vocab_size
+from kantai_batch.objective import MASKED_POSITIONS, LabelledCollator
 from kantai_batch.trainer import PretrainTrainer, training_arguments
 
 
@@ -54,20 +57,82 @@ def _pretrain_trainer(model: RobertaForMaskedLM, tmp_path: Path, *, sparse: bool
     return PretrainTrainer(task="mlm", sparse=sparse, model=model, args=args)
 
 
-def test_sparse_prediction_gives_the_dense_loss_and_gradients(tmp_path: Path):
+@pytest.mark.parametrize("positions", ["from the collator", "found on the device"])
+def test_sparse_prediction_gives_the_dense_loss_and_gradients(tmp_path: Path, positions: str):
     dense, sparse = _tiny_mlm(), _tiny_mlm()
     trainer = _pretrain_trainer(sparse, tmp_path, sparse=True)
     dense.train()
     sparse.train()
     batch = _masked_batch()
     dense_out = dense(**batch)  # RoBERTa's own loss: the mean over the masked tokens
-    sparse_loss, sparse_out = trainer.compute_loss(sparse, dict(batch), return_outputs=True)
+    inputs = dict(batch)
+    if positions == "from the collator":
+        inputs[MASKED_POSITIONS] = _collated_positions(batch["labels"])
+    sparse_loss, sparse_out = trainer.compute_loss(sparse, inputs, return_outputs=True)
     assert sparse_out.logits.shape[0] == int((batch["labels"] != -100).sum()), "the head ran on masked positions only"
     assert sparse_loss.item() == pytest.approx(dense_out.loss.item(), rel=1e-5)
     dense_out.loss.backward()
     sparse_loss.backward()
     for (name, p_dense), p_sparse in zip(dense.named_parameters(), sparse.parameters(), strict=True):
         assert torch.allclose(p_dense.grad, p_sparse.grad, atol=1e-6), name
+
+
+def _collated_positions(labels: torch.Tensor) -> torch.Tensor:
+    tokenizer = SimpleNamespace(pad_token_id=1, mask_token="<mask>")
+    features = [{"input_ids": ids, "labels": row} for ids, row in zip(labels.clamp(min=0), labels, strict=True)]
+    batch = LabelledCollator(tokenizer, "mlm", 0.15, masked_positions=True)(features)
+    assert "attention_mask" not in batch, "an all-ones mask is left out"
+    return batch[MASKED_POSITIONS]
+
+
+def test_the_collator_finds_the_masked_positions_on_the_host_when_asked():
+    labels = _masked_batch()["labels"]
+    positions = _collated_positions(labels)
+    assert positions.dtype == torch.int64 and positions.device.type == "cpu"
+    assert torch.equal(positions, (labels.reshape(-1) != -100).nonzero().squeeze(1))
+    tokenizer = SimpleNamespace(pad_token_id=1, mask_token="<mask>")
+    features = [{"input_ids": row.clamp(min=0), "labels": row} for row in labels]
+    assert MASKED_POSITIONS not in LabelledCollator(tokenizer, "mlm", 0.15)(features)
+    assert MASKED_POSITIONS not in LabelledCollator(tokenizer, "clm", 0.15, masked_positions=True)(features)
+
+
+def test_the_sparse_head_compiles_into_one_graph_for_every_masked_count(tmp_path: Path):
+    # A boolean gather inside the head is a data-dependent shape: torch.compile breaks its graph there
+    # and the host waits for the encoder. With the collator's positions the model is one graph, compiled
+    # once for any number of masked tokens. (The eager backend traces as inductor does, without codegen.)
+    from torch._dynamo.utils import counters
+
+    model = _tiny_mlm()
+    reference = copy.deepcopy(model).train()
+    trainer = _pretrain_trainer(model, tmp_path, sparse=True)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    compiled.train()
+    generator = torch.Generator().manual_seed(3)
+    counts = set()
+    try:
+        for _ in range(4):
+            ids = torch.randint(5, 300, (4, 32), generator=generator)
+            labels = torch.where(torch.rand(ids.shape, generator=generator) < 0.15, ids, -100)
+            batch = {"input_ids": torch.where(labels == -100, ids, 4), "labels": labels}
+            counts.add(int((labels != -100).sum()))
+            inputs = {**batch, MASKED_POSITIONS: _collated_positions(labels)}
+            loss = trainer.compute_loss(compiled, inputs)
+            assert loss.item() == pytest.approx(reference(**batch).loss.item(), rel=1e-5)
+        assert len(counts) > 1, "the batches differ in their masked count"
+        assert dict(counters["graph_break"]) == {}
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+
+
+def test_on_a_gpu_host_batches_are_pinned_and_copied_without_waiting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    job = load_job(None, ["train.precision=fp32"])
+    assert training_arguments(job, tmp_path, track=False).accelerator_config.non_blocking is False
+    monkeypatch.setattr("kantai_batch.trainer.has_accelerator", lambda: True)
+    args = training_arguments(job, tmp_path, track=False)
+    assert args.dataloader_pin_memory and args.accelerator_config.non_blocking
 
 
 def test_sparse_prediction_leaves_evaluation_and_saving_standard(tmp_path: Path):
@@ -193,14 +258,38 @@ def _device_reads(run_dir: Path, steps: int, monkeypatch: pytest.MonkeyPatch) ->
 
         return counted
 
+    class DataDependentShapes(TorchDispatchMode):
+        # Ops whose output size depends on tensor values: the host learns it only by waiting for them.
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            boolean_index = func is torch.ops.aten.index.Tensor and any(
+                index is not None and index.dtype == torch.bool for index in args[1]
+            )
+            if boolean_index or func in _DATA_DEPENDENT_SHAPES:
+                frame = sys._getframe(1)
+                while frame is not None and "torch/utils/data/" not in frame.f_code.co_filename:
+                    frame = frame.f_back
+                if frame is None:
+                    reads[f"{'boolean index' if boolean_index else func}"] += 1
+            return func(*args, **kwargs)
+
     for name in ("item", "tolist", "__bool__"):
         monkeypatch.setattr(torch.Tensor, name, counting(name))
     try:
         overrides = (f"train.max_steps={steps}", "train.logging_steps=1000", "train.save_steps=1000")
-        invoke("pretrain", "--run-dir", str(run_dir), *tiny(*overrides))
+        with DataDependentShapes():
+            invoke("pretrain", "--run-dir", str(run_dir), *tiny(*overrides))
     finally:
         monkeypatch.undo()
     return reads
+
+
+_DATA_DEPENDENT_SHAPES = {
+    torch.ops.aten.nonzero.default,
+    torch.ops.aten.masked_select.default,
+    torch.ops.aten._unique2.default,
+    torch.ops.aten.unique_consecutive.default,
+}
 
 
 @pytest.mark.slow
@@ -208,7 +297,8 @@ def test_a_training_step_reads_nothing_back_between_log_lines(
     tmp_path: Path, corpus_file: Path, isolated_env: Path, monkeypatch: pytest.MonkeyPatch
 ):
     # Packed blocks in one process, the job's own data path. Steps between log lines may only queue work:
-    # the Trainer's NaN filter and its token count each read a value back every step.
+    # the Trainer's NaN filter and its token count each read a value back every step, and a boolean
+    # gather of the masked positions (sparse head and loss) must learn its size from the device.
     short = _device_reads(prepared_run(tmp_path / "short", corpus_file), 3, monkeypatch)
     long = _device_reads(prepared_run(tmp_path / "long", corpus_file), 9, monkeypatch)
     per_step = {site: (long[site] - short[site]) / 6 for site in long if long[site] != short[site]}
