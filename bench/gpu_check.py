@@ -1,6 +1,6 @@
 """`make gpu-check`: the GPU figures in one command, sized for about 8 minutes on one H100.
 
-1. The gpu-marked tests (bf16 under DeepSpeed ZeRO-2).
+1. The gpu-marked tests (bf16 under DeepSpeed ZeRO-2; training steps that never wait for the GPU).
 2. The KantaiBERT model (6 x 768 x 12, the Kant tokenizer's 8,384-row vocabulary) trained in bf16 with
    `kantai-batch bench`: blocks of 128 and of 512, each eager and with torch.compile, at batches of
    about 64k tokens (128k where the card has over 100 GiB), and once under DeepSpeed ZeRO-2.
