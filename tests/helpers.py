@@ -150,11 +150,12 @@ def tiny(*extra: str) -> list[str]:
     return args
 
 
-def prepared_run(run_dir: Path, corpus: Path, *extra: str) -> Path:
+def prepared_run(run_dir: Path, corpus: Path, *extra: str, job: str | None = None) -> Path:
     """A run dir with a prepared corpus, a trained tiny tokenizer and the tokens pretrain reads."""
-    invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus))
-    invoke("train-tokenizer", "--run-dir", str(run_dir), *tiny(*extra))
-    invoke("tokenize", "--run-dir", str(run_dir), *tiny(*extra))
+    chosen = ("--job", job) if job else ()
+    invoke("prepare", "--run-dir", str(run_dir), *chosen, "--corpus", str(corpus))
+    invoke("train-tokenizer", "--run-dir", str(run_dir), *chosen, *tiny(*extra))
+    invoke("tokenize", "--run-dir", str(run_dir), *chosen, *tiny(*extra))
     return run_dir
 
 

@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, RobertaConfig, RobertaForMaskedLM
 
-from helpers import invoke, prepared_run, tiny
+from helpers import SUPPORT_JOB, invoke, prepared_run, support_conversations, tiny, twcs_csv
 from kantai_batch.errors import JobConfigError
 from kantai_batch.hardware import cpu_supports_bf16, resolve_precision, training_flops_per_token
 from kantai_batch.job import load_job
@@ -241,7 +241,7 @@ def test_profile_steps_says_where_the_step_time_goes(tmp_path: Path, corpus_file
     assert not (short / "profile").exists()
 
 
-def _device_reads(run_dir: Path, steps: int, monkeypatch: pytest.MonkeyPatch) -> collections.Counter:
+def _device_reads(run_dir: Path, steps: int, monkeypatch: pytest.MonkeyPatch, job: str | None) -> collections.Counter:
     """Where pretraining reads a tensor's value back to Python (on a GPU each such read waits for the step)."""
     reads: collections.Counter = collections.Counter()
 
@@ -278,7 +278,7 @@ def _device_reads(run_dir: Path, steps: int, monkeypatch: pytest.MonkeyPatch) ->
     try:
         overrides = (f"train.max_steps={steps}", "train.logging_steps=1000", "train.save_steps=1000")
         with DataDependentShapes():
-            invoke("pretrain", "--run-dir", str(run_dir), *tiny(*overrides))
+            invoke("pretrain", "--run-dir", str(run_dir), *(("--job", job) if job else ()), *tiny(*overrides))
     finally:
         monkeypatch.undo()
     return reads
@@ -293,13 +293,19 @@ _DATA_DEPENDENT_SHAPES = {
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("job", ["kantaibert", "customer-support"])
 def test_a_training_step_reads_nothing_back_between_log_lines(
-    tmp_path: Path, corpus_file: Path, isolated_env: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, corpus_file: Path, isolated_env: Path, monkeypatch: pytest.MonkeyPatch, job: str
 ):
-    # Packed blocks in one process, the job's own data path. Steps between log lines may only queue work:
-    # the Trainer's NaN filter and its token count each read a value back every step, and a boolean
-    # gather of the masked positions (sparse head and loss) must learn its size from the device.
-    short = _device_reads(prepared_run(tmp_path / "short", corpus_file), 3, monkeypatch)
-    long = _device_reads(prepared_run(tmp_path / "long", corpus_file), 9, monkeypatch)
+    # Packed blocks in one process, each job's own data path (a masked and a causal LM). Steps between
+    # log lines may only queue work: the Trainer's NaN filter and its token count each read a value back
+    # every step, and a boolean gather of the masked positions (sparse head and loss) must learn its
+    # size from the device.
+    job_file = SUPPORT_JOB if job == "customer-support" else None
+    if job_file:
+        corpus_file = twcs_csv(tmp_path / "twcs.csv", support_conversations(300))
+    runs = {steps: prepared_run(tmp_path / f"steps-{steps}", corpus_file, job=job_file) for steps in (3, 9)}
+    short = _device_reads(runs[3], 3, monkeypatch, job_file)
+    long = _device_reads(runs[9], 9, monkeypatch, job_file)
     per_step = {site: (long[site] - short[site]) / 6 for site in long if long[site] != short[site]}
     assert per_step == {}, "tensor values read back every training step"
