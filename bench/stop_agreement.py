@@ -1,4 +1,5 @@
-"""Cost of the per-step stop agreement: one all_reduce (MAX) of 4 float64 values, as StopAgreement does.
+"""Cost of the per-step stop agreement: one all_reduce (MAX) of 4 float64 values on the host (gloo), as
+StopAgreement does.
 
 Run with two or more processes and compare with a training step of the job (``mean_step_time_s`` in
 ``train_summary.json``, or ``kantai-batch bench``):
@@ -26,19 +27,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     options = parser.parse_args()
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device("cuda", dist.get_rank() % torch.cuda.device_count()) if torch.cuda.is_available() else "cpu"
     values = [0.0, 0.0, 1.0, 0.25]
     for _ in range(50):
-        agree_max(values, device)
+        agree_max(values)
     dist.barrier()
     started = time.perf_counter()
     for _ in range(options.calls):
-        agree_max(values, device)
+        agree_max(values)
     per_call = (time.perf_counter() - started) / options.calls
     if dist.get_rank() == 0:
         record = {
             "what": "stop agreement: all_reduce MAX of 4 float64 per optimizer step",
-            "backend": dist.get_backend(),
+            "backend": "gloo (the agreement's own group)",
+            "training_backend": dist.get_backend(),
             "world_size": dist.get_world_size(),
             "seconds_per_call": per_call,
             "machine": platform.processor() or platform.machine(),

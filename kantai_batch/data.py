@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 _PARALLEL_FROM_EXAMPLES = 100_000
 _MAX_TOKENIZE_WORKERS = 8
+# The modes whose every sample is exactly block_size tokens: their tail shorter than a block is dropped.
+FULL_BLOCK_MODES = ("packed", "grouped")
 # Paragraphs packed together (datasets' default map batch); each run of them drops its last partial block.
 _PACK_ROWS = 1000
 # How eval masks are drawn: per sample from (seed, index) since version 2 (one shared stream before).

@@ -7,6 +7,9 @@ every optimizer step the ranks share what they see in one tiny ``all_reduce`` (M
 SIGTERM, budget spent, half of it spent, step time) and act on the same result: all save at the same
 step, all stop, all plan the budget's schedule alike. Its cost is measured in every run
 (``stop_agreement_s`` in the summary) and stays far below a step; with one process it is skipped.
+The values never leave the host: they are reduced in a gloo group of their own. Through NCCL they
+would be copied to the GPU and back, and each copy waits for every kernel queued before it, so the
+host could no longer queue the next step while the GPU runs this one.
 
 A diverged training (a NaN or infinite loss or gradient norm) needs no collective: the logged values
 are the same on every rank. They are read back from the device only at a log line, so every
@@ -18,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -75,7 +79,7 @@ class StopAgreement(TrainerCallback):
         out_of_time, past_half, step_s = self.budget.observe(step) if self.budget else (False, False, 0.0)
         started = time.perf_counter()
         shared = agree_max([float(self.preemption.received.is_set()), float(out_of_time), float(past_half), step_s],
-                           args.device)  # fmt: skip
+                           timeout_s=args.ddp_timeout)  # fmt: skip
         self.agreement_s += time.perf_counter() - started
         preempted, out_of_time, past_half, step_s = bool(shared[0]), bool(shared[1]), bool(shared[2]), shared[3]
         if preempted:
@@ -114,14 +118,31 @@ class StopAgreement(TrainerCallback):
         return control
 
 
-def agree_max(values: list[float], device) -> list[float]:
+def agree_max(values: list[float], *, timeout_s: float | None = None) -> list[float]:
     """Each value's maximum over every process of the training (the values themselves in one process)."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
-    # On the training device: NCCL reduces only device tensors; gloo takes the CPU ones.
-    shared = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+    shared = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=host_group(timeout_s))
     return shared.tolist()
+
+
+_host: list[Any] = []  # (the training's group, its host group): held, so neither id is reused
+
+
+def host_group(timeout_s: float | None = None):
+    """A gloo group of every process, for values that live on the host, made once per training's group.
+
+    Every process must call it first at the same point (a collective): here, the first agreement.
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if not _host or _host[0] is not dist.group.WORLD:
+        timeout = timedelta(seconds=timeout_s) if timeout_s else None
+        _host[:] = [dist.group.WORLD, dist.new_group(backend="gloo", timeout=timeout)]
+    return _host[1]

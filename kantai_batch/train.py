@@ -24,7 +24,7 @@ from kantai_batch import tracking
 from kantai_batch.budget import PlannedSchedule, TimeBudget
 from kantai_batch.checkpoints import CheckpointMarkerCallback
 from kantai_batch.continued import continued_model, init_model_dir
-from kantai_batch.data import load_samples
+from kantai_batch.data import FULL_BLOCK_MODES, load_samples
 from kantai_batch.distributed import node_count
 from kantai_batch.errors import JobConfigError, PreemptedError, TrainingDivergedError
 from kantai_batch.fingerprint import checkpoint_lineage, fingerprint_of
@@ -258,6 +258,7 @@ def build_trainer(
     trainer = PretrainTrainer(
         task=job.task,
         sparse=sparse,
+        full_blocks=job.data.mode in FULL_BLOCK_MODES,
         schedule=budget.schedule if budget else None,
         throughput=throughput,
         model=model,

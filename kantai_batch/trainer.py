@@ -34,12 +34,13 @@ patched on a live object and the model stays a standard ``RobertaForMaskedLM`` /
   pass would not start at the resume point) rather than training going wrong.
 - Real tokens counted exactly in batches the collator sent without their all-ones attention mask
   (``objective.LabelledCollator``, for SDPA's flash kernel under ``torch.compile``): the Trainer's
-  ``_track_num_input_tokens`` counts them from the batch's shape in one process (its own count reads
-  a sum back from the device every step, a wait for the step on a GPU) and gets the mask back to
-  gather across processes. Without it the Trainer counts the tokens that are not ``<pad>``, and a
-  masked LM's random replacement can draw ``<pad>``; the exact counts of ``tests/test_pretrain.py``
-  and ``tests/test_distributed.py`` catch a Trainer that stops calling it, and
-  ``tests/test_throughput.py`` one whose steps read values back between log lines.
+  ``_track_num_input_tokens`` counts them from the batch's shape in one process, or in every one when
+  all samples are full blocks (its own count gathers a sum and reads it back from the device every
+  step, a wait for the step on a GPU), and otherwise gets the mask back to gather across processes.
+  Without it the Trainer counts the tokens that are not ``<pad>``, and a masked LM's random
+  replacement can draw ``<pad>``; the exact counts of ``tests/test_pretrain.py`` and
+  ``tests/test_distributed.py`` catch a Trainer that stops calling it, and ``tests/test_throughput.py``
+  one whose steps read values back between log lines.
 """
 
 from __future__ import annotations
@@ -67,9 +68,21 @@ UNBOUNDED_EPOCHS = 1_000_000
 
 
 class PretrainTrainer(Trainer):
-    def __init__(self, *args, task: str, sparse: bool = False, schedule=None, throughput=None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        task: str,
+        sparse: bool = False,
+        full_blocks: bool = False,
+        schedule=None,
+        throughput=None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, compute_loss_func=loss_function(task), **kwargs)
         self.sparse = sparse
+        # Every training sample is a full block (packed data), so every process's every batch holds the
+        # same number of real tokens: EpochOrder gives each process full batches.
+        self.full_blocks = full_blocks
         self.schedule = schedule
         self.throughput = throughput
         if throughput is not None:
@@ -97,10 +110,12 @@ class PretrainTrainer(Trainer):
         # The collator leaves an all-ones mask out (objective.LabelledCollator). Without one the Trainer
         # counts the tokens that are not <pad>, and a masked LM's random replacement can draw <pad>.
         if "attention_mask" not in inputs and "input_ids" in inputs:
-            if self.args.world_size == 1 and self.args.include_num_input_tokens_seen != "no":
-                # Every token of such a batch is real: counted from its shape on the host. The Trainer's
-                # count reads a sum back from the device, which waits there for the step to finish.
-                self.state.num_input_tokens_seen += inputs["input_ids"].numel()
+            processes = self.args.world_size
+            if (processes == 1 or self.full_blocks) and self.args.include_num_input_tokens_seen != "no":
+                # Every token of such a batch is real: counted from its shape on the host, each process's
+                # the same when all are full blocks. The Trainer's count gathers a sum and reads it back
+                # from the device, which waits there for the step to finish.
+                self.state.num_input_tokens_seen += inputs["input_ids"].numel() * processes
                 return
             inputs = {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}
         super()._track_num_input_tokens(inputs)
