@@ -80,8 +80,8 @@ class PretrainTrainer(Trainer):
     ) -> None:
         super().__init__(*args, compute_loss_func=loss_function(task), **kwargs)
         self.sparse = sparse
-        # Every training sample is a full block (packed data), so every process's every batch holds the
-        # same number of real tokens: EpochOrder gives each process full batches.
+        # Every training sample is a full block (data.FULL_BLOCK_MODES), so every process's every batch
+        # holds the same number of real tokens: EpochOrder gives each process full batches.
         self.full_blocks = full_blocks
         self.schedule = schedule
         self.throughput = throughput
