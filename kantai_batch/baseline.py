@@ -47,6 +47,7 @@ RECIPE: dict[str, dict[str, Any]] = {
         "sparse_prediction": False,
         "precision": "fp32",
         "torch_compile": False,
+        "attention": "sdpa",  # transformers' default
         "per_device_batch_size": 64,
         "position_init": "random",  # RoBERTa's init, whatever the job starts from
         "attention_init": "random",
@@ -60,6 +61,7 @@ RUN_MLM: dict[str, dict[str, Any]] = {
         "sparse_prediction": False,
         "precision": "auto",
         "torch_compile": False,
+        "attention": "sdpa",  # transformers' default
         "max_steps": None,
         "epochs": 3.0,
         "per_device_batch_size": 8,

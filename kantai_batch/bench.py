@@ -183,6 +183,7 @@ def format_table(record: dict[str, Any]) -> str:
         ("data", lambda r: r["data_mode"]),
         ("head", lambda r: "masked" if r["sparse_prediction"] else "dense"),
         ("precision", lambda r: r["precision"]),
+        ("attention", lambda r: r.get("attention", "-")),  # records before train.attention lack it
         ("dropout", lambda r: f"{r['dropout']:g}"),
         ("batch", lambda r: str(r["batch_size"])),
         ("lr", lambda r: f"{r['learning_rate']:g} {r['lr_scheduler']}"),

@@ -52,6 +52,19 @@ def resolve_precision(setting: str) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
+def resolve_attention(setting: str, precision: str) -> str:
+    """``auto`` becomes eager on a CPU training in bf16, sdpa elsewhere (``train.attention``).
+
+    torch's fused CPU attention is slower in bf16 than the plain bf16 matmuls of eager attention
+    (its backward above all); in fp32 it is the faster, and on a GPU the fused kernels are far ahead.
+    """
+    import torch
+
+    if setting != "auto":
+        return setting
+    return "eager" if precision == "bf16" and not torch.cuda.is_available() else "sdpa"
+
+
 def peak_flops(precision: str) -> tuple[float, str]:
     """The device's peak FLOP/s for ``precision`` and where the number comes from."""
     import torch

@@ -298,6 +298,12 @@ class TrainSection(_Section):
     torch.profiler: the ops that took the most device time (CPU time on a CPU) and the share in
     matmuls go into the train summary (and bench's record), a trace per process into the run dir's
     `profile/` (Perfetto opens it). Profiling slows the steps it records; leave it unset to train."""
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
+    """The attention kernel training runs (not saved with the model): `sdpa` is torch's fused
+    scaled-dot-product attention (flash on a GPU), `eager` plain matmuls and a softmax, the same
+    arithmetic. `auto` is eager on a CPU training in bf16, where torch's fused CPU kernel is the slower
+    (1.13x training tokens/s with eager for the Kant job, 1.11x for the
+    customer-support job, measured beside it), and sdpa everywhere else."""
     torch_compile: bool = False
     """Compile the model with torch.compile: on a GPU faster steps after a compile of a minute or
     less (1.17x on an H200); on a CPU no faster (0.99x on a bf16 CPU), so only the compile's cost."""

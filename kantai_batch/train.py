@@ -28,7 +28,7 @@ from kantai_batch.data import FULL_BLOCK_MODES, load_samples
 from kantai_batch.distributed import node_count
 from kantai_batch.errors import JobConfigError, PreemptedError, TrainingDivergedError
 from kantai_batch.fingerprint import checkpoint_lineage, fingerprint_of
-from kantai_batch.hardware import peak_flops, resolve_precision, training_flops_per_token
+from kantai_batch.hardware import peak_flops, resolve_attention, resolve_precision, training_flops_per_token
 from kantai_batch.job import Job
 from kantai_batch.manifest import read_marker, write_json_atomic
 from kantai_batch.masking import MaskedSamples
@@ -201,6 +201,7 @@ class TrainingSession:
             **self.throughput.summary(),
             "precision": self.precision,
             "sparse_prediction": self.sparse,
+            "attention": model.config._attn_implementation,
             "torch_compile": self.torch_compile,
             "vocab_size": model.config.vocab_size,
             "parameters": model.num_parameters(),
@@ -244,6 +245,8 @@ def build_trainer(
             t.lr_scheduler, planned_steps(args, len(train_set)), t.warmup_steps, t.warmup_ratio, t.decay_ratio
         )
     precision = resolve_precision(job.train.precision)
+    attention = resolve_attention(job.train.attention, precision)
+    model.set_attn_implementation(attention)
     flops_per_token = training_flops_per_token(
         model.config,
         sequence_length=job.data.block_size,
@@ -281,7 +284,7 @@ def build_trainer(
     )
     log.info(
         "pretrain: world size %d (%s), global batch %d = %d per device x %d processes x %d accumulated, "
-        "learning rate %g, %s%s%s",
+        "learning rate %g, %s, %s attention%s%s",
         args.world_size,
         parallelism(args),
         global_batch_size(args),
@@ -290,6 +293,7 @@ def build_trainer(
         args.gradient_accumulation_steps,
         args.learning_rate,
         precision,
+        attention,
         ", sparse prediction" if sparse else "",
         ", torch.compile" if job.train.torch_compile else "",
     )

@@ -42,6 +42,17 @@ def test_summary_reports_the_training(trained_run: Path):
     assert summary["train_runtime_s"] > 0
 
 
+def test_the_attention_kernel_trains_but_is_not_saved_with_the_model(trained_run: Path):
+    from kantai_batch.hardware import resolve_attention
+
+    summary = _summary(trained_run)
+    assert summary["attention"] == resolve_attention("auto", summary["precision"])
+    # A model trained with eager attention on a CPU must not force eager on whoever loads it on a GPU.
+    config = (trained_run / "model" / "config.json").read_text()
+    assert "attn_implementation" not in config
+    assert RobertaForMaskedLM.from_pretrained(trained_run / "model").config._attn_implementation == "sdpa"
+
+
 def test_model_loads_in_the_stock_fill_mask_pipeline(trained_run: Path):
     model_dir = trained_run / "model"
     assert (model_dir / "model.safetensors").is_file()
