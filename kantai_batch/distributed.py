@@ -108,6 +108,39 @@ def barrier() -> None:
         dist.barrier()
 
 
+def host_all_reduce(values: list[float], op: str, *, timeout_s: float | None = None) -> list[float]:
+    """Each value's ``op`` ("max" or "sum") over every process of the training (the values themselves in one).
+
+    The values stay on the host, reduced in a gloo group of their own: through NCCL they would be
+    copied to the GPU and back, and each copy waits for every kernel queued before it.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    shared = torch.tensor(values, dtype=torch.float64)
+    reduce_op = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op]
+    dist.all_reduce(shared, op=reduce_op, group=_host_group(timeout_s))
+    return shared.tolist()
+
+
+_host: list = []  # (the training's group, its host group): held, so neither id is reused
+
+
+def _host_group(timeout_s: float | None):
+    # Made by the first reduction after the training's group is, which every process reaches at the
+    # same point (new_group is a collective).
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if not _host or _host[0] is not dist.group.WORLD:
+        timeout = timedelta(seconds=timeout_s) if timeout_s else None
+        _host[:] = [dist.group.WORLD, dist.new_group(backend="gloo", timeout=timeout)]
+    return _host[1]
+
+
 def deepspeed_config(path: str) -> dict:
     """The DeepSpeed config a job names (``train.deepspeed``), read and checked before any process starts on it."""
     import importlib.util

@@ -22,6 +22,8 @@ PAD_MULTIPLE = 8
 
 # The key under which a training batch carries the flattened positions its labels score (sparse prediction).
 MASKED_POSITIONS = "masked_positions"
+# The key under which a training batch carries its count of real (not padding) tokens, a Python int.
+REAL_TOKENS = "real_tokens"
 
 MODEL_CLASSES = {"mlm": "RobertaForMaskedLM", "clm": "RobertaForCausalLM"}
 ACCURACY = {"mlm": "masked_accuracy", "clm": "next_token_accuracy"}
@@ -43,8 +45,8 @@ def task_of(config) -> str | None:
     return None
 
 
-def collator(task: str, tokenizer, job: Job, *, masked_positions: bool = False):
-    return LabelledCollator(tokenizer, task, job.train.mlm_probability, masked_positions)
+def collator(task: str, tokenizer, job: Job, *, masked_positions: bool = False, real_tokens: bool = False):
+    return LabelledCollator(tokenizer, task, job.train.mlm_probability, masked_positions, real_tokens)
 
 
 def predicted_ids(logits, labels):
@@ -82,12 +84,17 @@ class LabelledCollator:
     With ``masked_positions`` a masked LM's batch also carries the flattened positions of its masked
     tokens (``MASKED_POSITIONS``), found here on the host, for ``trainer.PretrainTrainer``'s sparse head:
     found on the device, the host would wait there for the step so far, and ``torch.compile`` would
-    break its graph at that data-dependent shape."""
+    break its graph at that data-dependent shape.
+
+    With ``real_tokens`` it also carries its count of tokens that are not padding (``REAL_TOKENS``), for
+    ``trainer.PretrainTrainer``'s token count: counted from the mask on the device, the host would read
+    it back every step."""
 
     tokenizer: Any
     task: str = "mlm"
     mlm_probability: float = 0.15
     masked_positions: bool = False
+    real_tokens: bool = False
 
     def __post_init__(self) -> None:
         from transformers import DataCollatorForLanguageModeling
@@ -108,6 +115,9 @@ class LabelledCollator:
         # ones. Given one, a model under torch.compile cannot look inside it, so transformers builds the
         # attention mask and SDPA cannot take its flash kernel (tests/test_masking.py shows the traced call).
         # PretrainTrainer counts those tokens as the mask would have.
+        if self.real_tokens:
+            mask = batch.get("attention_mask")
+            batch[REAL_TOKENS] = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         if "attention_mask" in batch and bool(batch["attention_mask"].all()):
             del batch["attention_mask"]
         if self.masked_positions and self.task == "mlm":

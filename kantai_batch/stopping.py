@@ -21,11 +21,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
 
 from transformers import TrainerCallback
 
 from kantai_batch.budget import TimeBudget
+from kantai_batch.distributed import host_all_reduce
 from kantai_batch.preemption import Preemption
 
 log = logging.getLogger(__name__)
@@ -120,29 +120,4 @@ class StopAgreement(TrainerCallback):
 
 def agree_max(values: list[float], *, timeout_s: float | None = None) -> list[float]:
     """Each value's maximum over every process of the training (the values themselves in one process)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    shared = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=host_group(timeout_s))
-    return shared.tolist()
-
-
-_host: list[Any] = []  # (the training's group, its host group): held, so neither id is reused
-
-
-def host_group(timeout_s: float | None = None):
-    """A gloo group of every process, for values that live on the host, made once per training's group.
-
-    Every process must call it first at the same point (a collective): here, the first agreement.
-    """
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    if not _host or _host[0] is not dist.group.WORLD:
-        timeout = timedelta(seconds=timeout_s) if timeout_s else None
-        _host[:] = [dist.group.WORLD, dist.new_group(backend="gloo", timeout=timeout)]
-    return _host[1]
+    return host_all_reduce(values, "max", timeout_s=timeout_s)

@@ -268,7 +268,7 @@ def build_trainer(
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=collator(job.task, tokenizer, job, masked_positions=sparse),
+        data_collator=collator(job.task, tokenizer, job, masked_positions=sparse, real_tokens=True),
         processing_class=tokenizer,
         callbacks=list(callbacks),
         compute_metrics=accuracy_metric(job.task),

@@ -1,6 +1,6 @@
 """The HF Trainer as pretraining extends it: the masked LM's loss and sparse head, a re-plannable schedule.
 
-Each extension but the last two goes through a door the Trainer's authors left for it, so nothing is
+Each extension but the last three goes through a door the Trainer's authors left for it, so nothing is
 patched on a live object and the model stays a standard ``RobertaForMaskedLM`` /
 ``RobertaForCausalLM``:
 
@@ -32,15 +32,16 @@ patched on a live object and the model stays a standard ``RobertaForMaskedLM`` /
   the Trainer's module resolves to ``fast_forward``, which hands any other loader to accelerate's.
   Should a Trainer release stop skipping this way, a test that resumes a run fails (the resumed
   pass would not start at the resume point) rather than training going wrong.
-- Real tokens counted exactly in batches the collator sent without their all-ones attention mask
-  (``objective.LabelledCollator``, for SDPA's flash kernel under ``torch.compile``): the Trainer's
-  ``_track_num_input_tokens`` counts them from the batch's shape in one process, or in every one when
-  all samples are full blocks (its own count gathers a sum and reads it back from the device every
-  step, a wait for the step on a GPU), and otherwise gets the mask back to gather across processes.
-  Without it the Trainer counts the tokens that are not ``<pad>``, and a masked LM's random
-  replacement can draw ``<pad>``; the exact counts of ``tests/test_pretrain.py`` and
-  ``tests/test_distributed.py`` catch a Trainer that stops calling it, and ``tests/test_throughput.py``
-  one whose steps read values back between log lines.
+- Real tokens counted on the host (``_track_num_input_tokens``): the collator counts each batch's
+  (``objective.REAL_TOKENS``), before it leaves an all-ones attention mask out for SDPA's flash kernel
+  under ``torch.compile``; processes with padded batches sum theirs in the host group
+  (``distributed.host_all_reduce``). The Trainer's own count gathers a sum on the device and reads it
+  back every step, a wait for the step on a GPU; and without the mask it would count the tokens that
+  are not ``<pad>``, which a masked LM's random replacement can draw. The exact counts of
+  ``tests/test_pretrain.py`` and ``tests/test_distributed.py`` catch a Trainer that stops calling it,
+  and ``tests/test_throughput.py`` one whose steps read values back between log lines.
+- Under DeepSpeed the gradient norm stays a tensor until a log line reads it (``_get_grad_norm``),
+  as it does under DDP: the Trainer reads DeepSpeed's back every step, a wait for the step on a GPU.
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ import transformers.trainer
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
 
-from kantai_batch.distributed import deepspeed_config
+from kantai_batch.distributed import deepspeed_config, host_all_reduce
 from kantai_batch.hardware import has_accelerator, resolve_precision
 from kantai_batch.job import Job
 from kantai_batch.masking import IGNORE, MaskedSamples
-from kantai_batch.objective import MASKED_POSITIONS, loss_function
+from kantai_batch.objective import MASKED_POSITIONS, REAL_TOKENS, loss_function
 from kantai_batch.order import EpochOrder, EpochRows, fast_forward
 
 # With a time budget and no other bound, the Trainer is told "this many epochs" and the budget ends it.
@@ -93,6 +94,7 @@ class PretrainTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         positions = inputs.pop(MASKED_POSITIONS, None)
+        inputs.pop(REAL_TOKENS, None)
         if self.sparse and model.training and "labels" in inputs:
             labels = inputs["labels"].reshape(-1)
             if positions is None:  # a batch from another collator: found on the device, at a wait
@@ -107,18 +109,27 @@ class PretrainTrainer(Trainer):
             self._scored = None
 
     def _track_num_input_tokens(self, inputs):
-        # The collator leaves an all-ones mask out (objective.LabelledCollator). Without one the Trainer
-        # counts the tokens that are not <pad>, and a masked LM's random replacement can draw <pad>.
-        if "attention_mask" not in inputs and "input_ids" in inputs:
-            processes = self.args.world_size
-            if (processes == 1 or self.full_blocks) and self.args.include_num_input_tokens_seen != "no":
-                # Every token of such a batch is real: counted from its shape on the host, each process's
-                # the same when all are full blocks. The Trainer's count gathers a sum and reads it back
-                # from the device, which waits there for the step to finish.
-                self.state.num_input_tokens_seen += inputs["input_ids"].numel() * processes
-                return
-            inputs = {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}
-        super()._track_num_input_tokens(inputs)
+        real = inputs.get(REAL_TOKENS)
+        if real is None or self.args.include_num_input_tokens_seen == "no":
+            super()._track_num_input_tokens(inputs)
+            return
+        # Counted by the collator on the host. The Trainer's count gathers a sum on the device and reads
+        # it back, which waits there for the step to finish. Full blocks are the same count on every
+        # process; padded batches differ, and their sum crosses over on the host.
+        processes = self.args.world_size
+        if processes > 1:
+            real = real * processes if self.full_blocks else int(self._host_sum(real))
+        self.state.num_input_tokens_seen += real
+
+    def _host_sum(self, count: int) -> float:
+        return host_all_reduce([float(count)], "sum", timeout_s=self.args.ddp_timeout)[0]
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is not None and self.is_deepspeed_enabled:
+            # DeepSpeed's engine computed it this step (a fresh tensor each step, or a float after an
+            # overflow); the log line reads it, as it reads DDP's.
+            return grad_norm
+        return super()._get_grad_norm(model, grad_norm)
 
     def evaluation_loop(self, *args, **kwargs):
         # A held-out batch with no scored token (short lines whose fixed masks missed them all) has loss

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from helpers import ROOT, invoke, prepared_run, tiny, torchrun
 from kantai_batch.errors import JobConfigError
@@ -37,6 +39,10 @@ def test_zero_trains_on_two_ranks_resumes_and_saves_a_whole_model(tmp_path: Path
     assert (summary["world_size"], summary["global_batch_size"]) == (2, 8)
     assert (summary["resumed_from_step"], summary["global_step"]) == (20, 30)
     assert "resuming from" in done.stderr and "checkpoint-20" in done.stderr
+    # The gradient norm is kept as DeepSpeed's tensor between log lines; each log line still gets it.
+    state = json.loads((run_dir / "checkpoints" / "checkpoint-30" / "trainer_state.json").read_text())
+    norms = [entry["grad_norm"] for entry in state["log_history"] if "loss" in entry]
+    assert len(norms) == 3 and all(isinstance(n, float) and 0 < n < float("inf") for n in norms), norms
     shards = sorted(p.name for p in (run_dir / "checkpoints" / "checkpoint-30" / "global_step30").iterdir())
     optimizer_shards = [name for name in shards if name.endswith("optim_states.pt")]
     assert len(optimizer_shards) == 2 and any("rank_1_" in name for name in optimizer_shards), (
@@ -76,3 +82,22 @@ def test_deepspeed_across_nodes_with_s3_checkpoints_is_refused(tmp_path: Path):
     with pytest.raises(JobConfigError, match="2 nodes"):
         require_shared_checkpoints(job, remote, nodes=2)
     require_shared_checkpoints(job, RunDir(tmp_path), nodes=2)
+
+
+def test_the_deepspeed_gradient_norm_is_not_read_back_every_step(monkeypatch: pytest.MonkeyPatch):
+    # The Trainer turns DeepSpeed's norm into a float every step, which waits for the step on a GPU;
+    # the log line reads it instead. Other norms go the Trainer's way.
+    from accelerate.utils import DistributedType
+
+    from kantai_batch.trainer import PretrainTrainer
+
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(self) or 0.0)
+    trainer = PretrainTrainer.__new__(PretrainTrainer)
+    trainer.accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
+    trainer.is_deepspeed_enabled = True
+    norm = torch.tensor(1.5)
+    assert trainer._get_grad_norm(None, norm) is norm and reads == []
+    trainer.is_deepspeed_enabled = False
+    trainer.accelerator = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)
+    assert trainer._get_grad_norm(None, norm) is norm

@@ -14,6 +14,7 @@ import pytest
 from datasets import Dataset
 
 from helpers import ROOT, assert_resumed_like_uninterrupted, killed_after, prepared_run, tiny, torchrun
+from kantai_batch.order import EpochOrder
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +63,21 @@ def test_two_ranks_learn_what_one_process_learns_with_the_same_global_batch(tmp_
     # agree closely but not exactly. A loss scaled by the world size (a real bug once) is 2x off.
     assert together["train_loss"] == pytest.approx(alone["train_loss"], rel=0.02)
     assert together["eval_loss"] == pytest.approx(alone["eval_loss"], rel=0.02)
+
+
+def test_two_ranks_count_the_real_tokens_of_their_padded_lines_once(tmp_path: Path, corpus_file: Path):
+    # Each rank pads its own batch of lines to its longest: the count is every rank's tokens without
+    # the padding, summed on the host (neither one rank's count times two nor the padded shape).
+    lines = ("data.mode=line_by_line",)
+    run_dir = prepared_run(tmp_path / "run", corpus_file, *lines)
+    settings = tiny(*lines, "train.per_device_batch_size=4", *STEPS)
+    done = torchrun("pretrain", "--run-dir", str(run_dir), "--no-tracking", *settings, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lengths = [len(ids) for ids in Dataset.load_from_disk(str(run_dir / "tokens" / "train"))["input_ids"]]
+    assert len(set(lengths)) > 1 and len(lengths) > 30 * 8, "lines of several lengths, one epoch"
+    # The global batches are the epoch order's consecutive runs of 8, 4 to each rank.
+    seen = list(EpochOrder(len(lengths), 42, multiple=8))[: 30 * 8]
+    assert _summary(run_dir)["real_tokens_trained"] == sum(lengths[i] for i in seen)
 
 
 def test_two_ranks_resumed_mid_epoch_train_on_exactly_the_uninterrupted_batches(tmp_path: Path, corpus_file: Path):
