@@ -293,6 +293,11 @@ class TrainSection(_Section):
     minutes its held-out loss was lower than `mimetic`'s and far lower than `random`'s, with concepts
     in the recipe sentence's top 5 (README: Time to quality). Only the start differs: the saved model
     is the same architecture."""
+    local_window_heads: int = Field(4, ge=2)
+    """`mimetic_local` only: how many heads of each layer start as windows on the nearby tokens, an even
+    number up to `model.num_attention_heads`. A masked LM's come in pairs, one to the left and one to
+    the right, each pair over a slower band of the sinusoidal table (offsets of about 1-3, 4-7, 8-16,
+    17-33 tokens, ...); a causal LM's all look left, band after band. 4 is the setting measured."""
     profile_steps: int | None = Field(None, ge=1)
     """Profile this many training steps, after the first 5 (allocation, compilation), with
     torch.profiler: the ops that took the most device time (CPU time on a CPU) and the share in
@@ -441,11 +446,14 @@ class Job(_Section):
                     "train.attention_init mimetic_local needs train.position_init sinusoidal: "
                     "its windows are drawn on that table"
                 )
-            if heads < 4 or (width // heads) % 2:
+            local = self.train.local_window_heads
+            if heads < local or (width // heads) % 2:
                 raise ValueError(
-                    "train.attention_init mimetic_local needs model.num_attention_heads of at least 4 with an even "
-                    f"head size, got {heads} heads of {width // heads}"
+                    f"train.attention_init mimetic_local needs model.num_attention_heads of at least "
+                    f"train.local_window_heads ({local}) with an even head size, got {heads} heads of {width // heads}"
                 )
+            if local % 2:
+                raise ValueError(f"train.local_window_heads must be even, got {local}")
         if self.corpus.conversation and self.corpus.separator in self.tokenizer.special_tokens:
             raise ValueError(f"corpus.separator {self.corpus.separator} is already one of tokenizer.special_tokens")
         return self

@@ -69,7 +69,7 @@ def init_model(job: Job, tokenizer_size: int):
     if job.train.attention_init != "random":
         mimetic_attention(model, value_output=job.train.attention_init != "mimetic_qk", seed=job.train.seed)
     if job.train.attention_init == "mimetic_local":
-        local_window_heads(model, causal=job.task == "clm")
+        local_window_heads(model, count=job.train.local_window_heads, causal=job.task == "clm")
     return model
 
 
@@ -119,11 +119,11 @@ def mimetic_attention(model, *, value_output: bool, seed: int) -> None:
 LOCAL_WINDOW_GAIN = 2.0
 
 
-def local_window_heads(model, *, causal: bool = False) -> None:
-    """Start four heads of each layer attending to a window of nearby tokens: for a masked LM two to the
-    left and two to the right over the sinusoidal position table's two fastest frequency bands; for a
-    causal LM, which sees nothing to the right, all four to the left over its four fastest bands, so the
-    windows widen from head to head (offsets of about 1-3, 4-7, 8-16 and 17-33 tokens).
+def local_window_heads(model, *, count: int = 4, causal: bool = False) -> None:
+    """Start ``count`` heads of each layer attending to a window of nearby tokens: for a masked LM half
+    to the left and half to the right, a pair over each of the sinusoidal position table's fastest
+    frequency bands; for a causal LM, which sees nothing to the right, all to the left, one band each.
+    The windows widen from band to band (offsets of about 1-3, 4-7, 8-16 and 17-33 tokens, ...).
 
     Per (sin, cos) pair of the table the query is the key turned by 90 degrees, so the pair scores
     sin((j - i) w) between positions i and j: largest a quarter-turn away, zero for the token itself
@@ -138,9 +138,9 @@ def local_window_heads(model, *, causal: bool = False) -> None:
     pairs = head_size // 2
     # (direction, first sine/cosine pair): the fastest band's window peaks at offset 2, slower ones further out.
     if causal:
-        windows = [(-1, band * pairs) for band in range(4)]
+        windows = [(-1, band * pairs) for band in range(count)]
     else:
-        windows = [(-1, 0), (1, 0), (-1, pairs), (1, pairs)]
+        windows = [(direction, band * pairs) for band in range(count // 2) for direction in (-1, 1)]
     with torch.no_grad():
         for layer in model.base_model.encoder.layer:
             attention = layer.attention.self

@@ -187,11 +187,42 @@ def test_local_window_heads_of_a_causal_lm_all_look_left_and_widen_from_head_to_
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "model")) is RobertaForCausalLM
 
 
+def test_more_local_window_heads_of_a_masked_lm_pair_up_over_slower_bands():
+    # train.local_window_heads=8 on heads of 64 like the real job's: four pairs (left, right), the pair
+    # of band b over the windows the causal LM's head b uses; the last four heads stay mimetic.
+    shape = ["model.hidden_size=768", "model.num_attention_heads=12", "model.intermediate_size=256"]
+    shape += ["model.num_hidden_layers=2", "model.max_position_embeddings=130"]
+    local = [*TINY, *shape, "train.attention_init=mimetic_local"]
+    four = init_model(load_job(None, local), TOKENIZER_SIZE)
+    model = init_model(load_job(None, [*local, "train.local_window_heads=8"]), TOKENIZER_SIZE)
+    head_size = 64
+    for layer_four, layer in zip(four.roberta.encoder.layer, model.roberta.encoder.layer, strict=True):
+        for part in ("query", "key"):
+            ours, theirs = getattr(layer.attention.self, part).weight, getattr(layer_four.attention.self, part).weight
+            assert torch.equal(ours[: 4 * head_size], theirs[: 4 * head_size]), "the first four as before"
+            assert not torch.equal(ours[4 * head_size : 8 * head_size], theirs[4 * head_size : 8 * head_size])
+            assert torch.equal(ours[8 * head_size :], theirs[8 * head_size :]), "the other heads stay mimetic"
+    tokens = torch.randint(5, TOKENIZER_SIZE, (4, 128), generator=torch.Generator().manual_seed(0))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = model(input_ids=tokens, output_attentions=True).attentions
+    positions = torch.arange(40, 88)  # 40 tokens on either side
+    windows = [(1, 3), (4, 7), (8, 16), (17, 33)]
+    for layer, attention in enumerate(attentions):
+        for head in range(8):
+            side = 1 if head % 2 else -1
+            share = [attention[:, head, positions, positions + side * offset].mean().item() for offset in range(34)]
+            by_window = [sum(share[first : last + 1]) for first, last in windows]
+            assert max(by_window) == by_window[head // 2] > 0.5, (layer, head, by_window)
+
+
 @pytest.mark.parametrize(
     ("overrides", "names"),
     [
         (["train.position_init=random"], "train.position_init sinusoidal"),
-        (["model.num_attention_heads=2"], "model.num_attention_heads of at least 4"),
+        (["model.num_attention_heads=2"], "model.num_attention_heads of at least train.local_window_heads"),
+        (["train.local_window_heads=6"], r"at least train.local_window_heads \(6\)"),
+        (["train.local_window_heads=3"], "train.local_window_heads must be even"),
     ],
 )
 def test_local_window_heads_need_the_sinusoidal_table_and_four_heads(overrides: list[str], names: str):
