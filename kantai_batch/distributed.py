@@ -1,4 +1,5 @@
-"""Several processes of one training (``torchrun``): which one is the main process, and their barriers."""
+"""Several processes of one training (``torchrun``): which one is the main process, their barriers, and
+the values they reduce on the host."""
 
 from __future__ import annotations
 

@@ -114,7 +114,7 @@ class LabelledCollator:
         # A batch without padding (every packed batch) goes without a mask, which the model reads as all
         # ones. Given one, a model under torch.compile cannot look inside it, so transformers builds the
         # attention mask and SDPA cannot take its flash kernel (tests/test_masking.py shows the traced call).
-        # PretrainTrainer counts those tokens as the mask would have.
+        # With real_tokens the count is taken first, from the mask (a masked LM can draw <pad> as a token).
         if self.real_tokens:
             mask = batch.get("attention_mask")
             batch[REAL_TOKENS] = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
