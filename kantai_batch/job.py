@@ -297,7 +297,7 @@ class TrainSection(_Section):
     """`mimetic_local` only: how many heads of each layer start as windows on the nearby tokens, an even
     number up to `model.num_attention_heads`. A masked LM's come in pairs, one to the left and one to
     the right, each pair over a slower band of the sinusoidal table (offsets of about 1-3, 4-7, 8-16,
-    17-33 tokens, ...); a causal LM's all look left, band after band. 8 was worse than 4 on the Kant job."""
+    17-33 tokens, ...); a causal LM's all look left, band after band. 8 was worse than 4 on the Kant job, 2 the same."""
     profile_steps: int | None = Field(None, ge=1)
     """Profile this many training steps, after the first 5 (allocation, compilation), with
     torch.profiler: the ops that took the most device time (CPU time on a CPU) and the share in
