@@ -69,7 +69,9 @@ def init_model(job: Job, tokenizer_size: int):
     if job.train.attention_init != "random":
         mimetic_attention(model, value_output=job.train.attention_init != "mimetic_qk", seed=job.train.seed)
     if job.train.attention_init == "mimetic_local":
-        local_window_heads(model, count=job.train.local_window_heads, causal=job.task == "clm")
+        local_window_heads(
+            model, count=job.train.local_window_heads, gain=job.train.local_window_gain, causal=job.task == "clm"
+        )
     return model
 
 
@@ -113,13 +115,7 @@ def mimetic_attention(model, *, value_output: bool, seed: int) -> None:
                 attention.output.dense.weight.copy_(right)
 
 
-# How sharply a local-window head starts to attend: the scale of its query and key rows. At 2.0 the
-# full-size Kant model's first layer starts with 70% of a window head's attention on offsets 1-3
-# (fastest band) or 80% on 1-8 (the next band), less in deeper layers as the residual stream mixes.
-LOCAL_WINDOW_GAIN = 2.0
-
-
-def local_window_heads(model, *, count: int = 4, causal: bool = False) -> None:
+def local_window_heads(model, *, count: int, gain: float, causal: bool) -> None:
     """Start ``count`` heads of each layer attending to a window of nearby tokens: for a masked LM half
     to the left and half to the right, a pair over each of the sinusoidal position table's fastest
     frequency bands; for a causal LM, which sees nothing to the right, all to the left, one band each.
@@ -129,7 +125,8 @@ def local_window_heads(model, *, count: int = 4, causal: bool = False) -> None:
     sin((j - i) w) between positions i and j: largest a quarter-turn away, zero for the token itself
     and, being antisymmetric, blind to which word sits where (a rotated word scores 0 with itself).
     The window is what a masked token needs from the first step (its own embedding is only <mask>),
-    and what a next-token prediction needs most (the previous words).
+    and what a next-token prediction needs most (the previous words). ``gain`` scales the query and
+    key rows, so a pair's score by gain squared: how sharply the window starts.
     """
     import torch
 
@@ -150,12 +147,12 @@ def local_window_heads(model, *, count: int = 4, causal: bool = False) -> None:
                 key = torch.zeros_like(query)
                 sine = torch.arange(first, first + pairs) * 2  # the table's sine columns; cosine is the next one
                 rank = torch.arange(pairs)
-                key[2 * rank, sine] = LOCAL_WINDOW_GAIN
-                key[2 * rank + 1, sine + 1] = LOCAL_WINDOW_GAIN
+                key[2 * rank, sine] = gain
+                key[2 * rank + 1, sine + 1] = gain
                 # (sin, cos) of position i becomes direction * (cos, -sin): its dot with position j's is
                 # direction * sin((j - i) w).
-                query[2 * rank, sine + 1] = direction * LOCAL_WINDOW_GAIN
-                query[2 * rank + 1, sine] = -direction * LOCAL_WINDOW_GAIN
+                query[2 * rank, sine + 1] = direction * gain
+                query[2 * rank + 1, sine] = -direction * gain
                 attention.query.weight[rows] = query
                 attention.key.weight[rows] = key
                 attention.query.bias[rows] = 0

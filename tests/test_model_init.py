@@ -14,6 +14,9 @@ from kantai_batch.job import load_job
 from kantai_batch.model import init_model
 
 TOKENIZER_SIZE = 300
+# The window tests read each window's place from where its attention goes at init: at the sharper
+# gain of 2.0 that is most of a head's attention, whatever the default gain.
+SHARP = "train.local_window_gain=2.0"
 
 
 def _positions(model) -> torch.Tensor:
@@ -137,7 +140,7 @@ def test_local_window_heads_start_attending_to_one_side_and_not_to_themselves(tm
     # Eight heads of 32: four windows of 16 sine/cosine pairs each, and four heads left mimetic.
     shape = ["model.hidden_size=256", "model.num_attention_heads=8"]
     mimetic = init_model(load_job(None, [*TINY, *shape, "train.attention_init=mimetic"]), TOKENIZER_SIZE)
-    model = init_model(load_job(None, [*TINY, *shape, "train.attention_init=mimetic_local"]), TOKENIZER_SIZE)
+    model = init_model(load_job(None, [*TINY, *shape, "train.attention_init=mimetic_local", SHARP]), TOKENIZER_SIZE)
     head_size = model.config.hidden_size // 8
     window_rows = slice(0, 4 * head_size)
     for plain_layer, layer in zip(mimetic.roberta.encoder.layer, model.roberta.encoder.layer, strict=True):
@@ -170,7 +173,7 @@ def test_local_window_heads_of_a_causal_lm_all_look_left_and_widen_from_head_to_
     # Heads of 64 like the real job's, so the four bands are its frequencies; two thin layers keep it fast.
     shape = ["model.hidden_size=768", "model.num_attention_heads=12", "model.intermediate_size=256"]
     shape += ["task=clm", "model.num_hidden_layers=2", "model.max_position_embeddings=130"]
-    model = init_model(load_job(None, [*TINY, *shape, "train.attention_init=mimetic_local"]), TOKENIZER_SIZE)
+    model = init_model(load_job(None, [*TINY, *shape, "train.attention_init=mimetic_local", SHARP]), TOKENIZER_SIZE)
     tokens = torch.randint(5, TOKENIZER_SIZE, (4, 128), generator=torch.Generator().manual_seed(0))
     model.set_attn_implementation("eager")
     with torch.no_grad():
@@ -192,7 +195,7 @@ def test_more_local_window_heads_of_a_masked_lm_pair_up_over_slower_bands():
     # of band b over the windows the causal LM's head b uses; the last four heads stay mimetic.
     shape = ["model.hidden_size=768", "model.num_attention_heads=12", "model.intermediate_size=256"]
     shape += ["model.num_hidden_layers=2", "model.max_position_embeddings=130"]
-    local = [*TINY, *shape, "train.attention_init=mimetic_local"]
+    local = [*TINY, *shape, "train.attention_init=mimetic_local", SHARP]
     four = init_model(load_job(None, local), TOKENIZER_SIZE)
     model = init_model(load_job(None, [*local, "train.local_window_heads=8"]), TOKENIZER_SIZE)
     head_size = 64
@@ -214,6 +217,36 @@ def test_more_local_window_heads_of_a_masked_lm_pair_up_over_slower_bands():
             share = [attention[:, head, positions, positions + side * offset].mean().item() for offset in range(34)]
             by_window = [sum(share[first : last + 1]) for first, last in windows]
             assert max(by_window) == by_window[head // 2] > 0.5, (layer, head, by_window)
+
+
+def test_local_window_gain_scales_the_window_rows_only_and_a_lower_gain_starts_softer_windows():
+    # Heads of 64 like the real job's; the gain multiplies the window heads' query and key rows.
+    shape = ["model.hidden_size=768", "model.num_attention_heads=12", "model.intermediate_size=256"]
+    shape += ["model.num_hidden_layers=2", "model.max_position_embeddings=130"]
+    local = [*TINY, *shape, "train.attention_init=mimetic_local"]
+    models = {
+        gain: init_model(load_job(None, [*local, f"train.local_window_gain={gain}"]), TOKENIZER_SIZE)
+        for gain in (1.0, 2.0)
+    }
+    windows = slice(0, 4 * 64)
+    for soft, sharp in zip(models[1.0].roberta.encoder.layer, models[2.0].roberta.encoder.layer, strict=True):
+        for part in ("query", "key"):
+            ours, theirs = getattr(soft.attention.self, part).weight, getattr(sharp.attention.self, part).weight
+            assert torch.equal(2 * ours[windows], theirs[windows])
+            assert torch.equal(ours[windows.stop :], theirs[windows.stop :]), "the mimetic heads do not change"
+
+    tokens = torch.randint(5, TOKENIZER_SIZE, (4, 128), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(40, 88)
+    share = {}
+    for gain, model in models.items():
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            first = model(input_ids=tokens, output_attentions=True).attentions[0]
+        # Head 0 looks left over the fastest band: its share on the 1-3 tokens before.
+        share[gain] = sum(first[:, 0, positions, positions - back].mean().item() for back in (1, 2, 3))
+    assert share[2.0] > 0.5 and share[1.0] < share[2.0] - 0.1, share
+    with pytest.raises(JobConfigError, match="train.local_window_gain"):
+        load_job(None, [*local, "train.local_window_gain=0"])
 
 
 @pytest.mark.parametrize(
