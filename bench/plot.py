@@ -1,6 +1,6 @@
 """Held-out loss curves of `kantai-batch bench` records as an SVG (no plotting library needed).
 
-python bench/plot.py RECORD.json [RECORD.json ...] --out bench/loss-vs-time.svg [--x seconds|step]
+python bench/plot.py RECORD.json [RECORD.json ...] --out bench/loss-vs-time.svg [--x seconds|step] [--label NAME ...]
 """
 
 from __future__ import annotations
@@ -78,8 +78,15 @@ def main() -> None:
     parser.add_argument("--x", choices=("seconds", "step"), default="seconds")
     parser.add_argument("--cut", default="packed", help="Held-out cut: packed or grouped.")
     parser.add_argument("--title", default="Held-out masked-LM loss")
+    parser.add_argument(
+        "--label", action="append", default=[],
+        help="A curve's name, in the records' order (repeat it); the curves after the last keep their own.",
+    )  # fmt: skip
     args = parser.parse_args()
     series = curves(args.records, f"{args.cut}_loss", args.x)
+    if len(args.label) > len(series):
+        parser.error(f"{len(args.label)} --label for {len(series)} curves")
+    series = [(args.label[i] if i < len(args.label) else name, points) for i, (name, points) in enumerate(series)]
     label = "training seconds (evaluations not counted)" if args.x == "seconds" else "optimizer steps"
     args.out.write_text(svg(series, label, args.title), encoding="utf-8")
 
