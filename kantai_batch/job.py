@@ -298,11 +298,12 @@ class TrainSection(_Section):
     number up to `model.num_attention_heads`. A masked LM's come in pairs, one to the left and one to
     the right, each pair over a slower band of the sinusoidal table (offsets of about 1-3, 4-7, 8-16,
     17-33 tokens, ...); a causal LM's all look left, band after band. 8 was worse than 4 on the Kant job, 2 the same."""
-    local_window_gain: float = Field(1.4, gt=0.0)
+    local_window_gain: float = Field(1.0, gt=0.0)
     """`mimetic_local` only: the scale of a window head's query and key rows, so how sharply its window
-    starts (the scores grow with its square). A full-size model's first layer starts with about 46% of
-    a window head's attention on its 1-3 nearest tokens at 1.4, 70% at 2.0, 17% at 1.0. 1.4 reached a
-    0.37-0.55 lower held-out loss than 2.0 on the Kant job in 20 minutes (two seeds)."""
+    starts (the scores grow with its square). A full-size model's first layer starts with about 17% of
+    a window head's attention on its 1-3 nearest tokens at 1.0, 46% at 1.4, 70% at 2.0. On the Kant job
+    in 20 minutes 1.4 ended 0.37-0.55 lower in held-out loss than 2.0, and 1.0 another 0.10-0.17 lower
+    (two seeds each)."""
     profile_steps: int | None = Field(None, ge=1)
     """Profile this many training steps, after the first 5 (allocation, compilation), with
     torch.profiler: the ops that took the most device time (CPU time on a CPU) and the share in
