@@ -22,6 +22,7 @@ from kantai_batch.decoding import detect_encoding, write_text
 from kantai_batch.distributed import is_main_process, local_main_first
 from kantai_batch.errors import InputDataError
 from kantai_batch.fingerprint import fingerprint_of
+from kantai_batch.hardware import resolve_attention, resolve_precision
 from kantai_batch.job import Job
 from kantai_batch.manifest import write_json_atomic
 from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer, require_task
@@ -45,6 +46,9 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
     # A bad probe file fails before the evaluation, not after it.
     probes = read_probes(job.eval.probes, tokenizer.mask_token) if task == "mlm" and job.eval.probes else None
     model = load_lm(model_dir, task)
+    # The kernel the job trains with, which the saved model does not carry: on a bf16 CPU torch's
+    # default is the slower one.
+    model.set_attn_implementation(resolve_attention(job.train.attention, resolve_precision(job.train.precision)))
     # The eval samples' masks follow the model's task, whatever the job says.
     shaped = job.model_copy(update={"task": task})
     with tempfile.TemporaryDirectory(prefix="kantai-eval-") as scratch:
@@ -60,7 +64,7 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
                         raise InputDataError(f"corpus {corpus} has no text")
             samples = build_split(text, shaped, tokenizer, fix_masks=task == "mlm", what="eval corpus")
         metrics = _evaluate(job, task, model, tokenizer, samples, Path(scratch) / "trainer")
-    metrics.update(model=str(model_dir), corpus=corpus_name)
+    metrics.update(model=str(model_dir), corpus=corpus_name, attention=model.config._attn_implementation)
     if not is_main_process():
         return metrics  # every rank evaluated its share; the main process commits
     if task == "mlm":

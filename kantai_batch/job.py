@@ -310,7 +310,7 @@ class TrainSection(_Section):
     matmuls go into the train summary (and bench's record), a trace per process into the run dir's
     `profile/` (Perfetto opens it). Profiling slows the steps it records; leave it unset to train."""
     attention: Literal["auto", "sdpa", "eager"] = "auto"
-    """The attention kernel training runs (not saved with the model): `sdpa` is torch's fused
+    """The attention kernel training and `evaluate` run (not saved with the model): `sdpa` is torch's fused
     scaled-dot-product attention (flash on a GPU), `eager` plain matmuls and a softmax, the same
     arithmetic. `auto` is eager on a CPU training in bf16, where torch's fused CPU kernel is the slower
     (1.13x training tokens/s with eager for the Kant job, 1.11x for the

@@ -107,6 +107,26 @@ def test_evaluate_reproduces_the_training_eval_and_writes_metrics(trained_run: P
     assert metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"], rel=1e-6)
     assert 0 <= metrics["masked_accuracy"] <= 1 and metrics["scored_tokens"] > 100
     assert json.loads((trained_run / "eval" / "metrics.json").read_text())["eval_loss"] == metrics["eval_loss"]
+    assert metrics["attention"] == _summary(trained_run)["attention"], "scored with the kernel it trained with"
+
+
+def test_evaluate_runs_the_jobs_attention_kernel(trained_run: Path, tmp_path: Path):
+    # The saved model carries no kernel, so without train.attention evaluate would get torch's default.
+    losses = {}
+    for kernel in ("eager", "sdpa"):
+        result = invoke(
+            "evaluate",
+            "--run-dir", str(tmp_path / kernel),
+            "--model", str(trained_run / "model"),
+            "--corpus", str(trained_run / "corpus" / "eval.txt"),
+            "--json",
+            *tiny(f"train.attention={kernel}"),
+        )  # fmt: skip
+        metrics = json.loads(result.stdout)
+        assert metrics["attention"] == kernel
+        losses[kernel] = metrics["eval_loss"]
+    # The same arithmetic on the same masks: the kernel changes the time, not the score.
+    assert losses["eager"] == pytest.approx(losses["sdpa"], rel=1e-2)
 
 
 def test_evaluate_on_a_raw_corpus(trained_run: Path, tmp_path: Path):
