@@ -303,7 +303,8 @@ class TrainSection(_Section):
     starts (the scores grow with its square). A full-size model's first layer starts with about 17% of
     a window head's attention on its 1-3 nearest tokens at 1.0, 46% at 1.4, 70% at 2.0. On the Kant job
     in 20 minutes 1.4 ended 0.37-0.55 lower in held-out loss than 2.0, and 1.0 another 0.10-0.17 lower
-    (two seeds each); 0.7 stayed on the early plateau and ended about level with 2.0 (one seed)."""
+    (two seeds each), 1.2 level with 1.0; 0.85 ended 0.08-0.15 higher than 1.0, and 0.7 stayed on the
+    early plateau and ended about level with 2.0 (one seed each)."""
     profile_steps: int | None = Field(None, ge=1)
     """Profile this many training steps, after the first 5 (allocation, compilation), with
     torch.profiler: the ops that took the most device time (CPU time on a CPU) and the share in
