@@ -16,9 +16,11 @@ import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -293,12 +295,40 @@ def _in_fresh_process(
                 }
             )
         )
-        # The worker's stdout (the Trainer prints its metrics there) joins the logs on stderr.
         command = [sys.executable, "-m", "kantai_batch.bench", str(spec), str(out)]
-        done = subprocess.run(command, stdout=sys.__stderr__, check=False)
-        if done.returncode != 0 or not out.is_file():
-            raise KantaiError(f"bench: training the {name} configuration failed (exit {done.returncode}; see above)")
+        returncode = _run_worker(command)
+        if returncode != 0 or not out.is_file():
+            raise KantaiError(f"bench: training the {name} configuration failed (exit {returncode}; see above)")
         return json.loads(out.read_text())
+
+
+def _run_worker(command: list[str]) -> int:
+    """The worker's exit code; a bench stopped meanwhile (SIGTERM, Ctrl-C, an error) stops the worker first.
+
+    Otherwise a `kill` or `timeout` of bench would leave its worker training for the rest of its budget,
+    and bench's scratch folder behind, since SIGTERM's default ends a process without cleaning up.
+    """
+    # The worker's stdout (the Trainer prints its metrics there) joins the logs on stderr.
+    worker = subprocess.Popen(command, stdout=sys.__stderr__)
+    handled = threading.current_thread() is threading.main_thread()  # where handlers can be installed
+    if handled:
+
+        def on_sigterm(signum, frame):
+            raise SystemExit(128 + signum)
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return worker.wait()
+    finally:
+        if handled:
+            signal.signal(signal.SIGTERM, previous)
+        if worker.poll() is None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
 
 
 def _measure(

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
-from helpers import SUPPORT_JOB, SUPPORT_OVERRIDES, invoke, prepared_run, support_conversations, tiny, twcs_csv
+from helpers import ROOT, SUPPORT_JOB, SUPPORT_OVERRIDES, invoke, prepared_run, support_conversations, tiny, twcs_csv
 from kantai_batch.baseline import grouped_lines
 from kantai_batch.bench import _eval_cuts
 from kantai_batch.curve import time_to_reach
@@ -101,6 +107,36 @@ def test_a_diverging_configuration_stops_and_says_so(tmp_path: Path, corpus_file
     assert (job["stopped_by"], job["global_step"]) == ("max_steps", 6)
     assert too_fast["stopped_by"] == "diverged" and too_fast["global_step"] < 6
     assert f"too_fast: diverged (NaN or infinite loss) by step {too_fast['global_step']}" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker in Linux's /proc")
+def test_a_stopped_bench_stops_its_worker_and_leaves_no_scratch(tmp_path: Path, corpus_file: Path):
+    scratch, log = tmp_path / "tmp", tmp_path / "bench.log"
+    scratch.mkdir()
+    command = [sys.executable, "-m", "kantai_batch", "bench", "--run-dir", str(tmp_path / "run"),
+               "--corpus", str(corpus_file), *tiny("train.max_steps=null"), "--seconds", "600",
+               "--out", str(tmp_path / "results")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch)}
+    with log.open("w") as stderr:  # a file, not a pipe nobody reads while the worker logs
+        bench = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    children = Path(f"/proc/{bench.pid}/task/{bench.pid}/children")
+    deadline = time.monotonic() + 240
+    while not (workers := children.read_text().split()):
+        assert bench.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    (worker,) = map(int, workers)
+    time.sleep(3)  # into its training
+    bench.send_signal(signal.SIGTERM)
+    try:
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+        with pytest.raises(ProcessLookupError):  # stopped and reaped, not left training for 10 minutes
+            os.kill(worker, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a failed run of this test leaves no orphan either
+            os.kill(worker, signal.SIGKILL)
+    assert not list(scratch.iterdir()), "bench's scratch folder is removed"
+    assert not list(tmp_path.glob("results/*")), "no record of a bench that did not finish"
 
 
 @pytest.mark.slow
