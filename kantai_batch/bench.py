@@ -302,33 +302,44 @@ def _in_fresh_process(
         return json.loads(out.read_text())
 
 
-def _run_worker(command: list[str]) -> int:
+def _run_worker(command: list[str], grace: float = 30.0) -> int:
     """The worker's exit code; a bench stopped meanwhile (SIGTERM, Ctrl-C, an error) stops the worker first.
 
     Otherwise a `kill` or `timeout` of bench would leave its worker training for the rest of its budget,
-    and bench's scratch folder behind, since SIGTERM's default ends a process without cleaning up.
+    and bench's scratch folder behind, since SIGTERM's default ends a process without cleaning up. The
+    worker gets `grace` seconds to exit on SIGTERM before SIGKILL; further SIGTERMs and Ctrl-Cs in that
+    time are ignored, since one that cut the stop short would orphan the worker all the same.
     """
     # The worker's stdout (the Trainer prints its metrics there) joins the logs on stderr.
     worker = subprocess.Popen(command, stdout=sys.__stderr__)
-    handled = threading.current_thread() is threading.main_thread()  # where handlers can be installed
-    if handled:
+    saved: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():  # where handlers can be installed
+        # None: a handler installed outside Python, which cannot be put back from here.
+        saved = {sig: h for sig in (signal.SIGTERM, signal.SIGINT) if (h := signal.getsignal(sig)) is not None}
 
         def on_sigterm(signum, frame):
+            for sig in saved:  # before unwinding: a second signal must not land in the stop below
+                signal.signal(sig, signal.SIG_IGN)
             raise SystemExit(128 + signum)
 
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        if signal.SIGTERM in saved:
+            signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return worker.wait()
     finally:
-        if handled:
-            signal.signal(signal.SIGTERM, previous)
-        if worker.poll() is None:
-            worker.terminate()
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        for sig in saved:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            if worker.poll() is None:
+                worker.terminate()
+                try:
+                    worker.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+                    worker.wait()
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
 
 
 def _measure(

@@ -139,6 +139,33 @@ def test_a_stopped_bench_stops_its_worker_and_leaves_no_scratch(tmp_path: Path, 
     assert not list(tmp_path.glob("results/*")), "no record of a bench that did not finish"
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker in Linux's /proc")
+def test_a_second_sigterm_while_bench_stops_its_worker_does_not_orphan_it(tmp_path: Path):
+    ready = tmp_path / "ready"
+    # A worker slow to stop: it ignores SIGTERM, so bench has to wait out its grace and then kill it.
+    stubborn = (f"import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                f"open({str(ready)!r}, 'w').close(); time.sleep(120)")  # fmt: skip
+    driver = (f"import sys; from kantai_batch.bench import _run_worker; "
+              f"sys.exit(_run_worker([sys.executable, '-c', {stubborn!r}], grace=4))")  # fmt: skip
+    bench = subprocess.Popen([sys.executable, "-c", driver], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert bench.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    (worker,) = map(int, Path(f"/proc/{bench.pid}/task/{bench.pid}/children").read_text().split())
+    try:
+        bench.send_signal(signal.SIGTERM)
+        time.sleep(1)  # bench is now in the grace it gives the worker
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=30) == 128 + signal.SIGTERM, "the second SIGTERM cut bench's stop short"
+        with pytest.raises(ProcessLookupError):
+            os.kill(worker, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
+        bench.kill()
+
+
 @pytest.mark.slow
 def test_with_seconds_run_mlm_fills_the_time_like_the_job(tmp_path: Path, corpus_file: Path):
     out = tmp_path / "results"
