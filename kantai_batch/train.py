@@ -25,7 +25,7 @@ from kantai_batch.budget import PlannedSchedule, TimeBudget
 from kantai_batch.checkpoints import CheckpointMarkerCallback
 from kantai_batch.continued import continued_model, init_model_dir
 from kantai_batch.data import FULL_BLOCK_MODES, load_samples
-from kantai_batch.distributed import node_count
+from kantai_batch.distributed import barrier, node_count
 from kantai_batch.errors import JobConfigError, PreemptedError, TrainingDivergedError
 from kantai_batch.fingerprint import checkpoint_lineage, fingerprint_of
 from kantai_batch.hardware import peak_flops, resolve_attention, resolve_precision, training_flops_per_token
@@ -70,16 +70,11 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
         start_from = init_model_dir(job)
         lineage = checkpoint_lineage(job, run)
         resume_from = run.newest_checkpoint(tidy=args.local_process_index == 0)
+        other_training = None
         if resume_from and read_marker(resume_from).get("lineage_sha256", lineage) != lineage:
             # An earlier training's checkpoint (a retraining on a grown corpus in the same run dir):
             # resuming it would skip this training's steps, and its higher step would outlive the new ones.
-            log.info(
-                "pretrain: %s is of another training (other samples, starting model or settings); starting over",
-                run.uri(resume_from),
-            )
-            if args.local_process_index == 0:
-                run.discard_checkpoints(remote=args.process_index == 0)
-            resume_from = None
+            other_training, resume_from = resume_from, None
     inputs = fingerprint_of(job, "pretrain", run)
     if start_from is None:
         model = init_model(job, len(tokenizer))
@@ -103,6 +98,17 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
         stop = StopAgreement(Preemption(job.train.preemption_grace_s), budget)
         session = build_trainer(job, model, tokenizer, args, run, callbacks=[checkpoints, stop], budget=budget)
         trainer = session.trainer
+        if other_training is not None:
+            # Only once the job has passed every check (its tokens, its starting model): the wrong
+            # job given to a resumed run must fail without costing the run its checkpoints. The
+            # barrier: every process has read the checkpoints' markers before any is deleted.
+            log.info(
+                "pretrain: %s is of another training (other samples, starting model or settings); starting over",
+                run.uri(other_training),
+            )
+            barrier()
+            if args.local_process_index == 0:
+                run.discard_checkpoints(remote=args.process_index == 0)
         if resume_from:
             log.info("pretrain: resuming from %s", run.uri(resume_from))
         if finished:

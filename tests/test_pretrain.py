@@ -286,6 +286,11 @@ def test_checkpoints_of_another_training_are_not_resumed_but_a_longer_one_resume
     short = tiny("train.max_steps=10", "train.save_steps=10")
     invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *short)
     first = json.loads((run_dir / "checkpoints" / "checkpoint-10" / MARKER).read_text())["lineage_sha256"]
+    # A job the run's tokens were not made for is refused before it touches the checkpoints.
+    wrong = tiny("train.max_steps=10", "train.save_steps=10", "data.block_size=16")
+    result = invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *wrong, expect=3)
+    assert "were made for other settings" in result.stderr
+    assert json.loads((run_dir / "checkpoints" / "checkpoint-10" / MARKER).read_text())["lineage_sha256"] == first
     # Another learning rate is another training: it starts over, and the old checkpoint is gone.
     other = tiny("train.max_steps=10", "train.save_steps=10", "train.learning_rate=3e-3")
     invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *other)
