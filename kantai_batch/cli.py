@@ -424,11 +424,16 @@ def register(job: Job, run: RunDir, model_uri: str | None, name: str, alias: str
 )
 def pull(uri: str, out_dir: Path) -> None:
     """Download models:/NAME/VERSION or models:/NAME@ALIAS as a model folder the other commands load."""
+    from kantai_batch.manifest import is_complete
     from kantai_batch.registry import pull as pull_model
 
+    # The pulled model replaces the folder whole: fine for a model folder pulled or trained before,
+    # not for a run dir or anything else that holds the user's files.
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_complete(out_dir):
+        raise JobConfigError(f"--out {out_dir} holds files that are not a model folder; name a new or empty folder")
     results = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
-        pull_model(uri, out_dir)
+        pull_model(uri, out_dir.absolute())  # absolute: `--out .` has a name to commit under
     click.echo(str(out_dir), file=results)
 
 

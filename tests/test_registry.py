@@ -37,6 +37,15 @@ def test_register_pull_and_fill_mask_round_trip(tracking_server: str, trained_ru
     assert {"config.json", "model.safetensors", "tokenizer.json", MARKER} <= {p.name for p in out.iterdir()}
     pulled = json.loads(invoke("fill-mask", "--model", str(out), "--json", text).stdout)
     assert pulled == original, "the registered model predicts exactly as the trained one"
+    # A model folder pulled before is replaced; a folder of anything else is refused and kept.
+    invoke("pull", f"models:/kantai-tiny/{registered['version']}", "--out", str(out))
+    assert {"config.json", "model.safetensors", MARKER} <= {p.name for p in out.iterdir()}
+    notes = tmp_path / "run" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("mine")
+    refused = invoke("pull", "models:/kantai-tiny@champion", "--out", str(notes.parent), expect=2)
+    assert refused.stderr.count("\n") == 1 and f"--out {notes.parent} holds files" in refused.stderr
+    assert [p.name for p in notes.parent.iterdir()] == ["notes.txt"] and notes.read_text() == "mine"
 
     direct = json.loads(invoke("fill-mask", "--model", "models:/kantai-tiny@champion", "--json", text).stdout)
     assert direct == original
