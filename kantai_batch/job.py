@@ -125,9 +125,12 @@ class CorpusSection(_Section):
     def _known_codec(cls, value: str) -> str:
         if value != "auto":
             try:
-                codecs.lookup(value)
+                codec = codecs.lookup(value)
             except LookupError:
                 raise ValueError(f"unknown encoding {value!r} (use 'auto' or a Python codec name)") from None
+            # base64, rot13, zlib and kin are codecs too, but of bytes to bytes or str to str.
+            if not getattr(codec, "_is_text_encoding", True):
+                raise ValueError(f"{value!r} is not a text encoding (use 'auto' or one such as utf-8, cp1252)")
         return value
 
     @model_validator(mode="after")
@@ -380,7 +383,7 @@ class Sampling(_Section):
     """Sample among the k most likely tokens only; 0 disables the cut."""
     top_p: float = Field(0.95, gt=0, le=1)
     """Sample among the most likely tokens whose probabilities sum to p; 1 disables the cut."""
-    seed: int | None = 0
+    seed: int | None = Field(0, ge=0, lt=2**32)
     """Seed for sampling, so the same prompt gives the same answer; null draws a fresh one each time."""
     num_return_sequences: int = Field(1, ge=1)
     """Continuations `generate` and `run` print for the prompt (more than one needs sampling); `chat`
@@ -447,8 +450,10 @@ class Job(_Section):
                 f"{self.data.block_size + 2}, got {self.model.max_position_embeddings}"
             )
         mask = self.tokenizer.special_tokens[4]
-        if self.task == "mlm" and mask not in self.infer.fill_mask_text:
-            raise ValueError(f"infer.fill_mask_text has no {mask} token")
+        # One mask: evaluate and bench read the sentence's answers as one ranked list, as a probe's.
+        if self.task == "mlm" and self.infer.fill_mask_text.count(mask) != 1:
+            found = self.infer.fill_mask_text.count(mask)
+            raise ValueError(f"infer.fill_mask_text needs exactly one {mask} token, has {found}")
         if self.train.attention_init == "mimetic_local":
             heads, width = self.model.num_attention_heads, self.model.hidden_size
             if self.train.position_init != "sinusoidal":
@@ -549,6 +554,11 @@ def _describe(exc: ValidationError) -> str:
 _BOUNDS = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
 
 
+def _number(value: float) -> str:
+    """1.0 as 1, and a seed's bound 4294967296 in full rather than as 4.29497e+09."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _describe_settings(exc: ValidationError) -> str:
     """One line naming each bad sampling setting as the options spell it (``top-p``): a command's option
     and the chat page's field of the same name get the same message."""
@@ -557,7 +567,8 @@ def _describe_settings(exc: ValidationError) -> str:
         name = str(error["loc"][0]).replace("_", "-") if error["loc"] else ""
         got = error["input"]
         bound = next(
-            (f"{word} {error['ctx'][key]:g}" for key, word in _BOUNDS.items() if key in error.get("ctx", {})), None
+            (f"{word} {_number(error['ctx'][key])}" for key, word in _BOUNDS.items() if key in error.get("ctx", {})),
+            None,
         )
         if error["type"] == "extra_forbidden":
             problem = f"{name} is not a sampling setting"

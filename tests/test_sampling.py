@@ -15,6 +15,8 @@ from kantai_batch.job import GenerateSection, Sampling
         ({"top_p": 3}, "top-p must be at most 1, got 3"),
         ({"top_p": 0}, "top-p must be above 0, got 0"),
         ({"max_new_tokens": 0}, "max-new-tokens must be at least 1, got 0"),
+        ({"seed": -1}, "seed must be at least 0, got -1"),
+        ({"seed": 2**32}, "seed must be below 4294967296, got 4294967296"),
         ({"temperature": "warm"}, "temperature must be a number, got 'warm'"),
         ({"top_k": "5.5"}, "top-k must be a whole number, got '5.5'"),
         ({"temperature": 0, "num_return_sequences": 2}, "greedy decoding (temperature 0) gives one answer"),
