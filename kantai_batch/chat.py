@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any, TextIO
 
-from kantai_batch.errors import KantaiError
+from kantai_batch.errors import KantaiError, first_line
 from kantai_batch.generate import Generator
 from kantai_batch.job import Sampling
 
@@ -58,10 +58,21 @@ def repl(generator: Generator, sampling: Sampling, *, stdin: TextIO, stdout: Tex
         stdout.flush()
 
 
-def serve_page(generator: Generator, sampling: Sampling, *, host: str, port: int, announce: TextIO) -> None:
-    """Serve the chat page until interrupted (Ctrl-C or SIGTERM ends it cleanly)."""
-    server = ThreadingHTTPServer((host, port), _handler(generator, sampling))
-    url = f"http://{host}:{server.server_address[1]}/"
+def bind(host: str, port: int) -> ThreadingHTTPServer:
+    """The page's socket, bound before the model loads, so a port in use fails at once and by name.
+
+    Closing it is the caller's (``with bind(...) as server``)."""
+    try:
+        return ThreadingHTTPServer((host, port), BaseHTTPRequestHandler)
+    except OSError as exc:
+        raise KantaiError(f"chat cannot serve on {host}:{port}: {exc.strerror or first_line(exc)}") from None
+
+
+def serve_page(server: ThreadingHTTPServer, generator: Generator, sampling: Sampling, *, announce: TextIO) -> None:
+    """Serve the chat page on ``server`` until interrupted (Ctrl-C or SIGTERM ends it cleanly)."""
+    server.RequestHandlerClass = _handler(generator, sampling)
+    host, port = server.server_address[:2]
+    url = f"http://{host}:{port}/"
     announce.write(f"serving {generator.model_dir} on {url}\n")
     announce.flush()
     log.info("chat: serving on %s (Ctrl-C stops)", url)
@@ -69,8 +80,6 @@ def serve_page(generator: Generator, sampling: Sampling, *, host: str, port: int
         server.serve_forever()
     except KeyboardInterrupt:
         pass
-    finally:
-        server.server_close()
 
 
 def _handler(generator: Generator, defaults: Sampling) -> type[BaseHTTPRequestHandler]:

@@ -329,15 +329,15 @@ def generate(
 @click.option("--port", type=click.IntRange(0, 65535), default=7860, help="Port to serve on; 0 picks a free one.")
 def chat(job: Job, run: RunDir, model_uri: str | None, sampling, serve: bool, host: str, port: int) -> None:
     """Talk to a causal LM: prompt, answer, repeat (Ctrl-D leaves), or a web page with --serve."""
-    from kantai_batch.chat import repl, serve_page
+    from kantai_batch.chat import bind, repl, serve_page
     from kantai_batch.generate import Generator
 
-    generator = Generator.load(_model(model_uri, run), command="chat")
     results = click.get_current_context().meta[_RESULTS]
-    if serve:
-        serve_page(generator, sampling, host=host, port=port, announce=results)
-    else:
-        repl(generator, sampling, stdin=sys.stdin, stdout=results)
+    if not serve:
+        repl(Generator.load(_model(model_uri, run), command="chat"), sampling, stdin=sys.stdin, stdout=results)
+        return
+    with bind(host, port) as server:
+        serve_page(server, Generator.load(_model(model_uri, run), command="chat"), sampling, announce=results)
 
 
 @cli.command()

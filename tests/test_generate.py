@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,14 @@ def test_chat_in_a_terminal_prompts_answers_and_leaves_on_ctrl_d(support_run: Pa
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_chat_serve_on_a_port_in_use_fails_by_name_before_loading_the_model(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # The model does not exist: the port is found taken first, without minutes of loading.
+        result = invoke("chat", "--serve", "--port", str(port), "--model", str(tmp_path / "no-model"), expect=1)
+    message = f"kantai-batch: error: chat cannot serve on 127.0.0.1:{port}: Address already in use"
+    assert result.stderr.strip() == message
