@@ -95,18 +95,14 @@ def freeze(benchmark: Benchmark, name: str, run_id: str) -> str:
 def score(job: Job, model_dir: Path, benchmark: Benchmark, what: str) -> dict[str, Any]:
     """The loss of the model in ``model_dir`` on ``benchmark``: ``loss``, ``scored_tokens``, ``samples``."""
     from kantai_batch.data import build_split
-    from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer
+    from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer, require_positions
     from kantai_batch.objective import task_of
 
     config = load_model_config(model_dir)
     task = task_of(config)
     if task is None:
         raise InputDataError(f"{what} {model_dir} is neither a masked nor a causal language model")
-    if job.data.block_size + 2 > config.max_position_embeddings:
-        raise InputDataError(
-            f"{what} {model_dir} takes at most {config.max_position_embeddings - 2} tokens; "
-            f"data.block_size is {job.data.block_size}"
-        )
+    require_positions(config, model_dir, job.data.block_size, what)
     tokenizer = load_model_tokenizer(model_dir)
     model = load_lm(model_dir, task)
     shaped = job.model_copy(update={"task": task})

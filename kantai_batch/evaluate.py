@@ -25,7 +25,13 @@ from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.hardware import resolve_attention, resolve_precision
 from kantai_batch.job import Job
 from kantai_batch.manifest import write_json_atomic
-from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer, require_task
+from kantai_batch.model import (
+    load_lm,
+    load_model_config,
+    load_model_tokenizer,
+    require_positions,
+    require_task,
+)
 from kantai_batch.objective import ACCURACY, accuracy_metric, collator, predicted_ids, task_of
 from kantai_batch.probes import format_quality, quality_report, read_probes
 from kantai_batch.rundir import EVAL_METRICS, RunDir
@@ -42,6 +48,7 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
     config = load_model_config(model_dir)
     task = task_of(config) or job.task
     require_task(config, model_dir, task, "evaluate")
+    require_positions(config, model_dir, job.data.block_size)
     tokenizer = load_model_tokenizer(model_dir)
     # A bad probe file fails before the evaluation, not after it.
     probes = read_probes(job.eval.probes, tokenizer.mask_token) if task == "mlm" and job.eval.probes else None

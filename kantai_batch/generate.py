@@ -17,12 +17,9 @@ from pathlib import Path
 
 from kantai_batch.errors import InputDataError
 from kantai_batch.job import Sampling
-from kantai_batch.model import load_lm, load_lm_tokenizer
+from kantai_batch.model import load_lm, load_lm_tokenizer, usable_positions
 
 log = logging.getLogger(__name__)
-
-# RoBERTa numbers positions from padding_idx + 1, so two position embeddings are never used.
-_POSITION_OFFSET = 2
 
 
 @dataclass(frozen=True)
@@ -53,7 +50,7 @@ class Generator:
         self.model_dir = model_dir
         self.tokenizer = tokenizer
         self.model = model.eval()
-        self.max_length = self.model.config.max_position_embeddings - _POSITION_OFFSET
+        self.max_length = usable_positions(self.model.config)
 
     @classmethod
     def load(cls, model_dir: Path, command: str = "generate") -> Generator:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from kantai_batch.errors import InputDataError
-from kantai_batch.model import load_lm, load_lm_tokenizer
+from kantai_batch.model import load_lm, load_lm_tokenizer, load_model_config, usable_positions
 
 
 def fill_mask(model_dir: Path, text: str, top_k: int = 5) -> list[list[dict[str, Any]]]:
@@ -16,6 +16,13 @@ def fill_mask(model_dir: Path, text: str, top_k: int = 5) -> list[list[dict[str,
     tokenizer = load_lm_tokenizer(model_dir, "mlm", "fill-mask")
     if tokenizer.mask_token not in text:
         raise InputDataError(f"text {text!r} has no {tokenizer.mask_token} token to fill")
+    # The pipeline neither truncates nor bounds k: both would fail deep inside torch, after the weights load.
+    config = load_model_config(model_dir)
+    tokens, longest = len(tokenizer(text)["input_ids"]), usable_positions(config)
+    if tokens > longest:
+        raise InputDataError(f"the text is {tokens} tokens; model {model_dir} reads at most {longest}")
+    if top_k > config.vocab_size:
+        raise InputDataError(f"top-k {top_k} is more than model {model_dir}'s {config.vocab_size} tokens")
     fill = pipeline("fill-mask", model=load_lm(model_dir, "mlm"), tokenizer=tokenizer)
     results = fill(text, top_k=top_k)
     # The pipeline returns a flat list for one mask and a list per mask for several.

@@ -240,6 +240,19 @@ def require_task(config, model_dir: Path, task: str, command: str) -> None:
     )
 
 
+def usable_positions(config) -> int:
+    """Tokens the model reads at most: RoBERTa numbers positions from padding_idx + 1, so two rows are never used."""
+    return config.max_position_embeddings - 2
+
+
+def require_positions(config, model_dir: Path, block_size: int, what: str = "model") -> None:
+    """Blocks longer than the model's positions fail deep inside the embedding: refuse them by name."""
+    if block_size > usable_positions(config):
+        raise InputDataError(
+            f"{what} {model_dir} takes at most {usable_positions(config)} tokens; data.block_size is {block_size}"
+        )
+
+
 def load_lm_tokenizer(folder: Path, task: str, command: str):
     """The tokenizer of a saved model checked to be trained for ``task``, without reading the weights."""
     require_task(load_model_config(folder), folder, task, command)

@@ -94,7 +94,9 @@ def quality_report(model, tokenizer, job, probes: list[Probe] | None) -> dict[st
     from transformers import pipeline
 
     fill = pipeline("fill-mask", model=model, tokenizer=tokenizer)
-    sentence = fill(job.infer.fill_mask_text, top_k=job.infer.top_k)
+    # A tiny model may have fewer tokens than infer.top_k: all of them, rather than a failure after the evaluation.
+    top_k = min(job.infer.top_k, model.config.vocab_size)
+    sentence = fill(job.infer.fill_mask_text, top_k=top_k)
     report: dict[str, Any] = {
         "fill_mask": {
             "text": job.infer.fill_mask_text,
@@ -102,7 +104,7 @@ def quality_report(model, tokenizer, job, probes: list[Probe] | None) -> dict[st
         }
     }
     if probes:
-        report["probes"] = score_probes(model, tokenizer, probes, job.infer.top_k)
+        report["probes"] = score_probes(model, tokenizer, probes, top_k)
     return report
 
 

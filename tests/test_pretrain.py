@@ -166,6 +166,9 @@ def test_fill_mask_json(trained_run: Path):
         (["fill-mask", "--model", "{tmp}", "A <mask>."], 3, "is not a model folder (no config.json)"),
         (["fill-mask", "--model", "{tmp}/nope", "A <mask>."], 3, "does not exist"),
         (["evaluate", "--model", "{tmp}"], 3, "is not a model folder"),
+        (["evaluate", "--run-dir", "{tmp}"], 3, "takes at most 64 tokens; data.block_size is 128"),
+        (["fill-mask", "--top-k", "5000", "A <mask>."], 3, "top-k 5000 is more than model"),
+        (["fill-mask", "A <mask>." + " reason" * 70], 3, "tokens; model"),
     ],
 )
 def test_model_errors_are_one_line(trained_run: Path, tmp_path: Path, args: list[str], code: int, message: str):
