@@ -250,7 +250,9 @@ class TwcsReader:
 
 def _tweet_id(value: str) -> int | None:
     match = _TWEET_ID.match(value)
-    return int(match.group(1)) if match else None
+    tweet_id = int(match.group(1)) if match else None
+    # Twitter's ids are 64-bit; a longer one is garbage, and more than SQLite's INTEGER holds.
+    return tweet_id if tweet_id is not None and tweet_id < 2**63 else None
 
 
 def _printable(name: str) -> str:

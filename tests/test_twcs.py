@@ -115,6 +115,7 @@ def test_conversation_mode_pairs_each_customer_tweet_with_the_reply(tmp_path: Pa
     rows.append(["7001", "c", "True", "t", "nobody ever answered this one " * 3, "", ""])
     rows.append(["7002", "Brand", "False", "t", "a reply to a tweet that is not in the file " * 3, "", "6999"])
     rows.append(["7003", "Brand", "False", "t", "a brand tweet that starts a thread " * 3, "", ""])
+    rows.append(["9" * 20, "c", "True", "t", "an id longer than any tweet id has " * 3, "", ""])
     source = twcs_csv(tmp_path / "twcs.csv", rows)
     _prepare(
         tmp_path / "run",
@@ -132,7 +133,7 @@ def test_conversation_mode_pairs_each_customer_tweet_with_the_reply(tmp_path: Pa
         assert f"{expected_customer} <reply> {expected_reply}" in examples
     assert not any("http" in example or "brand my" in example for example in examples)
     counts = _twcs_stats(tmp_path / "run")
-    assert counts["rows_dropped"] == {"not_a_reply": 1}
+    assert counts["rows_dropped"] == {"not_a_reply": 1, "bad_tweet_id": 1}
     assert counts["examples_dropped"]["customer_tweet_unanswered"] == 1
     assert counts["examples_dropped"]["reply_to_no_customer_tweet"] == 1
 
