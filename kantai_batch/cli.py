@@ -413,7 +413,9 @@ def bench(
 def register(job: Job, run: RunDir, model_uri: str | None, name: str, alias: str | None) -> None:
     """Log a trained model to MLflow as a transformers model and register a new version of it."""
     from kantai_batch.registry import register as register_model
+    from kantai_batch.registry import require_model_name
 
+    require_model_name(name, "--name")
     emit(json.dumps(register_model(_model(model_uri, run), name, alias), indent=2))
 
 
@@ -459,7 +461,9 @@ def run_all(job: Job, run: RunDir, tracking: bool, register_as: str | None, fail
     outcome = None
     if register_as:
         from kantai_batch.promotion import retrain
+        from kantai_batch.registry import require_model_name
 
+        require_model_name(register_as, "--register")
         outcome = retrain(job, run, register_as, track=tracking)
     else:
         run_pipeline(job, run, track=tracking)

@@ -197,6 +197,17 @@ def test_an_unreachable_registry_fails_before_any_work(tmp_path: Path, monkeypat
     assert not (tmp_path / "run").exists(), "nothing was prepared"
 
 
+@pytest.mark.parametrize("name", ["team/kant", "kant:v2", " "])
+def test_a_name_mlflow_cannot_register_fails_before_any_work(tmp_path: Path, name: str):
+    corpus = _week(tmp_path / "corpus", 1)
+    result = invoke("run", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus), "--register", name, expect=2)
+    assert result.stderr.strip() == (
+        f"kantai-batch: error: --register {name!r} is not a registered model name: it must be non-empty, "
+        "without '/' or ':'"
+    )
+    assert not (tmp_path / "run").exists(), "nothing was prepared"
+
+
 def test_a_job_that_conflicts_with_the_model_it_continues_is_a_one_line_error(
     trained_run: Path, corpus_file: Path, tmp_path: Path
 ):
