@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kantai_batch.benchmark import Benchmark, benchmark_for
 from kantai_batch.errors import InputDataError, JobConfigError, TrainingDivergedError
 from kantai_batch.job import Job
 from kantai_batch.rundir import RunDir
@@ -81,17 +82,22 @@ def retrain(job: Job, run: RunDir, name: str, *, track: bool) -> Outcome | None:
             trained=False,
             promoted=True,
         )
-    try:
-        run_pipeline(job, run, track=track, phases=PHASES[1:])
-    except TrainingDivergedError as diverged:
-        raise TrainingDivergedError(f"{diverged}; nothing registered, {_stays(name, champion)}") from diverged
-    if not is_main_process():
-        return None
-    return _decide(job, run, name, champion, {CORPUS_SHA256: corpus_sha, JOB_SHA256: job_sha})
+    with tempfile.TemporaryDirectory(prefix="kantai-promote-") as scratch:
+        # Found before training, not after it: a mistyped eval.benchmark must not cost a whole training.
+        benchmark = benchmark_for(job, run, name, Path(scratch))
+        try:
+            run_pipeline(job, run, track=track, phases=PHASES[1:])
+        except TrainingDivergedError as diverged:
+            raise TrainingDivergedError(f"{diverged}; nothing registered, {_stays(name, champion)}") from diverged
+        if not is_main_process():
+            return None
+        return _decide(job, run, name, champion, benchmark, {CORPUS_SHA256: corpus_sha, JOB_SHA256: job_sha})
 
 
-def _decide(job: Job, run: RunDir, name: str, champion: str | None, lineage: dict[str, str]) -> Outcome:
-    from kantai_batch.benchmark import benchmark_for, freeze, score
+def _decide(
+    job: Job, run: RunDir, name: str, champion: str | None, benchmark: Benchmark, lineage: dict[str, str]
+) -> Outcome:
+    from kantai_batch.benchmark import freeze, score
     from kantai_batch.registry import (
         cached_pull,
         log_metrics,
@@ -115,36 +121,34 @@ def _decide(job: Job, run: RunDir, name: str, champion: str | None, lineage: dic
         )
     stays = _stays(name, champion)
     _require_finite_training(run, stays)
-    with tempfile.TemporaryDirectory(prefix="kantai-promote-") as scratch:
-        benchmark = benchmark_for(job, run, name, Path(scratch))
-        new_loss = score(job, run.model, benchmark, "new model")["loss"]
-        if not math.isfinite(new_loss):
-            raise InputDataError(f"pretrain diverged: the new model's benchmark loss is {new_loss}; {stays}")
-        old_loss = None
-        if champion:
-            champion_dir = cached_pull(f"models:/{name}/{champion}", cache_dir())
-            old_loss = score(job, champion_dir, benchmark, f"champion version {champion}")["loss"]
-        bar = None if old_loss is None else old_loss * (1 - job.register.min_improvement)
-        promoted = bar is None or not math.isfinite(bar) or new_loss <= bar
-        tags = {
-            **lineage,
-            MODEL_SHA256: model_sha,
-            BENCHMARK_LOSS: f"{new_loss:.6f}",
-            CHAMPION_LOSS: "none" if old_loss is None else f"{old_loss:.6f}",
-            "champion_version": champion or "none",
-            BENCHMARK_SHA256: benchmark.sha256,
-            "benchmark": benchmark.source,
-        }
-        if existing:
-            version, run_id = existing["version"], existing["run_id"]
-            set_version_tags(name, version, tags)
-        else:
-            registered = register(run.model, name, tags=tags)
-            version, run_id = registered["version"], registered["run_id"]
-        metrics = {"benchmark_loss": new_loss, **({"champion_loss": old_loss} if old_loss is not None else {})}
-        log_metrics(run_id, metrics)
-        if benchmark.freeze:
-            freeze(benchmark, name, run_id)
+    new_loss = score(job, run.model, benchmark, "new model")["loss"]
+    if not math.isfinite(new_loss):
+        raise InputDataError(f"pretrain diverged: the new model's benchmark loss is {new_loss}; {stays}")
+    old_loss = None
+    if champion:
+        champion_dir = cached_pull(f"models:/{name}/{champion}", cache_dir())
+        old_loss = score(job, champion_dir, benchmark, f"champion version {champion}")["loss"]
+    bar = None if old_loss is None else old_loss * (1 - job.register.min_improvement)
+    promoted = bar is None or not math.isfinite(bar) or new_loss <= bar
+    tags = {
+        **lineage,
+        MODEL_SHA256: model_sha,
+        BENCHMARK_LOSS: f"{new_loss:.6f}",
+        CHAMPION_LOSS: "none" if old_loss is None else f"{old_loss:.6f}",
+        "champion_version": champion or "none",
+        BENCHMARK_SHA256: benchmark.sha256,
+        "benchmark": benchmark.source,
+    }
+    if existing:
+        version, run_id = existing["version"], existing["run_id"]
+        set_version_tags(name, version, tags)
+    else:
+        registered = register(run.model, name, tags=tags)
+        version, run_id = registered["version"], registered["run_id"]
+    metrics = {"benchmark_loss": new_loss, **({"champion_loss": old_loss} if old_loss is not None else {})}
+    log_metrics(run_id, metrics)
+    if benchmark.freeze:
+        freeze(benchmark, name, run_id)
     line = _explain(name, version, champion, new_loss, old_loss, promoted, job.register.min_improvement)
     now = version_by_alias(name, CHAMPION)
     if promoted and now != champion:

@@ -167,10 +167,12 @@ def test_a_failure_after_training_leaves_the_champion_where_it_was(registry: mlf
     message = nan.stderr.strip().splitlines()[-1]
     assert message.startswith("kantai-batch: error: pretrain diverged by step ")
     assert message.endswith(f"nothing registered, {name}@champion stays version 1")
-    # The benchmark cannot be read (evaluation fails): one line, exit 4, nothing registered.
+    # The benchmark cannot be read: one line, exit 4, found before any training, nothing registered.
     missing = tmp_path / "no-such-benchmark.txt"
+    model_before = read_marker(run_dir / "model")
     failed = _retrain(run_dir, corpus, name, f"eval.benchmark={missing}", expect=SourceUnavailableError.exit_code)
     assert failed.stderr.strip().splitlines()[-1] == f"kantai-batch: error: benchmark {missing} does not exist"
+    assert read_marker(run_dir / "model") == model_before, "no training for a benchmark that is not there"
     assert _champion(registry, name) == "1"
     assert len(registry.search_model_versions(f"name = '{name}'")) == 1
 
