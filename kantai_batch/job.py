@@ -225,8 +225,9 @@ class TrainSection(_Section):
     learning_rate: float = Field(2e-4, gt=0.0)
     """Peak AdamW learning rate, reached after the warm-up; `lr_scheduler` shapes the rest. For the Kant
     job 2e-4 ended 0.24-0.43 lower in held-out loss than 1e-4 and 0.05-0.13 lower than 1.5e-4 at 20
-    minutes (two seeds, with the local windows); 3e-4 ended level with it but left the early plateau
-    later (one seed); before the windows 3e-4 and 5e-4 stalled on a post-LN plateau."""
+    minutes (two seeds, with the local windows); 3e-4 ended at most 0.05 lower but left the early
+    plateau later and reached run_mlm's loss a quarter later (two seeds); before the windows 3e-4 and
+    5e-4 stalled on a post-LN plateau."""
     lr_scheduler: Literal["linear", "cosine", "warmup_stable_decay", "constant_with_warmup"] = "linear"
     """After the warm-up: `linear` and `cosine` decay to 0 at the last step; `warmup_stable_decay` holds
     the peak and decays (linearly) to 0 over the last `decay_ratio` of the steps; `constant_with_warmup`
