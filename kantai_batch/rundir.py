@@ -279,8 +279,17 @@ class RunDir:
         for old in complete[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         if self.remote is not None:
-            for name in self._remote_checkpoint_names()[:-keep]:
-                manifest.delete(self._remote_of(self.checkpoints / name))
+            names = self._remote_checkpoint_names()
+            complete = [n for n in names if manifest.remote_marker(self._remote_of(self.checkpoints / n)) is not None]
+            if not complete:
+                return
+            # Only complete checkpoints count towards ``keep``: uploads cut short above the resumed
+            # step would otherwise crowd out the ones a retry resumes from. A cut-short upload older
+            # than a complete checkpoint is never needed; a newer one is left for its step's next save.
+            newest = checkpoint_step(complete[-1])
+            for name in names:
+                if name in complete[:-keep] or (name not in complete and checkpoint_step(name) < newest):
+                    manifest.delete(self._remote_of(self.checkpoints / name))
 
     def discard_checkpoints(self, *, remote: bool) -> None:
         """Remove every checkpoint on this disk and, with ``remote``, in the remote run dir."""

@@ -84,10 +84,11 @@ def test_checkpoints_resume_from_s3_on_a_new_pod(bucket: str, corpus_file: Path,
     invoke("tokenize", "--run-dir", run_dir, *tiny())
     invoke("pretrain", "--run-dir", run_dir, "--no-tracking", *tiny("train.max_steps=20"))
     assert {f"checkpoint-10/{MARKER}", f"checkpoint-20/{MARKER}"} <= _keys(bucket, "runs/resume/checkpoints/")
-    # What a pod killed during an upload leaves: a newer checkpoint's files without its marker.
-    boto3.client("s3").put_object(
-        Bucket=bucket, Key="runs/resume/checkpoints/checkpoint-30/model.safetensors", Body=b"x"
-    )
+    # What pods killed during an upload leave: newer checkpoints' files without their markers.
+    for step in (30, 50):
+        boto3.client("s3").put_object(
+            Bucket=bucket, Key=f"runs/resume/checkpoints/checkpoint-{step}/model.safetensors", Body=b"x"
+        )
 
     monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "new-pod"))
     invoke("pretrain", "--run-dir", run_dir, "--no-tracking", *tiny("train.max_steps=40"))
@@ -96,7 +97,9 @@ def test_checkpoints_resume_from_s3_on_a_new_pod(bucket: str, corpus_file: Path,
     remaining = {
         key.split("/")[0] for key in _keys(bucket, "runs/resume/checkpoints/") if key.startswith("checkpoint-")
     }
-    assert remaining == {"checkpoint-30", "checkpoint-40"}, "save_total_limit 2: the partial one was replaced"
+    # save_total_limit 2 counts complete checkpoints only: the partial 30 was replaced, and the
+    # partial 50 (above this training's last step) crowded out neither 30 nor 40.
+    assert remaining == {"checkpoint-30", "checkpoint-40", "checkpoint-50"}
     assert f"checkpoint-30/{MARKER}" in _keys(bucket, "runs/resume/checkpoints/")
 
 
