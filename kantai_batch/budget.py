@@ -95,8 +95,17 @@ class TimeBudget:
             return self.spent_before
         return self.spent_before + ((self._stopped or time.monotonic()) - self._started) - self._excluded
 
-    def observe(self, step: int) -> tuple[bool, bool, float]:
-        """This rank's view after ``step``: out of budget, past half of it, mean step time since the last plan.
+    def plan_within(self, schedule: PlannedSchedule) -> None:
+        """Plan ``schedule``, never past its total now (max_steps, or the epochs' steps).
+
+        Taken here, before a resume restores the saved plan into the same object: a bound read later
+        would be the old plan, and a faster resumed run could not plan past it.
+        """
+        self.schedule = schedule
+        self._bound = schedule.total_steps
+
+    def observe(self, step: int) -> tuple[float, float]:
+        """This rank's view after ``step``: seconds of the budget spent, mean step time since the last plan.
 
         Steps are timed on the budget's own clock: an evaluation between them would otherwise count
         as step time, and a plan from inflated steps ends the schedule (and training) early.
@@ -106,28 +115,32 @@ class TimeBudget:
             self._timing_from = (step, spent)  # the first step of a run pays for warm-up: not timed
         first, since = self._timing_from
         step_s = (spent - since) / (step - first) if step > first else 0.0
-        return spent >= self.max_seconds, spent >= self.max_seconds / 2, step_s
+        return spent, step_s
 
-    def steer(self, step: int, past_half: bool, step_s: float) -> bool:
-        """Act on what the ranks agreed: (re-)plan when due; return whether the schedule has ended."""
+    def steer(self, step: int, spent: float, step_s: float) -> bool:
+        """Act on what the ranks agreed (the most any of them spent, the slowest step time): (re-)plan
+        when due; return whether training ends at ``step``, the schedule's end or the budget's.
+
+        Every rank plans from the same agreed numbers: each rank's own clock started a little apart,
+        and plans a step apart would stop one rank while the others wait in a collective.
+        """
         if self._planned_at is None:
             if self._timing_from is not None and step == self._timing_from[0] + ESTIMATE_STEPS:
-                self._plan(step, step_s)
+                self._plan(step, step_s, spent)
         elif not self._checked_drift and step >= self._planned_at + ESTIMATE_STEPS:
             # Every rank holds the same plan, so the planned midpoint is a step they all agree on.
             midway = self._planned_at + (self.schedule.total_steps - self._planned_at) // 2
-            if past_half or step >= midway:
+            if spent >= self.max_seconds / 2 or step >= midway:
                 self._checked_drift = True
                 if abs(step_s / self._planned_step_s - 1) > DRIFT:
-                    self._plan(step, step_s)
+                    self._plan(step, step_s, spent)
         # A plan cut to max_steps or the epochs' end leaves the ending to that bound.
-        return self.schedule.total_steps < self._bound and step >= self.schedule.total_steps
+        planned_end = self.schedule.total_steps < self._bound and step >= self.schedule.total_steps
+        return planned_end or spent >= self.max_seconds
 
-    def _plan(self, step: int, step_s: float) -> None:
+    def _plan(self, step: int, step_s: float, spent: float) -> None:
         """End the schedule at the step where, at ``step_s`` per step, the budget runs out."""
-        if self._planned_step_s is None:
-            self._bound = self.schedule.total_steps  # max_steps, or the epochs' steps: never planned past
-        left = max(0.0, self.max_seconds - self.spent())
+        left = max(0.0, self.max_seconds - spent)
         total = min(step + max(1, int(left / step_s)), self._bound)
         log.info(
             "pretrain: %.3f s per step, %.0f s of the budget left: the schedule ends at step %d%s",

@@ -4,7 +4,7 @@ A reason to stop is seen by one process: SIGTERM reaches the pods of one node, a
 its own clock for the time budget. A rank that stopped alone would leave the others waiting in a
 collective it never joins, until the collective timeout kills them without a checkpoint. So after
 every optimizer step the ranks share what they see in one tiny ``all_reduce`` (MAX of a few numbers:
-SIGTERM, budget spent, half of it spent, step time) and act on the same result: all save at the same
+SIGTERM, the budget's seconds spent, step time) and act on the same result: all save at the same
 step, all stop, all plan the budget's schedule alike. Its cost is measured in every run
 (``stop_agreement_s`` in the summary) and stays far below a step; with one process it is skipped.
 The values never leave the host: they are reduced in a gloo group of their own. Through NCCL they
@@ -76,12 +76,11 @@ class StopAgreement(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self._step_end = time.monotonic()
         step = state.global_step
-        out_of_time, past_half, step_s = self.budget.observe(step) if self.budget else (False, False, 0.0)
+        spent, step_s = self.budget.observe(step) if self.budget else (0.0, 0.0)
         started = time.perf_counter()
-        shared = agree_max([float(self.preemption.received.is_set()), float(out_of_time), float(past_half), step_s],
-                           timeout_s=args.ddp_timeout)  # fmt: skip
+        shared = agree_max([float(self.preemption.received.is_set()), spent, step_s], timeout_s=args.ddp_timeout)
         self.agreement_s += time.perf_counter() - started
-        preempted, out_of_time, past_half, step_s = bool(shared[0]), bool(shared[1]), bool(shared[2]), shared[3]
+        preempted, spent, step_s = bool(shared[0]), shared[1], shared[2]
         if preempted:
             if not self.preemption.received.is_set():
                 log.warning("pretrain: another rank received SIGTERM; saving a checkpoint at step %d", step)
@@ -89,7 +88,7 @@ class StopAgreement(TrainerCallback):
             self.preemption.start_deadline()
             control.should_save = True
             control.should_training_stop = True
-        elif self.budget is not None and (self.budget.steer(step, past_half, step_s) or out_of_time):
+        elif self.budget is not None and self.budget.steer(step, spent, step_s):
             log.info("pretrain: the time budget of %.0f s ends training at step %d", self.budget.max_seconds, step)
             self.stopped_by = BUDGET
             control.should_training_stop = True

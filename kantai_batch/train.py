@@ -247,8 +247,10 @@ def build_trainer(
     if budget is not None:
         # Until the first steps are timed, the schedule runs as if the step bound were the end.
         t = job.train
-        budget.schedule = PlannedSchedule(
-            t.lr_scheduler, planned_steps(args, len(train_set)), t.warmup_steps, t.warmup_ratio, t.decay_ratio
+        budget.plan_within(
+            PlannedSchedule(
+                t.lr_scheduler, planned_steps(args, len(train_set)), t.warmup_steps, t.warmup_ratio, t.decay_ratio
+            )
         )
     precision = resolve_precision(job.train.precision)
     attention = resolve_attention(job.train.attention, precision)

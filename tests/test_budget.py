@@ -56,12 +56,11 @@ def _train_on_a_fake_clock(monkeypatch: pytest.MonkeyPatch, step_seconds, evalua
     clock = [0.0]
     monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock[0])
     budget = TimeBudget(max_seconds=1000)
-    budget.schedule = PlannedSchedule("linear", 10_000, warmup_steps=0, warmup_ratio=0.1, decay_ratio=0.2)
+    budget.plan_within(PlannedSchedule("linear", 10_000, warmup_steps=0, warmup_ratio=0.1, decay_ratio=0.2))
     budget.start()
     for step in range(1, 10_000):
         clock[0] += step_seconds(step)
-        out_of_time, past_half, step_s = budget.observe(step)
-        if budget.steer(step, past_half, step_s) or out_of_time:
+        if budget.steer(step, *budget.observe(step)):
             return budget, step
         if evaluate_every and step % evaluate_every == 0:
             clock[0] += 60.0
@@ -82,6 +81,46 @@ def test_a_plan_from_slow_first_steps_is_corrected_before_it_ends_training(monke
     budget, ended_at = _train_on_a_fake_clock(monkeypatch, lambda step: 3.0 if step <= ESTIMATE_STEPS + 1 else 1.0)
     assert budget.schedule.total_steps == ended_at == 978
     assert budget.spent() == pytest.approx(1000.0)
+
+
+def test_ranks_whose_clocks_started_apart_plan_the_same_schedule(monkeypatch: pytest.MonkeyPatch):
+    """Two ranks, one of whose clocks started half a step earlier: planned from their own clocks they
+    would end a step apart (99 and 100), one leaving the loop while the other waits in a collective."""
+    clock = [0.0]
+    monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock[0])
+    ranks = [TimeBudget(max_seconds=100, spent_s=offset) for offset in (0.0, 0.5)]
+    for rank in ranks:
+        rank.plan_within(PlannedSchedule("linear", 10_000, warmup_steps=0, warmup_ratio=0.0, decay_ratio=0.2))
+        rank.start()
+    ended = {}
+    for step in range(1, 200):
+        clock[0] += 1.0
+        views = [rank.observe(step) for rank in ranks]
+        agreed = [max(values) for values in zip(*views, strict=True)]  # what StopAgreement's all_reduce gives
+        for index, rank in enumerate(ranks):
+            if index not in ended and rank.steer(step, *agreed):
+                ended[index] = step
+        if len(ended) == len(ranks):
+            break
+    assert [rank.schedule.total_steps for rank in ranks] == [99, 99]
+    assert ended == {0: 99, 1: 99}
+
+
+def test_a_resumed_run_plans_past_the_plan_it_saved(monkeypatch: pytest.MonkeyPatch):
+    """A resume restores the saved plan into the schedule after the budget took its bound: a faster
+    pod plans from the bound (max_steps), not from the old plan."""
+    clock = [0.0]
+    monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock[0])
+    budget = TimeBudget(max_seconds=1000, spent_s=400.0)
+    budget.plan_within(PlannedSchedule("linear", 10_000, warmup_steps=0, warmup_ratio=0.1, decay_ratio=0.2))
+    budget.schedule.__dict__.update(total_steps=300)  # as LambdaLR.load_state_dict restores a plan of 2 s steps
+    budget.start()
+    for step in range(200, 2_000):
+        clock[0] += 0.5
+        if budget.steer(step, *budget.observe(step)):
+            break
+    assert budget.schedule.total_steps > 1_300, "600 s left at 0.5 s a step: about 1,200 steps after the resume"
+    assert step == budget.schedule.total_steps
 
 
 def _summary(run_dir: Path) -> dict:
