@@ -35,6 +35,8 @@ _PER_RUN = ("Job", "CronJob", "Service", "ConfigMap")
 _RUN_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$")
 # Kueue's label naming the LocalQueue that admits a Job; its webhook suspends the Job until then.
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# k8s/base/pod-defaults.yaml's backoffLimit, which the pretrain Job gets once per node.
+RETRIES_PER_NODE = 4
 # A LocalQueue's name as Kueue checks the label: a DNS subdomain that is also a label value (63 characters).
 _QUEUE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 
@@ -86,10 +88,16 @@ class Submission:
             f"PET_NPROC_PER_NODE={self.gpus}",
             f"KANTAI_TOKENIZE_PARTS={self.tokenize_pods}",
         ]
-        scale = _pods(self.nodes)
+        # A failure of a multi-node training (a node lost) fails every node's pod at once, and each pod
+        # counts against backoffLimit: the base's retries are per node.
+        retries = {"op": "replace", "path": "/spec/backoffLimit", "value": RETRIES_PER_NODE * self.nodes}
+        scale = [*_pods(self.nodes), retries]
+        # The retraining pod runs PET_NPROC_PER_NODE processes too: one GPU each, as pretrain's pods.
+        retrain = []
         if self._overlay_has_gpus():
             limit = "/spec/template/spec/containers/0/resources/limits/nvidia.com~1gpu"
             scale.append({"op": "replace", "path": limit, "value": self.gpus})
+            retrain.append({"op": "replace", "path": "/spec/jobTemplate" + limit, "value": self.gpus})
         pretrain, tokenize = yaml.safe_dump(scale), yaml.safe_dump(_pods(self.tokenize_pods))
         kustomization = {
             "apiVersion": "kustomize.config.k8s.io/v1beta1",
@@ -115,6 +123,10 @@ class Submission:
                 {"target": {"kind": "Job", "name": "kantai-tokenize"}, "patch": tokenize},
             ],
         }
+        if retrain:
+            kustomization["patches"].append(
+                {"target": {"kind": "CronJob", "name": "kantai-retrain"}, "patch": yaml.safe_dump(retrain)}
+            )
         if self.queue:
             # On the Jobs and on those the CronJob creates. Kueue admits each Job as one workload (the
             # pretrain Job with all its pods), so a multi-node run starts whole or waits whole.

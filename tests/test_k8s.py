@@ -72,6 +72,7 @@ def test_a_submission_sets_the_pretrain_topology_in_one_place():
     assert job["metadata"]["name"] == service["metadata"]["name"] == pod["spec"]["subdomain"] == "kantai-pretrain-t1"
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 3
+    assert job["spec"]["backoffLimit"] == 3 * 4, "one lost node fails all 3 pods: 4 retries per node"
     assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert (topology["PET_NNODES"], topology["PET_NPROC_PER_NODE"]) == ("3", "8")
     assert service["spec"]["clusterIP"] == "None"
@@ -79,6 +80,18 @@ def test_a_submission_sets_the_pretrain_topology_in_one_place():
     assert service["spec"]["selector"]["kantai.io/run"] == "t1", "two runs' pods never share a rendezvous"
     assert {d["kind"] for d in docs} == {"ServiceAccount", "ConfigMap", "Service", "Job"}, "only the phase asked for"
     assert next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["name"] == "kantai-batch"
+
+
+def test_the_retraining_pod_gets_a_gpu_per_process_and_gpu_nodes():
+    submission = Submission(overlay=K8S / "overlays" / "gpu", run_id="t1", gpus=4, run_dir="s3://b/r")
+    docs = documents(render(submission, ("retrain",)))
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    (cron,) = [d for d in docs if d["kind"] == "CronJob"]
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    topology = next(d["data"] for d in docs if d["metadata"]["name"].startswith("kantai-topology-t1"))
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4 == int(topology["PET_NPROC_PER_NODE"])
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
