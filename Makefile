@@ -184,11 +184,15 @@ push: image
 	$(RUNNER) push $(IMAGE):$(TAG)
 
 # ./runs is mounted at /home/kantai/runs: RUN_DIR and a local CORPUS must lie below ./runs
-# (or be s3:// and http(s) URIs, with AWS_* and MLFLOW_* passed through from this shell).
+# (or be s3:// and http(s) URIs, with AWS_* and MLFLOW_* passed through from this shell). Without
+# MLFLOW_TRACKING_URI runs and their artifacts are tracked in ./runs/mlruns (`mlflow ui
+# --backend-store-uri runs/mlruns`): MLflow's default store and artifact root lie in the working
+# directory, the image's home, which --user cannot write and --rm throws away.
+LOCAL_TRACKING_URI = $(or $(MLFLOW_TRACKING_URI),file:///home/kantai/runs/mlruns)
 local-pretrain:
 	$(RUNNER) run --rm $(GPU_FLAGS) --user $$(id -u):$$(id -g) -v "$(abspath runs)":/home/kantai/runs \
 		-e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -e AWS_SESSION_TOKEN -e AWS_ENDPOINT_URL_S3 \
-		-e MLFLOW_TRACKING_URI $(IMAGE):$(TAG) \
+		-e MLFLOW_TRACKING_URI=$(LOCAL_TRACKING_URI) -e MLFLOW_TRACKING_TOKEN $(IMAGE):$(TAG) \
 		run --job $(JOB) --run-dir $(RUN_DIR) $(if $(CORPUS),--corpus $(CORPUS))
 
 render: install

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -41,9 +42,12 @@ def test_no_credentials_are_baked_in():
 
 def test_make_builds_and_runs_images_with_whatever_the_machine_has():
     """docker where a Docker engine answers, else buildah/podman, which need no daemon."""
+    environment = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     done = subprocess.run(["make", "-n", "image", "image-cpu", "local-pretrain", "IMAGE=reg/kb", "TAG=t"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+                          env=environment, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
+    # Tracked where the user keeps it: the mounted ./runs, not the container's throwaway home.
+    assert "-e MLFLOW_TRACKING_URI=file:///home/kantai/runs/mlruns " in done.stdout
     engine = shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
     if engine:
         assert "docker build -f docker/Dockerfile -t reg/kb:t " in done.stdout and "--gpus all" in done.stdout
