@@ -20,7 +20,13 @@ from typing import Any
 import click
 
 from kantai_batch import __version__, s3
-from kantai_batch.distributed import distributed_state, exit_process, joined_process_group, leave_process_group
+from kantai_batch.distributed import (
+    distributed_state,
+    exit_process,
+    joined_process_group,
+    leave_process_group,
+    local_main_first,
+)
 from kantai_batch.errors import JobConfigError, KantaiError, NotPromotedError, first_line
 from kantai_batch.job import Job, load_job
 from kantai_batch.phases import phase
@@ -235,7 +241,11 @@ def evaluate(job: Job, run: RunDir, model_uri: str | None, as_json: bool) -> Non
     ctx = click.get_current_context()
     given = ctx.get_parameter_source("corpus") == click.core.ParameterSource.COMMANDLINE
     explicit_corpus = ctx.params.get("corpus") if given else None
-    metrics = phase("evaluate").run(job, run, model_dir=_model(model_uri, run), corpus=explicit_corpus)
+    # Under `launch evaluate` every rank runs this: one per node downloads an s3:// or registry model
+    # into the shared cache, the others then find it complete (two at once would undo each other).
+    with local_main_first():
+        model_dir = _model(model_uri, run)
+    metrics = phase("evaluate").run(job, run, model_dir=model_dir, corpus=explicit_corpus)
     _print_metrics(metrics, as_json)
 
 
