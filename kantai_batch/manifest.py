@@ -131,6 +131,7 @@ def mirror(prefix: S3Uri, folder: Path, manifest: dict[str, Any]) -> Path:
     if is_complete(folder) and read_marker(folder).get("files") == manifest.get("files"):
         return folder
     shutil.rmtree(folder, ignore_errors=True)
+    log.info("s3: downloading %s into %s", prefix, folder)
     with committed_dir(folder) as scratch:
         download(prefix, scratch)
     return folder

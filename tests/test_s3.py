@@ -13,7 +13,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from helpers import ROOT, free_port, invoke, tiny
+from helpers import ROOT, free_port, invoke, tiny, torchrun
 from kantai_batch import s3
 from kantai_batch.manifest import MARKER, file_sha256
 
@@ -209,3 +209,21 @@ def test_denied_access_names_the_uri():
         stub.add_client_error("head_object", service_error_code="AccessDenied", http_status_code=403)
         with pytest.raises(InputDataError, match=r"s3://b/k/_COMPLETE: access denied \(AccessDenied\)"):
             s3.exists(s3.S3Uri("b", "k").child(MARKER))
+
+
+def test_two_ranks_evaluate_an_s3_model_from_one_copy(bucket: str, trained_run: Path, tmp_path: Path, fresh_cache):
+    from kantai_batch.manifest import is_complete, upload
+    from kantai_batch.s3 import S3Uri
+
+    upload(trained_run / "model", S3Uri.parse(f"s3://{bucket}/models/tiny"))
+    run_dir = tmp_path / "scored"
+    done = torchrun(
+        "evaluate", "--run-dir", str(run_dir), "--model", f"s3://{bucket}/models/tiny",
+        "--corpus", str(trained_run / "corpus" / "eval.txt"), *tiny(), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert is_complete(run_dir / "eval")
+    # One rank downloaded the node's copy, the other read it: neither removed the other's midway.
+    assert done.stderr.count(f"s3: downloading s3://{bucket}/models/tiny into") == 1, done.stderr[-3000:]
+    copy = fresh_cache / "models" / bucket / "models" / "tiny"
+    assert is_complete(copy) and [p.name for p in copy.parent.iterdir()] == ["tiny"]
