@@ -184,16 +184,15 @@ push: image
 	$(RUNNER) push $(IMAGE):$(TAG)
 
 # ./runs is mounted at /home/kantai/runs: RUN_DIR and a local CORPUS must lie below ./runs
-# (or be s3:// and http(s) URIs, with AWS_* and MLFLOW_* passed through from this shell). Without
-# MLFLOW_TRACKING_URI runs and their artifacts are tracked in ./runs/mlruns (`mlflow ui
-# --backend-store-uri runs/mlruns`): MLflow's default store and artifact root lie in the working
-# directory, the image's home, which --user cannot write and --rm throws away.
-LOCAL_TRACKING_URI = $(or $(MLFLOW_TRACKING_URI),file:///home/kantai/runs/mlruns)
+# (or be s3:// and http(s) URIs, with AWS_* and MLFLOW_* passed through from this shell). Tracked
+# only to the MLFLOW_TRACKING_URI of this shell (a server): MLflow's local default lies in the
+# working directory, the image's home, which --user cannot write and --rm throws away. Without it
+# the run dir still holds the summary and the metrics.
 local-pretrain:
 	$(RUNNER) run --rm $(GPU_FLAGS) --user $$(id -u):$$(id -g) -v "$(abspath runs)":/home/kantai/runs \
 		-e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -e AWS_SESSION_TOKEN -e AWS_ENDPOINT_URL_S3 \
-		-e MLFLOW_TRACKING_URI=$(LOCAL_TRACKING_URI) -e MLFLOW_TRACKING_TOKEN $(IMAGE):$(TAG) \
-		run --job $(JOB) --run-dir $(RUN_DIR) $(if $(CORPUS),--corpus $(CORPUS))
+		-e MLFLOW_TRACKING_URI -e MLFLOW_TRACKING_TOKEN $(IMAGE):$(TAG) \
+		run --job $(JOB) --run-dir $(RUN_DIR) $(if $(CORPUS),--corpus $(CORPUS)) $(if $(MLFLOW_TRACKING_URI),,--no-tracking)
 
 render: install
 	@$(RENDER)
