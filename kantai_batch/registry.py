@@ -34,14 +34,13 @@ def is_registry_uri(uri: str) -> bool:
     return uri.startswith("models:/")
 
 
-def require_model_name(name: str, option: str) -> str:
+def require_model_name(name: str, option: str) -> None:
     """MLflow's rule for registered names, checked up front: MLflow itself applies it only when
     registering, after a whole training."""
     if not name.strip() or "/" in name or ":" in name:
         raise JobConfigError(
             f"{option} {name!r} is not a registered model name: it must be non-empty, without '/' or ':'"
         )
-    return name
 
 
 def register(
