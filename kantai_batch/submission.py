@@ -35,8 +35,6 @@ _PER_RUN = ("Job", "CronJob", "Service", "ConfigMap")
 _RUN_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$")
 # Kueue's label naming the LocalQueue that admits a Job; its webhook suspends the Job until then.
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-# k8s/base/pod-defaults.yaml's backoffLimit, which the pretrain Job gets once per node.
-RETRIES_PER_NODE = 4
 # A LocalQueue's name as Kueue checks the label: a DNS subdomain that is also a label value (63 characters).
 _QUEUE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 
@@ -90,7 +88,7 @@ class Submission:
         ]
         # A failure of a multi-node training (a node lost) fails every node's pod at once, and each pod
         # counts against backoffLimit: the base's retries are per node.
-        retries = {"op": "replace", "path": "/spec/backoffLimit", "value": RETRIES_PER_NODE * self.nodes}
+        retries = {"op": "replace", "path": "/spec/backoffLimit", "value": self._overlay_retries() * self.nodes}
         scale = [*_pods(self.nodes), retries]
         # The retraining pod runs PET_NPROC_PER_NODE processes too: one GPU each, as pretrain's pods.
         retrain = []
@@ -149,6 +147,13 @@ class Submission:
 
     def _overlay_has_gpus(self) -> bool:
         return "nvidia.com/gpu" in self._overlay_manifests
+
+    def _overlay_retries(self) -> int:
+        """The pretrain Job's backoffLimit as the overlay sets it (Kubernetes' default, 6, where it does not)."""
+        for document in yaml.safe_load_all(self._overlay_manifests):
+            if document and document["kind"] == "Job" and document["metadata"]["name"] == "kantai-pretrain":
+                return document["spec"].get("backoffLimit", 6)
+        raise JobConfigError(f"overlay {self.overlay} renders no kantai-pretrain Job")
 
     def _overlay_image_name(self) -> str:
         """The image name the overlay pins (kustomize matches images by name, not by the base's name)."""
