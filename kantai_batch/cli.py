@@ -439,13 +439,18 @@ def pull(uri: str, out_dir: Path) -> None:
     from kantai_batch.manifest import is_complete
     from kantai_batch.registry import pull as pull_model
 
-    # The pulled model replaces the folder whole: fine for a model folder pulled or trained before,
-    # not for a run dir or anything else that holds the user's files.
+    # The pulled model replaces the folder whole. Replacing the one a shell stands in leaves that shell
+    # in a deleted directory that looks empty.
+    if Path.cwd().resolve().is_relative_to(out_dir.resolve()):
+        raise JobConfigError(
+            f"--out {out_dir} holds the working directory; name a folder inside it, such as --out model"
+        )
+    # Fine for a model folder pulled or trained before, not for a run dir or the user's other files.
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_complete(out_dir):
         raise JobConfigError(f"--out {out_dir} holds files that are not a model folder; name a new or empty folder")
     results = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
-        pull_model(uri, out_dir.absolute())  # absolute: `--out .` has a name to commit under
+        pull_model(uri, out_dir)
     click.echo(str(out_dir), file=results)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers import free_port, invoke
-from kantai_batch.manifest import MARKER
+from kantai_batch.manifest import MARKER, is_complete
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,9 @@ def tracking_server(mlflow_server: str, monkeypatch: pytest.MonkeyPatch, tmp_pat
     return mlflow_server
 
 
-def test_register_pull_and_fill_mask_round_trip(tracking_server: str, trained_run: Path, tmp_path: Path):
+def test_register_pull_and_fill_mask_round_trip(
+    tracking_server: str, trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     text = "Reason <mask> the conditions of experience."
     original = json.loads(invoke("fill-mask", "--model", str(trained_run / "model"), "--json", text).stdout)
 
@@ -46,6 +48,15 @@ def test_register_pull_and_fill_mask_round_trip(tracking_server: str, trained_ru
     refused = invoke("pull", "models:/kantai-tiny@champion", "--out", str(notes.parent), expect=2)
     assert refused.stderr.count("\n") == 1 and f"--out {notes.parent} holds files" in refused.stderr
     assert [p.name for p in notes.parent.iterdir()] == ["notes.txt"] and notes.read_text() == "mine"
+    # `--out .` would leave the shell standing in a deleted folder: refused, nothing touched.
+    monkeypatch.chdir(notes.parent)
+    for here in (".", str(tmp_path)):
+        refused = invoke("pull", "models:/kantai-tiny@champion", "--out", here, expect=2)
+        assert refused.stderr.count("\n") == 1 and "holds the working directory" in refused.stderr
+    assert [p.name for p in notes.parent.iterdir()] == ["notes.txt"]
+    invoke("pull", "models:/kantai-tiny@champion", "--out", "model")
+    assert is_complete(notes.parent / "model")
+    monkeypatch.chdir(tmp_path)
 
     direct = json.loads(invoke("fill-mask", "--model", "models:/kantai-tiny@champion", "--json", text).stdout)
     assert direct == original
