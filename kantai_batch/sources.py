@@ -206,8 +206,43 @@ def decompressed(path: Path, name: str) -> BinaryIO:
 def _open_zst(path: Path) -> BinaryIO:
     import zstandard
 
-    handle = path.open("rb")
-    return zstandard.ZstdDecompressor().stream_reader(handle, closefd=True)
+    return _ZstdFrames(zstandard, path.open("rb"))
+
+
+class _ZstdFrames:
+    """Every frame of a .zst file in turn. zstandard's stream reader takes a file cut short inside a
+    frame for its end, and would drop the rest of the text without a word; this raises instead."""
+
+    def __init__(self, zstandard, handle: BinaryIO) -> None:
+        self._context = zstandard.ZstdDecompressor()
+        self._error = zstandard.ZstdError
+        self._handle = handle
+        self._frame = None
+        self._input = b""
+        self._output = bytearray()
+
+    def read(self, size: int) -> bytes:
+        while len(self._output) < size and self._decompress_more():
+            pass
+        data = bytes(self._output[:size])
+        del self._output[:size]
+        return data
+
+    def _decompress_more(self) -> bool:
+        if not self._input:
+            self._input = self._handle.read(1 << 20)
+            if not self._input:
+                if self._frame is not None and not self._frame.eof:
+                    raise self._error("the file ends inside a frame")
+                return False
+        if self._frame is None or self._frame.eof:
+            self._frame = self._context.decompressobj()
+        self._output += self._frame.decompress(self._input)
+        self._input = self._frame.unused_data if self._frame.eof else b""
+        return True
+
+    def close(self) -> None:
+        self._handle.close()
 
 
 def _open_gz(path: Path) -> BinaryIO:
