@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kantai_batch.decoding import Decoding, detect_encoding
+from kantai_batch.decoding import Decoding, detect_encoding, undecodable
 from kantai_batch.errors import InputDataError
 from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.formats import SUFFIXES, examples, parquet_examples
@@ -99,10 +99,18 @@ def _read(item: Input, job: Job, split: _Split, *, only: bool) -> dict[str, Any]
             decoding = detect_encoding(lambda: decompressed(path, item.name), corpus.encoding, label)
             with decompressed(path, item.name) as raw:
                 read = examples(corpus.format, raw, decoding, field=corpus.text_field, name=label, skipped=skipped)
-                count = split.write(read)
+                count = split.write(_decoded(read, label, decoding.encoding))
     if skipped:
         log.info("%s: skipped %s", label, _describe_skipped(dict(skipped))())
     return {**entry, **decoding.as_dict(), "examples": count, "skipped": dict(sorted(skipped.items()))}
+
+
+def _decoded(read: Iterator[str], label: str, encoding: str) -> Iterator[str]:
+    """``read``, with a codec failing past the file's head (whatever its error handler) as a one-line error."""
+    try:
+        yield from read
+    except UnicodeError as exc:
+        raise undecodable(label, encoding, exc) from None
 
 
 def _twcs_files(inputs: list[Input], job: Job, files: list[dict[str, Any]]) -> Iterator[tuple[BinaryIO, str, str]]:

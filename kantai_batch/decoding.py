@@ -70,6 +70,7 @@ _MAX_PARAGRAPH_LINES = 100
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _REPLACEMENT = "\ufffd"
 _ESCAPED = re.compile("[\udc80-\udcff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 Opener = Callable[[], BinaryIO]
 
@@ -92,14 +93,22 @@ class Decoding:
     def low_confidence(self) -> bool:
         return self.confidence is not None and self.confidence < LOW_CONFIDENCE
 
-    def count_undecodable(self, line: str) -> None:
-        found = line.count(_REPLACEMENT)
+    def count_undecodable(self, line: str, found: int | None = None) -> None:
+        """Count the U+FFFD in ``line`` (``found`` of them, where only some are new), with an example."""
+        found = line.count(_REPLACEMENT) if found is None else found
         if not found:
             return
         self.undecodable_chars += found
         if len(self.undecodable_examples) < _EXAMPLES:
             at = line.index(_REPLACEMENT)
             self.undecodable_examples.append(line[max(0, at - 30) : at + 30].strip())
+
+    def without_surrogates(self, text: str) -> str:
+        """``text`` with each lone UTF-16 surrogate (JSON's ``\\ud83d`` escapes half a character, as a
+        tweet cut inside an emoji has) as a counted U+FFFD: no UTF-8 can hold one."""
+        text, found = _SURROGATE.subn(_REPLACEMENT, text)
+        self.count_undecodable(text, found)
+        return text
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -116,7 +125,7 @@ class Decoding:
 def detect_encoding(open_bytes: Opener, configured: str, name: str) -> Decoding:
     """How to decode the bytes ``open_bytes()`` streams (named ``name`` in messages and logs)."""
     if configured != "auto":
-        return Decoding(configured, detected=False)
+        return _forced(open_bytes, configured, name)
     with open_bytes() as handle:
         head = handle.read(4)
         for bom, encoding in _BOMS:
@@ -148,6 +157,35 @@ def detect_encoding(open_bytes: Opener, configured: str, name: str) -> Decoding:
         "; low confidence: check the text or set corpus.encoding" if choice.low_confidence else "",
     )
     return choice
+
+
+def _forced(open_bytes: Opener, configured: str, name: str) -> Decoding:
+    """``configured`` as the user set it, tried on the file's head so a codec that cannot read it at all
+    (UTF-32 without its byte-order mark, ...) is a one-line error rather than a traceback mid-read."""
+    with open_bytes() as handle:
+        head = handle.read(_CHUNK_BYTES)
+    encoding = configured
+    for bom, declared in _BOMS:
+        # A BOM of the forced codec's own family: the BOM's codec reads it and drops the mark, which
+        # the forced name alone would leave as a character in front of the first example.
+        if head.startswith(bom) and _family(declared) == _family(configured):
+            encoding = declared
+            break
+    try:
+        codecs.getincrementaldecoder(encoding)("replace").decode(head, final=False)
+    except UnicodeError as exc:
+        raise undecodable(name, configured, exc) from None
+    return Decoding(encoding, detected=False)
+
+
+def _family(encoding: str) -> str:
+    """utf-8 for utf_8_sig, utf-16 for utf-16-le, ...; the codec's own name for the rest."""
+    return "-".join(codecs.lookup(encoding).name.split("-")[:2])
+
+
+def undecodable(name: str, encoding: str, exc: UnicodeError) -> InputDataError:
+    first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return InputDataError(f"{name} cannot be decoded as {encoding}: {first_line}; set corpus.encoding to another one")
 
 
 def choose_encoding(path: Path, configured: str, source: str) -> tuple[str, bool]:

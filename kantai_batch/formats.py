@@ -95,7 +95,8 @@ def _jsonl(raw: BinaryIO, decoding: Decoding, field: str, name: str, skipped: Co
                     seen.update(dict.fromkeys(record))
                 continue
             with_field += 1
-            example = _field_text(record[field], skipped)
+            value = record[field]
+            example = _field_text(decoding.without_surrogates(value) if isinstance(value, str) else value, skipped)
             if example is not None:
                 yield example
     if records and not with_field:

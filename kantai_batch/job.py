@@ -131,6 +131,12 @@ class CorpusSection(_Section):
             # base64, rot13, zlib and kin are codecs too, but of bytes to bytes or str to str.
             if not getattr(codec, "_is_text_encoding", True):
                 raise ValueError(f"{value!r} is not a text encoding (use 'auto' or one such as utf-8, cp1252)")
+            try:  # idna and kin refuse to stand U+FFFD in for a bad byte, which every reader relies on
+                codec.incrementaldecoder("replace").decode(b"", final=True)
+            except UnicodeError:
+                raise ValueError(
+                    f"{value!r} cannot read text with bad bytes in it (use 'auto' or one such as utf-8)"
+                ) from None
         return value
 
     @model_validator(mode="after")

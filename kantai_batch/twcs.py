@@ -16,6 +16,7 @@ every count.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from kantai_batch.decoding import undecodable
 from kantai_batch.errors import InputDataError
 from kantai_batch.job import CorpusSection
 
@@ -36,9 +38,12 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("tweet_id", "author_id", "inbound", "created_at", "text", "response_tweet_id", "in_response_to_tweet_id")
 
-# undecodable bytes come through ``errors="surrogateescape"`` as lone surrogates: a row holding one is
-# not text in the file's encoding.
+# Undecodable bytes come through as a lone surrogate, which no decoded text holds: a row with one is
+# not text in the file's encoding. Not ``surrogateescape``, which only escapes bytes over 0x7f and so
+# fails on a UTF-16 file's odd trailing byte; nor ``replace``, since a U+FFFD may be the tweet's own.
 _UNDECODABLE = re.compile(r"[\udc80-\udcff]")
+_MARKED = "kantai-batch-undecodable"
+codecs.register_error(_MARKED, lambda exc: ("\udc80", exc.end))
 # Tweet ids in the Kaggle file are integers, written as floats ("119237.0") where pandas saw NaNs.
 _TWEET_ID = re.compile(r"^\s*(\d+)(?:\.0*)?\s*$")
 _SQLITE_BATCH = 10_000
@@ -181,7 +186,7 @@ class TwcsReader:
             yield from self._rows_of(raw, encoding, name)
 
     def _rows_of(self, raw: BinaryIO, encoding: str, name: str) -> Iterator[dict[str, str]]:
-        with io.TextIOWrapper(raw, encoding=encoding, errors="surrogateescape", newline="") as text:
+        with io.TextIOWrapper(raw, encoding=encoding, errors=_MARKED, newline="") as text:
             reader = csv.reader(text)
             header = self._header(reader, name)
             while True:
@@ -189,6 +194,8 @@ class TwcsReader:
                     record = next(reader)
                 except StopIteration:
                     return
+                except UnicodeError as exc:  # a codec that fails whatever its error handler says
+                    raise undecodable(name, encoding, exc) from None
                 except csv.Error:
                     # e.g. an unterminated quote running past the field size limit.
                     self.counts.rows_read += 1

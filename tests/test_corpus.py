@@ -83,6 +83,28 @@ def test_forced_wrong_encoding_reports_undecodable_characters(tmp_path: Path, co
     assert stats["undecodable_chars"] > 0
 
 
+@pytest.mark.parametrize("encoding", ["utf-32", "utf-16", "punycode"])
+def test_a_forced_encoding_that_cannot_read_the_file_is_a_one_line_error(
+    tmp_path: Path, corpus_file: Path, encoding: str
+):
+    _prepare(tmp_path, corpus_file)
+    before = (tmp_path / "corpus" / "train.txt").read_bytes()
+    result = _prepare(tmp_path, corpus_file, "--set", f"corpus.encoding={encoding}", expect=3)
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and f"{corpus_file} cannot be decoded as {encoding}" in message
+    assert (tmp_path / "corpus" / "train.txt").read_bytes() == before, "the corpus prepared before is kept"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16-le"])
+def test_a_forced_encoding_drops_its_own_byte_order_mark(tmp_path: Path, encoding: str):
+    corpus = tmp_path / "bom.txt"
+    text = "".join(f"Critique of pure reason, paragraph {i}.\n\n" for i in range(60))
+    corpus.write_bytes(("\ufeff" + text).encode(encoding))
+    _prepare(tmp_path, corpus, "--set", f"corpus.encoding={encoding}")
+    written = [(tmp_path / "corpus" / name).read_text(encoding="utf-8") for name in ("train.txt", "eval.txt")]
+    assert "\ufeff" not in "".join(written) and "Critique of pure reason, paragraph 0." in "\n".join(written)
+
+
 def test_marker_lists_every_file_with_checksums(tmp_path: Path, corpus_file: Path):
     _prepare(tmp_path, corpus_file)
     manifest = read_marker(tmp_path / "corpus")

@@ -182,6 +182,17 @@ def test_a_truncated_compressed_file_is_a_one_line_error(tmp_path: Path, corpus_
     assert (tmp_path / "run" / "corpus" / "train.txt").read_bytes() == before, "the previous corpus is kept"
 
 
+def test_a_json_escape_of_half_a_character_is_counted_as_undecodable(tmp_path: Path):
+    rows = [json.dumps({"text": f"Record {i}. {TWO_WAYS}"}) for i in range(60)]
+    rows.append('{"text": "a tweet cut inside an emoji \\ud83d, then more words"}')  # as twitter dumps have
+    source = tmp_path / "docs.jsonl"
+    source.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    _prepare(tmp_path / "run", source, "corpus.format=jsonl")
+    examples = _all_examples(tmp_path / "run")
+    assert examples["a tweet cut inside an emoji \ufffd, then more words"] == 1 and len(examples) == 61
+    assert _stats(tmp_path / "run")["undecodable_chars"] == 1
+
+
 def test_lines_format_makes_one_example_per_line(tmp_path: Path):
     source = tmp_path / "lines.txt"
     lines = [f"line {i}: {TWO_WAYS}" for i in range(100)]

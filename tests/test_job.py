@@ -55,6 +55,7 @@ def test_corpus_option_overrides_the_source(tmp_path: Path):
         (["data.mode=sentences"], "data.mode"),
         (["corpus.encoding=klingon"], "unknown encoding 'klingon'"),
         (["corpus.encoding=base64"], "'base64' is not a text encoding"),
+        (["corpus.encoding=idna"], "'idna' cannot read text with bad bytes in it"),
         (["generate.seed=-1"], "generate.seed: Input should be greater than or equal to 0"),
         (["model.hidden_size=100"], "hidden_size 100 is not a multiple of num_attention_heads 12"),
         (["data.block_size=600"], "data.block_size 600 needs model.max_position_embeddings of at least 602"),

@@ -102,6 +102,18 @@ def test_hostile_rows_are_counted_and_skipped(tmp_path: Path):
     assert all("word" not in example for example in _examples(tmp_path / "run"))
 
 
+def test_a_utf16_file_with_stray_bytes_counts_them_as_undecodable_rows(tmp_path: Path):
+    source = twcs_csv(tmp_path / "twcs.csv", support_conversations(40))
+    text = source.read_bytes().decode("utf-8").encode("utf-16")  # with its byte-order mark
+    # A lone high surrogate inside a tweet, then an odd last byte: neither is text in UTF-16.
+    broken = '8001,a,False,t,"half \ud83d of a character, which UTF-16 cannot hold alone",,\n'
+    source.write_bytes(text + broken.encode("utf-16-le", "surrogatepass") + b"\n")
+    _prepare(tmp_path / "run", source, "corpus.min_words=5")
+    counts = _twcs_stats(tmp_path / "run")
+    assert counts["rows_dropped"] == {"undecodable": 1, "wrong_field_count": 1}
+    assert counts["examples_kept"] == 80
+
+
 def test_unterminated_quote_at_the_end_does_not_crash(tmp_path: Path):
     source = twcs_csv(tmp_path / "twcs.csv", support_conversations(40), tail=b'9999,a,True,t,"never closed ' * 3)
     _prepare(tmp_path / "run", source, "corpus.min_words=5")
