@@ -165,6 +165,18 @@ class TokenizerSection(_Section):
     """A pair must occur at least this often to be merged."""
     special_tokens: tuple[str, str, str, str, str] = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
     """Special tokens in the order bos, pad, eos, unk, mask; they get ids 0-4."""
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _five_distinct_tokens(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # A repeated one would take one id for two roles and shift the rest: the model config fixes
+        # pad at id 1, so every `</s>` would then be read as padding.
+        if any(not token.strip() or token != token.strip() for token in value):
+            raise ValueError(f"each special token must be non-empty without surrounding whitespace, got {value}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"the five special tokens must differ, got {value}")
+        return value
+
     max_training_bytes: int | None = Field(1_000_000_000, ge=1)
     """A train split larger than this trains the tokenizer on a uniform sample of its examples of about
     this size (fixed seed: the same corpus gives the same tokenizer); `null` trains on all of it."""
