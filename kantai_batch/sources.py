@@ -114,7 +114,8 @@ def expand(sources: Sequence[str], what: str, suffixes: Sequence[str] = ()) -> l
     for uri in sources:
         for item in _expand_one(uri, what, tuple(suffixes)):
             # A file named twice (a folder and a glob inside it) is read once, where it first came.
-            key = item.name if is_url(item.name) or is_s3(item.name) else os.path.abspath(item.name)
+            # Real paths: a symlink to a file already read is that file again.
+            key = item.name if is_url(item.name) or is_s3(item.name) else os.path.realpath(item.name)
             if key in seen:
                 log.info("%s %s is named more than once in the source; read once", what, item.name)
                 continue
@@ -139,10 +140,7 @@ def _expand_one(uri: str, what: str, suffixes: tuple[str, ...]) -> list[Input]:
             raise SourceUnavailableError(f"{what} {uri}: the pattern matches no file")
         return [Input(match) for match in matches]
     if path.is_dir():
-        files = sorted(
-            (p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path).parts)),
-            key=lambda p: p.relative_to(path).as_posix(),
-        )
+        files = sorted(_visible_files(path), key=lambda p: p.relative_to(path).as_posix())
         if not files:
             raise InputDataError(f"{what} {uri} is a folder with no (visible) file in it")
         return _fitting([Input(str(p)) for p in files], f"{what} {uri}", "folder", suffixes)
@@ -184,6 +182,22 @@ def _fitting(inputs: list[Input], described: str, kind: str, suffixes: tuple[str
             len(inputs),
         )
     return kept
+
+
+def _visible_files(folder: Path) -> Iterator[Path]:
+    """Every file under ``folder`` not hidden below it, through symlinked folders too (a library of books
+    linked in from elsewhere), each real folder once so a link to an ancestor does not loop."""
+    walked: set[str] = set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in walked:
+            folders.clear()
+            continue
+        walked.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        for name in names:
+            if not name.startswith(".") and os.path.isfile(os.path.join(root, name)):
+                yield Path(root, name)
 
 
 def _hidden(parts: Sequence[str]) -> bool:

@@ -330,6 +330,23 @@ def test_zst_without_zstandard_is_a_one_line_error(tmp_path: Path, monkeypatch: 
     _one_line_error(result, str(source), "needs the zstandard package")
 
 
+def test_a_folder_reads_through_symlinked_folders_and_each_real_file_once(tmp_path: Path):
+    store = tmp_path / "store"
+    (store / "volume-2").mkdir(parents=True)
+    (store / "volume-2" / "b.txt").write_text(kantian_text(40, seed=2))
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "a.txt").write_text(kantian_text(40, seed=1))
+    (books / "a-again.txt").symlink_to(books / "a.txt")
+    (books / "volume-2").symlink_to(store / "volume-2")
+    (books / "volume-2" / "loop").symlink_to(books)  # a link back up must not walk forever
+    _prepare(tmp_path / "run", books)
+    names = [Path(entry["name"]).relative_to(books).as_posix() for entry in _stats(tmp_path / "run")["files"]]
+    assert names == ["a-again.txt", "volume-2/b.txt"]
+    expected = _paragraphs(kantian_text(40, seed=1)) + _paragraphs(kantian_text(40, seed=2))
+    assert _all_examples(tmp_path / "run") == Counter(expected)
+
+
 def test_a_file_named_twice_in_a_list_is_read_once(tmp_path: Path, mixed_folder):
     folder, texts = mixed_folder
     job = tmp_path / "twice.yaml"
