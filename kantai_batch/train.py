@@ -84,11 +84,6 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     if resume_from:
         require_same_architecture(resume_from, model.config)
     budget = time_budget(job, resume_from)
-    # The Trainer takes at least one step after a resume; a run whose budget was already spent (a pod
-    # retried after the budget ran out) takes none: it commits the checkpoint's model as it is.
-    finished = budget is not None and resume_from is not None and budget.exhausted()
-    if finished:
-        model = type(model).from_pretrained(str(resume_from))
     # The tracking store is reached before any data work, so an unreachable one fails in seconds.
     tracked = track and args.process_index == 0
     with tracking.pretrain_run(job, run, enabled=tracked, resuming=resume_from is not None) as mlflow_run:
@@ -98,6 +93,12 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
         stop = StopAgreement(Preemption(job.train.preemption_grace_s), budget)
         session = build_trainer(job, model, tokenizer, args, run, callbacks=[checkpoints, stop], budget=budget)
         trainer = session.trainer
+        # The Trainer takes at least one step after a resume. A checkpoint at the end of training (a pod
+        # retried between the last save and the commit, or after its budget ran out) takes none: its
+        # model is committed as it is.
+        finished = resume_from is not None and _trained_out(job, run, resume_from, budget, trainer, args)
+        if finished:
+            model.load_state_dict(type(model).from_pretrained(str(resume_from)).state_dict())
         if other_training is not None:
             # Only once the job has passed every check (its tokens, its starting model): the wrong
             # job given to a resumed run must fail without costing the run its checkpoints. The
@@ -112,14 +113,9 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
         if resume_from:
             log.info("pretrain: resuming from %s", run.uri(resume_from))
         if finished:
-            log.info(
-                "pretrain: the budget of %gs was spent before %s (%.0fs); no more steps",
-                budget.max_seconds,
-                run.uri(resume_from),
-                budget.spent(),
-            )
             trainer.state = TrainerState.load_from_json(str(resume_from / TRAINER_STATE_NAME))
-            stop.stopped_by = BUDGET
+            if budget is not None and budget.exhausted():
+                stop.stopped_by = BUDGET
             result = None
         else:
             with sigterm_checkpoints(stop.preemption):
@@ -172,6 +168,33 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
         run.model,
     )
     return run.model
+
+
+def _trained_out(job: Job, run: RunDir, checkpoint: Path, budget: TimeBudget | None, trainer: Trainer, args) -> bool:
+    """Whether ``checkpoint`` is already the end of this training: its budget spent or its steps taken."""
+    if budget is not None and budget.exhausted():
+        log.info(
+            "pretrain: the budget of %gs was spent before %s (%.0fs); no more steps",
+            budget.max_seconds,
+            run.uri(checkpoint),
+            budget.spent(),
+        )
+        return True
+    step, bound = checkpoint_step(checkpoint), planned_steps(args, len(trainer.train_dataset))
+    if step < bound:
+        return False
+    if step > bound:
+        # Resuming would train on past the bound; its first `bound` steps ran on another schedule.
+        log.warning(
+            "pretrain: %s is past this job's %d steps (%s); its model is committed as it is "
+            "(a new run dir trains the shorter schedule)",
+            run.uri(checkpoint),
+            bound,
+            f"train.max_steps {job.train.max_steps}" if job.train.max_steps else "train.epochs",
+        )
+    else:
+        log.info("pretrain: %s is the last of %d steps; no more steps", run.uri(checkpoint), bound)
+    return True
 
 
 def diverged(stop: StopAgreement, state: TrainerState, resumed_from: Path | None, run: RunDir) -> TrainingDivergedError:

@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -304,6 +305,23 @@ def test_checkpoints_of_another_training_are_not_resumed_but_a_longer_one_resume
     longer = tiny("train.max_steps=20", "train.save_steps=10", "train.learning_rate=3e-3")
     invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *longer)
     assert json.loads((run_dir / "model" / "train_summary.json").read_text())["resumed_from_step"] == 10
+    # A pod retried between the last checkpoint and the commit takes no step more (the Trainer would):
+    # it commits the last checkpoint's model; so does a job asking for fewer steps than were taken.
+    weights = (run_dir / "checkpoints" / "checkpoint-20" / "model.safetensors").read_bytes()
+    for again in (longer, tiny("train.max_steps=10", "train.save_steps=10", "train.learning_rate=3e-3")):
+        shutil.rmtree(run_dir / "model")
+        invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *again)
+        summary = json.loads((run_dir / "model" / "train_summary.json").read_text())
+        assert (summary["global_step"], summary["resumed_from_step"], summary["stopped_by"]) == (20, 20, "max_steps")
+        assert _tensors(run_dir / "model") == _tensors(run_dir / "checkpoints" / "checkpoint-20")
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-20"]
+    assert (run_dir / "checkpoints" / "checkpoint-20" / "model.safetensors").read_bytes() == weights
+
+
+def _tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {name: tensor.tolist() for name, tensor in load_file(folder / "model.safetensors").items()}
 
 
 def test_a_diverged_training_stops_before_its_next_checkpoint_and_fails_for_good(
