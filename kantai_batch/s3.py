@@ -108,8 +108,16 @@ def _transfer_config():
 @contextlib.contextmanager
 def translated(uri: S3Uri | str, action: str) -> Iterator[None]:
     """Turn boto errors into one-line errors that name the URI."""
-    from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    from boto3.exceptions import Boto3Error, S3UploadFailedError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConfigNotFound,
+        ConfigParseError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ProfileNotFound,
+    )
 
     uri = str(uri)
     try:
@@ -124,7 +132,11 @@ def translated(uri: S3Uri | str, action: str) -> Iterator[None]:
         raise _client_error(exc, uri, action) from None
     except NoCredentialsError:
         raise JobConfigError(f"{uri}: no AWS credentials (environment, profile or web identity)") from None
-    except BotoCoreError as exc:
+    except (PartialCredentialsError, ProfileNotFound, ConfigNotFound, ConfigParseError) as exc:
+        # The job's settings, not the store: a retry cannot help.
+        raise JobConfigError(f"{uri}: the AWS credentials or profile are incomplete: {first_line(exc)}") from None
+    except (BotoCoreError, Boto3Error) as exc:
+        # Boto3Error: e.g. a download whose stream kept breaking past boto3's own retries.
         raise SourceUnavailableError(f"{uri}: cannot {action}: {first_line(exc)}") from None
 
 

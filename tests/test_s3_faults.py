@@ -256,3 +256,49 @@ def test_no_credentials_are_a_config_error(s3_endpoint, bucket: str, tmp_path: P
     assert result.stderr.strip() == (
         f"kantai-batch: error: s3://{bucket}/runs/x: no AWS credentials (environment, profile or web identity)"
     )
+
+
+@pytest.mark.parametrize(
+    ("unset", "extra", "expected"),
+    [
+        ("AWS_SECRET_ACCESS_KEY", {}, "missing: AWS_SECRET_ACCESS_KEY"),
+        (None, {"AWS_PROFILE": "no-such-profile"}, "(no-such-profile) could not be found"),
+    ],
+)
+def test_incomplete_credentials_are_a_config_error(
+    unset, extra, expected, s3_endpoint, bucket: str, tmp_path: Path, monkeypatch, fresh_cache
+):
+    if unset:
+        monkeypatch.delenv(unset)
+    for name, value in extra.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    s3.client.cache_clear()
+    try:
+        result = invoke("prepare", "--run-dir", f"s3://{bucket}/runs/x", "--corpus", "unused.txt", expect=2)
+    finally:
+        s3.client.cache_clear()
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and "the AWS credentials or profile are incomplete" in message, message
+    assert expected in message
+
+
+def test_a_download_whose_stream_keeps_breaking_is_a_one_line_error(
+    s3_endpoint, bucket: str, tmp_path: Path, monkeypatch, fresh_cache
+):
+    from botocore.exceptions import ResponseStreamingError
+    from botocore.response import StreamingBody
+
+    boto3.client("s3").put_object(Bucket=bucket, Key="books/kant.txt", Body=b"Reason and its limits.\n" * 5000)
+
+    def broken(self, amt=None):  # what a connection cut in the middle of every body looks like to boto3
+        raise ResponseStreamingError(error="Connection broken: IncompleteRead")
+
+    monkeypatch.setattr(StreamingBody, "read", broken)
+    result = invoke(
+        "prepare", "--run-dir", str(tmp_path / "run"), "--corpus", f"s3://{bucket}/books/kant.txt", expect=4
+    )
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith(f"kantai-batch: error: s3://{bucket}/books/kant.txt: cannot download")
+    assert not (tmp_path / "run" / "corpus").exists()
