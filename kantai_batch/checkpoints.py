@@ -54,7 +54,8 @@ class CheckpointMarkerCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return control
         clock = {"train_seconds": self.clock()} if self.clock else {}
-        checkpoint = self.run.seal_checkpoint(state.global_step, **clock, **self.lineage)
+        # The processes the steps were shared by: a step's samples depend on them (see train.pretrain).
+        checkpoint = self.run.seal_checkpoint(state.global_step, **clock, **self.lineage, processes=args.world_size)
         if not self.run.is_remote:
             self.run.prune_checkpoints(self.keep)
             return control

@@ -75,6 +75,8 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
             # An earlier training's checkpoint (a retraining on a grown corpus in the same run dir):
             # resuming it would skip this training's steps, and its higher step would outlive the new ones.
             other_training, resume_from = resume_from, None
+    if resume_from:
+        require_same_processes(resume_from, args.world_size, run)
     inputs = fingerprint_of(job, "pretrain", run)
     if start_from is None:
         model = init_model(job, len(tokenizer))
@@ -168,6 +170,19 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
         run.model,
     )
     return run.model
+
+
+def require_same_processes(checkpoint: Path, processes: int, run: RunDir) -> None:
+    """A checkpoint resumes only with the processes it was trained by: the sample order places each
+    step's samples by the global batch, so other processes would train some samples twice and skip
+    others, at another global batch than the learning rate was tuned for."""
+    before = read_marker(checkpoint).get("processes", processes)  # markers before 2026-12-06 lack it
+    if before != processes:
+        raise JobConfigError(
+            f"{run.uri(checkpoint)} was trained by {before} processes and this run has {processes}: resuming "
+            f"would repeat some samples and skip others; run it with {before} processes (GPUS x NODES), "
+            "or start a new run dir"
+        )
 
 
 def _trained_out(job: Job, run: RunDir, checkpoint: Path, budget: TimeBudget | None, trainer: Trainer, args) -> bool:

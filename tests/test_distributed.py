@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from datasets import Dataset
 
-from helpers import ROOT, assert_resumed_like_uninterrupted, killed_after, prepared_run, tiny, torchrun
+from helpers import ROOT, assert_resumed_like_uninterrupted, invoke, killed_after, prepared_run, tiny, torchrun
 from kantai_batch.order import EpochOrder
 
 pytestmark = pytest.mark.slow
@@ -92,6 +92,11 @@ def test_two_ranks_resumed_mid_epoch_train_on_exactly_the_uninterrupted_batches(
     assert 25 < train_blocks / 8 < 60 and train_blocks % 8, train_blocks
 
     resumed = killed_after(whole, tmp_path / "resumed", 25)
+    # One process would place the resumed steps' samples by half the global batch: refused, nothing lost.
+    kept = sorted(p.name for p in (resumed / "checkpoints").iterdir())
+    refused = invoke("pretrain", "--run-dir", str(resumed), "--no-tracking", *job, expect=2)
+    assert "was trained by 2 processes and this run has 1" in refused.stderr
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == kept
     done = torchrun("pretrain", "--run-dir", str(resumed), "--no-tracking", *job, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_resumed_like_uninterrupted(whole, resumed, resumed_from=25, last=60)
