@@ -30,7 +30,8 @@ class Preemption:
         self.grace_s = grace_s
         self.received = threading.Event()
         self._deadline: threading.Timer | None = None
-        self._lock = threading.Lock()
+        # Reentrant: the SIGTERM handler runs on the main thread, possibly while it holds the lock here.
+        self._lock = threading.RLock()
 
     def start_deadline(self) -> None:
         """Exit with 143 after ``grace_s`` unless the process is done by then; idempotent."""

@@ -92,11 +92,21 @@ class StopAgreement(TrainerCallback):
             log.info("pretrain: the time budget of %.0f s ends training at step %d", self.budget.max_seconds, step)
             self.stopped_by = BUDGET
             control.should_training_stop = True
+            # As the Trainer does at max_steps: a pod retried before the commit then commits this step.
+            control.should_save = True
         if control.should_save:
             # The loss is read back from the device only at a log line: one before every checkpoint lets
             # on_log keep a diverged model out of it.
             control.should_log = True
         return control
+
+    def settle(self, timeout_s: float | None = None) -> None:
+        """After training: a SIGTERM that came after the last step boundary (during the final save or
+        its upload) is a preemption too, agreed by every rank, so no process goes on to evaluate and
+        commit while another exits."""
+        if self.stopped_by in (None, BUDGET):  # the same on every rank
+            if agree_max([float(self.preemption.received.is_set())], timeout_s=timeout_s)[0]:
+                self.stopped_by = PREEMPTION
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # The logged loss and gradient norm are the same on every rank (the loss is gathered, the norm

@@ -123,6 +123,7 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
             with sigterm_checkpoints(stop.preemption):
                 result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
                 checkpoints.wait()
+                stop.settle(args.ddp_timeout)
         if stop.diverged or (result is not None and not math.isfinite(result.training_loss)):
             raise diverged(stop, trainer.state, resume_from, run)
         if stop.preempted:

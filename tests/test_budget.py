@@ -140,6 +140,8 @@ def test_training_stops_when_the_budget_is_spent_with_the_schedule_planned_for_i
     assert result.returncode == 0, result.stderr[-3000:]
     summary = _summary(run_dir)
     assert summary["stopped_by"] == "max_seconds" and summary["max_seconds"] == budget
+    # Saved where the budget stopped it, as at max_steps: a pod retried before the commit commits this step.
+    assert read_marker(run_dir / "checkpoints" / f"checkpoint-{summary['global_step']}")["global_step"] > 0
     # The end is the budget or the planned step, whichever comes first: close to the budget either way.
     assert budget / 2 <= summary["budget_spent_s"] < 3 * budget, summary
     assert summary["global_step"] > ESTIMATE_STEPS + 1, "too few steps to time: is the machine overloaded?"

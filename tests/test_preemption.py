@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, free_port, prepared_run, tiny
+from helpers import ROOT, free_port, invoke, prepared_run, tiny
+from kantai_batch.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -102,6 +103,29 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint_and_the_retry_re
     assert summary["stopped_by"] == "max_steps" and summary["world_size"] == 2
     # One tiny all_reduce per step: a small share of training time even on 2 loaded CPU cores.
     assert 0 < summary["stop_agreement_s"] < summary["train_runtime_s"]
+
+
+def test_sigterm_during_the_last_save_is_a_preemption_and_the_retry_takes_no_step(
+    tmp_path: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch
+):
+    run_dir = prepared_run(tmp_path / "run", corpus_file)
+    job = tiny("train.max_steps=20", "train.save_steps=10")
+    seal = RunDir.seal_checkpoint
+
+    def sealed_then_terminated(self, step, **extra):  # the signal lands after the last step's agreement
+        folder = seal(self, step, **extra)
+        if step == 20:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return folder
+
+    monkeypatch.setattr(RunDir, "seal_checkpoint", sealed_then_terminated)
+    stopped = invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *job, expect=143)
+    assert "pretrain stopped on SIGTERM at step 20" in stopped.stderr
+    assert not (run_dir / "model").exists(), "nothing evaluated or committed after the signal"
+    monkeypatch.undo()
+    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *job)
+    summary = json.loads((run_dir / "model" / "train_summary.json").read_text())
+    assert (summary["global_step"], summary["resumed_from_step"]) == (20, 20)
 
 
 def test_a_killed_rank_brings_the_launch_down_and_the_retry_resumes(tmp_path: Path, corpus_file: Path):
