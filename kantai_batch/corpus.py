@@ -27,17 +27,19 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from kantai_batch.decoding import Decoding, detect_encoding, undecodable
-from kantai_batch.errors import InputDataError
+from kantai_batch.errors import InputDataError, KantaiError
 from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.formats import SUFFIXES, examples, parquet_examples
 from kantai_batch.job import Job
 from kantai_batch.manifest import file_sha256, write_json_atomic
 from kantai_batch.rundir import CORPUS_STATS, EVAL_TEXT, TRAIN_TEXT, RunDir
-from kantai_batch.sources import Input, decompressed, expand, local_copy
+from kantai_batch.sources import Input, decompressed, expand, is_s3, is_url, local_copy
 
 log = logging.getLogger(__name__)
 
 _EXAMPLES_KEPT = 5
+# The corpus marker's list of the source files read, to notice a source edited in place.
+SOURCE_FILES = "source_files"
 
 
 def prepare(job: Job, run: RunDir) -> Path:
@@ -45,7 +47,8 @@ def prepare(job: Job, run: RunDir) -> Path:
     corpus = job.corpus
     inputs = expand(corpus.sources, "corpus", SUFFIXES[corpus.format])
     files: list[dict[str, Any]] = []
-    with run.committed(run.corpus, inputs_sha256=fingerprint_of(job, "prepare")) as out:
+    identity = {SOURCE_FILES: source_identity(inputs)}
+    with run.committed(run.corpus, inputs_sha256=fingerprint_of(job, "prepare"), **identity) as out:
         with _Split(out, job) as split:
             extra: dict[str, Any] = {}
             if corpus.format == "twcs":
@@ -75,6 +78,44 @@ def prepare(job: Job, run: RunDir) -> Path:
         f"{stats['eval']['examples']:,}",
     )
     return run.corpus
+
+
+def source_identity(inputs: list[Input]) -> list[list[Any]]:
+    """What says a source file is the one read before, without reading it: each input's name, and for
+    a local file its size and modification time (remote ones are named only: a changed object under
+    the same key, or a changed URL, is not noticed; ``run --register`` re-reads the source always)."""
+    identity: list[list[Any]] = []
+    for item in inputs:
+        if is_url(item.name) or is_s3(item.name):
+            identity.append([item.name, None, None])
+        else:
+            stat = Path(item.name).expanduser().stat()
+            identity.append([item.name, stat.st_size, stat.st_mtime_ns])
+    return identity
+
+
+def source_change(job: Job, run: RunDir, marker: dict[str, Any]) -> str | None:
+    """How the corpus's source files differ from those the prepared corpus was read from, or None.
+
+    A source that cannot be listed now (a file deleted after prepare, a store out of reach) keeps the
+    prepared corpus, as does a corpus prepared before its marker named its files."""
+    recorded = marker.get(SOURCE_FILES)
+    if recorded is None:
+        return None
+    try:
+        now = source_identity(expand(job.corpus.sources, "corpus", SUFFIXES[job.corpus.format]))
+    except (KantaiError, OSError) as exc:
+        log.info("prepare: the source cannot be listed now (%s); the prepared corpus stands", exc)
+        return None
+    before = {entry[0]: entry for entry in recorded}
+    after = {entry[0]: entry for entry in now}
+    for name, entry in after.items():
+        if name not in before:
+            return f"corpus file {name} is new"
+        if entry != before[name]:
+            return f"corpus file {name} changed (size or modification time)"
+    gone = sorted(set(before) - set(after))
+    return f"corpus file {gone[0]} is gone" if gone else None
 
 
 def _read(item: Input, job: Job, split: _Split, *, only: bool) -> dict[str, Any]:

@@ -36,6 +36,9 @@ class Phase:
     """The run-wide options (such as ``track``) the function takes."""
     starts_from_model: bool = False
     """Its output depends on the model ``train.init_from`` names (which version an alias points at)."""
+    changed: str = ""
+    """``module:function`` taking ``(job, run, marker)``: how what the phase read outside the job and the
+    run dir (the corpus's source files) differs from when it committed, or None."""
     version: int = 1
     """Raised when the code changes what the phase writes from the same inputs: outputs of an older
     version are redone. Version 1 adds nothing to the fingerprint, so rows never raised keep theirs."""
@@ -48,6 +51,12 @@ class Phase:
         wanted = {key: value for key, value in options.items() if key in self.options}
         return getattr(importlib.import_module(module), function)(job, run, **wanted)
 
+    def change_outside(self, job, run, marker: dict[str, Any]) -> str | None:
+        if not self.changed:
+            return None
+        module, _, function = self.changed.partition(":")
+        return getattr(importlib.import_module(module), function)(job, run, marker)
+
 
 PHASES: tuple[Phase, ...] = (
     Phase(
@@ -55,6 +64,7 @@ PHASES: tuple[Phase, ...] = (
         output="corpus",
         reads=("corpus", "data.eval_fraction", "eval.seed"),
         runner="kantai_batch.corpus:prepare",
+        changed="kantai_batch.corpus:source_change",
     ),
     Phase(
         "train-tokenizer",

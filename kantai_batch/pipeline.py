@@ -53,10 +53,13 @@ def _run_phase(job: Job, run: RunDir, phase: Phase, *, track: bool, forced: bool
     if forced:
         log.info("%s: redoing it, to see what its sources hold now", phase.name)
     elif marker is not None:
-        if marker.get("inputs_sha256") == fingerprint_of(job, phase.name, run):
+        if marker.get("inputs_sha256") != fingerprint_of(job, phase.name, run):
+            log.info("%s: %s is complete but its inputs changed, redoing it", phase.name, run.uri(output))
+        elif change := phase.change_outside(job, run, marker):
+            log.info("%s: %s is complete but %s, redoing it", phase.name, run.uri(output), change)
+        else:
             log.info("%s: %s is complete and its inputs are unchanged, skipped", phase.name, run.uri(output))
             return False
-        log.info("%s: %s is complete but its inputs changed, redoing it", phase.name, run.uri(output))
     else:
         log.info("%s: starting", phase.name)
     phase.run(job, run, track=track)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import shutil
 import socket
 import threading
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import pytest
 
 from helpers import KANT, invoke, kantian_text
 from kantai_batch.decoding import choose_encoding, read_lines
+from kantai_batch.job import load_job
 from kantai_batch.manifest import MARKER, read_marker
 
 
@@ -228,3 +230,33 @@ def test_scratch_left_by_a_killed_prepare_is_cleaned_up(tmp_path: Path, corpus_f
     _prepare(tmp_path, corpus_file)
     assert not stale.exists()
     assert (tmp_path / "corpus" / MARKER).is_file()
+
+
+def test_run_prepares_again_when_a_source_file_changes_in_place(tmp_path: Path):
+    from kantai_batch.phases import PHASES
+    from kantai_batch.pipeline import run_pipeline
+    from kantai_batch.rundir import RunDir
+
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "a.txt").write_text(kantian_text(60, seed=1))
+    run = RunDir(tmp_path / "run")
+    job = load_job(None, [], corpus=str(books))
+    prepare = PHASES[:1]
+
+    def corpus_text() -> str:
+        return "".join((tmp_path / "run" / "corpus" / name).read_text() for name in ("train.txt", "eval.txt"))
+
+    assert run_pipeline(job, run, track=False, phases=prepare) == ["prepare"]
+    assert run_pipeline(job, run, track=False, phases=prepare) == [], "nothing changed"
+    with (books / "a.txt").open("a") as grown:
+        grown.write("\nA paragraph added in place, with the same job.\n")
+    assert run_pipeline(job, run, track=False, phases=prepare) == ["prepare"]
+    assert "A paragraph added in place" in corpus_text()
+    (books / "b.txt").write_text(kantian_text(20, seed=2))
+    assert run_pipeline(job, run, track=False, phases=prepare) == ["prepare"], "a new file in the folder"
+    (books / "b.txt").unlink()
+    assert run_pipeline(job, run, track=False, phases=prepare) == ["prepare"], "a file gone from the folder"
+    shutil.rmtree(books)
+    assert run_pipeline(job, run, track=False, phases=prepare) == [], "a source gone keeps the prepared corpus"
+    assert "A paragraph added in place" in corpus_text()
