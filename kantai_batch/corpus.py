@@ -218,6 +218,7 @@ class _Split:
         self._out = out
         self._fraction = job.data.eval_fraction
         self._eval_fraction_text = f"data.eval_fraction={job.data.eval_fraction}"
+        self._format = job.corpus.format
         self._key = str(job.eval.seed).encode()
         self.counts = {name: {"examples": 0, "lines": 0, "chars": 0} for name in ("train", "eval")}
 
@@ -256,6 +257,17 @@ class _Split:
             if nothing_kept is not None:
                 raise InputDataError(f"corpus {source}: no example passed the filters ({nothing_kept()})")
             raise InputDataError(f"corpus {source} has no text (only blank lines or control characters)")
+        if counts["train"]["examples"] + counts["eval"]["examples"] == 1:
+            chars = counts["train"]["chars"] + counts["eval"]["chars"]
+            hint = (
+                "plain text is cut at blank lines and every 100 lines (this one has no line break?); "
+                if self._format == "text"
+                else ""
+            )
+            raise InputDataError(
+                f"corpus {source} is one example of {chars:,} characters, which cannot be split into train "
+                f"and eval: {hint}use a larger corpus"
+            )
         for name in ("train", "eval"):
             if counts[name]["examples"] == 0:
                 raise InputDataError(

@@ -127,7 +127,8 @@ def test_utf8_bom_and_form_feeds_are_removed(tmp_path: Path):
     [
         (b"", "is empty"),
         (b"\r\n \r\n\t\r\n\x0c\r\n" * 10, "has no text"),
-        (b"one paragraph only\n", "too small to split"),
+        (b"one paragraph only\n", "is one example of 18 characters, which cannot be split"),
+        (b"Two paragraphs,\n\nno more.\n", "too small to split"),
     ],
 )
 def test_unusable_corpus_is_a_one_line_error(tmp_path: Path, content: bytes, message: str):
