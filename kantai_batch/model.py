@@ -268,8 +268,15 @@ def load_tokenizer(folder: Path, what: str = "tokenizer"):
     """A saved tokenizer (a tokenizer folder, or a model's), or a one-line error naming ``what`` and the folder."""
     from transformers import AutoTokenizer
 
+    # Without its files transformers 5 builds an empty five-token tokenizer from the model's config,
+    # and every prediction is garbage with exit 0.
+    if not (folder / "tokenizer.json").is_file() and not all((folder / n).is_file() for n in _BPE_FILES):
+        raise InputDataError(f"{what} {folder} has no tokenizer (tokenizer.json, or vocab.json with merges.txt)")
     with unusable_as(f"{what} {folder}"):
         return AutoTokenizer.from_pretrained(str(folder))
+
+
+_BPE_FILES = ("vocab.json", "merges.txt")
 
 
 def load_lm(folder: Path, task: str):

@@ -181,6 +181,22 @@ def test_model_errors_are_one_line(trained_run: Path, tmp_path: Path, args: list
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_model_folder_without_its_tokenizer_is_refused(trained_run: Path, tmp_path: Path):
+    weights = tmp_path / "weights-only"
+    shutil.copytree(trained_run / "model", weights)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+        (weights / name).unlink(missing_ok=True)
+    metrics = (trained_run / "eval" / "metrics.json").read_bytes()
+    for args in (["fill-mask", "--model", str(weights), "A <mask>."], ["evaluate", "--run-dir", str(trained_run),
+                 "--model", str(weights), *tiny()]):  # fmt: skip
+        result = invoke(*args, expect=3)
+        assert (
+            result.stderr.strip()
+            == f"kantai-batch: error: model {weights} has no tokenizer (tokenizer.json, or vocab.json with merges.txt)"
+        )
+    assert (trained_run / "eval" / "metrics.json").read_bytes() == metrics
+
+
 def test_inspect_a_saved_model(trained_run: Path):
     result = invoke("inspect", "--model", str(trained_run / "model"), "--json")
     table = json.loads(result.stdout)
