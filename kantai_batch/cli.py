@@ -423,9 +423,11 @@ def bench(
 def register(job: Job, run: RunDir, model_uri: str | None, name: str, alias: str | None) -> None:
     """Log a trained model to MLflow as a transformers model and register a new version of it."""
     from kantai_batch.registry import register as register_model
-    from kantai_batch.registry import require_model_name
+    from kantai_batch.registry import require_alias, require_model_name
 
     require_model_name(name, "--name")
+    if alias is not None:
+        require_alias(alias, "--alias")
     emit(json.dumps(register_model(_model(model_uri, run), name, alias), indent=2))
 
 
@@ -445,8 +447,13 @@ def pull(uri: str, out_dir: Path) -> None:
         raise JobConfigError(
             f"--out {out_dir} holds the working directory; name a folder inside it, such as --out model"
         )
-    # Fine for a model folder pulled or trained before, not for a run dir or the user's other files.
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_complete(out_dir):
+    # Fine for a model folder pulled or trained before, not for a run dir, a run's corpus or tokenizer
+    # (complete folders too), or the user's other files.
+    if (
+        out_dir.is_dir()
+        and any(out_dir.iterdir())
+        and not (is_complete(out_dir) and (out_dir / "config.json").is_file())
+    ):
         raise JobConfigError(f"--out {out_dir} holds files that are not a model folder; name a new or empty folder")
     results = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
@@ -474,7 +481,9 @@ def run_all(job: Job, run: RunDir, tracking: bool, register_as: str | None, fail
     from kantai_batch.pipeline import run_pipeline
 
     outcome = None
-    if register_as:
+    if fail_if_not_promoted and register_as is None:
+        raise JobConfigError("--fail-if-not-promoted needs --register NAME")
+    if register_as is not None:  # an empty name (an unset variable) is an error, not "do not register"
         from kantai_batch.promotion import retrain
         from kantai_batch.registry import require_model_name
 

@@ -24,7 +24,6 @@ import getpass
 import json
 import logging
 import math
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +47,6 @@ JOB_SHA256 = "job_sha256"
 MODEL_SHA256 = "model_sha256"
 DECISION = "promotion"
 _BY_RUN = "kantai-batch run --register (benchmark)"
-# MLflow reserves "latest" and "v<number>"; an alias is otherwise a name.
-_ALIAS = re.compile(r"^(?!latest$)(?!v\d+$)[A-Za-z_][A-Za-z0-9_-]{0,254}$")
 
 
 @dataclass(frozen=True)
@@ -188,14 +185,11 @@ def _explain(
 
 def promote(uri: str, alias: str) -> str:
     """``kantai-batch promote``: move ``alias`` to the version ``uri`` names; one line saying what moved."""
-    from kantai_batch.registry import is_registry_uri, move_alias, resolve_version
+    from kantai_batch.registry import is_registry_uri, move_alias, require_alias, resolve_version
 
     if not is_registry_uri(uri):
         raise JobConfigError(f"{uri} is not a registry URI (models:/NAME/VERSION or models:/NAME@ALIAS)")
-    if not _ALIAS.match(alias):
-        raise JobConfigError(
-            f"alias {alias!r} must be a name of letters, digits, '_' or '-' (not 'latest' or v<number>)"
-        )
+    require_alias(alias, "alias")
     resolved = resolve_version(uri)
     if resolved is None:
         raise InputDataError(f"{uri} does not exist")

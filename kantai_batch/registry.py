@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -40,6 +41,19 @@ def require_model_name(name: str, option: str) -> None:
     if not name.strip() or "/" in name or ":" in name:
         raise JobConfigError(
             f"{option} {name!r} is not a registered model name: it must be non-empty, without '/' or ':'"
+        )
+
+
+# MLflow's rule for aliases ('latest' and v<number> name versions already).
+_ALIAS = re.compile(r"^(?!latest$)(?!v\d+$)[A-Za-z_][A-Za-z0-9_-]{0,254}$")
+
+
+def require_alias(alias: str, option: str) -> None:
+    """MLflow's alias rule, checked before anything is registered: MLflow applies it only when it moves
+    the alias, after the new version exists."""
+    if not _ALIAS.match(alias):
+        raise JobConfigError(
+            f"{option} {alias!r} must be a name of letters, digits, '_' or '-' (not 'latest' or v<number>)"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,11 @@ def test_register_pull_and_fill_mask_round_trip(
     refused = invoke("pull", "models:/kantai-tiny@champion", "--out", str(notes.parent), expect=2)
     assert refused.stderr.count("\n") == 1 and f"--out {notes.parent} holds files" in refused.stderr
     assert [p.name for p in notes.parent.iterdir()] == ["notes.txt"] and notes.read_text() == "mine"
+    # A run's committed corpus is complete too, and no model folder.
+    corpus = tmp_path / "corpus"
+    shutil.copytree(trained_run / "corpus", corpus)
+    invoke("pull", "models:/kantai-tiny@champion", "--out", str(corpus), expect=2)
+    assert (corpus / "train.txt").is_file() and not (corpus / "config.json").exists()
     # `--out .` would leave the shell standing in a deleted folder: refused, nothing touched.
     monkeypatch.chdir(notes.parent)
     for here in (".", str(tmp_path)):
@@ -97,3 +103,20 @@ def test_the_version_search_filter_keeps_any_quote_in_a_model_name(name: str):
     from kantai_batch.registry import name_filter
 
     assert SearchModelVersionUtils.parse_search_filter(name_filter(name))[0]["value"] == name
+
+
+def test_a_bad_alias_or_empty_name_registers_nothing(tracking_server: str, trained_run: Path, tmp_path: Path):
+    import mlflow
+
+    for alias in ("latest", "v3", "two words"):
+        refused = invoke("register", "--model", str(trained_run / "model"), "--name", "kb", "--alias", alias, expect=2)
+        assert refused.stderr.strip().endswith(f"--alias {alias!r} must be a name of letters, digits, '_' or '-' "
+                                               "(not 'latest' or v<number>)")  # fmt: skip
+    assert mlflow.MlflowClient().search_registered_models(filter_string="name = 'kb'") == []
+    # An empty --register (an unset variable in the CronJob) would train and register nothing, exit 0.
+    run_dir = tmp_path / "run"
+    empty = invoke("run", "--run-dir", str(run_dir), "--register", "", expect=2)
+    assert "--register '' is not a registered model name" in empty.stderr
+    alone = invoke("run", "--run-dir", str(run_dir), "--fail-if-not-promoted", expect=2)
+    assert "--fail-if-not-promoted needs --register NAME" in alone.stderr
+    assert not run_dir.exists()
