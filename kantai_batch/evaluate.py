@@ -31,9 +31,10 @@ from kantai_batch.model import (
     load_model_tokenizer,
     require_positions,
     require_task,
+    usable_positions,
 )
 from kantai_batch.objective import ACCURACY, accuracy_metric, collator, predicted_ids, task_of
-from kantai_batch.probes import format_quality, quality_report, read_probes
+from kantai_batch.probes import format_quality, quality_report, read_probes, require_fitting
 from kantai_batch.rundir import EVAL_METRICS, RunDir
 from kantai_batch.sources import decompressed, fetched
 from kantai_batch.trainer import perplexity, training_arguments
@@ -52,6 +53,8 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
     tokenizer = load_model_tokenizer(model_dir)
     # A bad probe file fails before the evaluation, not after it.
     probes = read_probes(job.eval.probes, tokenizer.mask_token) if task == "mlm" and job.eval.probes else None
+    if task == "mlm":
+        require_fitting(tokenizer, usable_positions(config), job, probes)
     model = load_lm(model_dir, task)
     # The kernel the job trains with, which the saved model does not carry: on a bf16 CPU torch's
     # default is the slower one.

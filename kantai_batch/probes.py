@@ -51,6 +51,17 @@ def read_probes(path: str | Path, mask_token: str = "<mask>") -> list[Probe]:
     return probes
 
 
+def require_fitting(tokenizer, positions: int, job, probes: list[Probe] | None) -> None:
+    """Every text the quality report gives the model fits in its ``positions``: checked before the
+    evaluation, which a text too long would otherwise end with a traceback."""
+    texts = [("infer.fill_mask_text", job.infer.fill_mask_text)]
+    texts += [(f"probe file {job.eval.probes}, line {probe.line}", probe.text) for probe in probes or []]
+    for where, text in texts:
+        tokens = len(tokenizer(text)["input_ids"])
+        if tokens > positions:
+            raise InputDataError(f"{where}: the text is {tokens} tokens; the model reads at most {positions}")
+
+
 def score_probes(model, tokenizer, probes: list[Probe], top_k: int) -> dict[str, Any]:
     """Each probe's rank of its best acceptable answer in the whole vocabulary, and the hits at 1 and k.
 

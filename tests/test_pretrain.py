@@ -197,6 +197,22 @@ def test_a_model_folder_without_its_tokenizer_is_refused(trained_run: Path, tmp_
     assert (trained_run / "eval" / "metrics.json").read_bytes() == metrics
 
 
+def test_a_quality_text_longer_than_the_model_fails_before_the_evaluation(trained_run: Path, tmp_path: Path):
+    probes = tmp_path / "probes.txt"
+    probes.write_text("Reason <mask> the conditions. -> unites\n" + "Reason" + " and reason" * 70 + " <mask>. -> is\n")
+    metrics = (trained_run / "eval" / "metrics.json").read_bytes()
+    long_text = "infer.fill_mask_text=" + "Reason" + " and reason" * 70 + " <mask>."
+    for override, where in (
+        (f"eval.probes={probes}", f"probe file {probes}, line 2"),
+        (long_text, "infer.fill_mask_text"),
+    ):
+        result = invoke("evaluate", "--run-dir", str(trained_run), *tiny(override), expect=3)
+        message = result.stderr.strip()
+        assert len(message.splitlines()) == 1 and message.startswith(f"kantai-batch: error: {where}: the text is ")
+        assert message.endswith("tokens; the model reads at most 64")
+    assert (trained_run / "eval" / "metrics.json").read_bytes() == metrics
+
+
 def test_inspect_a_saved_model(trained_run: Path):
     result = invoke("inspect", "--model", str(trained_run / "model"), "--json")
     table = json.loads(result.stdout)
