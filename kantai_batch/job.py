@@ -442,6 +442,16 @@ class Job(_Section):
     task: Literal["mlm", "clm"] = "mlm"
     """Training objective: `mlm` is RoBERTa's masked language modelling (`RobertaForMaskedLM`); `clm` is
     next-token prediction with a decoder (`RobertaForCausalLM`, `is_decoder`) that can generate text."""
+
+    @field_validator("name")
+    @classmethod
+    def _usable_name(cls, value: str) -> str:
+        # It names the MLflow experiment (which refuses an empty one, found only after the data phases)
+        # and the bench records' files.
+        if not value.strip() or value != value.strip() or any(ch in value for ch in "/\\") or not value.isprintable():
+            raise ValueError(f"must be non-empty, printable, without surrounding spaces, '/' or '\\', got {value!r}")
+        return value
+
     corpus: CorpusSection = CorpusSection()
     """The raw corpus and how to read it (`prepare`)."""
     tokenizer: TokenizerSection = TokenizerSection()

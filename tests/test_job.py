@@ -56,6 +56,8 @@ def test_corpus_option_overrides_the_source(tmp_path: Path):
         (["corpus.encoding=klingon"], "unknown encoding 'klingon'"),
         (["corpus.encoding=base64"], "'base64' is not a text encoding"),
         (["corpus.encoding=idna"], "'idna' cannot read text with bad bytes in it"),
+        (["name="], "name: must be non-empty"),
+        (["name=runs/kant"], "got 'runs/kant'"),
         (['tokenizer.special_tokens=["<s>","<s>","</s>","<unk>","<mask>"]'], "the five special tokens must differ"),
         (['tokenizer.special_tokens=["<s>"," ","</s>","<unk>","<mask>"]'], "each special token must be non-empty"),
         (["generate.seed=-1"], "generate.seed: Input should be greater than or equal to 0"),
