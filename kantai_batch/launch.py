@@ -34,6 +34,7 @@ def launch(torchrun_options: list[str], command: list[str]) -> int:
         args = get_args_parser().parse_args([*torchrun_options, "--module", "kantai_batch", *command])
     except SystemExit as exc:  # argparse has printed what it did not understand
         raise JobConfigError(f"launch: invalid torchrun options {' '.join(torchrun_options)}") from exc
+    require_topology(args.nproc_per_node, args.nnodes)
     wait_for_host(rendezvous_host(args), rendezvous_wait_s())
     try:
         run(args)
@@ -63,6 +64,23 @@ def reported_failure(failures: dict) -> tuple[int, int]:
     )
     # A negative code is the signal that killed the process; report it the way a shell does.
     return rank, failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+
+
+def require_topology(nproc_per_node: str, nnodes: str) -> None:
+    """What torchrun would otherwise assert deep inside (exit 1, which the pod failure policy takes for
+    a crash worth retrying): at least one process per node, and one node or a MIN:MAX range of them."""
+    if nproc_per_node not in ("auto", "cpu", "gpu", "xpu") and not (
+        nproc_per_node.isdigit() and int(nproc_per_node) >= 1
+    ):
+        raise JobConfigError(
+            f"launch: --nproc-per-node (PET_NPROC_PER_NODE) must be a count of at least 1 or auto/cpu/gpu, "
+            f"got {nproc_per_node!r}"
+        )
+    bounds = nnodes.split(":")
+    if not (
+        1 <= len(bounds) <= 2 and all(b.isdigit() and int(b) >= 1 for b in bounds) and int(bounds[0]) <= int(bounds[-1])
+    ):
+        raise JobConfigError(f"launch: --nnodes (PET_NNODES) must be N or MIN:MAX of at least 1, got {nnodes!r}")
 
 
 def rendezvous_wait_s() -> float:

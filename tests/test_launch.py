@@ -5,6 +5,9 @@ from __future__ import annotations
 import signal
 from types import SimpleNamespace
 
+import pytest
+
+from helpers import invoke
 from kantai_batch.launch import reported_failure
 
 
@@ -26,3 +29,20 @@ def test_a_specific_code_wins_over_1_and_otherwise_the_earliest_then_the_lowest_
     assert reported_failure({0: _failure(1, 100), 1: _failure(2, 101)}) == (1, 2)
     assert reported_failure({0: _failure(143, 101), 1: _failure(3, 100)}) == (1, 3)
     assert reported_failure({0: _failure(1, 100), 1: _failure(1, 100)}) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("options", "env", "message"),
+    [
+        (["--nproc-per-node", "0"], {}, "--nproc-per-node (PET_NPROC_PER_NODE) must be a count of at least 1"),
+        (["--nproc-per-node", "-1"], {}, "got '-1'"),
+        ([], {"PET_NPROC_PER_NODE": "0"}, "got '0'"),
+        ([], {"PET_NNODES": "0"}, "--nnodes (PET_NNODES) must be N or MIN:MAX of at least 1, got '0'"),
+        ([], {"PET_NNODES": "3:2"}, "got '3:2'"),
+    ],
+)
+def test_a_topology_torchrun_cannot_run_is_a_config_error(options, env, message, monkeypatch: pytest.MonkeyPatch):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = invoke("launch", *options, "inspect", expect=2)
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
