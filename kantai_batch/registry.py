@@ -318,7 +318,10 @@ def _tracking_errors(uri: str | None = None) -> Iterator[None]:
     """MLflow failures as one-line errors naming the tracking store (and the model URI)."""
     import mlflow
 
+    from kantai_batch.tracking import first_contact
+
     try:
+        first_contact()
         yield
     except mlflow.exceptions.MlflowException as exc:
         where = f"{uri} in " if uri else ""

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,34 @@ from kantai_batch.manifest import write_json_atomic
 from kantai_batch.rundir import RunDir
 
 log = logging.getLogger(__name__)
+
+# MLflow's own patience (7 retries with backoff, about 4 minutes, each request allowed 120 s) is for a
+# server that blips during a long training, not for one that is not there at the start: a first,
+# cheap request with few short retries finds that in seconds. Settings the user made are kept.
+_FIRST_CONTACT = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+_reached: set[str] = set()
+
+
+def first_contact() -> None:
+    """Ask a tracking server (not a local store) for one experiment, once per process, with
+    ``_FIRST_CONTACT``'s retries; an unreachable one raises MLflow's error in seconds."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri in _reached or not uri.startswith(("http://", "https://")):
+        return
+    set_here = {name: value for name, value in _FIRST_CONTACT.items() if name not in os.environ}
+    os.environ.update(set_here)
+    try:
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    finally:
+        for name in set_here:
+            os.environ.pop(name, None)
+    _reached.add(uri)
 
 
 @contextlib.contextmanager
@@ -38,6 +67,7 @@ def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool) -> Ite
     job_yaml = job.to_yaml()
     job_sha = hashlib.sha256(job_yaml.encode()).hexdigest()
     try:
+        first_contact()
         mlflow.set_experiment(job.name)
         if resuming:
             run.pull_file(run.mlflow_run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -87,13 +88,24 @@ def test_unknown_registered_model_is_a_one_line_error(tracking_server: str, tmp_
     assert not (tmp_path / "x").exists()
 
 
-def test_unreachable_tracking_server_is_a_one_line_error(trained_run: Path, monkeypatch: pytest.MonkeyPatch):
+def test_unreachable_tracking_server_is_a_one_line_error(
+    trained_run: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    for name in (
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    ):
+        monkeypatch.delenv(name, raising=False)
     result = invoke("register", "--model", str(trained_run / "model"), "--name", "x", expect=4)
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1 and "MLflow http://127.0.0.1:" in message
+    # A server not there at the start is given 2 short retries, not MLflow's 7 over about 4 minutes,
+    # and MLflow's own settings are back for the rest of the process.
+    retries = [r for r in caplog.records if r.name == "urllib3.connectionpool" and "Retrying" in r.getMessage()]
+    assert len(retries) == 2
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
 
 
 @pytest.mark.parametrize("name", ["kantaibert", "Kant's critique", 'the "support" model'])
