@@ -103,8 +103,11 @@ def _handler(generator: Generator, defaults: Sampling) -> type[BaseHTTPRequestHa
             try:
                 request = self._read_json()
                 sampling = _sampling_from(request, defaults)
+                prompt = request.get("prompt", "")
+                if not isinstance(prompt, str):
+                    raise ValueError(f"prompt must be a string, got {json.dumps(prompt)}")
                 with lock:
-                    generation = generator(str(request.get("prompt", "")), sampling)
+                    generation = generator(prompt, sampling)
             except (KantaiError, ValueError, TypeError) as exc:
                 self._send_json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
                 return
@@ -120,6 +123,8 @@ def _handler(generator: Generator, defaults: Sampling) -> type[BaseHTTPRequestHa
 
         def _read_json(self) -> dict[str, Any]:
             length = int(self.headers.get("Content-Length") or 0)
+            if length < 0:  # read(-1) would wait for the client to close the connection
+                raise ValueError(f"Content-Length {length} is negative")
             if length > _MAX_BODY_BYTES:
                 raise ValueError(f"request body over {_MAX_BODY_BYTES} bytes")
             body = json.loads(self.rfile.read(length) or b"{}")

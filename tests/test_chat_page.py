@@ -6,9 +6,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,3 +109,15 @@ def test_endpoint_answers_and_rejects_bad_settings(page_url: str):
     assert status == 400 and "prompt is empty" in body["error"]
     status, body = _post(page_url, {"prompt": "hello", "top_p": 3})
     assert status == 400 and "top-p" in body["error"]
+    for prompt in (None, 123, ["hello"]):
+        status, body = _post(page_url, {"prompt": prompt})
+        assert status == 400 and body["error"] == f"prompt must be a string, got {json.dumps(prompt)}"
+
+
+def test_a_negative_content_length_is_refused_at_once(page_url: str):
+    host, port = urllib.parse.urlsplit(page_url).netloc.split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n{}")
+        # The server closes after its answer (HTTP/1.0); one waiting for the client to close would time out.
+        reply = b"".join(iter(lambda: conn.recv(4096), b"")).decode()
+    assert reply.startswith("HTTP/1.0 400") and "Content-Length -5 is negative" in reply
