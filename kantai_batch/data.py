@@ -57,13 +57,15 @@ def build_split(
     what: str,
     workers: int | None = None,
     part: tuple[int, int] | None = None,
+    name: str | None = None,
 ):
     """Tokenize one text file (a prepared split) into a ``datasets.Dataset`` of samples.
 
     ``fix_masks`` masks every sample once, for masked-LM evaluation. ``workers`` processes tokenize it
     (default: several only on a large corpus); the samples are the same for any number. ``part``
     (index, count) makes only that part's samples (``part_rows``), which may be none: whether the
-    whole split has a block is for whoever joins the parts to say.
+    whole split has a block is for whoever joins the parts to say. ``name`` is what messages call
+    the text (the user's file, where ``path`` is a decoded copy of it).
     """
     from datasets import load_dataset
     from transformers.utils import logging as hf_logging
@@ -118,7 +120,7 @@ def build_split(
     if len(samples) == 0 and part is None:
         tokens = sum(len(ids) for ids in tokenizer(list(raw["text"]), add_special_tokens=False)["input_ids"])
         raise InputDataError(
-            f"{what} {path} is too small for one block: {tokens} tokens, data.block_size is {block}; "
+            f"{what} {name or path} is too small for one block: {tokens} tokens, data.block_size is {block}; "
             "use a larger corpus or a smaller data.block_size"
         )
     if fix_masks:

@@ -72,7 +72,7 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
                 with opened() as raw:
                     if write_text(raw, decoding, text) == 0:
                         raise InputDataError(f"corpus {corpus} has no text")
-            samples = build_split(text, shaped, tokenizer, fix_masks=task == "mlm", what="eval corpus")
+            samples = build_split(text, shaped, tokenizer, fix_masks=task == "mlm", what="eval corpus", name=corpus)
         metrics = _evaluate(job, task, model, tokenizer, samples, Path(scratch) / "trainer")
     metrics.update(model=str(model_dir), corpus=corpus_name, attention=model.config._attn_implementation)
     if not is_main_process():

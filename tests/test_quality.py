@@ -98,6 +98,13 @@ def test_bad_probe_file_fails_before_evaluating_and_keeps_metrics(trained_run: P
         f"kantai-batch: error: probe file {bad}, line 3: the text needs exactly one <mask>, got 0"
     ]
     assert (run_dir / "eval" / "metrics.json").read_bytes() == metrics
+    # A text too small to score is named as the user gave it, not by the decoded copy's scratch path.
+    small = tmp_path / "small.txt"
+    small.write_text("Reason.\n")
+    result = invoke(*args[:-1], str(small), *tiny(), expect=3)
+    assert result.stderr.splitlines()[-1].startswith(
+        f"kantai-batch: error: eval corpus {small} is too small for one block"
+    )
 
 
 @pytest.mark.slow
