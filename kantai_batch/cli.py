@@ -114,6 +114,8 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(job_file: Path | None, run_dir: str, corpus: str | None, overrides: tuple[str, ...], **kwargs: Any):
         job = load_job(job_file, overrides, corpus=corpus)
+        if not run_dir.strip():  # not the working directory by accident, which would fill it with phases
+            raise JobConfigError("--run-dir (KANTAI_RUN_DIR) is empty; name a folder or s3://bucket/prefix")
         run = RunDir.from_uri(run_dir)
         if run.remote is not None:
             # Rejected credentials or a missing bucket end the command here, before it writes anything.

@@ -194,7 +194,9 @@ def load_model_config(folder: Path):
     from transformers import AutoConfig
 
     if not folder.is_dir():
-        raise InputDataError(f"model {folder} does not exist")
+        raise InputDataError(
+            f"model {folder} {'is a file, not a model folder' if folder.exists() else 'does not exist'}"
+        )
     if not (folder / "config.json").is_file():
         raise InputDataError(f"model {folder} is not a model folder (no config.json)")
     try:

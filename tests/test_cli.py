@@ -73,6 +73,16 @@ def test_run_dir_that_is_a_file(tmp_path):
     assert f"run dir {tmp_path / 'file'} is not a folder" in result.stderr
 
 
+def test_an_empty_run_dir_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("prepare", "--run-dir", " ", expect=2)
+    assert (
+        result.stderr.strip()
+        == "kantai-batch: error: --run-dir (KANTAI_RUN_DIR) is empty; name a folder or s3://bucket/prefix"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unwritable_run_dir_is_one_line(tmp_path, corpus_file):
     import os
 

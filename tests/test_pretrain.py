@@ -166,6 +166,7 @@ def test_fill_mask_json(trained_run: Path):
         (["fill-mask", "Human thinking involves human reason."], 3, "has no <mask> token"),
         (["fill-mask", "--model", "{tmp}", "A <mask>."], 3, "is not a model folder (no config.json)"),
         (["fill-mask", "--model", "{tmp}/nope", "A <mask>."], 3, "does not exist"),
+        (["fill-mask", "--model", "{tmp}/file.txt", "A <mask>."], 3, "file.txt is a file, not a model folder"),
         (["evaluate", "--model", "{tmp}"], 3, "is not a model folder"),
         (["evaluate", "--run-dir", "{tmp}"], 3, "takes at most 64 tokens; data.block_size is 128"),
         (["fill-mask", "--top-k", "5000", "A <mask>."], 3, "top-k 5000 is more than model"),
@@ -174,6 +175,7 @@ def test_fill_mask_json(trained_run: Path):
 )
 def test_model_errors_are_one_line(trained_run: Path, tmp_path: Path, args: list[str], code: int, message: str):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    (tmp_path / "file.txt").write_text("not a model")
     if "--model" not in args:
         args = [args[0], "--model", str(trained_run / "model"), *args[1:]]
     result = invoke(*args, expect=code)
