@@ -9,6 +9,7 @@ force a new tokenizer.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -26,7 +27,7 @@ def fingerprint_of(job: Job, phase: str, run=None, *, model_dir: Path | None = N
     """
     row = phase_row(phase)
     data = job.model_dump(mode="json")
-    parts: dict[str, Any] = {"phase": phase, "job": {name: _pick(data, name) for name in row.reads}}
+    parts: dict[str, Any] = {"phase": phase, "job": _picked(data, row.reads, row.ignores)}
     if row.version > 1:
         parts["version"] = row.version
     for upstream in map(phase_row, row.upstream):
@@ -50,6 +51,20 @@ def _pick(data: dict[str, Any], dotted: str) -> Any:
     return data
 
 
+def _picked(data: dict[str, Any], reads, ignores=()) -> dict[str, Any]:
+    """The fields ``reads`` names, less those ``ignores`` names below them."""
+    picked = {name: copy.deepcopy(_pick(data, name)) for name in reads}
+    for dotted in ignores:
+        head, _, rest = dotted.partition(".")
+        found = picked.get(head)
+        *path, last = rest.split(".")
+        for part in path:
+            found = found.get(part) if isinstance(found, dict) else None
+        if isinstance(found, dict):
+            found.pop(last, None)
+    return picked
+
+
 def settings_digest(job: Job) -> str:
     """The job settings a trained model depends on: every field the phases up to pretrain read, but
     ``corpus.source``, whose content the corpus's own checksum stands for (the same files under another
@@ -57,8 +72,9 @@ def settings_digest(job: Job) -> str:
     from kantai_batch.phases import before
 
     data = job.model_dump(mode="json")
-    fields = {name for row in (*before("pretrain"), phase_row("pretrain")) for name in row.reads}
-    picked = {name: _pick(data, name) for name in sorted(fields)}
+    rows = (*before("pretrain"), phase_row("pretrain"))
+    fields = sorted({name for row in rows for name in row.reads})
+    picked = _picked(data, fields, [name for row in rows for name in row.ignores])
     if isinstance(picked.get("corpus"), dict):
         picked["corpus"] = {key: value for key, value in picked["corpus"].items() if key != "source"}
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()

@@ -26,6 +26,8 @@ class Phase:
     """The ``RunDir`` folder it commits."""
     reads: tuple[str, ...]
     """The job fields (dotted) its output depends on."""
+    ignores: tuple[str, ...] = ()
+    """Fields below ``reads`` that change nothing it writes (bookkeeping): changing one redoes nothing."""
     upstream: tuple[str, ...] = ()
     """The phases whose output it reads."""
     every_rank: bool = False
@@ -90,6 +92,13 @@ PHASES: tuple[Phase, ...] = (
         "pretrain",
         output="model",
         reads=("task", "model", "data.mode", "data.block_size", "train"),
+        # How often it logs, evaluates, checkpoints and waits: the committed model is the same (the last
+        # step is always saved, and a retry commits it).
+        ignores=tuple(
+            f"train.{name}"
+            for name in "save_steps save_total_limit logging_steps eval_steps preemption_grace_s "
+            "collective_timeout_s dataloader_workers profile_steps".split()
+        ),
         # The tokenizer is saved with the model; the samples come from tokens.
         upstream=("train-tokenizer", "tokenize"),
         every_rank=True,

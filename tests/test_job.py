@@ -127,8 +127,11 @@ def test_the_settings_a_retraining_compares_are_those_that_shape_the_model():
         "eval.benchmark=b.txt",
         "register.min_improvement=0.1",
         "infer.top_k=3",
+        "train.preemption_grace_s=30",  # bookkeeping: how the training logs, saves and waits
+        "train.save_steps=100",
     ):
         assert settings_digest(load_job(None, [same])) == base, same
     for changed in ("train.learning_rate=3e-4", "tokenizer.vocab_size=3000", "data.eval_fraction=0.2",
-                    "train.init_from=models:/m@champion", "model.num_hidden_layers=4"):  # fmt: skip
+                    "train.init_from=models:/m@champion", "model.num_hidden_layers=4",
+                    "train.max_steps=7"):  # fmt: skip
         assert settings_digest(load_job(None, [changed])) != base, changed

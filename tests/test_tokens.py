@@ -119,6 +119,8 @@ def test_run_tokenizes_once_and_again_only_when_the_samples_change(tmp_path: Pat
     assert run_pipeline(job(), run, track=False) == ["prepare", "train-tokenizer", "tokenize", "pretrain", "evaluate"]
     assert run_pipeline(job(), run, track=False) == []
     assert run_pipeline(job("data.tokenize_workers=2"), run, track=False) == [], "workers change no sample"
+    bookkeeping = job("train.preemption_grace_s=60", "train.logging_steps=7", "train.save_total_limit=3")
+    assert run_pipeline(bookkeeping, run, track=False) == [], "bookkeeping changes no model"
     assert run_pipeline(job("train.mlm_probability=0.2"), run, track=False) == ["pretrain", "evaluate"]
     changed = job("data.block_size=16")
     assert run_pipeline(changed, run, track=False) == ["tokenize", "pretrain", "evaluate"]
