@@ -39,7 +39,8 @@ CPU_BASE ?= localhost/kantai-base:bookworm
 CPU_TAG ?= $(TAG)-cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_WHEELS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
-TORCH_CPU_WHEEL = $(firstword $(wildcard $(addsuffix /torch-$(TORCH_VERSION)+cpu-*.whl,$(TORCH_WHEELS))))
+# Only buildah and podman builds see it (through the build/home mount); a docker build takes the index.
+TORCH_CPU_WHEEL = $(if $(DOCKER_ENGINE),,$(firstword $(wildcard $(addsuffix /torch-$(TORCH_VERSION)+cpu-*.whl,$(TORCH_WHEELS)))))
 # Builds image $(1) with build args $(2) and the wheel $(3) on hand; the image the tag named before,
 # now untagged, is removed.
 BUILD_IMAGE = set -e; rm -rf build/home; mkdir -p build/home/.config/pip build/home/wheels; \
@@ -62,6 +63,8 @@ TOKENIZE_PODS ?= 1
 RUN_ID ?= $(shell date -u +%Y%m%d-%H%M%S)
 RUN_ID := $(RUN_ID)
 KUBECTL ?= $(BIN)/kubectl
+# The overlay's namespace: where its Jobs run, so where status, logs and submit-pipeline look for them.
+NAMESPACE ?= $(or $(shell sed -n 's/^namespace: *//p' $(OVERLAY)/kustomization.yaml 2>/dev/null),default)
 # Kueue's LocalQueue for the Jobs (empty: they start at once, outside any queue).
 QUEUE ?=
 # Only what was given to make overrides the overlay's settings (its run dir, job, image).
@@ -70,11 +73,15 @@ RENDER = $(BIN)/kantai-batch render-k8s --overlay $(OVERLAY) --run-id $(RUN_ID) 
 	$(if $(filter command line environment,$(origin JOB)),--job $(JOB)) \
 	$(if $(filter command line environment,$(origin RUN_DIR)),--run-dir $(RUN_DIR)) \
 	$(if $(CORPUS),--corpus $(CORPUS)) \
-	$(if $(filter command line environment,$(origin IMAGE)),--image $(IMAGE):$(TAG)) \
+	$(if $(filter command line environment,$(origin IMAGE)),--image $(IMAGE):$(TAG),$(if \
+	  $(filter command line environment,$(origin TAG)),--image :$(TAG))) \
 	$(if $(QUEUE),--queue $(QUEUE))
-# Waits for one Job to finish; fails (and stops submit-pipeline) when it failed.
-WAIT_JOB = for _ in $$(seq 1 100000); do \
-	  state=$$($(KUBECTL) get job $(1) -o jsonpath='{.status.conditions[?(@.status=="True")].type}'); \
+# Waits for one Job to finish; fails (and stops submit-pipeline) when it failed, or when the Job cannot
+# be read three times running (gone, or the cluster out of reach).
+WAIT_JOB = misses=0; for _ in $$(seq 1 100000); do \
+	  if ! state=$$($(KUBECTL) -n $(NAMESPACE) get job $(1) -o jsonpath='{.status.conditions[?(@.status=="True")].type}'); then \
+	    misses=$$((misses + 1)); [ $$misses -lt 3 ] || { echo "job $(1) cannot be read in namespace $(NAMESPACE)" >&2; exit 1; }; \
+	  else misses=0; fi; \
 	  case "$$state" in *Failed*) echo "job $(1) failed: make logs RUN_ID=$(RUN_ID)" >&2; exit 1;; \
 	  *Complete*) echo "job $(1) complete"; break;; esac; sleep 30; done
 
@@ -207,11 +214,15 @@ submit-pipeline: install
 	  $(call WAIT_JOB,kantai-$$phase-$(RUN_ID)) || exit 1; \
 	done
 
+# RUN_ID names the CronJob: without a fixed one, every `make schedule` would add another schedule
+# writing to the same run dir and registered model.
 schedule: install
+	$(if $(filter command line environment,$(origin RUN_ID)),,$(error make schedule needs RUN_ID=NAME, \
+	  the schedule's own name (e.g. weekly); the same name updates that schedule))
 	$(RENDER) --phase retrain | $(KUBECTL) apply -f -
 
 status: install
-	$(KUBECTL) get jobs,cronjobs,pods -l kantai.io/run=$(RUN_ID) -o wide
+	$(KUBECTL) -n $(NAMESPACE) get jobs,cronjobs,pods -l kantai.io/run=$(RUN_ID) -o wide
 
 logs: install
-	$(KUBECTL) logs -l kantai.io/run=$(RUN_ID) --all-containers --prefix --tail=200
+	$(KUBECTL) -n $(NAMESPACE) logs -l kantai.io/run=$(RUN_ID) --all-containers --prefix --tail=200

@@ -56,7 +56,7 @@ class Submission:
     run_dir: str | None = None
     corpus: str | None = None
     image: str | None = None
-    """NAME:TAG replacing the overlay's pinned image."""
+    """NAME:TAG replacing the overlay's pinned image; ``:TAG`` keeps the overlay's image name."""
     queue: str | None = None
     """Kueue LocalQueue (in the overlay's namespace) that admits the Jobs; none: they start at once."""
 
@@ -66,6 +66,10 @@ class Submission:
                 f"run id {self.run_id!r} must be 1-20 lowercase letters, digits or '-', "
                 "starting and ending with a letter or digit"
             )
+        if self.image is not None:
+            name, tag = split_image(self.image)
+            if tag == "" or not (name or tag):
+                raise JobConfigError(f"image {self.image!r} has an empty name or tag; give NAME:TAG, NAME or :TAG")
         if self.queue is not None and not _QUEUE.match(self.queue):
             raise JobConfigError(
                 f"queue {self.queue!r} must be a LocalQueue name: at most 63 lowercase letters, digits, '-' or '.', "
@@ -141,7 +145,8 @@ class Submission:
             kustomization["configMapGenerator"].append(settings_merge)
         if self.image:
             name, tag = split_image(self.image)
-            image = {"name": self._overlay_image_name(), "newName": name}
+            pinned = self._overlay_image_name()
+            image = {"name": pinned, "newName": name or pinned}
             kustomization["images"] = [{**image, "newTag": tag} if tag else image]
         return kustomization
 

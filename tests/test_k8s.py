@@ -163,6 +163,19 @@ def test_bad_submissions_are_one_line_config_errors(tmp_path: Path):
         Submission(overlay=tmp_path, run_id="r")
     with pytest.raises(JobConfigError, match="unknown phase"):
         render(Submission(overlay=K8S / "overlays" / "gpu", run_id="r"), ("pretrian",))
+    for image in ("reg/x:", "", ":"):
+        with pytest.raises(JobConfigError, match="has an empty name or tag"):
+            Submission(overlay=K8S / "overlays" / "gpu", run_id="r", image=image)
+
+
+def test_an_image_tag_alone_keeps_the_overlays_image_name():
+    def image(**given) -> str:
+        docs = documents(render(Submission(overlay=K8S / "overlays" / "gpu", run_id="r", **given), ("prepare",)))
+        return next(d for d in docs if d["kind"] == "Job")["spec"]["template"]["spec"]["containers"][0]["image"]
+
+    assert image() == "registry.example.com/kantai-batch:0.1.0"
+    assert image(image=":v2") == "registry.example.com/kantai-batch:v2"
+    assert image(image="host:5000/kb:v3") == "host:5000/kb:v3"
 
 
 # ---- the rendered commands, run as pods would run them ----
@@ -346,6 +359,21 @@ def test_make_render_passes_the_submission_variables(tmp_path: Path):
     assert pretrain["spec"]["completions"] == 2
     tokenize = next(d for d in docs if d["metadata"]["name"] == "kantai-tokenize-mk")
     assert tokenize["spec"]["completions"] == 4
+
+
+def test_make_targets_look_in_the_overlays_namespace_and_a_schedule_needs_its_name():
+    def make(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    for overlay, namespace in (("gpu", "kantai"), ("cpu", "kantai-dev")):
+        for target in ("status", "logs", "submit-pipeline"):
+            done = make(target, f"OVERLAY=k8s/overlays/{overlay}", "RUN_ID=x")
+            assert f"-n {namespace} " in done.stdout, (target, done.stdout[-2000:])
+    # Without a fixed name each `make schedule` would add another CronJob writing to the same run dir.
+    unnamed = make("schedule")
+    assert unnamed.returncode != 0 and "make schedule needs RUN_ID=NAME" in unnamed.stderr
+    assert "--run-id weekly" in make("schedule", "RUN_ID=weekly").stdout
+    assert "--image :v7 " in make("submit-pretrain", "TAG=v7", "RUN_ID=x").stdout
 
 
 # ---- queueing on a shared cluster (Kueue) ----
