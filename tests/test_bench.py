@@ -117,7 +117,10 @@ def test_a_stopped_bench_stops_its_worker_and_leaves_no_scratch(tmp_path: Path, 
     command = [sys.executable, "-m", "kantai_batch", "bench", "--run-dir", str(tmp_path / "run"),
                "--corpus", str(corpus_file), *tiny("train.max_steps=null"), "--seconds", "600",
                "--out", str(tmp_path / "results")]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch)}
+    # torch's compile cache is torch's, kept across runs by design (importing torch._dynamo, which the
+    # Trainer does, makes it under TMPDIR): elsewhere, so the scratch holds only what bench made.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # fmt: skip
     with log.open("w") as stderr:  # a file, not a pipe nobody reads while the worker logs
         bench = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     children = Path(f"/proc/{bench.pid}/task/{bench.pid}/children")
