@@ -249,6 +249,8 @@ def _prepare_inputs(job: Job, run: RunDir) -> None:
 def _held_out(job: Job, run: RunDir) -> dict[str, Any]:
     """What the held-out losses are computed on: records with equal entries scored the same tokens
     and masks, so their losses compare across bench runs."""
+    from kantai_batch.data import PACKING
+
     corpus, tokenizer = run.marker(run.corpus), run.marker(run.tokenizer)
     return {
         "text_sha256": corpus["files"]["eval.txt"]["sha256"],
@@ -256,6 +258,8 @@ def _held_out(job: Job, run: RunDir) -> dict[str, Any]:
         "tokenizer_sha256": hashlib.sha256(json.dumps(tokenizer["files"], sort_keys=True).encode()).hexdigest(),
         "eval_seed": job.eval.seed,
         "mlm_probability": job.eval.mlm_probability if job.task == "mlm" else None,
+        # How the packed cut is made (its </s> between paragraphs was scored before version 2).
+        "packing": PACKING,
     }
 
 

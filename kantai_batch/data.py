@@ -38,6 +38,10 @@ FULL_BLOCK_MODES = ("packed", "grouped")
 _PACK_ROWS = 1000
 # How eval masks are drawn: per sample from (seed, index) since version 2 (one shared stream before).
 EVAL_MASKS = 2
+# Packed blocks since version 2: every <s> and </s> in a block is marked special (the </s> between two
+# paragraphs was masked and scored like a word), and a causal LM's block ends on text, not on an
+# added </s> it would learn to predict at every block's end.
+PACKING = 2
 
 
 def part_rows(rows: int, index: int, count: int) -> range:
@@ -97,12 +101,14 @@ def build_split(
                 num_proc=workers,
                 desc=f"{what}: tokenize",
             )
+            packed = job.data.mode == "packed"
+            ends = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "block_size": block}
             samples = ids.map(
-                _pack if job.data.mode == "packed" else _group,
+                _pack if packed else _group,
                 batched=True,
                 batch_size=_PACK_ROWS,
                 remove_columns=ids.column_names,
-                fn_kwargs={"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "block_size": block},
+                fn_kwargs={**ends, "close": job.task == "mlm"} if packed else ends,
                 desc=f"{what}: {job.data.mode} into blocks of {block}",
             )
         else:
@@ -133,15 +139,21 @@ def _token_ids(batch: dict[str, list[str]], tokenizer) -> dict[str, list[list[in
     return {"ids": tokenizer(texts, add_special_tokens=False)["input_ids"]}
 
 
-def _pack(batch: dict[str, list[list[int]]], bos: int, eos: int, block_size: int) -> dict[str, list[list[int]]]:
+def _pack(
+    batch: dict[str, list[list[int]]], bos: int, eos: int, block_size: int, close: bool = True
+) -> dict[str, list[list[int]]]:
+    """Paragraphs joined by </s> and cut into ``<s> ... </s>`` blocks (``close``: a masked LM's, as
+    RoBERTa's FULL-SENTENCES), or ``<s> ...`` blocks ending where the cut falls (a causal LM's: an
+    added </s> would be a target at every block's end, mid-sentence)."""
     stream: list[int] = []
     for ids in batch["ids"]:
         stream.extend(ids)
         stream.append(eos)
-    body = block_size - 2
+    body = block_size - 2 if close else block_size - 1
+    closing = [eos] if close else []
     # The tail shorter than a block is dropped, as group_texts does: a padded block wastes compute.
-    blocks = [[bos, *stream[start : start + body], eos] for start in range(0, len(stream) - body + 1, body)]
-    special = [[1] + [0] * body + [1] for _ in blocks]
+    blocks = [[bos, *stream[start : start + body], *closing] for start in range(0, len(stream) - body + 1, body)]
+    special = [[int(token in (bos, eos)) for token in block] for block in blocks]
     return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "special_tokens_mask": special}
 
 
@@ -170,6 +182,8 @@ def mask_once(samples, job: Job, tokenizer, what: str):
 def sample_settings(job: Job, split: str, tokenizer) -> dict[str, Any]:
     """What the samples of ``split`` depend on besides the corpus: ``tokens.json`` records it, readers compare."""
     settings: dict[str, Any] = {"mode": job.data.mode, "block_size": job.data.block_size}
+    if job.data.mode == "packed":
+        settings.update(packing=PACKING, task=job.task)
     if split == "eval":
         settings["task"] = job.task
         if job.task == "mlm":

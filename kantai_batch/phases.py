@@ -86,7 +86,7 @@ PHASES: tuple[Phase, ...] = (
         upstream=("prepare", "train-tokenizer"),
         runner="kantai_batch.tokens:tokenize",
         options=("workers", "part", "parts"),
-        version=2,  # eval masks drawn per sample (masking.Masker)
+        version=3,  # 2: eval masks drawn per sample (masking.Masker); 3: packed blocks (data.PACKING)
     ),
     Phase(
         "pretrain",

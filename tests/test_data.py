@@ -34,6 +34,27 @@ def test_packed_blocks_are_full_and_framed(prepared: Path):
     text = tokenizer.decode(samples["input_ids"][1], skip_special_tokens=False)
     assert "\n" not in text, "wrapped lines are joined into paragraphs"
     assert "</s>" in "".join(tokenizer.decode(ids) for ids in samples["input_ids"][:5]), "paragraphs are separated"
+    # Every </s> is special, the one between two paragraphs too: masking never picks it, nor evaluation.
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    assert [[int(t in (bos, eos)) for t in ids] for ids in samples["input_ids"]] == samples["special_tokens_mask"]
+    assert sum(ids[1:-1].count(eos) for ids in samples["input_ids"]) > 0, "some blocks hold a paragraph end"
+    scored = _build(prepared, split="eval.txt", evaluation=True)[2]
+    assert not any(label == eos for labels in scored["labels"] for label in labels)
+
+
+def test_a_causal_lms_packed_blocks_end_where_the_cut_falls(prepared: Path):
+    job, tokenizer, samples = _build(prepared, "task=clm")
+    masked = _build(prepared)[2]
+    eos = tokenizer.eos_token_id
+    assert all(len(ids) == job.data.block_size and ids[0] == tokenizer.bos_token_id for ids in samples["input_ids"])
+    # No </s> added at the cut: a closing one only where a paragraph ends there.
+    assert sum(ids[-1] != eos for ids in samples["input_ids"]) > len(samples) * 0.9
+    # The same stream, one more token of text a block.
+    text = [t for ids in samples["input_ids"] for t in ids[1:]]
+    assert (
+        text[: 10 * job.data.block_size]
+        == [t for ids in masked["input_ids"] for t in ids[1:-1]][: len(text)][: 10 * job.data.block_size]
+    )
 
 
 def test_line_by_line_makes_one_sample_per_line(prepared: Path):
