@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 
 log = logging.getLogger(__name__)
@@ -11,18 +12,22 @@ log = logging.getLogger(__name__)
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' data sheets, FLOP/s. Matched by
 # substring of torch.cuda.get_device_name(), most specific first.
 _GPU_PEAK_BF16 = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("GH200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("V100", 125e12),
-    ("T4", 65e12),
+    # Dense bf16 tensor-core FLOP/s from the data sheets (half the "with sparsity" figure), matched on
+    # whole words of the device name, the more specific first: "L40" is no "L4", "H100 NVL" no SXM.
+    (("H100", "PCIe"), 756e12),
+    (("H100", "NVL"), 835e12),
+    (("H100",), 989e12),
+    (("H200",), 989e12),
+    (("GH200",), 989e12),
+    (("B200",), 2250e12),
+    (("A100",), 312e12),
+    (("A10G",), 70e12),
+    (("A10",), 125e12),
+    (("L40S",), 362e12),
+    (("L40",), 181e12),
+    (("L4",), 121e12),
+    (("V100",), 125e12),
+    (("T4",), 65e12),
 )
 
 
@@ -71,12 +76,18 @@ def peak_flops(precision: str) -> tuple[float, str]:
 
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        for marker, bf16_peak in _GPU_PEAK_BF16:
-            if marker in name:
-                # fp32 without tensor cores is far lower; TF32 is not what fp32 training uses by default.
-                return (bf16_peak if precision in ("bf16", "fp16") else bf16_peak / 16), f"data sheet ({name})"
+        bf16_peak = data_sheet_peak(name)
+        if bf16_peak is not None:
+            # fp32 without tensor cores is far lower; TF32 is not what fp32 training uses by default.
+            return (bf16_peak if precision in ("bf16", "fp16") else bf16_peak / 16), f"data sheet ({name})"
         return _measured_peak(precision), f"measured matmul ({name})"
     return _measured_peak(precision), "measured 2048x2048 matmul on this CPU"
+
+
+def data_sheet_peak(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU named ``device_name`` (``torch.cuda.get_device_name()``), if known."""
+    words = set(re.split(r"[\s_-]+", device_name))
+    return next((peak for marker, peak in _GPU_PEAK_BF16 if words.issuperset(marker)), None)
 
 
 @functools.cache

@@ -209,6 +209,29 @@ def test_the_matmul_peak_outlasts_a_busy_spell_on_the_machine():
     assert clock.now == pytest.approx(30 * 1e-5)
 
 
+@pytest.mark.parametrize(
+    ("device", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA GH200 480GB", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A10G", 70e12),
+        ("NVIDIA L40", 181e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L4", 121e12),
+        ("Tesla T4", 65e12),
+        ("NVIDIA RTX 6000 Ada Generation", None),
+    ],
+)
+def test_the_data_sheet_peak_matches_whole_words_of_the_device_name(device: str, peak: float | None):
+    from kantai_batch.hardware import data_sheet_peak
+
+    assert data_sheet_peak(device) == peak
+
+
 def test_precision_auto_follows_the_hardware():
     assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
     if torch.cuda.is_available():
