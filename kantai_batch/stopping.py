@@ -93,7 +93,8 @@ class StopAgreement(TrainerCallback):
             self.stopped_by = BUDGET
             control.should_training_stop = True
             # As the Trainer does at max_steps: a pod retried before the commit then commits this step.
-            control.should_save = True
+            # Not where nothing is saved at all (bench's configurations).
+            control.should_save = args.save_strategy != "no"
         if control.should_save:
             # The loss is read back from the device only at a log line: one before every checkpoint lets
             # on_log keep a diverged model out of it.

@@ -106,6 +106,28 @@ def test_ranks_whose_clocks_started_apart_plan_the_same_schedule(monkeypatch: py
     assert ended == {0: 99, 1: 99}
 
 
+@pytest.mark.parametrize(("strategy", "saves"), [("steps", True), ("no", False)])
+def test_the_step_the_budget_ends_on_is_saved_unless_nothing_is(strategy: str, saves: bool):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from kantai_batch.preemption import Preemption
+    from kantai_batch.stopping import StopAgreement
+
+    class Spent:  # a budget that is over at the first step it is asked about
+        def observe(self, step):
+            return 100.0, 1.0
+
+        def steer(self, step, spent, step_s):
+            return True
+
+        max_seconds = 100.0
+
+    args = TrainingArguments(output_dir="unused", save_strategy=strategy, report_to=[])
+    stop = StopAgreement(Preemption(1.0), Spent())
+    control = stop.on_step_end(args, TrainerState(global_step=3), TrainerControl())
+    assert control.should_training_stop and control.should_save is saves
+
+
 def test_a_resumed_run_plans_past_the_plan_it_saved(monkeypatch: pytest.MonkeyPatch):
     """A resume restores the saved plan into the schedule after the budget took its bound: a faster
     pod plans from the bound (max_steps), not from the old plan."""
