@@ -52,11 +52,33 @@ def variant_job(job: Job, spec: str) -> tuple[str, Job]:
     """``NAME:key=value,key=value`` (overrides as ``--set`` takes them) as a named configuration."""
     name, sep, overrides = spec.partition(":")
     name = name.strip()
-    if not sep or not name or name in ("job", *BASELINES):
+    if not sep or not name or name in ("job", *BASELINES, *_RECORD_KEYS):
         raise JobConfigError(
-            f"--variant {spec!r}: expected NAME:key=value[,key=value] with a NAME other than job and the baselines"
+            f"--variant {spec!r}: expected NAME:key=value[,key=value] with a NAME other than job, the baselines "
+            f"and {', '.join(_RECORD_KEYS)}"
         )
-    return name, override_job(job, [item for item in overrides.split(",") if item.strip()], f"--variant {name}")
+    items = [item for item in overrides.split(",") if item.strip()]
+    for item in items:
+        key = item.partition("=")[0].strip()
+        if key in _SHARED or key.split(".")[0] in _SHARED:
+            # Prepared once for every configuration (corpus, tokenizer) or what all are scored by.
+            raise JobConfigError(
+                f"--variant {name}: {key} is the same for every configuration of a bench run; "
+                "run another bench with --set instead"
+            )
+    variant = override_job(job, items, f"--variant {name}")
+    if variant.model.max_position_embeddings < job.data.block_size + 2:
+        raise JobConfigError(
+            f"--variant {name}: model.max_position_embeddings {variant.model.max_position_embeddings} cannot read "
+            f"the held-out blocks of {job.data.block_size} every configuration is scored on"
+        )
+    return name, variant
+
+
+# What no variant may change: the inputs prepared once and what every configuration is scored by.
+_SHARED = frozenset(("task", "corpus", "tokenizer", "eval.mlm_probability", "eval.seed", "data.eval_fraction"))
+# Keys of the record's rows next to the configurations' names.
+_RECORD_KEYS = ("baseline_loss", "baseline_seconds")
 
 
 def bench(
@@ -295,6 +317,9 @@ def _in_fresh_process(
                     # seed it trains with: the bench job's eval.mlm_probability and eval.seed.
                     "eval_masking": eval_masks.eval.mlm_probability,
                     "eval_seed": eval_masks.eval.seed,
+                    # And cut into the bench job's blocks: a variant of another block size is scored
+                    # on the same tokens.
+                    "eval_block_size": eval_masks.data.block_size,
                     "level": logging.getLogger().getEffectiveLevel(),
                 }
             )
@@ -356,6 +381,7 @@ def _measure(
     grouped_training: bool,
     eval_masking: float,
     eval_seed: int,
+    eval_block_size: int,
     level: int,
 ) -> dict[str, Any]:
     """Train one configuration and evaluate it; runs in its own interpreter."""
@@ -386,7 +412,7 @@ def _measure(
         args = training_arguments(job, Path(scratch), track=False, **overrides)
         budget = time_budget(job, resume_from=None)
         stop = StopAgreement(Preemption(job.train.preemption_grace_s), budget)
-        cuts = _eval_cuts(job, tokenizer, run, eval_masking, eval_seed)
+        cuts = _eval_cuts(job, tokenizer, run, eval_masking, eval_seed, eval_block_size)
         samples = (_train_samples(job, run, tokenizer), cuts["packed"])
         session = build_trainer(
             job,
@@ -417,7 +443,7 @@ def _measure(
         "train_runtime_s": result.metrics["train_runtime"],
         "training_seconds": curve.training_seconds(),
         # "diverged" for a configuration whose loss became NaN or infinite: its losses are NaN from there.
-        "stopped_by": stop.stopped_by or ("max_steps" if by_steps else "epochs"),
+        "stopped_by": stop.stopped_by or _bound_reached(trainer.state.global_step, args.max_steps, curve.timed_out),
         "data_mode": "grouped_lines" if grouped_training else job.data.mode,
         "dropout": job.model.hidden_dropout_prob,
         "batch_size": job.train.per_device_batch_size,
@@ -461,7 +487,13 @@ def _train_samples(job: Job, run: RunDir, tokenizer):
     return build_split(run.train_text, job, tokenizer, fix_masks=False, what="train split")
 
 
-def _eval_cuts(job: Job, tokenizer, run: RunDir, masking: float, seed: int) -> dict[str, Any]:
+def _bound_reached(step: int, max_steps: int, timed_out: bool) -> str:
+    if timed_out:
+        return "seconds"
+    return "max_steps" if 0 < max_steps <= step else "epochs"
+
+
+def _eval_cuts(job: Job, tokenizer, run: RunDir, masking: float, seed: int, block_size: int) -> dict[str, Any]:
     """The held-out split as packed blocks, run_mlm's grouped lines and single lines, for a masked LM
     with the same fixed masks for every configuration, so all are scored on the same tokens; a causal
     LM is scored on every next token."""
@@ -469,7 +501,7 @@ def _eval_cuts(job: Job, tokenizer, run: RunDir, masking: float, seed: int) -> d
 
     text = run.eval_text
     held_out = job.eval.model_copy(update={"mlm_probability": masking, "seed": seed})
-    job = job.model_copy(update={"eval": held_out})
+    job = job.model_copy(update={"eval": held_out, "data": job.data.model_copy(update={"block_size": block_size})})
     masked = job.task == "mlm"
     special = set(tokenizer.all_special_ids)
     cuts = {}

@@ -373,7 +373,7 @@ def chat(job: Job, run: RunDir, model_uri: str | None, sampling, serve: bool, ho
 )
 @click.option(
     "--eval-every", type=click.FloatRange(min=1),
-    help="Evaluate on the held-out text every this many steps (with --steps) or training seconds (with --seconds).",
+    help="Evaluate on the held-out text every this many training seconds with --seconds, else every this many steps.",
 )  # fmt: skip
 @click.option(
     "--variant", "variants", multiple=True, metavar="NAME:KEY=VALUE[,KEY=VALUE]",

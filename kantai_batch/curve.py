@@ -24,6 +24,8 @@ class LossCurve(TrainerCallback):
         self._paused = 0.0
         self._step_end = self._start
         self._next_eval = eval_seconds or 0.0
+        self.timed_out = False
+        """Whether training stopped because ``seconds`` were spent."""
 
     def training_seconds(self, at: float | None = None) -> float:
         return (self._step_end if at is None else at) - self._start - self._paused
@@ -40,7 +42,7 @@ class LossCurve(TrainerCallback):
             while self._next_eval <= elapsed:
                 self._next_eval += self.eval_seconds
         if self.seconds and elapsed >= self.seconds:
-            control.should_training_stop = True
+            control.should_training_stop = self.timed_out = True
         return control
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):

@@ -41,9 +41,14 @@ class ThroughputCallback(TrainerCallback):
         self._start_tokens = 0
         self._start_step = 0
         self._window = (0.0, 0)
+        # Evaluations during training: their time is not training time (bench evaluates every few
+        # seconds; counted, it made real tokens/s a twentieth of the steady rate).
+        self._evaluating = 0.0
+        self._step_end: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._start_time = time.perf_counter()
+        self._start_time = self._step_end = time.perf_counter()
+        self._evaluating = 0.0
         self._start_tokens = state.num_input_tokens_seen
         self._start_step = state.global_step
         self._window = (self._start_time, state.num_input_tokens_seen)
@@ -51,6 +56,7 @@ class ThroughputCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.perf_counter()
+        self._step_end = now
         if self._last_step is not None:
             then, tokens_then = self._last_step
             self._step_times.append(now - then)
@@ -61,6 +67,10 @@ class ThroughputCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, **kwargs):
         # Evaluation is not a training step; the next step's time starts after it.
         self._last_step = None
+        now = time.perf_counter()
+        if self._step_end is not None:
+            self._evaluating += now - self._step_end
+        self._step_end = now  # several eval sets after one step: each from where the last ended
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -78,7 +88,7 @@ class ThroughputCallback(TrainerCallback):
         return {"real_tokens_per_second": round(rate, 1), "mfu": round(self.mfu(rate), 4)}
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.elapsed = time.perf_counter() - self._start_time
+        self.elapsed = time.perf_counter() - self._start_time - self._evaluating
         self.tokens = state.num_input_tokens_seen - self._start_tokens
         steps = state.global_step - self._start_step
         self.samples = steps * args.per_device_train_batch_size * args.world_size

@@ -250,6 +250,18 @@ def test_bad_variant_is_a_config_error(tmp_path: Path, corpus_file: Path):
     )  # fmt: skip
     assert "--variant fast: train.learning_rte: unknown key" in result.stderr
     assert not (tmp_path / "run").exists(), "nothing is prepared before the configurations are valid"
+    # What is prepared once, or scores every configuration, would be silently the job's in a variant.
+    for variant, message in (
+        ("tok:tokenizer.vocab_size=500", "--variant tok: tokenizer.vocab_size is the same for every configuration"),
+        ("c:task=clm", "--variant c: task is the same for every configuration"),
+        ("src:corpus.source=elsewhere.txt", "--variant src: corpus.source is the same"),
+        ("m:eval.seed=3", "--variant m: eval.seed is the same"),
+        ("baseline_seconds:train.seed=1", "with a NAME other than job, the baselines and baseline_loss"),
+        ("short:model.max_position_embeddings=66,data.block_size=64", "cannot read the held-out blocks of 128"),
+    ):
+        refused = invoke("bench", "--run-dir", str(tmp_path / "run"), "--variant", variant, expect=2)
+        assert message in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_malformed_probe_file_fails_before_any_training(tmp_path: Path, corpus_file: Path):

@@ -380,3 +380,26 @@ def test_a_training_step_reads_nothing_back_between_log_lines(
         assert len(transformers_mask) == 1, per_step
         per_step = {site: n for site, n in per_step.items() if site not in transformers_mask}
     assert per_step == {}, "tensor values read back every training step"
+
+
+def test_real_tokens_per_second_leave_out_evaluations(monkeypatch: pytest.MonkeyPatch):
+    from types import SimpleNamespace
+
+    from kantai_batch.throughput import ThroughputCallback
+
+    # Made at 0, training begins at 0, steps end at 1 and 2, an evaluation of 10 s ends at 12, a step at 13.
+    clock = iter([0.0, 0.0, 1.0, 2.0, 12.0, 13.0, 13.0])
+    monkeypatch.setattr("kantai_batch.throughput.time.perf_counter", lambda: next(clock))
+    state = SimpleNamespace(num_input_tokens_seen=0, global_step=0)
+    args = SimpleNamespace(per_device_train_batch_size=1, world_size=1)
+    meter = ThroughputCallback(flops_per_token=1.0, peak_flops=1.0, world_size=1)
+    meter.on_train_begin(args, state, None)
+    for moment in ("step", "step", "evaluate", "step"):
+        if moment == "step":
+            state.num_input_tokens_seen += 100
+            state.global_step += 1
+            meter.on_step_end(args, state, None)
+        else:
+            meter.on_evaluate(args, state, None)
+    meter.on_train_end(args, state, None)
+    assert meter.summary()["real_tokens_per_second"] == pytest.approx(300 / 3), "3 s of training, not 13"
