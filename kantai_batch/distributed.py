@@ -163,7 +163,8 @@ def deepspeed_config(path: str) -> dict:
         raise JobConfigError(f"train.deepspeed {path} cannot be read: {exc}") from None
     except json.JSONDecodeError as exc:
         raise JobConfigError(f"train.deepspeed {path} is not valid JSON: {exc}") from None
-    stage = config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else None
-    if stage not in (0, 1, 2, 3):
+    zero = config.get("zero_optimization", {}) if isinstance(config, dict) else None
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if type(stage) is not int or stage not in (0, 1, 2, 3):  # not True, which equals 1
         raise JobConfigError(f"train.deepspeed {path} must be a JSON object with zero_optimization.stage 0-3")
     return config

@@ -63,6 +63,9 @@ def test_zero_trains_on_two_ranks_resumes_and_saves_a_whole_model(tmp_path: Path
         (None, "does not exist"),
         ("{not json", "is not valid JSON"),
         ('{"zero_optimization": {"stage": 7}}', "stage 0-3"),
+        ('{"zero_optimization": 2}', "stage 0-3"),
+        ('{"zero_optimization": null}', "stage 0-3"),
+        ('{"zero_optimization": {"stage": true}}', "stage 0-3"),
     ],
 )
 def test_a_bad_deepspeed_config_is_a_one_line_config_error(tmp_path: Path, content: str | None, message: str):
