@@ -76,6 +76,11 @@ def require_topology(nproc_per_node: str, nnodes: str) -> None:
             f"launch: --nproc-per-node (PET_NPROC_PER_NODE) must be a count of at least 1 or auto/cpu/gpu, "
             f"got {nproc_per_node!r}"
         )
+    if nproc_per_node == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise JobConfigError("launch: --nproc-per-node (PET_NPROC_PER_NODE) gpu, but this node has no CUDA device")
     bounds = nnodes.split(":")
     if not (
         1 <= len(bounds) <= 2 and all(b.isdigit() and int(b) >= 1 for b in bounds) and int(bounds[0]) <= int(bounds[-1])

@@ -31,6 +31,12 @@ def test_a_specific_code_wins_over_1_and_otherwise_the_earliest_then_the_lowest_
     assert reported_failure({0: _failure(1, 100), 1: _failure(1, 100)}) == (0, 1)
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @pytest.mark.parametrize(
     ("options", "env", "message"),
     [
@@ -39,6 +45,12 @@ def test_a_specific_code_wins_over_1_and_otherwise_the_earliest_then_the_lowest_
         ([], {"PET_NPROC_PER_NODE": "0"}, "got '0'"),
         ([], {"PET_NNODES": "0"}, "--nnodes (PET_NNODES) must be N or MIN:MAX of at least 1, got '0'"),
         ([], {"PET_NNODES": "3:2"}, "got '3:2'"),
+        pytest.param(
+            [],
+            {"PET_NPROC_PER_NODE": "gpu"},
+            "gpu, but this node has no CUDA device",
+            marks=pytest.mark.skipif(_has_cuda(), reason="this node has a CUDA device"),
+        ),  # fmt: skip
     ],
 )
 def test_a_topology_torchrun_cannot_run_is_a_config_error(options, env, message, monkeypatch: pytest.MonkeyPatch):
