@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -642,6 +643,7 @@ def _print_metrics(metrics: dict[str, Any], as_json: bool) -> None:
 
 
 def main() -> None:
+    _exit_on_sigterm()
     try:
         cli(prog_name="kantai-batch")
     except SystemExit as exc:
@@ -654,6 +656,17 @@ def main() -> None:
             sys.excepthook(*sys.exc_info())
             exit_process(1)
         raise
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends any command with 143, unwinding (scratch folders go, nothing half-committed stays).
+
+    As a container's PID 1 (the image's entrypoint) Python would otherwise ignore it: a drained pod
+    of any phase but pretrain (which checkpoints on it) waited out its grace period and was killed,
+    137, which the pod failure policy counts as a failure. Handlers installed later (pretrain's,
+    torchrun's, bench's) replace this one while they run."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def _exit_code(exc: SystemExit) -> int:
