@@ -184,10 +184,23 @@ def keep(records: list[dict], out: Path) -> None:
                     shutil.copyfileobj(src, dst)
 
 
+_SCRATCH_ENTRIES = {"kantian.txt", "run"}  # what ``measure`` writes into the scratch
+
+
+def _at_least_two(text: str) -> int:
+    """Steps a configuration times: the first is left out of the steady rate, so two at the least."""
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="Tiny model, 8 steps, any machine.")
-    parser.add_argument("--steps", type=int, default=None, help="Steps per configuration [60; 8 with --dry-run].")
+    parser.add_argument(
+        "--steps", type=_at_least_two, default=None, help="Steps per configuration [60; 8 with --dry-run]."
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
         "--configs",
@@ -199,6 +212,9 @@ def main() -> None:
     parser.add_argument("--no-tests", action="store_true", help="Leave out the gpu-marked tests.")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/kantai-gpu-check"))
     args = parser.parse_args()
+    # The scratch is replaced whole: only one holding what this script makes there, or nothing.
+    if args.scratch.exists() and not {p.name for p in args.scratch.iterdir()} <= _SCRATCH_ENTRIES:
+        parser.error(f"--scratch {args.scratch} holds files this script did not make; name a new or empty folder")
     # A dry run's 8 steps reach past the profiler's first 5, so its plumbing runs too.
     args.steps = args.steps or (8 if args.dry_run else 60)
     args.out = args.out.resolve()

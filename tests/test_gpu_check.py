@@ -33,3 +33,17 @@ def test_gpu_check_dry_run_keeps_each_record_and_the_profile(tmp_path: Path):
     assert profiled["steps"] == 1 and profiled["top_ops"]
     trace = json.loads(gzip.decompress((out / "profile-trace-rank0.json.gz").read_bytes()))
     assert any(event.get("name") == "ProfilerStep#5" for event in trace["traceEvents"])
+
+
+def test_gpu_check_keeps_a_scratch_folder_it_did_not_make_and_bad_steps_fail_at_once(tmp_path: Path):
+    mine = tmp_path / "results-of-mine"
+    mine.mkdir()
+    (mine / "important.json").write_text("{}")
+    for args, message in (
+        (["--scratch", str(mine)], f"--scratch {mine} holds files this script did not make"),
+        (["--steps", "1"], "argument --steps: must be at least 2, got 1"),
+    ):
+        done = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run", *args], cwd=ROOT,
+                              capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert (mine / "important.json").read_text() == "{}"
