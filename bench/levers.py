@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from kantai_batch.baseline import TRAINER_DEFAULTS
 from kantai_batch.bench import bench
+from kantai_batch.errors import KantaiError
 from kantai_batch.job import load_job, override_job
 from kantai_batch.rundir import RunDir
 
@@ -25,11 +27,14 @@ ROBERTA = "train.adam_beta2=0.98,train.adam_epsilon=1e-6,train.weight_decay=0.01
 RATES = ("1e-4", "3e-4", "1e-3")
 
 
-def stage_two(best: str) -> list[str]:
+def stage_two(best: str, masking: float) -> list[str]:
+    """The levers around the winner, whose masking rate is ``masking``: the mask lever is the other one
+    of RoBERTa's 15% and the job's 30%, so it changes something whatever the job's default."""
     around = f"{ROBERTA},train.learning_rate={best}"
+    other = 0.15 if masking != 0.15 else 0.3
     return [
         f"wsd:{around},train.lr_scheduler=warmup_stable_decay,train.decay_ratio=0.2",
-        f"mask30:{around},train.mlm_probability=0.3",
+        f"mask{round(other * 100)}:{around},train.mlm_probability={other}",
         f"cosine:{around},train.lr_scheduler=cosine",
         f"noclip:{around},train.max_grad_norm=0",
     ]
@@ -62,9 +67,13 @@ def main() -> None:
     print(json.dumps({"stage": 1, "record": first["path"], "best_learning_rate": best}), flush=True)
     # Stage 2's own first row is the winner with the linear schedule, then one lever changed at a time.
     winner = override_job(job, [*ROBERTA.split(","), f"train.learning_rate={best}"], "winner")
-    second = bench(winner, run, variants=tuple(stage_two(best)), **common)
+    second = bench(winner, run, variants=tuple(stage_two(best, winner.train.mlm_probability)), **common)
     print(json.dumps({"stage": 2, "record": second["path"]}), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KantaiError as exc:  # a bad --set or --rates: one line and the error's exit code, as the CLI
+        print(f"levers: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
