@@ -285,7 +285,7 @@ def _resolve(uri: str) -> tuple[str, str]:
             name, alias = body.split("@", 1)
             return name, str(client.get_model_version_by_alias(name, alias).version)
         name, _, version = body.partition("/")
-        if not version:
+        if not version.isdigit():  # none, or a path below it (models:/kb/1/extra): no version MLflow has
             raise JobConfigError(f"{uri}: give a version or an alias (models:/NAME/VERSION or models:/NAME@ALIAS)")
         return name, version
 
