@@ -215,7 +215,8 @@ def test_a_causal_lm_is_scored_on_the_words_of_unmasked_text(tmp_path: Path, cor
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
     text = run.eval_text.read_text()
     for task in ("mlm", "clm"):
-        cuts = _eval_cuts(load_job(None, tiny(f"task={task}")[1::2]), tokenizer, run, 0.15, 42)
+        job = load_job(None, tiny(f"task={task}")[1::2])
+        cuts = _eval_cuts(job, tokenizer, run, 0.15, 42, job.data.block_size)
         assert set(cuts) == {"packed", "grouped", "lines"}
         for cut, samples in cuts.items():
             masks = sum(row.count(tokenizer.mask_token_id) for row in samples["input_ids"])
