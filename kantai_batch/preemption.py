@@ -22,6 +22,8 @@ from kantai_batch.errors import PreemptedError
 
 log = logging.getLogger(__name__)
 
+DEADLINE_THREAD = "kantai-preemption-deadline"
+
 
 class Preemption:
     """SIGTERM seen by this process, and the hard deadline that starts once a stop is under way."""
@@ -39,6 +41,7 @@ class Preemption:
             if self._deadline is not None:
                 return
             self._deadline = threading.Timer(self.grace_s, self._hard_exit)
+            self._deadline.name = DEADLINE_THREAD
             self._deadline.daemon = True
             self._deadline.start()
 
@@ -46,6 +49,8 @@ class Preemption:
         with self._lock:
             if self._deadline is not None:
                 self._deadline.cancel()
+                self._deadline.join(timeout=1.0)  # it wakes at once to see it was cancelled
+                self._deadline = None
 
     def _hard_exit(self) -> None:
         log.error(
@@ -76,3 +81,6 @@ def sigterm_checkpoints(preemption: Preemption) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        # The stop got through its step, save and upload: what follows is the exit itself. A deadline
+        # left running would end the process later whatever it then does (a test run's, in-process).
+        preemption.cancel_deadline()

@@ -11,12 +11,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from helpers import ROOT, free_port, invoke, prepared_run, tiny
+from kantai_batch.preemption import DEADLINE_THREAD
 from kantai_batch.rundir import RunDir
 
 pytestmark = pytest.mark.slow
@@ -121,6 +123,8 @@ def test_sigterm_during_the_last_save_is_a_preemption_and_the_retry_takes_no_ste
     monkeypatch.setattr(RunDir, "seal_checkpoint", sealed_then_terminated)
     stopped = invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *job, expect=143)
     assert "pretrain stopped on SIGTERM at step 20" in stopped.stderr
+    # Its hard-exit deadline ends with the stop: left running, it ended this test run 120 s later.
+    assert DEADLINE_THREAD not in {thread.name for thread in threading.enumerate()}
     assert not (run_dir / "model").exists(), "nothing evaluated or committed after the signal"
     monkeypatch.undo()
     invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *job)
