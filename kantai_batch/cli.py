@@ -659,13 +659,16 @@ def main() -> None:
 
 
 def _exit_on_sigterm() -> None:
-    """SIGTERM ends any command with 143, unwinding (scratch folders go, nothing half-committed stays).
+    """As a container's PID 1, SIGTERM ends any command with 143, unwinding (scratch folders go,
+    nothing half-committed stays).
 
-    As a container's PID 1 (the image's entrypoint) Python would otherwise ignore it: a drained pod
+    There (the image's entrypoint) Python would otherwise ignore it: a drained pod
     of any phase but pretrain (which checkpoints on it) waited out its grace period and was killed,
     137, which the pod failure policy counts as a failure. Handlers installed later (pretrain's,
     torchrun's, bench's) replace this one while they run."""
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    # Only there: elsewhere the default ends the process at once, even inside native code (a rank
+    # waiting in a collective, a tokenizer training in Rust), where a Python handler would wait for it.
+    if os.getpid() == 1 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 

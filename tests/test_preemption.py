@@ -193,22 +193,19 @@ def test_launch_waits_for_the_rendezvous_host_then_names_it(tmp_path: Path):
 
 
 def test_sigterm_ends_a_phase_with_143_even_as_a_containers_first_process(tmp_path: Path):
-    """As PID 1 Python ignores a signal it has no handler for: a drained pod would wait for SIGKILL (137).
-    A process of its own namespace where the machine allows it (root), else an ordinary child, where
-    the handler is told apart by the exit code (143, not death by the signal)."""
+    """As PID 1 Python ignores a signal it has no handler for: a drained pod would wait for SIGKILL (137)."""
     import shutil
 
-    command = [sys.executable, "-m", "kantai_batch", "launch", "--nnodes", "2", "--node_rank", "1",
-               "--master_addr", "kantai-pretrain-0.kantai-pretrain.invalid", "prepare"]  # fmt: skip
-    if os.geteuid() == 0 and shutil.which("unshare"):
-        command = ["unshare", "--pid", "--fork", "--kill-child", *command]
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("a process namespace of its own needs root and unshare")
+    command = ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-m", "kantai_batch", "launch",
+               "--nnodes", "2", "--node_rank", "1", "--master_addr", "kantai-pretrain-0.kantai-pretrain.invalid",
+               "prepare"]  # fmt: skip
     waiting = subprocess.Popen(command, cwd=tmp_path, env=_env(KANTAI_RENDEZVOUS_WAIT_S="120"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 60
     while "waiting for rendezvous host" not in (line := waiting.stderr.readline()):
         assert line and time.monotonic() < deadline, "launch never started waiting"
-    target = waiting.pid
-    if command[0] == "unshare":  # the signal goes to the namespace's first process, as the kubelet sends it
-        target = int(Path(f"/proc/{waiting.pid}/task/{waiting.pid}/children").read_text().split()[0])
-    os.kill(target, signal.SIGTERM)
+    # To the namespace's first process, as the kubelet sends it.
+    os.kill(int(Path(f"/proc/{waiting.pid}/task/{waiting.pid}/children").read_text().split()[0]), signal.SIGTERM)
     assert waiting.wait(timeout=30) == 143
