@@ -60,6 +60,8 @@ NODES ?= 1
 GPUS ?= 1
 # Pods of the tokenize Indexed Job, each making one part of the tokens.
 TOKENIZE_PODS ?= 1
+# Whether RUN_ID was given (make schedule needs one), before the default makes it a file variable.
+RUN_ID_GIVEN := $(filter command line environment,$(origin RUN_ID))
 RUN_ID ?= $(shell date -u +%Y%m%d-%H%M%S)
 RUN_ID := $(RUN_ID)
 KUBECTL ?= $(BIN)/kubectl
@@ -217,7 +219,7 @@ submit-pipeline: install
 # RUN_ID names the CronJob: without a fixed one, every `make schedule` would add another schedule
 # writing to the same run dir and registered model.
 schedule: install
-	$(if $(filter command line environment,$(origin RUN_ID)),,$(error make schedule needs RUN_ID=NAME, \
+	$(if $(RUN_ID_GIVEN),,$(error make schedule needs RUN_ID=NAME, \
 	  the schedule's own name (e.g. weekly); the same name updates that schedule))
 	$(RENDER) --phase retrain | $(KUBECTL) apply -f -
 

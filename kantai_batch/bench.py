@@ -280,8 +280,10 @@ def _held_out(job: Job, run: RunDir) -> dict[str, Any]:
         "tokenizer_sha256": hashlib.sha256(json.dumps(tokenizer["files"], sort_keys=True).encode()).hexdigest(),
         "eval_seed": job.eval.seed,
         "mlm_probability": job.eval.mlm_probability if job.task == "mlm" else None,
-        # How the packed cut is made (its </s> between paragraphs was scored before version 2).
+        # How the cuts are made (the packed cut's </s> between paragraphs was scored before version 2),
+        # and into what blocks: every configuration is scored on the bench job's.
         "packing": PACKING,
+        "block_size": job.data.block_size,
     }
 
 

@@ -31,14 +31,24 @@ from kantai_batch.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
+# In a checkpoint's marker: the time budget (its seconds) that ended training at this step.
+LAST_STEP = "last_step"
+
 
 class CheckpointMarkerCallback(TrainerCallback):
     """Marks each checkpoint complete, publishes it to a remote run dir, prunes beyond ``keep``."""
 
     def __init__(
-        self, run: RunDir, keep: int, clock: Callable[[], float] | None = None, lineage_sha256: str | None = None
+        self,
+        run: RunDir,
+        keep: int,
+        clock: Callable[[], float] | None = None,
+        lineage_sha256: str | None = None,
+        last: Callable[[], float | None] | None = None,
     ) -> None:
         self.run = run
+        # The budget (seconds) that ended training at the checkpoint being saved, if one did.
+        self.last = last
         self.keep = keep
         # What the checkpoints are steps of: a later training of another lineage does not resume them.
         self.lineage = {"lineage_sha256": lineage_sha256} if lineage_sha256 else {}
@@ -54,6 +64,9 @@ class CheckpointMarkerCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return control
         clock = {"train_seconds": self.clock()} if self.clock else {}
+        ended_by = self.last() if self.last is not None else None
+        if ended_by is not None:
+            clock[LAST_STEP] = ended_by
         # The processes the steps were shared by: a step's samples depend on them (see train.pretrain).
         checkpoint = self.run.seal_checkpoint(state.global_step, **clock, **self.lineage, processes=args.world_size)
         if not self.run.is_remote:

@@ -22,7 +22,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from kantai_batch import tracking
 from kantai_batch.budget import PlannedSchedule, TimeBudget
-from kantai_batch.checkpoints import CheckpointMarkerCallback
+from kantai_batch.checkpoints import LAST_STEP, CheckpointMarkerCallback
 from kantai_batch.continued import continued_model, init_model_dir
 from kantai_batch.data import FULL_BLOCK_MODES, load_samples
 from kantai_batch.distributed import barrier, node_count
@@ -89,16 +89,28 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     # The tracking store is reached before any data work, so an unreachable one fails in seconds.
     tracked = track and args.process_index == 0
     with tracking.pretrain_run(job, run, enabled=tracked, resuming=resume_from is not None) as mlflow_run:
-        checkpoints = CheckpointMarkerCallback(
-            run, job.train.save_total_limit, clock=budget.spent if budget else None, lineage_sha256=lineage
-        )
         stop = StopAgreement(Preemption(job.train.preemption_grace_s), budget)
+        checkpoints = CheckpointMarkerCallback(
+            run,
+            job.train.save_total_limit,
+            clock=budget.spent if budget else None,
+            lineage_sha256=lineage,
+            # The step the budget ended training at is its last, though a little time may be left: marked
+            # with the budget, so a longer one resumes it.
+            last=lambda: budget.max_seconds if budget is not None and stop.stopped_by == BUDGET else None,
+        )
         session = build_trainer(job, model, tokenizer, args, run, callbacks=[checkpoints, stop], budget=budget)
         trainer = session.trainer
         # The Trainer takes at least one step after a resume. A checkpoint at the end of training (a pod
         # retried between the last save and the commit, or after its budget ran out) takes none: its
         # model is committed as it is.
-        finished = resume_from is not None and _trained_out(job, run, resume_from, budget, trainer, args)
+        # Not under DeepSpeed: a Trainer that never trained has no engine to evaluate with below ZeRO-3,
+        # so there the Trainer's one step more it is.
+        finished = (
+            resume_from is not None
+            and not job.train.deepspeed
+            and _trained_out(job, run, resume_from, budget, trainer, args)
+        )
         if finished:
             model.load_state_dict(type(model).from_pretrained(str(resume_from)).state_dict())
         if other_training is not None:
@@ -116,7 +128,9 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
             log.info("pretrain: resuming from %s", run.uri(resume_from))
         if finished:
             trainer.state = TrainerState.load_from_json(str(resume_from / TRAINER_STATE_NAME))
-            if budget is not None and budget.exhausted():
+            if budget is not None and (
+                budget.exhausted() or read_marker(resume_from).get(LAST_STEP) == budget.max_seconds
+            ):
                 stop.stopped_by = BUDGET
             result = None
         else:
@@ -188,9 +202,9 @@ def require_same_processes(checkpoint: Path, processes: int, run: RunDir) -> Non
 
 def _trained_out(job: Job, run: RunDir, checkpoint: Path, budget: TimeBudget | None, trainer: Trainer, args) -> bool:
     """Whether ``checkpoint`` is already the end of this training: its budget spent or its steps taken."""
-    if budget is not None and budget.exhausted():
+    if budget is not None and (budget.exhausted() or read_marker(checkpoint).get(LAST_STEP) == budget.max_seconds):
         log.info(
-            "pretrain: the budget of %gs was spent before %s (%.0fs); no more steps",
+            "pretrain: the budget of %gs ended training at %s (%.0fs spent); no more steps",
             budget.max_seconds,
             run.uri(checkpoint),
             budget.spent(),

@@ -162,8 +162,15 @@ def test_training_stops_when_the_budget_is_spent_with_the_schedule_planned_for_i
     assert result.returncode == 0, result.stderr[-3000:]
     summary = _summary(run_dir)
     assert summary["stopped_by"] == "max_seconds" and summary["max_seconds"] == budget
-    # Saved where the budget stopped it, as at max_steps: a pod retried before the commit commits this step.
-    assert read_marker(run_dir / "checkpoints" / f"checkpoint-{summary['global_step']}")["global_step"] > 0
+    # Saved where the budget stopped it, as at max_steps, and marked with the budget that ended it: a pod
+    # retried before the commit commits this step, though the plan ended it with a little time left.
+    last = run_dir / "checkpoints" / f"checkpoint-{summary['global_step']}"
+    assert read_marker(last)["last_step"] == budget
+    shutil.rmtree(run_dir / "model")
+    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *command[command.index("--no-tracking") + 1 :])
+    retried = _summary(run_dir)
+    assert retried["global_step"] == retried["resumed_from_step"] == summary["global_step"]
+    assert retried["stopped_by"] == "max_seconds"
     # The end is the budget or the planned step, whichever comes first: close to the budget either way.
     assert budget / 2 <= summary["budget_spent_s"] < 3 * budget, summary
     assert summary["global_step"] > ESTIMATE_STEPS + 1, "too few steps to time: is the machine overloaded?"

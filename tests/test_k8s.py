@@ -373,6 +373,9 @@ def test_make_targets_look_in_the_overlays_namespace_and_a_schedule_needs_its_na
     unnamed = make("schedule")
     assert unnamed.returncode != 0 and "make schedule needs RUN_ID=NAME" in unnamed.stderr
     assert "--run-id weekly" in make("schedule", "RUN_ID=weekly").stdout
+    from_env = subprocess.run(["make", "-n", "schedule"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "RUN_ID": "nightly"})  # fmt: skip
+    assert "--run-id nightly" in from_env.stdout, from_env.stderr
     assert "--image :v7 " in make("submit-pretrain", "TAG=v7", "RUN_ID=x").stdout
 
 
