@@ -39,14 +39,17 @@ def run_pipeline(
             turn = contextlib.nullcontext()
         else:
             turn = state.main_process_first()
-        forced = phase.name in redo and not phase.every_rank and (state is None or state.is_main_process)
+        main = state is None or state.is_main_process
+        forced = phase.name in redo and not phase.every_rank and main
         with turn:
-            if _run_phase(job, run, phase, track=track, forced=forced):
+            # What lies outside the run dir (a source file's size and time) may look different from
+            # another node: the main process alone weighs it, and the others find its output complete.
+            if _run_phase(job, run, phase, track=track, forced=forced, outside=main):
                 ran.append(phase.name)
     return ran
 
 
-def _run_phase(job: Job, run: RunDir, phase: Phase, *, track: bool, forced: bool = False) -> bool:
+def _run_phase(job: Job, run: RunDir, phase: Phase, *, track: bool, forced: bool = False, outside: bool = True) -> bool:
     """Run one phase unless its output is complete with unchanged inputs; return whether it ran."""
     output = phase.output_of(run)
     marker = None if forced else run.marker(output)
@@ -55,7 +58,7 @@ def _run_phase(job: Job, run: RunDir, phase: Phase, *, track: bool, forced: bool
     elif marker is not None:
         if marker.get("inputs_sha256") != fingerprint_of(job, phase.name, run):
             log.info("%s: %s is complete but its inputs changed, redoing it", phase.name, run.uri(output))
-        elif change := phase.change_outside(job, run, marker):
+        elif outside and (change := phase.change_outside(job, run, marker)):
             log.info("%s: %s is complete but %s, redoing it", phase.name, run.uri(output), change)
         else:
             log.info("%s: %s is complete and its inputs are unchanged, skipped", phase.name, run.uri(output))
