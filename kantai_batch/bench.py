@@ -531,5 +531,7 @@ def _words_as_labels(batch: dict[str, list[list[int]]], special: set[int]) -> di
 
 if __name__ == "__main__":
     # The worker side of _in_fresh_process: python -m kantai_batch.bench SPEC.json RESULT.json
+    # Stopped by bench (SIGTERM), it unwinds, so its scratch folder goes too (the default left it behind).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     _spec = json.loads(Path(sys.argv[1]).read_text())
     write_json_atomic(Path(sys.argv[2]), _measure(**_spec))

@@ -129,7 +129,11 @@ def test_a_stopped_bench_stops_its_worker_and_leaves_no_scratch(tmp_path: Path, 
         assert bench.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
     (worker,) = map(int, workers)
-    time.sleep(3)  # into its training
+    # Into its training: the worker has made its own scratch folder beside bench's.
+    while len(list(scratch.glob("kantai-bench-*"))) < 2:
+        assert bench.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    time.sleep(1)
     bench.send_signal(signal.SIGTERM)
     try:
         assert bench.wait(timeout=60) == 128 + signal.SIGTERM, log.read_text()[-3000:]
