@@ -8,6 +8,10 @@ prompt does in ``generate``, and a block starts wherever the cut falls. ``line_b
 recipe's LineByLineTextDataset: one sample per non-empty line, truncated to ``block_size`` and padded
 per batch.
 
+Corpus text is text: a literal ``<s>`` or ``<mask>`` in it (HTML's strike-through, a paper about masked
+LMs) is tokenized as the characters it is, not as the special token; only a conversation corpus's
+separator, which prepare put there, stays one.
+
 For masked LM evaluation, samples are masked once, with a fixed seed, when they are built, so eval
 loss compares like with like across steps, resumed runs and separate ``evaluate`` calls.
 
@@ -23,6 +27,8 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from kantai_batch.errors import InputDataError
 from kantai_batch.job import Job
@@ -42,6 +48,8 @@ EVAL_MASKS = 2
 # paragraphs was masked and scored like a word), and a causal LM's block ends on text, not on an
 # added </s> it would learn to predict at every block's end.
 PACKING = 2
+# Special-token strings in the text were the special tokens before version 2 (see the module's doc).
+LITERALS = 2
 
 
 def part_rows(rows: int, index: int, count: int) -> range:
@@ -85,6 +93,7 @@ def build_split(
         workers = min(_MAX_TOKENIZE_WORKERS, os.cpu_count() or 1) if len(raw) >= _PARALLEL_FROM_EXAMPLES else 1
     workers = workers if workers > 1 else None
     block = job.data.block_size
+    separator = job.corpus.separator if job.corpus.conversation else None
     # Long paragraphs exceed model_max_length before they are cut into blocks; the warning is noise.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -97,7 +106,7 @@ def build_split(
                 _token_ids,
                 batched=True,
                 remove_columns=raw.column_names,
-                fn_kwargs={"tokenizer": tokenizer},
+                fn_kwargs={"tokenizer": tokenizer, "separator": separator},
                 num_proc=workers,
                 desc=f"{what}: tokenize",
             )
@@ -113,10 +122,9 @@ def build_split(
             )
         else:
             samples = raw.map(
-                lambda batch: tokenizer(
-                    batch["text"], truncation=True, max_length=block, return_special_tokens_mask=True
-                ),
+                _lines,
                 batched=True,
+                fn_kwargs={"tokenizer": tokenizer, "separator": separator, "block_size": block},
                 remove_columns=raw.column_names,
                 num_proc=workers,
                 desc=f"{what}: tokenize line by line",
@@ -124,7 +132,7 @@ def build_split(
     finally:
         hf_logging.set_verbosity(verbosity)
     if len(samples) == 0 and part is None:
-        tokens = sum(len(ids) for ids in tokenizer(list(raw["text"]), add_special_tokens=False)["input_ids"])
+        tokens = sum(len(ids) for ids in encode_text(tokenizer, list(raw["text"]), separator)["ids"])
         raise InputDataError(
             f"{what} {name or path} is too small for one block: {tokens} tokens, data.block_size is {block}; "
             "use a larger corpus or a smaller data.block_size"
@@ -134,14 +142,53 @@ def build_split(
     return samples
 
 
-def _token_ids(batch: dict[str, list[str]], tokenizer) -> dict[str, list[list[int]]]:
-    texts = [text.replace("\n", " ") for text in batch["text"]]
-    return {"ids": tokenizer(texts, add_special_tokens=False)["input_ids"]}
+def encode_text(tokenizer, texts: list[str], separator: str | None = None, *, max_length: int | None = None) -> dict:
+    """Token ids of ``texts`` with special-token strings in them tokenized as text, ``separator`` excepted.
+
+    Without ``max_length``: ``{"ids": ...}``, the bare ids. With it: each text framed ``<s> … </s>`` and
+    cut to ``max_length`` tokens, with its attention and special-tokens masks, as the tokenizer makes
+    them. The separator's pieces are tokenized apart and joined by its id, as the tokenizer itself splits
+    its added tokens out before the rest, so a conversation tokenizes as it did.
+    """
+    if max_length is not None and (separator is None or not any(separator in text for text in texts)):
+        found = tokenizer(
+            texts, truncation=True, max_length=max_length, return_special_tokens_mask=True, split_special_tokens=True
+        )
+        return {key: found[key] for key in ("input_ids", "attention_mask", "special_tokens_mask")}
+    if separator is None:
+        return {"ids": tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]}
+    pieces = [text.split(separator) for text in texts]
+    flat = tokenizer([p for split in pieces for p in split], add_special_tokens=False, split_special_tokens=True)
+    joint = tokenizer.convert_tokens_to_ids(separator)
+    ids, at = [], 0
+    for split in pieces:
+        row = list(flat["input_ids"][at])
+        for piece in flat["input_ids"][at + 1 : at + len(split)]:
+            row += [joint, *piece]
+        ids.append(row)
+        at += len(split)
+    if max_length is None:
+        return {"ids": ids}
+    framed = [[tokenizer.bos_token_id, *row[: max_length - 2], tokenizer.eos_token_id] for row in ids]
+    return {
+        "input_ids": framed,
+        "attention_mask": [[1] * len(row) for row in framed],
+        # Only the framing is special here, as in the tokenizer's own mask: the separator is text to mask.
+        "special_tokens_mask": [[1, *[0] * (len(row) - 2), 1] for row in framed],
+    }
+
+
+def _token_ids(batch: dict[str, list[str]], tokenizer, separator: str | None) -> dict[str, list[list[int]]]:
+    return encode_text(tokenizer, [text.replace("\n", " ") for text in batch["text"]], separator)
+
+
+def _lines(batch: dict[str, list[str]], tokenizer, separator: str | None, block_size: int) -> dict[str, list]:
+    return encode_text(tokenizer, batch["text"], separator, max_length=block_size)
 
 
 def _pack(
     batch: dict[str, list[list[int]]], bos: int, eos: int, block_size: int, close: bool = True
-) -> dict[str, list[list[int]]]:
+) -> dict[str, np.ndarray]:
     """Paragraphs joined by </s> and cut into ``<s> ... </s>`` blocks (``close``: a masked LM's, as
     RoBERTa's FULL-SENTENCES), or ``<s> ...`` blocks ending where the cut falls (a causal LM's: an
     added </s> would be a target at every block's end, mid-sentence)."""
@@ -150,20 +197,26 @@ def _pack(
         stream.extend(ids)
         stream.append(eos)
     body = block_size - 2 if close else block_size - 1
-    closing = [eos] if close else []
     # The tail shorter than a block is dropped, as group_texts does: a padded block wastes compute.
-    blocks = [[bos, *stream[start : start + body], *closing] for start in range(0, len(stream) - body + 1, body)]
-    special = [[int(token in (bos, eos)) for token in block] for block in blocks]
-    return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "special_tokens_mask": special}
+    rows = len(stream) // body
+    cut = np.asarray(stream[: rows * body], dtype=np.int64).reshape(rows, body)
+    ends = [np.full((rows, 1), bos), cut] + ([np.full((rows, 1), eos)] if close else [])
+    return _blocks(np.hstack(ends), bos, eos)
 
 
-def _group(batch: dict[str, list[list[int]]], bos: int, eos: int, block_size: int) -> dict[str, list[list[int]]]:
+def _group(batch: dict[str, list[list[int]]], bos: int, eos: int, block_size: int) -> dict[str, np.ndarray]:
     stream: list[int] = []
     for ids in batch["ids"]:
         stream.extend((bos, *ids, eos))
-    blocks = [stream[start : start + block_size] for start in range(0, len(stream) - block_size + 1, block_size)]
-    special = [[int(token in (bos, eos)) for token in block] for block in blocks]
-    return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "special_tokens_mask": special}
+    rows = len(stream) // block_size
+    return _blocks(np.asarray(stream[: rows * block_size], dtype=np.int64).reshape(rows, block_size), bos, eos)
+
+
+def _blocks(blocks: np.ndarray, bos: int, eos: int) -> dict[str, np.ndarray]:
+    # Every <s> and </s> is special; corpus text holds neither (encode_text), so the ids tell them apart.
+    # Arrays, not lists: datasets stores them as the same columns without a Python int per token.
+    special = ((blocks == bos) | (blocks == eos)).astype(np.int64)
+    return {"input_ids": blocks, "attention_mask": np.ones_like(blocks), "special_tokens_mask": special}
 
 
 def mask_once(samples, job: Job, tokenizer, what: str):
@@ -184,6 +237,7 @@ def sample_settings(job: Job, split: str, tokenizer) -> dict[str, Any]:
     settings: dict[str, Any] = {"mode": job.data.mode, "block_size": job.data.block_size}
     if job.data.mode == "packed":
         settings.update(packing=PACKING, task=job.task)
+    settings["literals"] = LITERALS
     if split == "eval":
         settings["task"] = job.task
         if job.task == "mlm":

@@ -86,7 +86,9 @@ PHASES: tuple[Phase, ...] = (
         upstream=("prepare", "train-tokenizer"),
         runner="kantai_batch.tokens:tokenize",
         options=("workers", "part", "parts"),
-        version=3,  # 2: eval masks drawn per sample (masking.Masker); 3: packed blocks (data.PACKING)
+        # 2: eval masks drawn per sample (masking.Masker); 3: packed blocks (data.PACKING); 4: special-token
+        # strings in the text tokenized as text (data.LITERALS)
+        version=4,
     ),
     Phase(
         "pretrain",

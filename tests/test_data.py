@@ -110,3 +110,62 @@ def test_grouped_blocks_frame_every_paragraph(prepared: Path):
     assert abs(len(samples) - len(packed)) <= len(packed) // 5
     first = (prepared / "corpus" / "train.txt").read_text().strip().split("\n\n")[0]
     assert tokenizer.decode(stream[1 : ends[0]]) == first.replace("\n", " "), "a paragraph, its lines unwrapped"
+
+
+LITERALS = "The tag <s> strikes text out; BERT fills a <mask>, skips <pad> and stops at </s> here."
+
+
+@pytest.mark.parametrize("mode", ["packed", "grouped", "line_by_line"])
+def test_special_token_strings_in_the_text_are_text(prepared: Path, mode: str):
+    job = load_job(None, [*TINY, f"data.mode={mode}"])
+    tokenizer = load_tokenizer(prepared / "tokenizer")
+    text = prepared / f"literals-{mode}.txt"
+    text.write_text((LITERALS + "\n\n") * 40)
+    samples = build_split(text, job, tokenizer, fix_masks=False, what="split")
+    special = set(tokenizer.all_special_ids)
+    framing = {tokenizer.bos_token_id, tokenizer.eos_token_id}
+    for ids, marked in zip(samples["input_ids"], samples["special_tokens_mask"], strict=True):
+        assert not (set(ids) & special) - framing, "no <mask> or <pad> comes from the text"
+        assert [int(t in framing) for t in ids] == marked
+    if mode == "line_by_line":
+        # One <s> and one </s> a line, the frame's: the line's own are characters.
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        assert all(ids.count(bos) == 1 == ids.count(eos) for ids in samples["input_ids"])
+        assert LITERALS.startswith(tokenizer.decode(samples["input_ids"][0][1:-1]))
+        assert "<s>" in tokenizer.decode(samples["input_ids"][0][1:-1]), "cut at the block, after the text's <s>"
+    else:
+        stream = [t for ids in samples["input_ids"] for t in ids]
+        # One </s> a paragraph (packed adds one more at each block's end): the text's </s> is not one.
+        paragraph_ends = stream.count(tokenizer.eos_token_id) - (len(samples) if mode == "packed" else 0)
+        words = len(tokenizer(LITERALS, add_special_tokens=False, split_special_tokens=True)["input_ids"]) + 1
+        assert paragraph_ends == pytest.approx(len(stream) / words, abs=len(samples) + 1)
+        text = tokenizer.decode([t for t in stream if t not in framing])
+        assert "BERT fills a <mask>, skips <pad> and stops at </s> here." in text
+
+
+def test_a_conversations_separator_stays_one_token(tmp_path: Path):
+    from helpers import SUPPORT_JOB, SUPPORT_OVERRIDES, support_conversations, twcs_csv
+    from kantai_batch.data import encode_text
+
+    run = prepared_run(
+        tmp_path / "run",
+        twcs_csv(tmp_path / "twcs.csv", support_conversations(300)),
+        *SUPPORT_OVERRIDES,
+        job=SUPPORT_JOB,
+    )
+    job = load_job(Path(SUPPORT_JOB), [*TINY, *SUPPORT_OVERRIDES])
+    tokenizer = load_tokenizer(run / "tokenizer")
+    separator = job.corpus.separator
+    lines = [line for line in (run / "corpus" / "train.txt").read_text().splitlines() if separator in line][:50]
+    assert len(lines) == 50
+    # Without special-token strings of its own, a conversation tokenizes as the tokenizer tokenizes it.
+    assert encode_text(tokenizer, lines, separator)["ids"] == tokenizer(lines, add_special_tokens=False)["input_ids"]
+    framed = encode_text(tokenizer, lines, separator, max_length=16)
+    expected = tokenizer(lines, truncation=True, max_length=16, return_special_tokens_mask=True)
+    assert framed == {key: expected[key] for key in framed}
+    # With some, only the separator is special.
+    ids = encode_text(tokenizer, [f"my <mask> is late {separator} sorry </s> <s>"], separator)["ids"][0]
+    assert ids.count(tokenizer.convert_tokens_to_ids(separator)) == 1
+    assert not set(ids) & set(tokenizer.all_special_ids) - {tokenizer.convert_tokens_to_ids(separator)}
+    # (The job's cleaner, its tokenizer's normalizer, leaves letters only: what stays of "<mask>" is "mask".)
+    assert "mask" in tokenizer.decode(ids)
