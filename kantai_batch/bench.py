@@ -471,7 +471,7 @@ def _quality(job: Job, model, tokenizer) -> dict[str, Any]:
         from kantai_batch.generate import Generator
 
         sampling = job.generate.with_overrides(num_return_sequences=1)
-        generation = Generator(model, tokenizer)(job.generate.prompt, sampling)
+        generation = Generator(model, tokenizer, trained=job.data.block_size)(job.generate.prompt, sampling)
         return {"generate": {"prompt": job.generate.prompt, "continuation": generation.continuations[0]}}
     probes = read_probes(job.eval.probes, tokenizer.mask_token) if job.eval.probes else None
     return quality_report(model.eval(), tokenizer, job, probes)

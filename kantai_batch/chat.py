@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 _PROMPT = "you> "
 _MAX_BODY_BYTES = 64 << 10
+_READ_TIMEOUT_S = 30
 # The settings the page shows and sends; it answers with one reply, so it has no count.
 _PAGE_SETTINGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
 
@@ -88,6 +89,9 @@ def _handler(generator: Generator, defaults: Sampling) -> type[BaseHTTPRequestHa
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
+        # A client that announces more body than it sends would hold its thread forever.
+        timeout = _READ_TIMEOUT_S
+
         def do_GET(self) -> None:
             if self.path == "/api/defaults":
                 self._send_json(HTTPStatus.OK, {**_sampling_json(defaults), "answers": generator.answers})
@@ -111,6 +115,13 @@ def _handler(generator: Generator, defaults: Sampling) -> type[BaseHTTPRequestHa
             except (KantaiError, ValueError, TypeError) as exc:
                 self._send_json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
                 return
+            except TimeoutError:
+                self._send_json(HTTPStatus.REQUEST_TIMEOUT, {"error": f"no request body in {_READ_TIMEOUT_S} s"})
+                return
+            except Exception as exc:  # noqa: BLE001 - the page gets a status and a line, the log the traceback
+                log.exception("chat: generation failed")
+                self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"generation failed: {first_line(exc)}"})
+                return
             self._send_json(
                 HTTPStatus.OK,
                 {
@@ -127,7 +138,10 @@ def _handler(generator: Generator, defaults: Sampling) -> type[BaseHTTPRequestHa
                 raise ValueError(f"Content-Length {length} is negative")
             if length > _MAX_BODY_BYTES:
                 raise ValueError(f"request body over {_MAX_BODY_BYTES} bytes")
-            body = json.loads(self.rfile.read(length) or b"{}")
+            try:
+                body = json.loads(self.rfile.read(length) or b"{}")
+            except RecursionError:
+                raise ValueError("the request nests too deep to be a prompt's JSON object") from None
             if not isinstance(body, dict):
                 raise ValueError("the request must be a JSON object")
             return body

@@ -330,7 +330,9 @@ def generate(
     from kantai_batch.generate import Generator
 
     generator = Generator.load(_model(model_uri, run))
-    _show_generation(generator(prompt or job.generate.prompt, sampling, as_message=not raw), as_json)
+    # An empty PROMPT given is refused as empty, not replaced by the job's.
+    prompt = job.generate.prompt if prompt is None else prompt
+    _show_generation(generator(prompt, sampling, as_message=not raw), as_json)
 
 
 @cli.command()

@@ -15,9 +15,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from kantai_batch.data import encode_text
 from kantai_batch.errors import InputDataError
 from kantai_batch.job import Sampling
-from kantai_batch.model import load_lm, load_lm_tokenizer, usable_positions
+from kantai_batch.model import load_lm, load_lm_tokenizer, position_ids, trained_length, usable_positions
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +47,17 @@ class Generator:
     """A causal LM and its tokenizer loaded once, ready for many prompts (chat keeps one per session);
     bench builds one on the model it has just trained."""
 
-    def __init__(self, model, tokenizer, model_dir: Path | None = None) -> None:
+    def __init__(self, model, tokenizer, model_dir: Path | None = None, trained: int | None = None) -> None:
         self.model_dir = model_dir
         self.tokenizer = tokenizer
         self.model = model.eval()
         self.max_length = usable_positions(self.model.config)
+        self.trained = trained
 
     @classmethod
     def load(cls, model_dir: Path, command: str = "generate") -> Generator:
         tokenizer = load_lm_tokenizer(model_dir, "clm", command)
-        return cls(load_lm(model_dir, "clm"), tokenizer, model_dir)
+        return cls(load_lm(model_dir, "clm"), tokenizer, model_dir, trained_length(model_dir))
 
     @property
     def answers(self) -> bool:
@@ -68,12 +70,23 @@ class Generator:
 
         if not prompt.strip():
             raise InputDataError("the prompt is empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputDataError(
+                f"the prompt holds half a character (a lone surrogate, {prompt[exc.start]!r} at {exc.start}): not text"
+            ) from None
         tok = self.tokenizer
         use_template = as_message and self.answers
         rendered = (
             tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False) if use_template else prompt
         )
-        ids = [tok.bos_token_id, *tok(rendered, add_special_tokens=False)["input_ids"]]
+        # As training read its text: special-token strings in it are characters, the separator the template
+        # puts after the message excepted.
+        separator = (getattr(tok, "extra_special_tokens", None) or [None])[0] if use_template else None
+        ids = [tok.bos_token_id, *encode_text(tok, [rendered], separator)["ids"][0]]
+        if len(ids) == 1 + (separator is not None):
+            raise InputDataError("the prompt is empty once the model's tokenizer has cleaned it")
         room = self.max_length - len(ids)
         if room < 1:
             raise InputDataError(f"the prompt is {len(ids)} tokens; the model reads at most {self.max_length}")
@@ -81,6 +94,15 @@ class Generator:
         if max_new > room:
             log.warning("generate: only %d tokens fit after the prompt (max-new-tokens %d)", room, max_new)
             max_new = room
+        if self.trained and len(ids) + max_new > self.trained:
+            # The positions past the trained blocks never had a gradient: what the model reads there is noise.
+            log.warning(
+                "generate: %d prompt tokens and up to %d new ones run past the %d tokens a block the model was "
+                "trained on; expect the text beyond them to degrade",
+                len(ids),
+                max_new,
+                self.trained,
+            )
         greedy = sampling.temperature == 0
         config = GenerationConfig(
             max_new_tokens=max_new,
@@ -99,7 +121,12 @@ class Generator:
             set_seed(sampling.seed)
         inputs = torch.tensor([ids], device=self.model.device)
         with torch.inference_mode():
-            output = self.model.generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=config)
+            output = self.model.generate(
+                inputs,
+                attention_mask=torch.ones_like(inputs),
+                position_ids=position_ids(self.model.config, len(ids)).to(self.model.device),
+                generation_config=config,
+            )
         texts, continuations, counts = [], [], []
         for row in output[:, len(ids) :].tolist():
             generated = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row

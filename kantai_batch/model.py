@@ -247,6 +247,30 @@ def usable_positions(config) -> int:
     return config.max_position_embeddings - 2
 
 
+def position_ids(config, length: int):
+    """The positions RoBERTa's own forward gives ``length`` unpadded tokens (padding_idx + 1 on). ``generate``
+    numbers them from 0 when it is not given them: every token read two positions early."""
+    import torch
+
+    return torch.arange(length)[None] + config.pad_token_id + 1
+
+
+def saved_job(folder: Path) -> dict:
+    """The job file pretrain saved with a model (``job.yaml``), as plain data; empty when there is none."""
+    import yaml
+
+    job_file = folder / "job.yaml"
+    data = yaml.safe_load(job_file.read_text(encoding="utf-8")) if job_file.is_file() else None
+    return data if isinstance(data, dict) else {}
+
+
+def trained_length(folder: Path) -> int | None:
+    """The longest sequence a saved model was trained on (its job's ``data.block_size``): the positions past
+    it never had a gradient. None when the folder does not say."""
+    block = (saved_job(folder).get("data") or {}).get("block_size")
+    return block if isinstance(block, int) and block > 0 else None
+
+
 def require_positions(config, model_dir: Path, block_size: int, what: str = "model") -> None:
     """Blocks longer than the model's positions fail deep inside the embedding: refuse them by name."""
     if block_size > usable_positions(config):

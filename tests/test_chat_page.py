@@ -121,3 +121,38 @@ def test_a_negative_content_length_is_refused_at_once(page_url: str):
         # The server closes after its answer (HTTP/1.0); one waiting for the client to close would time out.
         reply = b"".join(iter(lambda: conn.recv(4096), b"")).decode()
     assert reply.startswith("HTTP/1.0 400") and "Content-Length -5 is negative" in reply
+
+
+def test_bad_bodies_get_a_status_and_one_line(page_url: str):
+    host, port = urllib.parse.urlsplit(page_url).netloc.split(":")
+
+    def raw(body: bytes) -> str:
+        with socket.create_connection((host, int(port)), timeout=60) as conn:
+            conn.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            return b"".join(iter(lambda: conn.recv(4096), b"")).decode()
+
+    # Half a character: JSON can escape it, the tokenizer cannot take it.
+    reply = raw(b'{"prompt": "my order \\ud800"}')
+    assert reply.startswith("HTTP/1.0 400") and "the prompt holds half a character (a lone surrogate" in reply
+    # Nested past the JSON parser's recursion: a 400, not a dropped connection.
+    reply = raw(b"[" * 60_000)
+    assert reply.startswith("HTTP/1.0 400") and "nests too deep" in reply
+
+
+def test_a_body_shorter_than_announced_times_out_with_a_status(monkeypatch: pytest.MonkeyPatch):
+    import threading
+
+    from kantai_batch import chat
+    from kantai_batch.job import Sampling
+
+    monkeypatch.setattr(chat, "_READ_TIMEOUT_S", 1)
+    with chat.bind("127.0.0.1", 0) as server:
+        server.RequestHandlerClass = chat._handler(generator=None, defaults=Sampling())
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with socket.create_connection(server.server_address[:2], timeout=30) as conn:
+                conn.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+                reply = b"".join(iter(lambda: conn.recv(4096), b"")).decode()
+        finally:
+            server.shutdown()
+    assert reply.startswith("HTTP/1.0 408") and "no request body in 1 s" in reply

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -172,3 +173,69 @@ def test_chat_serve_on_a_port_in_use_fails_by_name_before_loading_the_model(tmp_
         result = invoke("chat", "--serve", "--port", str(port), "--model", str(tmp_path / "no-model"), expect=1)
     message = f"kantai-batch: error: chat cannot serve on 127.0.0.1:{port}: Address already in use"
     assert result.stderr.strip() == message
+
+
+def test_greedy_generation_reads_the_positions_training_read(support_run: Path):
+    import torch
+
+    from kantai_batch.generate import Generator
+    from kantai_batch.job import Sampling
+
+    generator = Generator.load(support_run / "model")
+    prompt = "my card was charged twice"
+    seen = []
+    hook = generator.model.roberta.embeddings.position_embeddings.register_forward_hook(
+        lambda module, args, out: seen.append(args[0][0].tolist())
+    )
+    try:
+        made = generator(prompt, Sampling(temperature=0, max_new_tokens=8), as_message=False)
+    finally:
+        hook.remove()
+    # RoBERTa numbers positions from padding_idx + 1 = 2; generate numbers them from 0 unless told.
+    length = len(seen[0])
+    assert seen == [list(range(2, 2 + length))] + [[2 + length + i] for i in range(len(seen) - 1)]
+    # The same greedy continuation by plain forward passes, which number positions as training did.
+    tok, model = generator.tokenizer, generator.model
+    ids = torch.tensor([[tok.bos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]])
+    for _ in range(made.new_tokens[0]):
+        with torch.inference_mode():
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert made.continuations[0] == tok.decode(ids[0, -made.new_tokens[0] :], skip_special_tokens=True)
+
+
+def test_past_the_trained_blocks_a_warning_and_special_token_strings_read_as_text(
+    support_run: Path, caplog: pytest.LogCaptureFixture
+):
+    from kantai_batch.errors import InputDataError
+    from kantai_batch.generate import Generator
+    from kantai_batch.job import Sampling
+
+    generator = Generator.load(support_run / "model")
+    assert generator.trained == 32 < generator.max_length, "the tiny job's blocks, from the model's job.yaml"
+    with caplog.at_level(logging.WARNING, logger="kantai_batch"):
+        generator("hello there", Sampling(temperature=0, max_new_tokens=8))
+        assert "run past" not in caplog.text
+        generator(" ".join(["word"] * 10), Sampling(temperature=0, max_new_tokens=8))
+    assert "run past the 32 tokens a block the model was trained on" in caplog.text
+    # The cleaner (the tokenizer's normalizer) leaves letters only; "<s>" in a message is its letter.
+    seen = []
+    hook = generator.model.roberta.embeddings.word_embeddings.register_forward_hook(
+        lambda module, args, out: seen.append(args[0][0].tolist())
+    )
+    try:
+        generator("my <s> order </s> is <mask> late", Sampling(temperature=0, max_new_tokens=1))
+    finally:
+        hook.remove()
+    tok = generator.tokenizer
+    reply = tok.convert_tokens_to_ids("<reply>")
+    assert seen[0][0] == tok.bos_token_id and seen[0][-1] == reply
+    assert not set(seen[0][1:-1]) & set(tok.all_special_ids), tok.convert_ids_to_tokens(seen[0])
+    with pytest.raises(InputDataError, match="empty once the model's tokenizer has cleaned it"):
+        generator("!!! 123 ???", Sampling(temperature=0))
+    with pytest.raises(InputDataError, match=r"a lone surrogate, '\\ud800' at 9\): not text"):
+        generator("my order \ud800", Sampling(temperature=0))
+
+
+def test_an_empty_prompt_given_is_refused_not_replaced(support_run: Path):
+    result = invoke("generate", "--job", JOB, "--model", str(support_run / "model"), "", expect=3)
+    assert "the prompt is empty" in result.stderr
