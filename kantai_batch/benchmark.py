@@ -15,6 +15,7 @@ one process or on the main process of a launch whose other ranks have finished.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import tempfile
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.errors import InputDataError, KantaiError, SourceUnavailableError, first_line
+from kantai_batch.errors import InputDataError, JobConfigError, KantaiError, SourceUnavailableError, first_line
 from kantai_batch.job import Job
 from kantai_batch.manifest import file_sha256
 from kantai_batch.rundir import RunDir
@@ -70,6 +71,41 @@ def benchmark_for(job: Job, run: RunDir, name: str, scratch: Path) -> Benchmark:
     if not text.is_file():
         raise InputDataError(f"corpus {run.uri(run.eval_text)} is missing: run `kantai-batch prepare` first")
     return Benchmark(text, file_sha256(text), f"{run.uri(run.eval_text)} (frozen now)", freeze=True)
+
+
+def require_unseen(benchmark: Benchmark, train_text: Path) -> None:
+    """Refuse a benchmark whose examples the training split holds: the new model would be scored on text
+    it trained on, and beat the champion by remembering it.
+
+    A frozen held-out split stays held out only while ``eval.seed``, ``data.eval_fraction`` and the
+    cleaning stay as they were when it was frozen; this checks the outcome, whatever changed.
+    """
+    wanted = {_digest(text) for text in _examples(benchmark.text.read_text(encoding="utf-8"))}
+    seen = 0
+    with train_text.open(encoding="utf-8") as handle:
+        example: list[str] = []
+        for line in handle:
+            if line.strip():
+                example.append(line)
+                continue
+            seen += _digest("".join(example).strip()) in wanted if example else 0
+            example = []
+        seen += _digest("".join(example).strip()) in wanted if example else 0
+    if seen:
+        raise JobConfigError(
+            f"benchmark {benchmark.source}: {seen:,} of its {len(wanted):,} examples are in the training split "
+            f"{train_text}: the new model would be scored on text it trained on (eval.seed, data.eval_fraction or "
+            "the corpus's cleaning changed since it was frozen?); restore them or name another eval.benchmark"
+        )
+
+
+def _examples(text: str) -> list[str]:
+    """A prepared split's examples: separated by blank lines."""
+    return [example.strip() for example in text.split("\n\n") if example.strip()]
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
 def freeze(benchmark: Benchmark, name: str, run_id: str) -> str:

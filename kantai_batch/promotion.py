@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.benchmark import Benchmark, benchmark_for
+from kantai_batch.benchmark import Benchmark, benchmark_for, require_unseen
 from kantai_batch.errors import InputDataError, JobConfigError, TrainingDivergedError
 from kantai_batch.job import Job
 from kantai_batch.rundir import RunDir
@@ -69,6 +69,13 @@ def retrain(job: Job, run: RunDir, name: str, *, track: bool) -> Outcome | None:
 
     champion = version_by_alias(name, CHAMPION)
     lineage = version_tags(name, champion) if champion else {}
+    if champion and not job.train.init_from:
+        log.warning(
+            "register: train.init_from is unset, so the new model gets a tokenizer of its own; its benchmark loss "
+            "will not compare with %s version %s's and it will not be promoted automatically",
+            name,
+            champion,
+        )
     run_pipeline(job, run, track=track, phases=PHASES[:1], redo=("prepare",))
     corpus_sha = _corpus_sha256(run)
     job_sha = settings_digest(job)
@@ -82,6 +89,8 @@ def retrain(job: Job, run: RunDir, name: str, *, track: bool) -> Outcome | None:
     with tempfile.TemporaryDirectory(prefix="kantai-promote-") as scratch:
         # Found before training, not after it: a mistyped eval.benchmark must not cost a whole training.
         benchmark = benchmark_for(job, run, name, Path(scratch))
+        if is_main_process() and run.train_text.is_file():  # prepare was redone here: the split is on this disk
+            require_unseen(benchmark, run.train_text)
         try:
             run_pipeline(job, run, track=track, phases=PHASES[1:])
         except TrainingDivergedError as diverged:
@@ -121,12 +130,13 @@ def _decide(
     new_loss = score(job, run.model, benchmark, "new model")["loss"]
     if not math.isfinite(new_loss):
         raise InputDataError(f"pretrain diverged: the new model's benchmark loss is {new_loss}; {stays}")
-    old_loss = None
+    old_loss, unlike = None, None
     if champion:
         champion_dir = cached_pull(f"models:/{name}/{champion}", cache_dir())
         old_loss = score(job, champion_dir, benchmark, f"champion version {champion}")["loss"]
+        unlike = _unlike(run.model, champion_dir)
     bar = None if old_loss is None else old_loss * (1 - job.register.min_improvement)
-    promoted = bar is None or not math.isfinite(bar) or new_loss <= bar
+    promoted = unlike is None and (bar is None or not math.isfinite(bar) or new_loss <= bar)
     tags = {
         **lineage,
         MODEL_SHA256: model_sha,
@@ -147,6 +157,12 @@ def _decide(
     if benchmark.freeze:
         freeze(benchmark, name, run_id)
     line = _explain(name, version, champion, new_loss, old_loss, promoted, job.register.min_improvement)
+    if unlike:
+        line = (
+            f"not promoted: {name} version {version} is {CHALLENGER}: {unlike}, so its benchmark loss {new_loss:.4f} "
+            f"does not compare with version {champion}'s {old_loss:.4f}; {CHAMPION} stays version {champion} "
+            f"(`kantai-batch promote models:/{name}/{version}` moves it by hand)"
+        )
     now = version_by_alias(name, CHAMPION)
     if promoted and now != champion:
         # Moved (by hand) while this run trained: the new model was not compared with that one. (The
@@ -160,6 +176,26 @@ def _decide(
     move_alias(name, CHAMPION if promoted else CHALLENGER, version, by=_BY_RUN)
     set_version_tags(name, version, {DECISION: line})
     return Outcome(line, trained=True, promoted=promoted)
+
+
+def _unlike(model_dir: Path, champion_dir: Path) -> str | None:
+    """Why two models' benchmark losses do not compare; None when they do.
+
+    The loss is a mean over the tokens each model's own tokenizer makes of the text (the masked ones of
+    a masked LM, every next one of a causal LM): with other tokenizers, or tasks, those are other
+    predictions. A retraining from scratch trains a new tokenizer.
+    """
+    from kantai_batch.data import tokenizer_digest
+    from kantai_batch.model import load_model_config, load_model_tokenizer
+    from kantai_batch.objective import task_of
+
+    new_task, old_task = (task_of(load_model_config(folder)) for folder in (model_dir, champion_dir))
+    if new_task != old_task:
+        return f"it is a {new_task} model and the champion a {old_task} one"
+    new_tokens, old_tokens = (tokenizer_digest(load_model_tokenizer(folder)) for folder in (model_dir, champion_dir))
+    if new_tokens != old_tokens:
+        return "its tokenizer is not the champion's (trained anew: train.init_from unset or another model)"
+    return None
 
 
 def _explain(

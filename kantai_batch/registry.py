@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from typing import Any
 
 from kantai_batch.errors import InputDataError, JobConfigError, SourceUnavailableError, first_line
 from kantai_batch.manifest import committed_dir, is_complete
-from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer
+from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer, saved_job
 from kantai_batch.objective import task_of
 from kantai_batch.rundir import TRAIN_SUMMARY
 from kantai_batch.tracking import run_exists
@@ -36,25 +35,37 @@ def is_registry_uri(uri: str) -> bool:
 
 
 def require_model_name(name: str, option: str) -> None:
-    """MLflow's rule for registered names, checked up front: MLflow itself applies it only when
-    registering, after a whole training."""
-    if not name.strip() or "/" in name or ":" in name:
+    """MLflow's rule for registered names, checked up front (MLflow itself applies it only when
+    registering, after a whole training), and two of ours: no '@' (``models:/NAME@ALIAS`` would split it)
+    and no ``$(`` (a Kubernetes variable the pod did not define is left in the text as it is)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as exc:
+        raise JobConfigError(f"{option} {name!r} is not a registered model name: {first_line(exc)}") from None
+    if "@" in name or "$(" in name:
         raise JobConfigError(
-            f"{option} {name!r} is not a registered model name: it must be non-empty, without '/' or ':'"
+            f"{option} {name!r} is not a registered model name: without '@' (models:/NAME@ALIAS) or '$(' "
+            "(a Kubernetes variable that was not defined)"
         )
-
-
-# MLflow's rule for aliases ('latest' and v<number> name versions already).
-_ALIAS = re.compile(r"^(?!latest$)(?!v\d+$)[A-Za-z_][A-Za-z0-9_-]{0,254}$")
 
 
 def require_alias(alias: str, option: str) -> None:
-    """MLflow's alias rule, checked before anything is registered: MLflow applies it only when it moves
-    the alias, after the new version exists."""
-    if not _ALIAS.match(alias):
-        raise JobConfigError(
-            f"{option} {alias!r} must be a name of letters, digits, '_' or '-' (not 'latest' or v<number>)"
-        )
+    """MLflow's alias rules (its reserved names case-insensitively, as its store applies them), checked before
+    anything is registered: MLflow applies them only when it moves the alias, after the new version exists."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
+    try:
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+    except MlflowException as exc:
+        raise JobConfigError(f"{option} {alias!r} is not an alias MLflow takes: {first_line(exc)}") from None
+    if alias[0].isdigit() or "$(" in alias:
+        # A number would read as a version (models:/NAME/3 vs @3 in messages); '$(' as in require_model_name.
+        raise JobConfigError(f"{option} {alias!r} must start with a letter or '_'")
 
 
 def register(
@@ -130,11 +141,20 @@ def pull(uri: str, out: Path) -> Path:
 
 
 def cached_pull(uri: str, cache: Path) -> Path:
-    """``pull`` into the cache, once per concrete version (an alias is looked up every time)."""
+    """``pull`` into the cache, once per concrete version (an alias is looked up every time).
+
+    The folder is named by the version's run too: a version number of another tracking store, or of a
+    model deleted and registered again, is another model.
+    """
+    import mlflow
+
     name, version = _resolve(uri)
-    folder = cache / "registry" / name / version
+    with _tracking_errors(uri):
+        run_id = mlflow.MlflowClient().get_model_version(name, version).run_id or "none"
+    folder = cache / "registry" / name / f"{version}-{run_id}"
     if not is_complete(folder):
-        pull(uri, folder)
+        # The version resolved above, not the alias again: it may move between the two lookups.
+        pull(f"models:/{name}/{version}", folder)
     return folder
 
 
@@ -300,14 +320,8 @@ def _requirements() -> list[str]:
 
 def _experiment_of(model_dir: Path) -> str:
     """The job's name from the job file saved with the model, as pretrain names its experiment."""
-    import yaml
-
-    job_file = model_dir / "job.yaml"
-    if job_file.is_file():
-        data = yaml.safe_load(job_file.read_text(encoding="utf-8")) or {}
-        if isinstance(data, dict) and data.get("name"):
-            return str(data["name"])
-    return "kantai-registry"
+    name = saved_job(model_dir).get("name")
+    return str(name) if name else "kantai-registry"
 
 
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")

@@ -126,15 +126,50 @@ def test_the_version_search_filter_keeps_any_quote_in_a_model_name(name: str):
 def test_a_bad_alias_or_empty_name_registers_nothing(tracking_server: str, trained_run: Path, tmp_path: Path):
     import mlflow
 
-    for alias in ("latest", "v3", "two words"):
+    # MLflow's store refuses its reserved names whatever their case.
+    for alias, why in (
+        ("latest", "'latest' alias name (case insensitive) is reserved."),
+        ("LATEST", "'latest' alias name (case insensitive) is reserved."),
+        ("V3", "Version alias name 'V3' is reserved."),
+        ("two words", "Names may only contain alphanumerics, underscores (_), and dashes (-)."),
+        ("3rd", "must start with a letter or '_'"),
+    ):  # fmt: skip
         refused = invoke("register", "--model", str(trained_run / "model"), "--name", "kb", "--alias", alias, expect=2)
-        assert refused.stderr.strip().endswith(f"--alias {alias!r} must be a name of letters, digits, '_' or '-' "
-                                               "(not 'latest' or v<number>)")  # fmt: skip
+        assert len(refused.stderr.strip().splitlines()) == 1 and refused.stderr.strip().endswith(why)
+        assert f"--alias {alias!r}" in refused.stderr
     assert mlflow.MlflowClient().search_registered_models(filter_string="name = 'kb'") == []
-    # An empty --register (an unset variable in the CronJob) would train and register nothing, exit 0.
+    # An empty --register (a variable the settings define empty) would train and register nothing, exit 0.
     run_dir = tmp_path / "run"
     empty = invoke("run", "--run-dir", str(run_dir), "--register", "", expect=2)
     assert "--register '' is not a registered model name" in empty.stderr
     alone = invoke("run", "--run-dir", str(run_dir), "--fail-if-not-promoted", expect=2)
     assert "--fail-if-not-promoted needs --register NAME" in alone.stderr
     assert not run_dir.exists()
+
+
+def test_the_pull_cache_tells_a_version_registered_again_from_the_old_one(
+    tracking_server: str, trained_run: Path, tmp_path: Path
+):
+    import mlflow
+    import torch
+    from transformers import RobertaForMaskedLM
+
+    from kantai_batch.manifest import file_sha256
+    from kantai_batch.registry import cached_pull
+
+    other = tmp_path / "other-model"
+    shutil.copytree(trained_run / "model", other)
+    model = RobertaForMaskedLM.from_pretrained(str(other))
+    with torch.no_grad():
+        model.lm_head.bias.add_(1.0)
+    model.save_pretrained(str(other))
+    cache = tmp_path / "cache"
+    invoke("register", "--model", str(trained_run / "model"), "--name", "again", "--alias", "champion")
+    first = cached_pull("models:/again@champion", cache)
+    weights = file_sha256(first / "model.safetensors")
+    # The model deleted and registered again: version 1 once more, of other weights.
+    mlflow.MlflowClient().delete_registered_model("again")
+    invoke("register", "--model", str(other), "--name", "again", "--alias", "champion")
+    second = cached_pull("models:/again/1", cache)
+    assert second != first and file_sha256(second / "model.safetensors") != weights
+    assert cached_pull("models:/again@champion", cache) == second
