@@ -82,9 +82,14 @@ class Generator:
             tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False) if use_template else prompt
         )
         # As training read its text: special-token strings in it are characters, the separator the template
-        # puts after the message excepted.
+        # puts after the message excepted (one the user typed is text too: prepare leaves none in a tweet).
         separator = (getattr(tok, "extra_special_tokens", None) or [None])[0] if use_template else None
-        ids = [tok.bos_token_id, *encode_text(tok, [rendered], separator)["ids"][0]]
+        if separator is not None and separator in rendered:
+            message, _, after = rendered.rpartition(separator)
+            pieces = encode_text(tok, [message, after])["ids"]
+            ids = [tok.bos_token_id, *pieces[0], tok.convert_tokens_to_ids(separator), *pieces[1]]
+        else:
+            ids = [tok.bos_token_id, *encode_text(tok, [rendered])["ids"][0]]
         if len(ids) == 1 + (separator is not None):
             raise InputDataError("the prompt is empty once the model's tokenizer has cleaned it")
         room = self.max_length - len(ids)

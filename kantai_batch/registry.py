@@ -143,15 +143,15 @@ def pull(uri: str, out: Path) -> Path:
 def cached_pull(uri: str, cache: Path) -> Path:
     """``pull`` into the cache, once per concrete version (an alias is looked up every time).
 
-    The folder is named by the version's run too: a version number of another tracking store, or of a
-    model deleted and registered again, is another model.
+    The folder is named by the logged model too (its id, else its run's): a version number of another
+    tracking store, or of a model deleted and registered again, is another model.
     """
     import mlflow
 
     name, version = _resolve(uri)
     with _tracking_errors(uri):
-        run_id = mlflow.MlflowClient().get_model_version(name, version).run_id or "none"
-    folder = cache / "registry" / name / f"{version}-{run_id}"
+        found = mlflow.MlflowClient().get_model_version(name, version)
+    folder = cache / "registry" / name / f"{version}-{getattr(found, 'model_id', None) or found.run_id or 'none'}"
     if not is_complete(folder):
         # The version resolved above, not the alias again: it may move between the two lookups.
         pull(f"models:/{name}/{version}", folder)

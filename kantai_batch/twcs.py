@@ -178,7 +178,8 @@ class TwcsReader:
         separator = self.corpus.separator
         pairs = db.execute("SELECT c.text, r.text FROM reply r JOIN customer c ON c.tweet_id = r.to_id ORDER BY r.seq")
         for customer, reply in pairs:
-            yield f"{customer} {separator} {reply}"
+            # A tweet that holds the separator's text would read as two turns: the only one is the join's.
+            yield f"{customer.replace(separator, ' ')} {separator} {reply.replace(separator, ' ')}"
 
     def _rows(self) -> Iterator[dict[str, str]]:
         """The files' well-formed rows as dicts; malformed ones are counted and skipped."""

@@ -230,6 +230,16 @@ def test_past_the_trained_blocks_a_warning_and_special_token_strings_read_as_tex
     reply = tok.convert_tokens_to_ids("<reply>")
     assert seen[0][0] == tok.bos_token_id and seen[0][-1] == reply
     assert not set(seen[0][1:-1]) & set(tok.all_special_ids), tok.convert_ids_to_tokens(seen[0])
+    # The separator typed in a message is text too: the one the template puts after it is the turn.
+    seen.clear()
+    hook = generator.model.roberta.embeddings.word_embeddings.register_forward_hook(
+        lambda module, args, out: seen.append(args[0][0].tolist())
+    )
+    try:
+        generator("where is my <reply> order", Sampling(temperature=0, max_new_tokens=1))
+    finally:
+        hook.remove()
+    assert seen[0].count(reply) == 1 and seen[0][-1] == reply
     with pytest.raises(InputDataError, match="empty once the model's tokenizer has cleaned it"):
         generator("!!! 123 ???", Sampling(temperature=0))
     with pytest.raises(InputDataError, match=r"a lone surrogate, '\\ud800' at 9\): not text"):

@@ -172,6 +172,19 @@ def test_missing_text_column_names_the_file_and_its_columns(tmp_path: Path):
     assert not (tmp_path / "run" / "corpus").exists(), "nothing half-written"
 
 
+def test_a_tweet_holding_the_separator_text_stays_one_turn(tmp_path: Path):
+    rows = support_conversations(60)
+    rows[0][4] = "my order <reply> has not arrived and nobody answers me at all"
+    rows[1][4] = "sorry <reply> we will look at it right away and write back soon"
+    _prepare(tmp_path / "run", twcs_csv(tmp_path / "twcs.csv", rows), "corpus.conversation=true",
+             "corpus.letters_only=false", "corpus.min_words=5")  # fmt: skip
+    examples = _examples(tmp_path / "run")
+    assert len(examples) == 60 and all(example.count("<reply>") == 1 for example in examples)
+    assert "my order has not arrived and nobody answers me at all <reply> sorry we will look at it" in " ".join(
+        " ".join(example.split()) for example in examples
+    )
+
+
 def test_conversation_mode_needs_the_id_columns(tmp_path: Path):
     source = tmp_path / "tweets.csv"
     source.write_text("text,inbound\n" + "hello there friend,True\n" * 5, encoding="utf-8")
