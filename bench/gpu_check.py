@@ -1,17 +1,22 @@
 """`make gpu-check`: the GPU figures in one command, sized for about 8 minutes on one H100.
 
-1. The gpu-marked tests (bf16 under DeepSpeed ZeRO-2; training steps that never wait for the GPU).
-2. The KantaiBERT model (6 x 768 x 12, the Kant tokenizer's 8,384-row vocabulary) trained in bf16 with
-   `kantai-batch bench`: blocks of 128 and of 512, each eager and with torch.compile, at batches of
-   about 64k tokens (128k where the card has over 100 GiB), and once under DeepSpeed ZeRO-2.
-3. A table of steady tokens/s and MFU against the card's bf16 dense peak; the bench records land
-   in bench/results/ (and in $OUT when it is set).
+1. The KantaiBERT model (6 x 768 x 12, the Kant tokenizer's 8,384-row vocabulary) trained in bf16 with
+   `kantai-batch bench`, one configuration at a time, each printed (with its time) as it ends: block
+   128 eager (the job) and compiled, a profile of the compiled steps, DeepSpeed ZeRO-2, block 512
+   compiled; batches of 128k tokens (64k on a card under 40 GiB). A configuration that would end past
+   `--budget-s` (judged by the longest so far) is skipped, and one that fails is reported while the
+   rest still run.
+2. A table of steady tokens/s and MFU against the card's bf16 dense peak; the bench records land in
+   bench/results/ (and in $OUT when it is set, with the profile's trace and gpu-check.log).
+3. The gpu-marked tests (bf16 under DeepSpeed ZeRO-2; training steps that never wait for the GPU), last
+   and within what is left of the budget, so a test that hangs cannot eat the figures.
 
 The machine cannot reach the internet, so the corpus is generated: Kantian sentences, enough for the
 steps (throughput and MFU do not depend on what the text says). `--dry-run` runs the same plumbing
 with a tiny model for 8 steps on any machine (no compile, no DeepSpeed), to check the script itself.
 
-    python bench/gpu_check.py [--dry-run] [--steps 60] [--out bench/results] [--configs b128-compile ...] [--no-tests]
+    python bench/gpu_check.py [--dry-run] [--steps 60] [--budget-s 480] [--out bench/results]
+                              [--configs b128-compile ...] [--no-tests]
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,14 +70,40 @@ def batch_for(block: int, dry_run: bool) -> int:
     return tokens // block
 
 
-def bench(run_dir: Path, source: Path, out: Path, steps: int, sets: list[str], env=None):
+class Log:
+    """Lines to stdout and, when the device machine's $OUT is set, to $OUT/gpu-check.log: the call returns only
+    the tail of its output, which progress bars and warnings can push the figures out of."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.file = (out / "gpu-check.log").open("a", encoding="utf-8") if out is not None else None
+        self.start = time.monotonic()
+
+    def __call__(self, line: str) -> None:
+        print(line, flush=True)
+        if self.file is not None:
+            self.file.write(line + "\n")
+            self.file.flush()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+
+def quiet_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """No progress bars (datasets', the Trainer's tqdm): their lines would crowd the figures out of the tail."""
+    return {**(env or os.environ), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+
+
+def bench(run_dir: Path, source: Path, out: Path, steps: int, sets: list[str], env=None) -> dict | None:
+    """One bench run's record; None when it failed (its exit code is printed)."""
     command = [sys.executable, "-m", "kantai_batch", "--log-level", "warning", "bench", "--run-dir", str(run_dir),
                "--corpus", str(source), "--steps", str(steps), "--out", str(out), "--json"]  # fmt: skip
     for item in sets:
         command += ["--set", item]
-    done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=False)
+    done = subprocess.run(command, cwd=ROOT, env=quiet_env(env), stdout=subprocess.PIPE, text=True, check=False)
     if done.returncode != 0:
-        raise SystemExit(f"gpu-check: bench failed (exit {done.returncode}): {' '.join(command)}")
+        print(f"gpu-check: bench failed (exit {done.returncode}): {' '.join(command)}", flush=True)
+        return None
     return json.loads(done.stdout)
 
 
@@ -114,24 +146,38 @@ def configurations(args: argparse.Namespace) -> dict[str, list[str]]:
     return {c: every[c] for c in wanted if not (args.dry_run and (c.endswith("compile") or c == "zero2"))}
 
 
-def measure(args: argparse.Namespace, scratch: Path, out: Path | None) -> list[dict]:
+def measure(args: argparse.Namespace, scratch: Path, out: Path | None, log: Log) -> tuple[list[dict], list[str]]:
     """One bench run per configuration, each kept (and printed) as it ends: a call cut short by the
-    device's time limit still returns what it measured."""
+    device's time limit still returns what it measured. A configuration that would end past
+    ``--budget-s`` (judged by the longest so far) is skipped; one that fails is reported and the rest
+    still run. Returns the records and the names that failed."""
     # Enough text that the steps stay within one epoch at 128k tokens a batch (about 8M tokens): an
     # epoch's first batch waits for the dataloader workers to start over, which is not the steady state.
+    # A small eval split: the held-out cuts are tokenized for every block size and are not what is timed.
     source = corpus(scratch / "kantian.txt", 300 if args.dry_run else 200_000)
-    shape = list(TINY) if args.dry_run else [f"model.vocab_size={KANTAI_VOCAB}"]
+    shape = list(TINY) if args.dry_run else [f"model.vocab_size={KANTAI_VOCAB}", "data.eval_fraction=0.01"]
     common = [*shape, "train.precision=auto" if args.dry_run else "train.precision=bf16"]
-    records = []
+    records, failed, longest = [], [], 0.0
     for name, sets in configurations(args).items():
+        if records and log.elapsed + longest > args.budget_s:
+            log(f"gpu-check: {name} skipped at {log.elapsed:.0f} s: the longest configuration took {longest:.0f} s, "
+                f"past the {args.budget_s:.0f} s budget")  # fmt: skip
+            continue
+        began = time.monotonic()
         env = single_process_env() if name == "zero2" else None
         record = bench(scratch / "run", source, args.out, args.steps, [*common, *sets], env=env)
+        took = time.monotonic() - began
+        longest = max(longest, took)
+        if record is None:
+            failed.append(name)
+            log(f"gpu-check: {name} failed after {took:.0f} s (at {log.elapsed:.0f} s); going on")
+            continue
         record["config"] = name
         records.append(record)
-        print(table([record]).splitlines()[1], flush=True)
+        log(f"{table([record]).splitlines()[1]}   ({took:.0f} s, at {log.elapsed:.0f} s)")
         if out is not None:
             keep([record], out)
-    return records
+    return records, failed
 
 
 def table(records: list[dict]) -> str:
@@ -184,6 +230,24 @@ def keep(records: list[dict], out: Path) -> None:
                     shutil.copyfileobj(src, dst)
 
 
+def gpu_tests(log: Log, left: float, out: Path | None) -> bool:
+    """The gpu-marked tests in what is left of the budget; their whole output to $OUT/gpu-tests.log."""
+    if left < 60:
+        log(f"gpu-check: gpu tests skipped: {max(left, 0):.0f} s of the budget left")
+        return True
+    tests = [sys.executable, "-m", "pytest", "-m", "gpu", "-s", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+    try:
+        done = subprocess.run(tests, cwd=ROOT, env=quiet_env(), timeout=left, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        log(f"gpu-check: gpu tests stopped after {left:.0f} s, at the budget")
+        return False
+    if out is not None:
+        (out / "gpu-tests.log").write_text(done.stdout + done.stderr, encoding="utf-8")
+    lines = done.stdout.strip().splitlines()
+    log(f"gpu-check: gpu tests exit {done.returncode} (at {log.elapsed:.0f} s): {lines[-1] if lines else 'no output'}")
+    return done.returncode == 0
+
+
 _SCRATCH_ENTRIES = {"kantian.txt", "run"}  # what ``measure`` writes into the scratch
 
 
@@ -210,6 +274,13 @@ def main() -> None:
         help=f"What to measure beside b128 [{' '.join(DEFAULT_CONFIGS)}].",
     )
     parser.add_argument("--no-tests", action="store_true", help="Leave out the gpu-marked tests.")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=480,
+        help="Seconds the whole check aims at: configurations that would end past it are skipped, and the "
+        "gpu tests run after the figures only if time is left [480].",
+    )
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/kantai-gpu-check"))
     args = parser.parse_args()
     # The scratch is replaced whole: only one holding what this script makes there, or nothing.
@@ -223,13 +294,18 @@ def main() -> None:
 
         if not torch.cuda.is_available():
             raise SystemExit("gpu-check: no CUDA device here; --dry-run checks the script on any machine")
-    if not args.dry_run and not args.no_tests:
-        tests = [sys.executable, "-m", "pytest", "-m", "gpu", "-s", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"]
-        print("gpu-check: gpu tests exit", subprocess.run(tests, cwd=ROOT, check=False).returncode, flush=True)
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    log = Log(out)
     shutil.rmtree(args.scratch, ignore_errors=True)
     args.scratch.mkdir(parents=True)
-    records = measure(args, args.scratch, Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
-    print(table(records), flush=True)
+    # The figures first: they are what the device minutes are for, and a test that hangs must not eat them.
+    records, failed = measure(args, args.scratch, out, log)
+    if records:
+        log(table(records))
+    if not args.dry_run and not args.no_tests and not gpu_tests(log, args.budget_s - log.elapsed, out):
+        failed.append("gpu tests")
+    if failed:
+        raise SystemExit(f"gpu-check: failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -180,8 +180,20 @@ def machine() -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "cpu_bf16": cpu_supports_bf16(),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        # A device image brings its own: records of two machines may differ here as well.
+        **{name: _version(name) for name in ("transformers", "accelerate", "datasets", "deepspeed")},
         "python": platform.python_version(),
     }
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _cpu_name() -> str:

@@ -17,6 +17,7 @@ _GPU_PEAK_BF16 = (
     (("H100", "PCIe"), 756e12),
     (("H100", "NVL"), 835e12),
     (("H100",), 989e12),
+    (("H200", "NVL"), 835e12),
     (("H200",), 989e12),
     (("GH200",), 989e12),
     (("B200",), 2250e12),
@@ -87,7 +88,10 @@ def peak_flops(precision: str) -> tuple[float, str]:
 def data_sheet_peak(device_name: str) -> float | None:
     """The dense bf16 peak of a GPU named ``device_name`` (``torch.cuda.get_device_name()``), if known."""
     words = set(re.split(r"[\s_-]+", device_name))
-    return next((peak for marker, peak in _GPU_PEAK_BF16 if words.issuperset(marker)), None)
+    peak = next((peak for marker, peak in _GPU_PEAK_BF16 if words.issuperset(marker)), None)
+    # A MIG slice ("... MIG 3g.40gb") has that many of the card's seven compute slices.
+    mig = re.search(r"\bMIG (\d)g\.", device_name)
+    return peak * int(mig.group(1)) / 7 if peak is not None and mig else peak
 
 
 @functools.cache

@@ -12,6 +12,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -26,9 +27,14 @@ class ThroughputCallback(TrainerCallback):
     any step over ``WARMUP_STEP`` median steps (allocations, kernel selection, compilation; their
     count and time are reported) and measure from one step's end to the next, data loading included,
     so a starved dataloader shows.
+
+    On a GPU a step's end is an event on the device's stream, not the host's clock: nothing is read
+    back between log lines, so the host runs steps ahead and its clock times how fast it queues them,
+    then charges the wait for all of them to the step of the log line, which the warm-up rule would
+    drop. The events are read once the device has passed them (``query``), so timing never waits.
     """
 
-    def __init__(self, flops_per_token: float, peak_flops: float, world_size: int) -> None:
+    def __init__(self, flops_per_token: float, peak_flops: float, world_size: int, events=None) -> None:
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops * world_size
         self.tokens = 0
@@ -45,6 +51,10 @@ class ThroughputCallback(TrainerCallback):
         # seconds; counted, it made real tokens/s a twentieth of the steady rate).
         self._evaluating = 0.0
         self._step_end: float | None = None
+        # A factory of timing events on the device (torch.cuda.Event on a GPU); None times on the host.
+        self._event = events if events is not None else _cuda_events()
+        self._pending: list[tuple[Any, int] | None] = []  # events not yet passed; None: a break (eval, save)
+        self._last_event: tuple[Any, int] | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start_time = self._step_end = time.perf_counter()
@@ -57,6 +67,12 @@ class ThroughputCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         now = time.perf_counter()
         self._step_end = now
+        if self._event is not None:
+            event = self._event()
+            event.record()
+            self._pending.append((event, state.num_input_tokens_seen))
+            self._read_events(wait=False)
+            return control
         if self._last_step is not None:
             then, tokens_then = self._last_step
             self._step_times.append(now - then)
@@ -67,6 +83,7 @@ class ThroughputCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, **kwargs):
         # Evaluation is not a training step; the next step's time starts after it.
         self._last_step = None
+        self._pending.append(None)
         now = time.perf_counter()
         if self._step_end is not None:
             self._evaluating += now - self._step_end
@@ -75,7 +92,23 @@ class ThroughputCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self._last_step = None
+        self._pending.append(None)
         return control
+
+    def _read_events(self, *, wait: bool) -> None:
+        """Step times from the events the device has passed (all of them with ``wait``)."""
+        if wait and self._pending:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        while self._pending and (wait or self._pending[0] is None or self._pending[0][0].query()):
+            head = self._pending.pop(0)
+            if head is not None and self._last_event is not None:
+                (then, tokens_then), (event, tokens) = self._last_event, head
+                self._step_times.append(then.elapsed_time(event) / 1000)
+                self._step_tokens.append(tokens - tokens_then)
+            self._last_event = head
 
     def rates(self, state) -> dict[str, float]:
         """Real tokens/s and MFU since the previous call: the fields ``PretrainTrainer.log`` adds to a loss line."""
@@ -88,6 +121,7 @@ class ThroughputCallback(TrainerCallback):
         return {"real_tokens_per_second": round(rate, 1), "mfu": round(self.mfu(rate), 4)}
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._read_events(wait=True)
         self.elapsed = time.perf_counter() - self._start_time - self._evaluating
         self.tokens = state.num_input_tokens_seen - self._start_tokens
         steps = state.global_step - self._start_step
@@ -98,6 +132,7 @@ class ThroughputCallback(TrainerCallback):
         return tokens_per_second * self.flops_per_token / self.peak_flops if self.peak_flops else 0.0
 
     def summary(self) -> dict[str, float]:
+        self._read_events(wait=True)
         tokens_per_second = self.tokens / self.elapsed if self.elapsed > 0 else 0.0
         median = statistics.median(self._step_times) if self._step_times else 0.0
         # Steps that take many times the median are compilations (torch.compile compiles again when a
@@ -121,6 +156,15 @@ class ThroughputCallback(TrainerCallback):
             "peak_flops": self.peak_flops,
             "peak_memory_bytes": peak_memory_bytes(),
         }
+
+
+def _cuda_events():
+    """torch.cuda.Event with timing, where there is a GPU; None on a CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return lambda: torch.cuda.Event(enable_timing=True)
 
 
 def peak_memory_bytes() -> int:

@@ -47,3 +47,21 @@ def test_gpu_check_keeps_a_scratch_folder_it_did_not_make_and_bad_steps_fail_at_
                               capture_output=True, text=True)  # fmt: skip
         assert done.returncode == 2 and message in done.stderr, done.stderr
     assert (mine / "important.json").read_text() == "{}"
+
+
+@pytest.mark.slow
+def test_gpu_check_skips_what_would_end_past_its_budget_and_logs_to_out(tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--dry-run", "--budget-s", "1", "--out", str(tmp_path / "results"),
+         "--scratch", str(tmp_path / "s")],
+        cwd=ROOT, env={**os.environ, "OUT": str(out), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (out / "gpu-check.log").read_text()
+    # The first configuration always runs; the next would end past 1 s.
+    assert log.splitlines()[0].split()[0] == "b128" and " s, at " in log.splitlines()[0]
+    assert "gpu-check: profile skipped at " in log and "past the 1 s budget" in log
+    assert len(list(out.glob("kantaibert-*.json"))) == 1
+    assert "it/s]" not in done.stderr and "examples/s]" not in done.stderr, "no progress bars in the tail"

@@ -216,6 +216,9 @@ def test_the_matmul_peak_outlasts_a_busy_spell_on_the_machine():
         ("NVIDIA H100 PCIe", 756e12),
         ("NVIDIA H100 NVL", 835e12),
         ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),
+        ("NVIDIA H100 80GB HBM3 MIG 3g.40gb", 989e12 * 3 / 7),
+        ("NVIDIA A100-SXM4-40GB MIG 1g.5gb", 312e12 / 7),
         ("NVIDIA GH200 480GB", 989e12),
         ("NVIDIA A100-SXM4-80GB", 312e12),
         ("NVIDIA A10G", 70e12),
@@ -403,3 +406,54 @@ def test_real_tokens_per_second_leave_out_evaluations(monkeypatch: pytest.Monkey
             meter.on_evaluate(args, state, None)
     meter.on_train_end(args, state, None)
     assert meter.summary()["real_tokens_per_second"] == pytest.approx(300 / 3), "3 s of training, not 13"
+
+
+def test_on_a_gpu_steps_are_timed_by_the_devices_events_not_the_host_clock(monkeypatch: pytest.MonkeyPatch):
+    from types import SimpleNamespace
+
+    from kantai_batch.throughput import ThroughputCallback
+
+    # The host queues steps in 1 ms and waits 0.5 s at every sixth (a log line reads the loss); the device
+    # ends a step every 100 ms, and an evaluation of 10 s sits between steps 12 and 13.
+    device = {"now": 0.0}
+
+    class Event:
+        def record(self):
+            self.at = device["at"]
+
+        def query(self):
+            return device["now"] >= self.at
+
+        def elapsed_time(self, other):
+            return 1000 * (other.at - self.at)
+
+    host = {"now": 0.0}
+    monkeypatch.setattr("kantai_batch.throughput.time.perf_counter", lambda: host["now"])
+    state = SimpleNamespace(num_input_tokens_seen=0, global_step=0)
+    args = SimpleNamespace(per_device_train_batch_size=1, world_size=1)
+    meter = ThroughputCallback(flops_per_token=1.0, peak_flops=1.0, world_size=1, events=Event)
+    meter.on_train_begin(args, state, None)
+    for step in range(1, 25):
+        device["at"] = 0.1 * step + (10.0 if step > 12 else 0.0)
+        host["now"] += 0.5 if step % 6 == 0 else 0.001
+        device["now"] = device["at"] - 0.4  # the device runs behind what the host has queued
+        state.num_input_tokens_seen += 100
+        meter.on_step_end(args, state, None)
+        if step == 12:
+            meter.on_evaluate(args, state, None)
+    device["now"] = float("inf")
+    meter.on_train_end(args, state, None)
+    summary = meter.summary()
+    # 22 step times (not the first, not the one across the evaluation), each 0.1 s on the device.
+    assert summary["step_time_s"] == pytest.approx(0.1)
+    assert summary["steady_tokens_per_second"] == pytest.approx(1000) and summary["warmup_steps"] == 0
+    # The host clock would have said 1 ms a step, and left the log lines' waits out as warm-up.
+    host_timed = ThroughputCallback(flops_per_token=1.0, peak_flops=1.0, world_size=1, events=None)
+    host["now"], state.num_input_tokens_seen = 0.0, 0
+    host_timed.on_train_begin(args, state, None)
+    for step in range(1, 25):
+        host["now"] += 0.5 if step % 6 == 0 else 0.001
+        state.num_input_tokens_seen += 100
+        host_timed.on_step_end(args, state, None)
+    host_timed.on_train_end(args, state, None)
+    assert host_timed.summary()["step_time_s"] == pytest.approx(0.001)
