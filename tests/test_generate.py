@@ -175,6 +175,19 @@ def test_chat_serve_on_a_port_in_use_fails_by_name_before_loading_the_model(tmp_
     assert result.stderr.strip() == message
 
 
+def _read(generator, module, prompt: str, sampling=None, **options) -> list[list[int]]:
+    """The ids (or positions) ``module`` was given in each forward of one generation."""
+    from kantai_batch.job import Sampling
+
+    seen: list[list[int]] = []
+    hook = module.register_forward_hook(lambda module, args, out: seen.append(args[0][0].tolist()))
+    try:
+        generator(prompt, sampling or Sampling(temperature=0, max_new_tokens=1), **options)
+    finally:
+        hook.remove()
+    return seen
+
+
 def test_greedy_generation_reads_the_positions_training_read(support_run: Path):
     import torch
 
@@ -183,14 +196,9 @@ def test_greedy_generation_reads_the_positions_training_read(support_run: Path):
 
     generator = Generator.load(support_run / "model")
     prompt = "my card was charged twice"
-    seen = []
-    hook = generator.model.roberta.embeddings.position_embeddings.register_forward_hook(
-        lambda module, args, out: seen.append(args[0][0].tolist())
-    )
-    try:
-        made = generator(prompt, Sampling(temperature=0, max_new_tokens=8), as_message=False)
-    finally:
-        hook.remove()
+    made = Sampling(temperature=0, max_new_tokens=8)
+    seen = _read(generator, generator.model.roberta.embeddings.position_embeddings, prompt, made, as_message=False)
+    made = generator(prompt, made, as_message=False)
     # RoBERTa numbers positions from padding_idx + 1 = 2; generate numbers them from 0 unless told.
     length = len(seen[0])
     assert seen == [list(range(2, 2 + length))] + [[2 + length + i] for i in range(len(seen) - 1)]
@@ -218,28 +226,14 @@ def test_past_the_trained_blocks_a_warning_and_special_token_strings_read_as_tex
         generator(" ".join(["word"] * 10), Sampling(temperature=0, max_new_tokens=8))
     assert "run past the 32 tokens a block the model was trained on" in caplog.text
     # The cleaner (the tokenizer's normalizer) leaves letters only; "<s>" in a message is its letter.
-    seen = []
-    hook = generator.model.roberta.embeddings.word_embeddings.register_forward_hook(
-        lambda module, args, out: seen.append(args[0][0].tolist())
-    )
-    try:
-        generator("my <s> order </s> is <mask> late", Sampling(temperature=0, max_new_tokens=1))
-    finally:
-        hook.remove()
+    read = _read(generator, generator.model.roberta.embeddings.word_embeddings, "my <s> order </s> is <mask> late")
     tok = generator.tokenizer
     reply = tok.convert_tokens_to_ids("<reply>")
-    assert seen[0][0] == tok.bos_token_id and seen[0][-1] == reply
-    assert not set(seen[0][1:-1]) & set(tok.all_special_ids), tok.convert_ids_to_tokens(seen[0])
+    assert read[0][0] == tok.bos_token_id and read[0][-1] == reply
+    assert not set(read[0][1:-1]) & set(tok.all_special_ids), tok.convert_ids_to_tokens(read[0])
     # The separator typed in a message is text too: the one the template puts after it is the turn.
-    seen.clear()
-    hook = generator.model.roberta.embeddings.word_embeddings.register_forward_hook(
-        lambda module, args, out: seen.append(args[0][0].tolist())
-    )
-    try:
-        generator("where is my <reply> order", Sampling(temperature=0, max_new_tokens=1))
-    finally:
-        hook.remove()
-    assert seen[0].count(reply) == 1 and seen[0][-1] == reply
+    read = _read(generator, generator.model.roberta.embeddings.word_embeddings, "where is my <reply> order")
+    assert read[0].count(reply) == 1 and read[0][-1] == reply
     with pytest.raises(InputDataError, match="empty once the model's tokenizer has cleaned it"):
         generator("!!! 123 ???", Sampling(temperature=0))
     with pytest.raises(InputDataError, match=r"a lone surrogate, '\\ud800' at 9\): not text"):
