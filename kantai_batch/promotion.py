@@ -65,7 +65,7 @@ def retrain(job: Job, run: RunDir, name: str, *, track: bool) -> Outcome | None:
     from kantai_batch.fingerprint import settings_digest
     from kantai_batch.phases import PHASES
     from kantai_batch.pipeline import run_pipeline
-    from kantai_batch.registry import version_by_alias, version_tags
+    from kantai_batch.registry import set_version_tags, version_by_alias, version_tags
 
     champion = version_by_alias(name, CHAMPION)
     lineage = version_tags(name, champion) if champion else {}
@@ -80,6 +80,14 @@ def retrain(job: Job, run: RunDir, name: str, *, track: bool) -> Outcome | None:
     corpus_sha = _corpus_sha256(run)
     job_sha = settings_digest(job)
     if champion and lineage.get(CORPUS_SHA256) == corpus_sha and lineage.get(JOB_SHA256) == job_sha:
+        if DECISION not in lineage and is_main_process():
+            # The run that moved the alias stopped before it recorded why: the record is the audit trail.
+            set_version_tags(
+                name,
+                champion,
+                {DECISION: f"promoted: {name} version {champion} is {CHAMPION} (recorded by a later run: the run "
+                 "that moved the alias stopped before writing its decision)"},
+            )  # fmt: skip
         return Outcome(
             f"nothing to do: the corpus (sha256 {corpus_sha[:12]}) and the job's settings are those {name} "
             f"version {champion} (@{CHAMPION}) was trained on; nothing trained, no new version",

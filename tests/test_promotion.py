@@ -85,9 +85,12 @@ def test_retraining_promotes_only_a_better_model_continuing_from_the_champion(
     tokenizer_v1 = tokenizer_digest(load_tokenizer(run_dir / "tokenizer"))
     model_v1 = read_marker(run_dir / "model")["files"]
 
-    # 2. The same corpus and job: nothing trained, no version.
+    # 2. The same corpus and job: nothing trained, no version. (A run that moved the alias and stopped
+    # before writing its decision: the decision is recorded now.)
+    registry.delete_model_version_tag(name, "1", "promotion")
     caplog.clear()
     again = _retrain(run_dir, corpus, name)
+    assert "recorded by a later run" in registry.get_model_version(name, "1").tags["promotion"]
     assert len(_results(again)) == 1 and _results(again)[0].startswith("nothing to do:"), again.stdout
     assert "prepare: redoing it" in caplog.text and "pretrain:" not in caplog.text
     assert len(registry.search_model_versions(f"name = '{name}'")) == 1
