@@ -259,7 +259,9 @@ def saved_job(folder: Path) -> dict:
     """The job file pretrain saved with a model (``job.yaml``), as plain data; empty when there is none."""
     import yaml
 
-    job_file = folder / "job.yaml"
+    from kantai_batch.rundir import JOB_FILE
+
+    job_file = folder / JOB_FILE
     data = yaml.safe_load(job_file.read_text(encoding="utf-8")) if job_file.is_file() else None
     return data if isinstance(data, dict) else {}
 

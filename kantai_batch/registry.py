@@ -22,12 +22,13 @@ from kantai_batch.errors import InputDataError, JobConfigError, SourceUnavailabl
 from kantai_batch.manifest import committed_dir, is_complete
 from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer, saved_job
 from kantai_batch.objective import task_of
-from kantai_batch.rundir import TRAIN_SUMMARY
+from kantai_batch.rundir import JOB_FILE, TRAIN_SUMMARY
 from kantai_batch.tracking import run_exists
 
 log = logging.getLogger(__name__)
 
 PIPELINE_TASKS = {"mlm": "fill-mask", "clm": "text-generation"}
+_JOB_METADATA = "kantai_job_yaml"
 
 
 def is_registry_uri(uri: str) -> bool:
@@ -83,6 +84,7 @@ def register(
         raise InputDataError(f"model {model_dir} is neither a masked nor a causal language model")
     summary_file = model_dir / TRAIN_SUMMARY
     summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
+    job_file = model_dir / JOB_FILE
     with _tracking_errors():
         # The tracking store is reached before the weights are read, so an unreachable one fails fast.
         trained_in = summary.get("mlflow_run_id")
@@ -100,6 +102,9 @@ def register(
                 name="registered-model",
                 registered_model_name=name,
                 pip_requirements=_requirements(),
+                # The job it was trained by travels in the MLmodel file, and `pull` puts it back beside
+                # the weights: what blocks it was trained on, what its experiment is called.
+                metadata={_JOB_METADATA: job_file.read_text(encoding="utf-8")} if job_file.is_file() else None,
             )
         version = str(info.registered_model_version)
         client = mlflow.MlflowClient()
@@ -132,12 +137,25 @@ def pull(uri: str, out: Path) -> Path:
         tokenizer = downloaded / "components" / "tokenizer"
         if not (weights / "config.json").is_file():
             raise InputDataError(f"{uri} is not a transformers model logged by kantai-batch register")
+        job = _logged_job(downloaded)
         with committed_dir(out) as folder:
             for source in (weights, tokenizer):
                 if source.is_dir():
                     shutil.copytree(source, folder, dirs_exist_ok=True)
+            if job is not None:
+                (folder / JOB_FILE).write_text(job, encoding="utf-8")
     log.info("registry: %s pulled into %s", uri, out)
     return out
+
+
+def _logged_job(downloaded: Path) -> str | None:
+    """The job file ``register`` put in the logged model's MLmodel metadata; None for a model logged without."""
+    import yaml
+
+    mlmodel = downloaded / "MLmodel"
+    data = yaml.safe_load(mlmodel.read_text(encoding="utf-8")) if mlmodel.is_file() else None
+    job = ((data or {}).get("metadata") or {}).get(_JOB_METADATA) if isinstance(data, dict) else None
+    return job if isinstance(job, str) else None
 
 
 def cached_pull(uri: str, cache: Path) -> Path:

@@ -39,6 +39,8 @@ def test_register_pull_and_fill_mask_round_trip(
     result = invoke("pull", "models:/kantai-tiny@champion", "--out", str(out))
     assert result.stdout.strip() == str(out)
     assert {"config.json", "model.safetensors", "tokenizer.json", MARKER} <= {p.name for p in out.iterdir()}
+    # The job it was trained by comes with it (the MLmodel file's metadata): its blocks, its experiment.
+    assert (out / "job.yaml").read_text() == (trained_run / "model" / "job.yaml").read_text()
     pulled = json.loads(invoke("fill-mask", "--model", str(out), "--json", text).stdout)
     assert pulled == original, "the registered model predicts exactly as the trained one"
     # A model folder pulled before is replaced; a folder of anything else is refused and kept.
