@@ -97,7 +97,9 @@ def retrain(job: Job, run: RunDir, name: str, *, track: bool) -> Outcome | None:
     with tempfile.TemporaryDirectory(prefix="kantai-promote-") as scratch:
         # Found before training, not after it: a mistyped eval.benchmark must not cost a whole training.
         benchmark = benchmark_for(job, run, name, Path(scratch))
-        if is_main_process() and run.train_text.is_file():  # prepare was redone here: the split is on this disk
+        # Every process that has the split (prepare was just redone: on this node's disk) refuses alike, so
+        # no rank goes on to train while another has stopped.
+        if run.train_text.is_file():
             require_unseen(benchmark, run.train_text)
         try:
             run_pipeline(job, run, track=track, phases=PHASES[1:])
