@@ -132,10 +132,13 @@ class Generator:
                 position_ids=position_ids(self.model.config, len(ids)).to(self.model.device),
                 generation_config=config,
             )
+        # A prompt continued as given may run into a reply: the separator stays visible between the two.
+        extra = [] if use_template else getattr(tok, "extra_special_tokens", None) or []
+        shown = set(tok.convert_tokens_to_ids(extra))
         texts, continuations, counts = [], [], []
         for row in output[:, len(ids) :].tolist():
             generated = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
-            continuation = tok.decode(generated, skip_special_tokens=True)
+            continuation = _decoded(tok, generated, shown)
             if use_template:
                 # The reply's first token carries no leading space: it follows the separator token.
                 continuation = continuation.strip()
@@ -145,3 +148,18 @@ class Generator:
             continuations.append(continuation)
             counts.append(len(generated))
         return Generation(prompt=prompt, texts=texts, continuations=continuations, new_tokens=counts)
+
+
+def _decoded(tok, ids: list[int], shown: set[int]) -> str:
+    """``ids`` as text without special tokens, but those in ``shown``, which keep their text, spaced."""
+    text, run = "", []
+    for token in [*ids, None]:
+        if token is not None and token not in shown:
+            run.append(token)
+            continue
+        piece = tok.decode(run, skip_special_tokens=True)
+        text = f"{text}{piece.lstrip()}" if text.endswith(" ") else f"{text}{piece}"
+        if token is not None:
+            text = f"{text.rstrip()} {tok.convert_ids_to_tokens(token)} "
+        run = []
+    return text

@@ -243,3 +243,12 @@ def test_past_the_trained_blocks_a_warning_and_special_token_strings_read_as_tex
 def test_an_empty_prompt_given_is_refused_not_replaced(support_run: Path):
     result = invoke("generate", "--job", JOB, "--model", str(support_run / "model"), "", expect=3)
     assert "the prompt is empty" in result.stderr
+
+
+def test_raw_generation_keeps_the_reply_separator_the_model_writes(support_run: Path):
+    # Continued as given, a customer's words run into the brand's reply: the separator shows where.
+    prompt = "my laptop is broken can you help me"
+    raw = _generate_json(support_run / "model", "--raw", "--max-new-tokens", "12", "--temperature", "0", prompt)
+    assert " <reply> " in raw["text"], raw
+    before, _, reply = raw["text"].partition(" <reply> ")
+    assert before.startswith(prompt) and reply and not reply.startswith(" "), raw
