@@ -3,9 +3,11 @@
 A folder is trusted only when its marker is there. The marker is a manifest (every file's size and
 SHA-256, plus what the writer adds, such as the inputs' fingerprint) and is always written last:
 locally the folder is built under a scratch name and renamed into place; in S3 every file is
-uploaded first and the marker after them, and a re-commit deletes the old marker before touching
-anything. So a writer killed at any moment leaves nothing a reader mistakes for finished work, and a
-copy is verified against the manifest before it is used.
+uploaded first and the marker after them. S3 cannot rename, so a re-commit over a committed folder
+uploads the new files beside the old ones (``.next-<id>/``), switches the marker to them in one
+write, and only then copies them server-side to their usual keys and points the marker back. So a
+writer killed at any moment leaves either the old folder or the new one whole, never something a
+reader mistakes for finished work, and a copy is verified against the manifest before it is used.
 
 The transport below (``s3``) only moves bytes; this module owns the order and the checksums.
 """
@@ -17,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +34,9 @@ from kantai_batch.s3 import S3Uri
 log = logging.getLogger(__name__)
 
 MARKER = "_COMPLETE"
+# Where a re-commit stages its files below the folder, and the marker key that points readers there.
+_NEXT = ".next-"
+_UNDER = "under"
 # Files of one folder move in parallel: checkpoints are a few large files and many small ones.
 _TRANSFER_THREADS = 8
 
@@ -95,18 +101,53 @@ def remote_marker(prefix: S3Uri) -> dict[str, Any] | None:
 
 
 def upload(folder: Path, prefix: S3Uri) -> None:
-    """Commit ``folder`` (which holds its marker) below ``prefix``: stale keys removed, files, marker last."""
-    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER]
-    # A marker left from an earlier commit must go first: from here until the new one lands the
-    # folder is incomplete, and readers must see it so.
-    s3.delete_keys(prefix, [MARKER])
-    wanted = {p.relative_to(folder).as_posix() for p in files}
-    s3.delete_keys(prefix, [key for key in s3.list_keys(prefix) if key not in wanted and key != MARKER])
-    with ThreadPoolExecutor(max_workers=_TRANSFER_THREADS) as pool:
-        for future in [pool.submit(s3.upload_file, p, prefix.child(p.relative_to(folder).as_posix())) for p in files]:
-            future.result()
-    s3.upload_file(folder / MARKER, prefix.child(MARKER))
+    """Commit ``folder`` (which holds its marker) below ``prefix``, replacing what is committed there.
+
+    Over nothing committed: stale keys removed, files, marker last. Over a committed folder, which
+    stays whole until the new one is: the files go to ``.next-<id>/``, the marker switches to them
+    (one PUT, so a reader sees the old folder or the new one), then they are copied server-side to
+    their usual keys, the marker points back and ``.next-<id>/`` goes. A writer killed before the
+    switch leaves the old folder; after it, the new one (the next commit clears the leftovers).
+    """
+    files = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER]
+    marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    marker.pop(_UNDER, None)
+    wanted = set(files)
+    if remote_marker(prefix) is None:
+        s3.delete_keys(prefix, [key for key in s3.list_keys(prefix) if key not in wanted])
+        _upload_files(folder, files, prefix)
+    else:
+        staging = f"{_NEXT}{secrets.token_hex(6)}"
+        _upload_files(folder, files, prefix.child(staging))
+        s3.put_json(prefix.child(MARKER), {**marker, _UNDER: staging})
+        s3.delete_keys(prefix, [key for key in s3.list_keys(prefix) if _stale(key, wanted, keep=staging)])
+        with ThreadPoolExecutor(max_workers=_TRANSFER_THREADS) as pool:
+            copies = [pool.submit(s3.copy, prefix.child(f"{staging}/{name}"), prefix.child(name)) for name in files]
+            for future in copies:
+                future.result()
+    s3.put_json(prefix.child(MARKER), marker)
+    s3.delete_keys(prefix, [key for key in s3.list_keys(prefix) if _stale(key, wanted)])
     log.info("s3: committed %d files to %s", len(files), prefix)
+
+
+def _upload_files(folder: Path, names: list[str], prefix: S3Uri) -> None:
+    with ThreadPoolExecutor(max_workers=_TRANSFER_THREADS) as pool:
+        for future in [pool.submit(s3.upload_file, folder / name, prefix.child(name)) for name in names]:
+            future.result()
+
+
+def _stale(key: str, files: set[str], keep: str | None = None) -> bool:
+    """Whether ``key`` below a folder being committed with ``files`` is left over (a removed file, an
+    earlier staging), sparing the marker and the staging folder ``keep``."""
+    if key == MARKER or (keep is not None and key.startswith(f"{keep}/")):
+        return False
+    return key.startswith(_NEXT) or key not in files
+
+
+def location(prefix: S3Uri, marker: dict[str, Any], name: str) -> S3Uri:
+    """Where file ``name`` of the folder committed below ``prefix`` with ``marker`` lives."""
+    under = marker.get(_UNDER)
+    return prefix.child(f"{under}/{name}" if under else name)
 
 
 def download(prefix: S3Uri, dest: Path) -> dict[str, Any]:
@@ -116,12 +157,17 @@ def download(prefix: S3Uri, dest: Path) -> dict[str, Any]:
         raise InputDataError(f"{prefix} is missing or incomplete (no {MARKER} marker)")
     dest.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=_TRANSFER_THREADS) as pool:
-        futures = [pool.submit(s3.download_file, prefix.child(name), dest / name) for name in manifest["files"]]
+        futures = [
+            pool.submit(s3.download_file, location(prefix, manifest, name), dest / name) for name in manifest["files"]
+        ]
         for future in futures:
             future.result()
     for name, expected in manifest["files"].items():
         if file_sha256(dest / name) != expected["sha256"]:
-            raise InputDataError(f"{prefix.child(name)} does not match its checksum in {prefix.child(MARKER)}")
+            raise InputDataError(
+                f"{location(prefix, manifest, name)} does not match its checksum in {prefix.child(MARKER)}"
+            )
+    manifest = {key: value for key, value in manifest.items() if key != _UNDER}
     (dest / MARKER).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
 

@@ -224,7 +224,14 @@ class RunDir:
         """Refresh a single file from the remote run dir: bookkeeping, or a small file of a committed folder
         read without the rest (such as the corpus's stats.json, which lineage reads where only tokens are)."""
         remote = self._remote_of(path)
-        if remote is not None and s3.exists(remote):
+        if remote is None:
+            return
+        folder = self._remote_of(path.parent)
+        committed = manifest.remote_marker(folder)
+        if committed is not None and path.name in committed.get("files", {}):
+            # The marker says where its files are: mid re-commit they are staged beside the usual keys.
+            remote = manifest.location(folder, committed, path.name)
+        if s3.exists(remote):
             s3.download_file(remote, path)
 
     def push_file(self, path: Path) -> None:

@@ -234,6 +234,25 @@ def upload_file(path: Path, uri: S3Uri) -> None:
         )
 
 
+def put_json(uri: S3Uri, data: Any) -> None:
+    """Write ``data`` as the JSON object at ``uri`` in one request: readers see the old object or this one."""
+    body = (json.dumps(data, indent=2) + "\n").encode("utf-8")
+    with translated(uri, "upload"):
+        client().put_object(Bucket=uri.bucket, Key=uri.key, Body=body, ChecksumAlgorithm="SHA256")
+
+
+def copy(source: S3Uri, dest: S3Uri) -> None:
+    """Copy an object within the store (server-side: no bytes pass through this process)."""
+    with translated(source, f"copy to {dest}"):
+        client().copy(
+            {"Bucket": source.bucket, "Key": source.key},
+            dest.bucket,
+            dest.key,
+            ExtraArgs={"ChecksumAlgorithm": "SHA256"},
+            Config=_transfer_config(),
+        )
+
+
 def create_if_absent(uri: S3Uri, body: bytes) -> bool:
     """Write ``body`` to ``uri`` only if no object is there (a conditional write, If-None-Match: *); True if
     this call created it. The store decides, so of writers racing for one key exactly one wins."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -227,3 +228,68 @@ def test_two_ranks_evaluate_an_s3_model_from_one_copy(bucket: str, trained_run: 
     assert done.stderr.count(f"s3: downloading s3://{bucket}/models/tiny into") == 1, done.stderr[-3000:]
     copy = fresh_cache / "models" / bucket / "models" / "tiny"
     assert is_complete(copy) and [p.name for p in copy.parent.iterdir()] == ["tiny"]
+
+
+def _folder(path: Path, files: dict[str, str]) -> Path:
+    from kantai_batch.manifest import write_marker
+
+    shutil.rmtree(path, ignore_errors=True)
+    for name, text in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text, encoding="utf-8")
+    write_marker(path)
+    return path
+
+
+def _failing_after(monkeypatch: pytest.MonkeyPatch, name: str, calls: int) -> None:
+    """``s3.<name>`` works ``calls`` times, then fails as a killed writer would stop."""
+    real, done = getattr(s3, name), []
+
+    def flaky(*args, **kwargs):
+        if len(done) >= calls:
+            raise KeyboardInterrupt(f"killed during {name}")
+        done.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(s3, name, flaky)
+
+
+def test_a_recommit_killed_at_any_point_leaves_one_whole_folder(bucket: str, tmp_path: Path, monkeypatch):
+    from kantai_batch.manifest import download, upload
+    from kantai_batch.rundir import RunDir
+
+    run = RunDir.from_uri(f"s3://{bucket}/runs/again")
+    remote = run.remote.child("corpus")
+    first = {"stats.json": '{"v": 1}', "train.txt": "one\n", "old/gone.txt": "only in the first"}
+    second = {"stats.json": '{"v": 2}', "train.txt": "two\n", "new/added.txt": "second"}
+    upload(_folder(tmp_path / "v1", first), remote)
+    assert _keys(bucket, "runs/again/corpus/") == {*first, MARKER}
+
+    def reads(files: dict[str, str]) -> None:
+        out = tmp_path / f"read-{len(list(tmp_path.iterdir()))}"
+        download(remote, out)
+        assert {name: (out / name).read_text(encoding="utf-8") for name in files} == files
+        run.corpus_stats.unlink(missing_ok=True)
+        run.pull_file(run.corpus_stats)
+        assert run.corpus_stats.read_text(encoding="utf-8") == files["stats.json"]
+
+    # Killed while the new files upload: the first folder is still the committed one, whole.
+    with monkeypatch.context() as patch:
+        _failing_after(patch, "upload_file", 1)
+        with pytest.raises(KeyboardInterrupt):
+            upload(_folder(tmp_path / "v2", second), remote)
+    reads(first)
+    # Killed while the new files are copied to their usual keys: the second, whole, from where they were staged.
+    with monkeypatch.context() as patch:
+        _failing_after(patch, "copy", 1)
+        with pytest.raises(KeyboardInterrupt):
+            upload(tmp_path / "v2", remote)
+    assert _read_json(bucket, f"runs/again/corpus/{MARKER}")["under"].startswith(".next-")
+    reads(second)
+
+    # A commit that finishes leaves the plain layout: its files and marker, no staging, nothing older.
+    third = {"stats.json": '{"v": 3}', "train.txt": "three\n"}
+    upload(_folder(tmp_path / "v3", third), remote)
+    assert _keys(bucket, "runs/again/corpus/") == {*third, MARKER}
+    assert "under" not in _read_json(bucket, f"runs/again/corpus/{MARKER}")
+    reads(third)
