@@ -85,7 +85,8 @@ class TimeBudget:
 
     def exclude(self, seconds: float) -> None:
         """Time that was not training (a periodic evaluation) does not count against the budget."""
-        self._excluded += seconds
+        if self._stopped is None:  # once stopped the clock stands: the final evaluation is not on it
+            self._excluded += seconds
 
     def exhausted(self) -> bool:
         return self.spent() >= self.max_seconds
@@ -127,6 +128,10 @@ class TimeBudget:
         if self._planned_at is None:
             if self._timing_from is not None and step == self._timing_from[0] + ESTIMATE_STEPS:
                 self._plan(step, step_s, spent)
+            elif self.spent_before and step >= self.schedule.total_steps:
+                # A resume under a longer budget than the one whose plan it restored: that plan is over (its
+                # learning rate 0 from here), so plan now from the steps' mean time so far, checked later.
+                self._plan(step, spent / step, spent)
         elif not self._checked_drift and step >= self._planned_at + ESTIMATE_STEPS:
             # Every rank holds the same plan, so the planned midpoint is a step they all agree on.
             midway = self._planned_at + (self.schedule.total_steps - self._planned_at) // 2
@@ -135,7 +140,12 @@ class TimeBudget:
                 if abs(step_s / self._planned_step_s - 1) > DRIFT:
                     self._plan(step, step_s, spent)
         # A plan cut to max_steps or the epochs' end leaves the ending to that bound.
-        planned_end = self.schedule.total_steps < self._bound and step >= self.schedule.total_steps
+        # A plan restored by a resume is another budget's: only this run's own plan ends training.
+        planned_end = (
+            self._planned_at is not None
+            and self.schedule.total_steps < self._bound
+            and step >= self.schedule.total_steps
+        )
         return planned_end or spent >= self.max_seconds
 
     def _plan(self, step: int, step_s: float, spent: float) -> None:

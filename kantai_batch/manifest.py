@@ -46,7 +46,16 @@ def is_complete(folder: Path) -> bool:
 
 
 def read_marker(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    # Written atomically, so only a hand can have damaged one: what it vouches for is unknown.
+    path = folder / MARKER
+    redo = f"delete {folder} to redo what wrote it"
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputDataError(f"{path} is not a manifest ({exc}): {redo}") from None
+    if not isinstance(found, dict):
+        raise InputDataError(f"{path} is not a manifest (a JSON {type(found).__name__}): {redo}")
+    return found
 
 
 def write_marker(folder: Path, **extra: Any) -> None:

@@ -88,6 +88,8 @@ class StopAgreement(TrainerCallback):
             self.preemption.start_deadline()
             control.should_save = True
             control.should_training_stop = True
+            # The Trainer evaluates before it saves: an evaluation due at this step would spend the grace.
+            control.should_evaluate = False
         elif self.budget is not None and self.budget.steer(step, spent, step_s):
             log.info("pretrain: the time budget of %.0f s ends training at step %d", self.budget.max_seconds, step)
             self.stopped_by = BUDGET

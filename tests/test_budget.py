@@ -145,6 +145,51 @@ def test_a_resumed_run_plans_past_the_plan_it_saved(monkeypatch: pytest.MonkeyPa
     assert step == budget.schedule.total_steps
 
 
+def test_a_resume_under_a_longer_budget_goes_on_past_the_plan_that_ended(monkeypatch: pytest.MonkeyPatch):
+    """The run ended where its plan of a 500 s budget did (step 250, 2 s a step); resumed with 1,000 s it
+    plans the 500 s left at once, not stopping at the old plan's end or stepping at a learning rate of 0."""
+    clock = [0.0]
+    monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock[0])
+    budget = TimeBudget(max_seconds=1000, spent_s=500.0)
+    budget.plan_within(PlannedSchedule("linear", 10_000, warmup_steps=0, warmup_ratio=0.1, decay_ratio=0.2))
+    budget.schedule.__dict__.update(total_steps=250)  # the plan the checkpoint's scheduler restores
+    budget.start()
+    factors = []
+    for step in range(251, 2_000):
+        clock[0] += 2.0
+        ended = budget.steer(step, *budget.observe(step))
+        factors.append(budget.schedule(step))
+        if ended:
+            break
+    assert step == budget.schedule.total_steps and 490 <= step <= 510, step
+    assert budget.spent() == pytest.approx(1000.0, abs=4.0)
+    assert min(factors[:-1]) > 0, "every step before the new plan's end trains"
+
+
+def test_the_final_evaluation_takes_no_time_off_the_budget(monkeypatch: pytest.MonkeyPatch):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from kantai_batch.preemption import Preemption
+    from kantai_batch.stopping import StopAgreement
+
+    clock = [0.0]
+    monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock[0])
+    budget = TimeBudget(max_seconds=100)
+    budget.plan_within(PlannedSchedule("linear", 1_000, warmup_steps=0, warmup_ratio=0.0, decay_ratio=0.2))
+    stop = StopAgreement(Preemption(1.0), budget)
+    args, state, control = TrainingArguments(output_dir="unused", report_to=[]), TrainerState(), TrainerControl()
+    stop.on_train_begin(args, state, control)
+    for step in range(1, 6):
+        clock[0] += 2.0
+        state.global_step = step
+        stop.on_step_end(args, state, control)
+    clock[0] += 1.0  # the last save
+    stop.on_train_end(args, state, control)
+    clock[0] += 30.0  # the evaluation after training, which the summary follows
+    stop.on_evaluate(args, state, control)
+    assert budget.spent() == pytest.approx(11.0)
+
+
 def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "model" / "train_summary.json").read_text())
 

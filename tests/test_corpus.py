@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import KANT, invoke, kantian_text
+from helpers import KANT, invoke, kantian_text, tiny
 from kantai_batch.decoding import choose_encoding, read_lines
 from kantai_batch.job import load_job
 from kantai_batch.manifest import MARKER, read_marker
@@ -261,3 +261,17 @@ def test_run_prepares_again_when_a_source_file_changes_in_place(tmp_path: Path):
     shutil.rmtree(books)
     assert run_pipeline(job, run, track=False, phases=prepare) == [], "a source gone keeps the prepared corpus"
     assert "A paragraph added in place" in corpus_text()
+
+
+def test_a_damaged_marker_is_a_one_line_error_naming_it(tmp_path: Path, corpus_file: Path):
+    run_dir = tmp_path / "run"
+    invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file))
+    marker = run_dir / "corpus" / MARKER
+    marker.write_text('{"files": {"train.txt"', encoding="utf-8")  # cut short by a hand, not by a writer
+    failed = invoke("train-tokenizer", "--run-dir", str(run_dir), *tiny(), expect=3)  # input data
+    assert (
+        failed.stderr.startswith(f"kantai-batch: error: {marker} is not a manifest (")
+        and failed.stderr.count("\n") == 1
+    )
+    assert f"delete {run_dir / 'corpus'} to redo" in failed.stderr
+    assert (run_dir / "corpus" / "train.txt").is_file(), "nothing is removed on its account"

@@ -209,3 +209,22 @@ def test_sigterm_ends_a_phase_with_143_even_as_a_containers_first_process(tmp_pa
     # To the namespace's first process, as the kubelet sends it.
     os.kill(int(Path(f"/proc/{waiting.pid}/task/{waiting.pid}/children").read_text().split()[0]), signal.SIGTERM)
     assert waiting.wait(timeout=30) == 143
+
+
+def test_a_preemption_saves_before_an_evaluation_due_at_its_step():
+    """The Trainer evaluates before it saves: an evaluation due at the step the ranks stop on would spend
+    the grace period, and the deadline would end the process without the checkpoint."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from kantai_batch.preemption import Preemption
+    from kantai_batch.stopping import StopAgreement
+
+    preemption = Preemption(3600.0)
+    preemption.received.set()
+    stop = StopAgreement(preemption)
+    args = TrainingArguments(output_dir="unused", report_to=[])
+    try:
+        control = stop.on_step_end(args, TrainerState(global_step=10), TrainerControl(should_evaluate=True))
+    finally:
+        preemption.cancel_deadline()
+    assert control.should_save and control.should_training_stop and not control.should_evaluate
