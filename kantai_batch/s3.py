@@ -12,7 +12,9 @@ start at 50 ms (1 s for throttling) and double up to 20 s, so a refused connecti
 most 26 s (13 s on average): a store that restarts is ridden out, one that stays away fails the
 request within half a minute. botocore's retry quota (a token bucket per process) caps the retries
 of many requests failing at once. ``AWS_MAX_ATTEMPTS`` and ``AWS_RETRY_MODE`` (or ``max_attempts``
-and ``retry_mode`` in the AWS config file) change those bounds the standard way.
+and ``retry_mode`` in the AWS config file) change those bounds the standard way. Credentials from
+instance metadata (a node's role) are asked for up to 5 times, 2 s each, not botocore's once for
+1 s (``AWS_METADATA_SERVICE_NUM_ATTEMPTS``, ``AWS_METADATA_SERVICE_TIMEOUT`` change that).
 What is left after the retries becomes a one-line error naming the URI.
 
 This module is a plain transport: keys and files in, keys and files out. Committing a folder (files
@@ -26,6 +28,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 _MAX_ATTEMPTS = 10  # in all, the first request included
 _CONNECT_TIMEOUT_S = 10
 _READ_TIMEOUT_S = 60
+# Instance metadata lookups (AWS_METADATA_SERVICE_NUM_ATTEMPTS, AWS_METADATA_SERVICE_TIMEOUT).
+_METADATA_SERVICE = {"metadata_service_num_attempts": 5, "metadata_service_timeout": 2}
 _MISSING = ("NoSuchKey", "404", "NotFound")
 # The keys themselves were refused, not a permission: no request with them can succeed.
 _BAD_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch")
@@ -88,14 +93,32 @@ def client():
             retries["total_max_attempts"] = _MAX_ATTEMPTS
         if settings.get_config_variable("retry_mode") is None:
             retries["mode"] = "standard"
+        for name, value in _METADATA_SERVICE.items():
+            # botocore asks instance metadata (a node's role) once, for 1 s: a node under load misses that
+            # now and then, and "no credentials" fails the Job for good where a retry would have found them.
+            if _unset(settings, name):
+                settings.set_config_variable(name, value)
         config = Config(retries=retries, connect_timeout=_CONNECT_TIMEOUT_S, read_timeout=_READ_TIMEOUT_S)
         # A session of its own: boto3's default one keeps the credentials it first found.
-        return boto3.session.Session().client("s3", config=config)
+        return boto3.session.Session(botocore_session=settings).client("s3", config=config)
     except (ValueError, InvalidConfigError, InvalidRetryConfigurationError) as exc:
         raise JobConfigError(
             f"S3 client settings (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE or the AWS config file) are invalid: "
             f"{first_line(exc)}"
         ) from None
+
+
+def _unset(settings, name: str) -> bool:
+    """Whether neither the environment (``AWS_<NAME>``) nor the AWS config file's profile sets ``name``
+    (botocore's own lookup answers its default for both)."""
+    from botocore.exceptions import ProfileNotFound
+
+    if f"AWS_{name.upper()}" in os.environ:
+        return False
+    try:
+        return name not in settings.get_scoped_config()
+    except ProfileNotFound:
+        return False  # the first request names the missing profile
 
 
 def _transfer_config():

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import boto3
@@ -302,3 +305,67 @@ def test_a_download_whose_stream_keeps_breaking_is_a_one_line_error(
     assert len(message.splitlines()) == 1, message
     assert message.startswith(f"kantai-batch: error: s3://{bucket}/books/kant.txt: cannot download")
     assert not (tmp_path / "run" / "corpus").exists()
+
+
+class _FlakyInstanceMetadata(http.server.BaseHTTPRequestHandler):
+    """EC2 instance metadata (IMDSv2) serving a node role's credentials, whose first answers are errors,
+    as a node under load gives them."""
+
+    failures_left = 2
+    asked: list[str] = []
+
+    def do_PUT(self):  # the session token
+        self._answer(b"token")
+
+    def do_GET(self):
+        role = "/latest/meta-data/iam/security-credentials/"
+        if self.path == role:
+            self._answer(b"kantai-node")
+        elif self.path == role + "kantai-node":
+            expires = (datetime.now(timezone.utc) + timedelta(hours=6)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            body = {"Code": "Success", "AccessKeyId": seaweed.ACCESS_KEY, "SecretAccessKey": seaweed.SECRET_KEY,
+                    "Token": "", "Expiration": expires}  # fmt: skip
+            self._answer(json.dumps(body).encode())
+        else:
+            self.send_error(404)
+
+    def _answer(self, body: bytes) -> None:
+        type(self).asked.append(self.path)
+        if type(self).failures_left > 0:
+            type(self).failures_left -= 1
+            self.send_error(503)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_credentials_from_instance_metadata_survive_its_first_errors(
+    s3_endpoint, bucket: str, tmp_path: Path, monkeypatch, fresh_cache
+):
+    """botocore asks instance metadata once by default: one error answer would be "no credentials", a
+    configuration error that fails the Job for good on a node whose role is fine."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyInstanceMetadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                 "AWS_EC2_METADATA_DISABLED", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                 "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_METADATA_SERVICE_NUM_ATTEMPTS",
+                 "AWS_METADATA_SERVICE_TIMEOUT"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    s3.client.cache_clear()
+    try:
+        # Past the run dir's first listing, which needs the credentials, to the corpus that is not there.
+        missing = tmp_path / "missing.txt"
+        failed = invoke("prepare", "--run-dir", f"s3://{bucket}/runs/x", "--corpus", str(missing), expect=None)
+    finally:
+        s3.client.cache_clear()
+        server.shutdown()
+    assert str(missing) in failed.stderr and "no AWS credentials" not in failed.stderr, failed.stderr
+    assert failed.exit_code != 0 and _FlakyInstanceMetadata.failures_left == 0
