@@ -80,15 +80,38 @@ def is_main_process() -> bool:
     return state is None or state.is_main_process
 
 
+# How long the other processes wait while one does the run's data work (preparing and tokenizing a
+# corpus, downloading tokens or a checkpoint): hours for a large corpus, far past any collective's
+# timeout. A process that fails ends its launch (torchrun stops the rest), so this bounds only a hang.
+_DATA_WAIT = 7 * 24 * 3600
+
+
 @contextlib.contextmanager
-def local_main_first() -> Iterator[None]:
-    """The node's first process goes first (e.g. mirrors inputs to the node's disk), the others after it."""
-    state = distributed_state()
-    if state is None:
+def main_first(*, local: bool = False) -> Iterator[None]:
+    """The main process (with ``local``, each node's first) runs the block first, the others after it.
+
+    The others wait on the host, in a gloo group of its own whose timeout is ``_DATA_WAIT``, not
+    ``train.collective_timeout_s``: that bounds a collective of the training (a lost rank), and a
+    corpus tokenized or a checkpoint downloaded while the rest wait takes longer than it.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         yield
         return
-    with state.local_main_process_first():
-        yield
+    state = distributed_state()
+    first = state.is_local_main_process if local else state.is_main_process
+    group = _group("data", _DATA_WAIT)
+    if not first:
+        dist.barrier(group=group)
+    yield
+    if first:
+        dist.barrier(group=group)
+
+
+def local_main_first():
+    """Each node's first process goes first (e.g. mirrors inputs to the node's disk), the others after it."""
+    return main_first(local=True)
 
 
 def node_count() -> int:
@@ -126,20 +149,26 @@ def host_all_reduce(values: list[float], op: str, *, timeout_s: float | None = N
     return shared.tolist()
 
 
-_host: list = []  # (the training's group, its host group): held, so neither id is reused
+# The host groups, by name: (the training's group they were made in, the group), held so no id is reused.
+_groups: dict[str, tuple] = {}
 
 
 def _host_group(timeout_s: float | None):
-    # Made by the first reduction after the training's group is, which every process reaches at the
-    # same point (new_group is a collective).
+    return _group("host", timeout_s)
+
+
+def _group(name: str, timeout_s: float | None):
+    # Made by the first call after the training's group is, which every process reaches at the same
+    # point (new_group is a collective).
     from datetime import timedelta
 
     import torch.distributed as dist
 
-    if not _host or _host[0] is not dist.group.WORLD:
+    made = _groups.get(name)
+    if made is None or made[0] is not dist.group.WORLD:
         timeout = timedelta(seconds=timeout_s) if timeout_s else None
-        _host[:] = [dist.group.WORLD, dist.new_group(backend="gloo", timeout=timeout)]
-    return _host[1]
+        _groups[name] = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=timeout))
+    return _groups[name][1]
 
 
 def deepspeed_config(path: str) -> dict:

@@ -11,7 +11,7 @@ import contextlib
 import logging
 from collections.abc import Iterable
 
-from kantai_batch.distributed import distributed_state
+from kantai_batch.distributed import distributed_state, main_first
 from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.job import Job
 from kantai_batch.phases import PHASES, Phase
@@ -38,7 +38,7 @@ def run_pipeline(
             state.wait_for_everyone()  # every rank decides on the same run dir, then all take part
             turn = contextlib.nullcontext()
         else:
-            turn = state.main_process_first()
+            turn = main_first()  # waits past the collective timeout: tokenizing may take hours
         main = state is None or state.is_main_process
         forced = phase.name in redo and not phase.every_rank and main
         with turn:

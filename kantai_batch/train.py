@@ -25,7 +25,7 @@ from kantai_batch.budget import PlannedSchedule, TimeBudget
 from kantai_batch.checkpoints import LAST_STEP, CheckpointMarkerCallback
 from kantai_batch.continued import continued_model, init_model_dir
 from kantai_batch.data import FULL_BLOCK_MODES, load_samples
-from kantai_batch.distributed import barrier, node_count
+from kantai_batch.distributed import barrier, local_main_first, node_count
 from kantai_batch.errors import JobConfigError, PreemptedError, TrainingDivergedError
 from kantai_batch.fingerprint import checkpoint_lineage, fingerprint_of
 from kantai_batch.hardware import peak_flops, resolve_attention, resolve_precision, training_flops_per_token
@@ -64,7 +64,7 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     require_shared_checkpoints(job, run, nodes)
     # Processes on one node share its disk: one of them mirrors the inputs from a remote run dir
     # (and tidies up checkpoints), the others then find the identical copy.
-    with args.main_process_first(local=True, desc="pretrain inputs"):
+    with local_main_first():
         tokenizer = load_tokenizer(run.require(run.tokenizer, "tokenizer", "train-tokenizer"))
         run.require(run.tokens, "tokens", "tokenize")
         start_from = init_model_dir(job)

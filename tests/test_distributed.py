@@ -13,7 +13,16 @@ import mlflow
 import pytest
 from datasets import Dataset
 
-from helpers import ROOT, assert_resumed_like_uninterrupted, invoke, killed_after, prepared_run, tiny, torchrun
+from helpers import (
+    ROOT,
+    assert_resumed_like_uninterrupted,
+    free_port,
+    invoke,
+    killed_after,
+    prepared_run,
+    tiny,
+    torchrun,
+)
 from kantai_batch.order import EpochOrder
 
 pytestmark = pytest.mark.slow
@@ -113,3 +122,38 @@ def test_two_diverging_ranks_stop_at_the_same_step_without_saving(tmp_path: Path
     errors = [line.split(";")[0] for line in done.stderr.splitlines() if line.startswith("kantai-batch: error: ")]
     assert errors and set(errors) == {"kantai-batch: error: pretrain diverged by step 10 (loss nan, grad_norm nan)"}
     assert not (run_dir / "model").exists() and not list((run_dir / "checkpoints").glob("checkpoint-*"))
+
+
+def test_the_others_wait_for_the_main_process_data_work_past_the_collective_timeout(tmp_path: Path, corpus_file: Path):
+    """Preparing and tokenizing a large corpus takes hours while the other ranks wait: that wait is not a
+    collective of the training, whose timeout (10 s here) bounds a lost rank."""
+    from kantai_batch.phases import phase
+
+    (tmp_path / "slow_phase.py").write_text(
+        "import importlib, time\n"
+        "def prepare(job, run):\n"
+        "    time.sleep(15)  # the main process's data work, longer than the collective timeout\n"
+        f"    module, _, name = {phase('prepare').runner!r}.partition(':')\n"
+        "    return getattr(importlib.import_module(module), name)(job, run)\n"
+    )
+    (tmp_path / "pipeline.py").write_text(
+        "import dataclasses, sys\n"
+        "from kantai_batch.distributed import distributed_state\n"
+        "from kantai_batch.job import load_job\n"
+        "from kantai_batch.phases import phase\n"
+        "from kantai_batch.pipeline import run_pipeline\n"
+        "from kantai_batch.rundir import RunDir\n"
+        "job = load_job(None, sys.argv[2:])\n"
+        "state = distributed_state(job.train.collective_timeout_s)\n"
+        "slow = dataclasses.replace(phase('prepare'), runner='slow_phase:prepare')\n"
+        "ran = run_pipeline(job, RunDir.from_uri(sys.argv[1]), track=False, phases=[slow])\n"
+        "print(state.process_index, ran, flush=True)\n"
+    )
+    overrides = [f"corpus.source={corpus_file}", "train.collective_timeout_s=10"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "pipeline.py", str(tmp_path / "run"), *overrides]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(done.stdout.split("\n")[:2]) == ["0 ['prepare']", "1 []"], done.stdout
+    assert (tmp_path / "run" / "corpus" / "_COMPLETE").is_file()
