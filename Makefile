@@ -25,6 +25,9 @@ DOCKER_ENGINE = $(eval DOCKER_ENGINE := $$(shell docker info >/dev/null 2>&1 && 
 RUNNER = $(or $(DOCKER_ENGINE),podman)
 BUILD = $(if $(DOCKER_ENGINE),docker build,$(if $(shell command -v buildah 2>/dev/null),buildah bud,podman build))
 GPU_FLAGS = $(if $(DOCKER_ENGINE),--gpus all,--device nvidia.com/gpu=all)
+# Rootless podman maps this user to root inside the container: keep-id keeps --user this user there,
+# so the run dir it writes under ./runs is this user's.
+KEEP_ID = $(if $(DOCKER_ENGINE),,$(if $(filter 0,$(shell id -u)),,--userns=keep-id))
 export CONTAINERS_CONF ?= $(CURDIR)/docker/containers.conf
 export BUILDAH_ISOLATION ?= chroot
 # buildah and podman builds mount build/home at /root, read-only: a pip.conf trusting this machine's
@@ -197,10 +200,13 @@ push: image
 # only to the MLFLOW_TRACKING_URI of this shell (a server): MLflow's local default lies in the
 # working directory, the image's home, which --user cannot write and --rm throws away. Without it
 # the run dir still holds the summary and the metrics.
+# One process per GPU under launch (DDP: one `run` process would drive them all through the Trainer's
+# DataParallel), and NCCL's shared memory the size the pods get (a container's default is 64 MB).
 local-pretrain:
-	$(RUNNER) run --rm $(GPU_FLAGS) --user $$(id -u):$$(id -g) -v "$(abspath runs)":/home/kantai/runs \
+	$(RUNNER) run --rm $(GPU_FLAGS) --shm-size 16g $(KEEP_ID) --user $$(id -u):$$(id -g) \
+		-v "$(abspath runs)":/home/kantai/runs \
 		-e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -e AWS_SESSION_TOKEN -e AWS_ENDPOINT_URL_S3 \
-		-e MLFLOW_TRACKING_URI -e MLFLOW_TRACKING_TOKEN $(IMAGE):$(TAG) \
+		-e MLFLOW_TRACKING_URI -e MLFLOW_TRACKING_TOKEN $(IMAGE):$(TAG) launch --nproc-per-node gpu \
 		run --job $(JOB) --run-dir $(RUN_DIR) $(if $(CORPUS),--corpus $(CORPUS)) $(if $(MLFLOW_TRACKING_URI),,--no-tracking)
 
 render: install

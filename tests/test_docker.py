@@ -48,6 +48,8 @@ def test_make_builds_and_runs_images_with_whatever_the_machine_has():
     assert done.returncode == 0, done.stderr
     # No tracking into the container's throwaway home: only to a store the shell names.
     assert re.search(r"run --job \S+ --run-dir \S+ +--no-tracking", done.stdout), done.stdout
+    # Every GPU a process of its own (one process would drive them through DataParallel), with NCCL's shared memory.
+    assert re.search(r"--shm-size 16g .* launch --nproc-per-node gpu \\?\s*run --job", done.stdout, re.S), done.stdout
     named = subprocess.run(["make", "-n", "local-pretrain"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                            env={**environment, "MLFLOW_TRACKING_URI": "http://mlflow:5000"})  # fmt: skip
     assert "-e MLFLOW_TRACKING_URI " in named.stdout and "--no-tracking" not in named.stdout
@@ -63,3 +65,25 @@ def test_make_builds_and_runs_images_with_whatever_the_machine_has():
     assert len(cpu) == 1, "image-cpu builds the same Dockerfile, only its build args differ"
     assert "--build-arg CUDA_IMAGE=localhost/kantai-base:bookworm" in cpu[0]
     assert f"--build-arg TORCH_VERSION={torch}+cpu" in cpu[0]
+
+
+def test_local_pretrain_under_rootless_podman_keeps_the_users_id():
+    """Rootless podman maps the user to root inside: without keep-id, --user $(id -u) is another user
+    there, and the files it writes under ./runs are not the user's."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv to run make as another user")
+    engine = shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    if engine:
+        pytest.skip("a Docker engine answers: local-pretrain runs docker, which needs no keep-id")
+    as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "make", "-n", "-f",
+                 str(ROOT / "Makefile"), "-C", str(ROOT), "local-pretrain", "TAG=t"]  # fmt: skip
+    env = {**os.environ, "HOME": "/tmp"}
+    done = subprocess.run(as_nobody, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "--userns=keep-id --user 65534:65534 " in done.stdout.replace("$(id -u):$(id -g)", "65534:65534"), (
+        done.stdout
+    )
+    as_root = subprocess.run(["make", "-n", "local-pretrain", "TAG=t"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+    assert "--userns" not in as_root.stdout, "rootful podman has no keep-id"
