@@ -192,6 +192,16 @@ def mirror(prefix: S3Uri, folder: Path, manifest: dict[str, Any]) -> Path:
     return folder
 
 
+def copy(source: S3Uri, dest: S3Uri, marker: dict[str, Any]) -> None:
+    """Copy the folder committed below ``source`` with ``marker`` to ``dest`` within the store, marker last."""
+    s3.delete_keys(dest, [MARKER])
+    with ThreadPoolExecutor(max_workers=_TRANSFER_THREADS) as pool:
+        copies = [pool.submit(s3.copy, location(source, marker, name), dest.child(name)) for name in marker["files"]]
+        for future in copies:
+            future.result()
+    s3.put_json(dest.child(MARKER), {key: value for key, value in marker.items() if key != _UNDER})
+
+
 def delete(prefix: S3Uri) -> None:
     """Remove a committed folder, or a folder of them: markers first, so none is trusted while partial."""
     s3.delete_keys(prefix, [MARKER])

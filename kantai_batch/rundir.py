@@ -306,6 +306,26 @@ class RunDir:
             for name in self._remote_checkpoint_names():
                 manifest.delete(self._remote_of(self.checkpoints / name))
 
+    def set_aside_checkpoints(self, name: str, *, remote: bool) -> Path:
+        """Move every complete checkpoint into ``checkpoints/<name>/`` (with ``remote``, in the remote run
+        dir too), where resuming and pruning do not look; drop incomplete ones. Returns the folder."""
+        aside = self.checkpoints / name
+        for old in self._local_checkpoints():
+            if is_complete(old):
+                aside.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(aside / old.name, ignore_errors=True)  # the same training's same step, set aside before
+                old.rename(aside / old.name)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        if remote and self.remote is not None:
+            for old in self._remote_checkpoint_names():
+                source = self._remote_of(self.checkpoints / old)
+                committed = manifest.remote_marker(source)
+                if committed is not None:
+                    manifest.copy(source, self._remote_of(aside / old), committed)
+                manifest.delete(source)
+        return aside
+
     def _local_checkpoints(self) -> list[Path]:
         """The checkpoint folders on this disk, oldest first."""
         if not self.checkpoints.is_dir():

@@ -116,14 +116,9 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
         if other_training is not None:
             # Only once the job has passed every check (its tokens, its starting model): the wrong
             # job given to a resumed run must fail without costing the run its checkpoints. The
-            # barrier: every process has read the checkpoints' markers before any is deleted.
-            log.info(
-                "pretrain: %s is of another training (other samples, starting model or settings); starting over",
-                run.uri(other_training),
-            )
+            # barrier: every process has read the checkpoints' markers before any is moved.
             barrier()
-            if args.local_process_index == 0:
-                run.discard_checkpoints(remote=args.process_index == 0)
+            _leave_other_training(run, other_training, args)
         if resume_from:
             log.info("pretrain: resuming from %s", run.uri(resume_from))
         if finished:
@@ -168,7 +163,9 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
             # the main process writes.
             trainer.save_model(str(run.model))
         else:
-            with run.committed(run.model, inputs_sha256=inputs) as out:
+            # The lineage says whose checkpoints the model ends: a later training of other settings may
+            # delete those, and sets aside the checkpoints of one that never committed its model.
+            with run.committed(run.model, inputs_sha256=inputs, lineage_sha256=lineage) as out:
                 trainer.save_model(str(out))
                 tokenizer.save_pretrained(str(out))
                 write_json_atomic(out / TRAIN_SUMMARY, summary)
@@ -198,6 +195,30 @@ def require_same_processes(checkpoint: Path, processes: int, run: RunDir) -> Non
             f"would repeat some samples and skip others; run it with {before} processes (GPUS x NODES), "
             "or start a new run dir"
         )
+
+
+def _leave_other_training(run: RunDir, newest: Path, args) -> None:
+    """Start over from the checkpoints of another training: deleted where that training committed its model
+    (a retraining on a grown corpus), else set aside, since they may be all a long training has to show
+    (a run started again with a setting changed by mistake, or after a divergence, to be looked into)."""
+    lineage = read_marker(newest).get("lineage_sha256")
+    ended = run.marker(run.model)
+    # A model committed before models recorded their lineage ends the training, as it was taken to then.
+    if ended is not None and ended.get("lineage_sha256", lineage) == lineage:
+        log.info("pretrain: %s is of another training, which committed its model; starting over", run.uri(newest))
+        if args.local_process_index == 0:
+            run.discard_checkpoints(remote=args.process_index == 0)
+        return
+    aside = run.checkpoints / f"other-training-{(lineage or 'unknown')[:12]}"
+    log.warning(
+        "pretrain: %s is of another training (other samples, starting model or settings) that never committed "
+        "its model; starting over, with its checkpoints moved to %s (to resume it, move them back and run its "
+        "job; delete that folder once they are not needed)",
+        run.uri(newest),
+        run.uri(aside),
+    )
+    if args.local_process_index == 0:
+        run.set_aside_checkpoints(aside.name, remote=args.process_index == 0)
 
 
 def _trained_out(job: Job, run: RunDir, checkpoint: Path, budget: TimeBudget | None, trainer: Trainer, args) -> bool:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -317,6 +318,32 @@ def test_unreachable_tracking_store_is_one_line(tmp_path: Path, corpus_file: Pat
     assert "MLflow tracking store http://127.0.0.1:9" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "model").exists()
+
+
+def test_an_unfinished_trainings_checkpoints_are_set_aside_not_deleted(tmp_path: Path, corpus_file: Path, caplog):
+    """Started again with a setting changed by mistake (or after a divergence), a training that never
+    committed its model keeps its checkpoints: they may be hours of work, and its job resumes them."""
+    run_dir = prepared_run(tmp_path / "run", corpus_file)
+    first = tiny("train.max_steps=20", "train.save_steps=10")
+    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *first)
+    shutil.rmtree(run_dir / "model")  # as if stopped after its last checkpoint, before the commit
+    kept = {p.name: (p / MARKER).read_text() for p in (run_dir / "checkpoints").glob("checkpoint-*")}
+    lineage = json.loads(kept["checkpoint-20"])["lineage_sha256"]
+
+    with caplog.at_level(logging.WARNING, logger="kantai_batch"):
+        invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *tiny("train.max_steps=10", "train.seed=7"))
+    aside = run_dir / "checkpoints" / f"other-training-{lineage[:12]}"
+    assert f"moved to {aside}" in caplog.text
+    assert {p.name: (p / MARKER).read_text() for p in aside.iterdir()} == kept, "moved whole, markers and all"
+    assert json.loads((run_dir / "model" / "train_summary.json").read_text())["resumed_from_step"] == 0
+
+    # Moved back, its own job resumes it; the checkpoints of the training in between, finished, go.
+    for name in ("checkpoint-10", *kept):
+        shutil.rmtree(run_dir / "checkpoints" / name, ignore_errors=True)
+    for name in kept:
+        (aside / name).rename(run_dir / "checkpoints" / name)
+    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *tiny("train.max_steps=30", "train.save_steps=10"))
+    assert json.loads((run_dir / "model" / "train_summary.json").read_text())["resumed_from_step"] == 20
 
 
 def test_checkpoints_of_another_training_are_not_resumed_but_a_longer_one_resumes(tmp_path: Path, corpus_file: Path):

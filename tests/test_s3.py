@@ -293,3 +293,24 @@ def test_a_recommit_killed_at_any_point_leaves_one_whole_folder(bucket: str, tmp
     assert _keys(bucket, "runs/again/corpus/") == {*third, MARKER}
     assert "under" not in _read_json(bucket, f"runs/again/corpus/{MARKER}")
     reads(third)
+
+
+def test_checkpoints_set_aside_in_s3_move_whole_and_leave_resuming_alone(bucket: str, tmp_path: Path):
+    from kantai_batch.manifest import remote_marker, upload
+    from kantai_batch.rundir import RunDir
+
+    run = RunDir.from_uri(f"s3://{bucket}/runs/aside")
+    for step in (10, 20):
+        upload(_folder(tmp_path / f"c{step}", {"model.safetensors": f"weights {step}", "rng/state.pth": "rng"}),
+               run.remote.child(f"checkpoints/checkpoint-{step}"))  # fmt: skip
+    boto3.client("s3").put_object(
+        Bucket=bucket, Key="runs/aside/checkpoints/checkpoint-30/model.safetensors", Body=b"cut"
+    )
+    run.set_aside_checkpoints("other-training-abc", remote=True)
+
+    keys = _keys(bucket, "runs/aside/checkpoints/")
+    assert keys == {f"other-training-abc/checkpoint-{step}/{name}" for step in (10, 20)
+                    for name in ("model.safetensors", "rng/state.pth", MARKER)}, keys  # fmt: skip
+    moved = run.remote.child("checkpoints/other-training-abc/checkpoint-20")
+    assert remote_marker(moved)["files"]["model.safetensors"]["size"] == len("weights 20")
+    assert run.newest_checkpoint(tidy=True) is None, "nothing left to resume"
