@@ -12,6 +12,7 @@ given with ``--model``) has the split's text tokenized here, as a ``--corpus`` i
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 from pathlib import Path
@@ -24,7 +25,7 @@ from kantai_batch.errors import InputDataError
 from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.hardware import resolve_attention, resolve_precision
 from kantai_batch.job import Job
-from kantai_batch.manifest import write_json_atomic
+from kantai_batch.manifest import file_sha256, write_json_atomic
 from kantai_batch.model import (
     load_lm,
     load_model_config,
@@ -61,6 +62,7 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
     model.set_attn_implementation(resolve_attention(job.train.attention, resolve_precision(job.train.precision)))
     # The eval samples' masks follow the model's task, whatever the job says.
     shaped = job.model_copy(update={"task": task})
+    inputs = fingerprint_of(job, "evaluate", run, model_dir=model_dir)
     with tempfile.TemporaryDirectory(prefix="kantai-eval-") as scratch:
         if corpus is None:
             samples, corpus_name = _held_out(shaped, run, tokenizer), str(run.eval_text)
@@ -72,6 +74,8 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
                 with opened() as raw:
                     if write_text(raw, decoding, text) == 0:
                         raise InputDataError(f"corpus {corpus} has no text")
+            # Scores of other text than the held-out split: `run` must find them not the run's own, and redo them.
+            inputs = hashlib.sha256(f"{inputs} {file_sha256(text)}".encode()).hexdigest()
             samples = build_split(text, shaped, tokenizer, fix_masks=task == "mlm", what="eval corpus", name=corpus)
         metrics = _evaluate(job, task, model, tokenizer, samples, Path(scratch) / "trainer")
     metrics.update(model=str(model_dir), corpus=corpus_name, attention=model.config._attn_implementation)
@@ -79,7 +83,7 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
         return metrics  # every rank evaluated its share; the main process commits
     if task == "mlm":
         metrics["quality"] = quality_report(model.eval(), tokenizer, job, probes)
-    with run.committed(run.eval, inputs_sha256=fingerprint_of(job, "evaluate", run, model_dir=model_dir)) as out:
+    with run.committed(run.eval, inputs_sha256=inputs) as out:
         write_json_atomic(out / EVAL_METRICS, metrics)
     log.info(
         "evaluate: loss %.4f, perplexity %.2f, %s %.4f on %s tokens",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,17 @@ def test_probe_ranks_follow_the_fill_mask_pipeline_over_the_whole_vocabulary(tra
     assert scored["results"][0]["predicted"] == everything[:5]
     line = format_quality({"fill_mask": {"text": text, "predicted": []}, "probes": scored})[1]
     assert line.endswith(f"median rank of a right answer {scored['median_rank']:,g} of {model.config.vocab_size:,}")
+
+
+@pytest.mark.slow
+def test_run_redoes_an_evaluation_made_on_another_corpus(
+    trained_run: Path, tmp_path: Path, held_out: Path, corpus_file: Path
+):
+    """`evaluate --corpus` writes RUN/eval too: those scores are not the held-out split's, and `run` must not
+    skip its evaluation on their account."""
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    invoke("evaluate", "--run-dir", str(run_dir), "--corpus", str(held_out), *tiny())
+    assert json.loads((run_dir / "eval" / "metrics.json").read_text())["corpus"] == str(held_out)
+    invoke("run", "--run-dir", str(run_dir), "--corpus", str(corpus_file), *tiny())
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert metrics["corpus"] == str(run_dir / "corpus" / "eval.txt"), metrics["corpus"]
