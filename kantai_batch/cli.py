@@ -40,9 +40,30 @@ _RESULTS = "kantai.results"
 
 
 class _Group(click.Group):
+    """Every error one line on stderr, ``kantai-batch: error: …``, with the exit code schedulers act on."""
+
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # no command at all: Click's help, as asked
+        except click.ClickException as exc:  # the group's own options (--log-level)
+            _usage_error(exc)
+            raise click.exceptions.Exit(exc.exit_code) from None
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.ClickException as exc:  # a command's options and arguments
+            _usage_error(exc)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            # Ctrl-C: the shell's code for it, not Click's "Aborted!" and 1. Scratch folders went as the stack
+            # unwound; nothing half-written is trusted.
+            click.echo("\nkantai-batch: interrupted", err=True)
+            ctx.exit(130)
         except KantaiError as exc:
             click.echo(f"kantai-batch: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
@@ -52,6 +73,13 @@ class _Group(click.Group):
             reason = exc.strerror or first_line(exc)
             click.echo(f"kantai-batch: error: {where}{reason}", err=True)
             ctx.exit(1)
+
+
+def _usage_error(exc: click.ClickException) -> None:
+    message = " ".join(exc.format_message().split())
+    context = getattr(exc, "ctx", None)
+    command = " ".join(["kantai-batch", *(context.command_path.split()[1:] if context is not None else [])])
+    click.echo(f"kantai-batch: error: {message} (see {command} --help)", err=True)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

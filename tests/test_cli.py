@@ -67,6 +67,40 @@ def test_every_phase_accepts_the_job_options():
             assert option in help_text, f"{command} lacks {option}"
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (
+            ["fill-mask", "--top-k", "0"],
+            {},
+            "'--top-k': 0 is not in the range x>=1. (see kantai-batch fill-mask --help)",
+        ),
+        (["--log-level", "loud", "inspect"], {}, "'--log-level': 'loud' is not one of"),
+        (["inspect"], {"KANTAI_LOG_LEVEL": "loud"}, "'--log-level': 'loud' is not one of"),
+        (["prepare", "--bogus"], {}, "No such option '--bogus'"),
+        (["nosuch"], {}, "No such command 'nosuch'"),
+        (["pull"], {}, "Missing argument 'URI'. (see kantai-batch pull --help)"),
+    ],
+)
+def test_a_wrong_option_or_argument_is_one_line_naming_it(args, env, named, monkeypatch):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = invoke(*args, expect=2)
+    assert result.stderr.startswith("kantai-batch: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert named in result.stderr
+
+
+def test_ctrl_c_ends_a_command_with_130_and_one_line(tmp_path, corpus_file, monkeypatch):
+    from kantai_batch import corpus
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(corpus, "prepare", interrupted)
+    result = invoke("prepare", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file), expect=130)
+    assert result.stderr.strip() == "kantai-batch: interrupted"
+
+
 def test_run_dir_that_is_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     result = invoke("prepare", "--run-dir", str(tmp_path / "file"), expect=2)
