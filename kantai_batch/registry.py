@@ -210,8 +210,8 @@ def version_tags(name: str, version: str) -> dict[str, str]:
 def set_version_tags(name: str, version: str, tags: dict[str, str]) -> None:
     import mlflow
 
-    client = mlflow.MlflowClient()
     with _tracking_errors(f"models:/{name}/{version}"):
+        client = mlflow.MlflowClient()
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
 
@@ -234,8 +234,8 @@ def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
     """Log ``metrics`` to the MLflow run ``run_id`` (the run the version's model was logged to)."""
     import mlflow
 
-    client = mlflow.MlflowClient()
     with _tracking_errors():
+        client = mlflow.MlflowClient()
         for key, value in metrics.items():
             client.log_metric(run_id, key, value)
 
@@ -256,8 +256,8 @@ def model_tags(name: str) -> dict[str, str]:
 def set_model_tags(name: str, tags: dict[str, str]) -> None:
     import mlflow
 
-    client = mlflow.MlflowClient()
     with _tracking_errors(f"models:/{name}"):
+        client = mlflow.MlflowClient()
         for key, value in tags.items():
             client.set_registered_model_tag(name, key, value)
 
@@ -270,8 +270,8 @@ def move_alias(name: str, alias: str, version: str, *, by: str) -> str | None:
     import mlflow
 
     previous = version_by_alias(name, alias)
-    client = mlflow.MlflowClient()
     with _tracking_errors(f"models:/{name}/{version}"):
+        client = mlflow.MlflowClient()
         client.get_model_version(name, version)  # a version that does not exist is an error, not a new alias
         client.set_registered_model_alias(name, alias, version)
         tags = {
@@ -289,8 +289,8 @@ def versions(name: str) -> list[dict[str, Any]]:
     """Every version of ``name``, oldest first: version, aliases, tags, creation time (ms), run id."""
     import mlflow
 
-    client = mlflow.MlflowClient()
     with _tracking_errors(f"models:/{name}"):
+        client = mlflow.MlflowClient()
         aliases: dict[str, list[str]] = {}
         for alias, version in client.get_registered_model(name).aliases.items():
             aliases.setdefault(str(version), []).append(alias)
@@ -317,8 +317,8 @@ def _resolve(uri: str) -> tuple[str, str]:
     import mlflow
 
     body = uri[len("models:/") :]
-    client = mlflow.MlflowClient()
     with _tracking_errors(uri):
+        client = mlflow.MlflowClient()
         if "@" in body:
             name, alias = body.split("@", 1)
             return name, str(client.get_model_version_by_alias(name, alias).version)
@@ -347,16 +347,26 @@ _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 @contextlib.contextmanager
 def _tracking_errors(uri: str | None = None) -> Iterator[None]:
-    """MLflow failures as one-line errors naming the tracking store (and the model URI)."""
+    """MLflow failures as one-line errors naming the tracking store (and the model URI). Clients are made
+    inside it: a tracking URI MLflow cannot use fails as the client is made."""
     import mlflow
 
-    from kantai_batch.tracking import first_contact
+    from kantai_batch.tracking import first_contact, store_failure
 
     try:
         first_contact()
         yield
     except mlflow.exceptions.MlflowException as exc:
+        from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+
         where = f"{uri} in " if uri else ""
         missing = getattr(exc, "error_code", "") in _MISSING
         error = InputDataError if missing else SourceUnavailableError
+        if isinstance(exc, UnsupportedModelRegistryStoreURIException):
+            error = JobConfigError  # MLFLOW_TRACKING_URI names no store MLflow knows: no retry helps
         raise error(f"{where}MLflow {mlflow.get_tracking_uri()}: {first_line(exc)}") from None
+    except Exception as exc:
+        failure = store_failure(exc)
+        if failure is None:
+            raise
+        raise failure from None

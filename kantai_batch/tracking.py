@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.errors import SourceUnavailableError, first_line
+from kantai_batch.errors import JobConfigError, KantaiError, SourceUnavailableError, first_line
 from kantai_batch.job import Job
 from kantai_batch.manifest import write_json_atomic
 from kantai_batch.rundir import RunDir
@@ -52,6 +52,24 @@ def first_contact() -> None:
     _reached.add(uri)
 
 
+def store_failure(exc: Exception) -> KantaiError | None:
+    """The one-line error for a database-backed store that fails below MLflow (its own errors aside), or None.
+
+    MLflow lets SQLAlchemy's errors through: a ``sqlite:`` URI naming a file that is not a database, a
+    database server that refuses the login. An unreachable or locked database may answer a retry.
+    """
+    import mlflow
+
+    try:
+        from sqlalchemy.exc import OperationalError, SQLAlchemyError
+    except ImportError:
+        return None
+    if not isinstance(exc, SQLAlchemyError):
+        return None
+    error = SourceUnavailableError if isinstance(exc, OperationalError) else JobConfigError
+    return error(f"MLflow tracking store {mlflow.get_tracking_uri()}: {first_line(getattr(exc, 'orig', None) or exc)}")
+
+
 @contextlib.contextmanager
 def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool) -> Iterator[Any]:
     """The MLflow run of this run dir's training; ``None`` on ranks other than 0 or when disabled.
@@ -75,6 +93,11 @@ def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool) -> Ite
         active = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{job.name}-pretrain")
     except mlflow.exceptions.MlflowException as exc:
         raise SourceUnavailableError(f"MLflow tracking store {mlflow.get_tracking_uri()}: {first_line(exc)}") from None
+    except Exception as exc:
+        failure = store_failure(exc)
+        if failure is None:
+            raise
+        raise failure from None
     with active:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run.mlflow_run, {"run_id": active.info.run_id, "job_sha256": job_sha})

@@ -211,3 +211,21 @@ def test_a_rank_exits_with_its_code_after_exit_handlers_but_without_interpreter_
     assert {"success": "", "config error": "train.max_steps", "crash": "RuntimeError: a bug"}[outcome] in last_line
     assert (tmp_path / "atexit").exists(), "Python's exit handlers still run"
     assert (tmp_path / "teardown").exists() == (role == "single"), "a rank leaves before interpreter teardown"
+
+
+@pytest.mark.parametrize(
+    ("store", "code", "says"),
+    [
+        ("bogus://x", 2, "got unsupported URI 'bogus://x'"),
+        ("sqlite:///{tmp}/notes.txt", 2, "file is not a database"),
+    ],
+)
+@pytest.mark.parametrize("command", [["models", "kt"], ["promote", "models:/kt/1"], ["pull", "models:/kt/1"]])
+def test_a_tracking_store_mlflow_cannot_use_is_one_line(command, store, code, says, tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("not a database\n" * 100)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.format(tmp=tmp_path))
+    extra = ["--out", str(tmp_path / "pulled")] if command[0] == "pull" else []
+    result = invoke(*command, *extra, expect=code)
+    assert result.stderr.startswith("kantai-batch: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert says in result.stderr
+    assert (tmp_path / "notes.txt").read_text() == "not a database\n" * 100
