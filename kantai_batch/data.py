@@ -21,16 +21,18 @@ and evaluate read them back (memory-mapped) and how they refuse samples made for
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kantai_batch.errors import InputDataError
+from kantai_batch.errors import InputDataError, KantaiError, first_line
 from kantai_batch.job import Job
 from kantai_batch.rundir import RunDir
 
@@ -253,8 +255,9 @@ def tokenizer_digest(tokenizer) -> str:
 
 def tokens_mismatch(run: RunDir, job: Job, split: str, tokenizer) -> str | None:
     """Why the committed samples of ``split`` do not fit ``job`` and ``tokenizer``; None when they do."""
-    stats = json.loads(run.tokens_stats.read_text(encoding="utf-8"))
-    made = stats["splits"][split]["settings"]
+    with _damaged_tokens(run):
+        stats = json.loads(run.tokens_stats.read_text(encoding="utf-8"))
+        made = stats["splits"][split]["settings"]
     wanted = sample_settings(job, split, tokenizer)
     changed = [
         "another tokenizer" if key == "tokenizer_sha256" else f"{key} {made.get(key)} -> {wanted[key]}"
@@ -287,4 +290,19 @@ def load_samples(run: RunDir, job: Job, split: str, tokenizer):
         raise InputDataError(
             f"tokens {run.uri(run.tokens)} were made for other settings ({mismatch}): run `kantai-batch tokenize` again"
         )
-    return load_from_disk(str(run.tokens / split))
+    with _damaged_tokens(run):
+        return load_from_disk(str(run.tokens / split))
+
+
+@contextlib.contextmanager
+def _damaged_tokens(run: RunDir) -> Iterator[None]:
+    """A committed tokens folder that cannot be read (damaged on this disk since its manifest was written)."""
+    try:
+        yield
+    except KantaiError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Arrow, JSON and OS errors alike mean the folder is unusable
+        raise InputDataError(
+            f"tokens {run.uri(run.tokens)} cannot be read ({first_line(exc)}): delete it and run "
+            "`kantai-batch tokenize` again"
+        ) from None

@@ -102,6 +102,25 @@ def test_pretrain_refuses_tokens_made_for_other_settings(prepared: Path, tmp_pat
     assert not (run_dir / "model").exists()
 
 
+@pytest.mark.parametrize(("damaged", "command"), [("train", "pretrain"), ("eval", "evaluate"), ("json", "pretrain")])
+def test_tokens_damaged_on_disk_are_a_one_line_error(prepared: Path, tmp_path: Path, damaged: str, command: str):
+    run_dir = tmp_path / "run"
+    shutil.copytree(prepared, run_dir)
+    if command == "evaluate":
+        invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *tiny(*STEPS))
+    if damaged == "json":
+        (run_dir / "tokens" / "tokens.json").write_text('{"splits": {"tra')
+    else:
+        shard = next((run_dir / "tokens" / damaged).glob("data-*.arrow"))
+        shard.write_bytes(shard.read_bytes()[:100])
+    untracked = ["--no-tracking"] if command == "pretrain" else []
+    result = invoke(command, "--run-dir", str(run_dir), *untracked, *tiny(*STEPS), expect=3)
+    error = result.stderr.strip().splitlines()[-1]  # after the model's loading bar, for evaluate
+    assert error.startswith(f"kantai-batch: error: tokens {run_dir / 'tokens'} cannot be read (")
+    assert error.endswith("delete it and run `kantai-batch tokenize` again") and "Traceback" not in result.stderr
+    assert (run_dir / "model").exists() == (command == "evaluate"), "nothing committed on damaged tokens"
+
+
 def test_pretrain_needs_the_tokens(tmp_path: Path, corpus_file: Path):
     invoke("prepare", "--run-dir", str(tmp_path), "--corpus", str(corpus_file))
     invoke("train-tokenizer", "--run-dir", str(tmp_path), *tiny())
