@@ -73,6 +73,9 @@ PHASES: tuple[Phase, ...] = (
         output="tokenizer",
         # With train.init_from the tokenizer is the model's, copied (starts_from_model).
         reads=("corpus", "tokenizer"),
+        # Where the corpus came from: what it holds is the upstream corpus's manifest. Read, a phase run
+        # without --corpus (the job's default source) made the next `run --corpus` train it again.
+        ignores=("corpus.source",),
         upstream=("prepare",),
         starts_from_model=True,
         runner="kantai_batch.tokenizer:train_tokenizer",

@@ -91,3 +91,17 @@ def test_a_split_beyond_the_limit_trains_on_a_uniform_sample(tmp_path: Path, cor
     first = (run_dir / "tokenizer" / "vocab.json").read_text()
     invoke("train-tokenizer", "--run-dir", str(run_dir), *tiny(f"tokenizer.max_training_bytes={limit}"))
     assert (run_dir / "tokenizer" / "vocab.json").read_text() == first
+
+
+def test_the_tokenizers_inputs_are_the_corpus_it_got_not_where_it_came_from():
+    """train-tokenizer run on its own (the job's default corpus.source) and `run --corpus FILE` trained the
+    same tokenizer from the same corpus folder: `run` must not train it again on the name's account."""
+    from kantai_batch.fingerprint import fingerprint_of
+    from kantai_batch.job import load_job
+
+    default = fingerprint_of(load_job(None, []), "train-tokenizer")
+    assert fingerprint_of(load_job(None, ["corpus.source=/data/kant.txt"]), "train-tokenizer") == default
+    assert fingerprint_of(load_job(None, ["corpus.encoding=cp1252"]), "train-tokenizer") != default
+    assert fingerprint_of(load_job(None, ["corpus.source=/data/kant.txt"]), "prepare") != fingerprint_of(
+        load_job(None, []), "prepare"
+    )
