@@ -8,6 +8,7 @@ never silently falls back to a default.
 from __future__ import annotations
 
 import codecs
+import typing
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -35,6 +36,21 @@ class _Section(BaseModel):
         # `.inf` or `.nan` in a job file is a mistake, never a setting.
         allow_inf_nan=False,
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info) -> Any:
+        # pydantic takes true for 1: `num_hidden_layers: true` built a one-layer model without a word.
+        if isinstance(value, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            accepted = {_unannotated(kind) for kind in typing.get_args(annotation) or (annotation,)}
+            if bool not in accepted and accepted & {int, float}:
+                raise ValueError("expects a number, not a boolean")
+        return value
+
+
+def _unannotated(kind: Any) -> Any:
+    return typing.get_args(kind)[0] if typing.get_origin(kind) is Annotated else kind
 
 
 # The corpus fields that only the twcs format reads; setting one for plain text is a mistake.
@@ -185,7 +201,7 @@ class TokenizerSection(_Section):
 class ModelSection(_Section):
     """The `RobertaConfig` fields that define the architecture."""
 
-    vocab_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    vocab_size: Annotated[int, Field(ge=261)] | Literal["auto"] = "auto"
     """Embedding rows: `auto` is the trained tokenizer's size rounded up to a multiple of 64; a number
     (at least the tokenizer's size) fixes it, e.g. the recipe's 52000."""
     hidden_size: int = Field(768, ge=1)

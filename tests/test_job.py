@@ -69,6 +69,13 @@ def test_corpus_option_overrides_the_source(tmp_path: Path):
         (["model=3"], "model: Input should be a valid dictionary"),
         (["train.learning_rate=.inf"], "train.learning_rate: Input should be a finite number"),
         (["register.min_improvement=1.5"], "register.min_improvement: Input should be less than 1"),
+        # YAML's true is not 1: a one-layer model, a learning rate of 1.
+        (["model.num_hidden_layers=true"], "model.num_hidden_layers: expects a number, not a boolean"),
+        (["train.learning_rate=false"], "train.learning_rate: expects a number, not a boolean"),
+        (["model.vocab_size=true"], "model.vocab_size: expects a number, not a boolean"),
+        (["train.max_steps=yes"], "train.max_steps: expects a number, not a boolean"),
+        # Too few rows for the bytes and the special tokens (1 failed inside torch, a traceback).
+        (["model.vocab_size=1"], "Input should be greater than or equal to 261"),
     ],
 )
 def test_invalid_values_name_the_key(overrides: list[str], message: str):
