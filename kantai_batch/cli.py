@@ -288,7 +288,9 @@ def evaluate(job: Job, run: RunDir, model_uri: str | None, as_json: bool) -> Non
 @click.argument("text", required=False)
 def fill_mask(job: Job, run: RunDir, model_uri: str | None, top_k: int | None, as_json: bool, text: str | None) -> None:
     """Fill the <mask> in TEXT [default: infer.fill_mask_text] with the model's predictions."""
-    _show_fill_mask(_model(model_uri, run), text or job.infer.fill_mask_text, top_k or job.infer.top_k, as_json)
+    # An empty TEXT given is refused as having no mask, not replaced by the job's.
+    text = job.infer.fill_mask_text if text is None else text
+    _show_fill_mask(_model(model_uri, run), text, top_k or job.infer.top_k, as_json)
 
 
 @cli.command()

@@ -161,6 +161,11 @@ def test_fill_mask_json(trained_run: Path):
     assert candidates == sorted(candidates, key=lambda c: -c["score"])
 
 
+def test_fill_mask_of_an_empty_text_is_refused_not_replaced_by_the_jobs(trained_run: Path):
+    result = invoke("fill-mask", "--model", str(trained_run / "model"), "", expect=3)
+    assert result.stderr.strip().splitlines()[-1] == "kantai-batch: error: text '' has no <mask> token to fill"
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
