@@ -567,7 +567,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     key = key.strip()
-    if not sep or not key:
+    if not sep or not key or "" in key.split("."):
         raise JobConfigError(f"--set {override!r}: expected dotted.key=value")
     try:
         value = yaml.safe_load(text) if text.strip() else ""

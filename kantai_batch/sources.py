@@ -72,7 +72,7 @@ def fetched(uri: str, what: str) -> Iterator[Path]:
     if not path.exists():
         raise SourceUnavailableError(f"{what} {uri} does not exist")
     if not path.is_file():
-        raise SourceUnavailableError(f"{what} {uri} is not a file")
+        raise InputDataError(f"{what} {uri} is not a file")
     yield path
 
 
@@ -147,7 +147,7 @@ def _expand_one(uri: str, what: str, suffixes: tuple[str, ...]) -> list[Input]:
     if not path.exists():
         raise SourceUnavailableError(f"{what} {uri} does not exist")
     if not path.is_file():
-        raise SourceUnavailableError(f"{what} {uri} is not a file")
+        raise InputDataError(f"{what} {uri} is not a file")
     return [Input(uri)]
 
 

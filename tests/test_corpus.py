@@ -3,6 +3,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import os
 import shutil
 import socket
 import threading
@@ -275,3 +276,10 @@ def test_a_damaged_marker_is_a_one_line_error_naming_it(tmp_path: Path, corpus_f
     )
     assert f"delete {run_dir / 'corpus'} to redo" in failed.stderr
     assert (run_dir / "corpus" / "train.txt").is_file(), "nothing is removed on its account"
+
+
+def test_a_corpus_that_is_not_a_file_is_unusable_not_unreachable(tmp_path: Path):
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    failed = invoke("prepare", "--run-dir", str(tmp_path / "run"), "--corpus", str(fifo), expect=3)
+    assert failed.stderr.strip() == f"kantai-batch: error: corpus {fifo} is not a file"

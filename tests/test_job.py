@@ -66,6 +66,8 @@ def test_corpus_option_overrides_the_source(tmp_path: Path):
         (["infer.fill_mask_text=no mask here"], "infer.fill_mask_text needs exactly one <mask> token, has 0"),
         (["infer.fill_mask_text=<mask> and <mask>."], "infer.fill_mask_text needs exactly one <mask> token, has 2"),
         (["train"], "expected dotted.key=value"),
+        ([".x=5"], "--set '.x=5': expected dotted.key=value"),
+        (["train..seed=5"], "--set 'train..seed=5': expected dotted.key=value"),
         (["model=3"], "model: Input should be a valid dictionary"),
         (["train.learning_rate=.inf"], "train.learning_rate: Input should be a finite number"),
         (["register.min_improvement=1.5"], "register.min_improvement: Input should be less than 1"),
