@@ -220,6 +220,10 @@ class _Split:
         self._eval_fraction_text = f"data.eval_fraction={job.data.eval_fraction}"
         self._format = job.corpus.format
         self._key = str(job.eval.seed).encode()
+        # A customer tweet with several replies is several examples: split by the tweet, or its other
+        # conversations would train on the text held out in one.
+        conversation = job.corpus.format == "twcs" and job.corpus.conversation
+        self._turn = f" {job.corpus.separator} " if conversation else None
         self.counts = {name: {"examples": 0, "lines": 0, "chars": 0} for name in ("train", "eval")}
 
     def __enter__(self) -> _Split:
@@ -247,7 +251,8 @@ class _Split:
         return written
 
     def _held_out(self, text: str) -> bool:
-        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=self._key).digest()
+        key = text.partition(self._turn)[0] if self._turn else text
+        digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8, key=self._key).digest()
         return int.from_bytes(digest, "big") < self._fraction * 2**64
 
     def checked(self, source: str, nothing_kept: Callable[[], str] | None) -> dict[str, Any]:

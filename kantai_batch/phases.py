@@ -67,6 +67,8 @@ PHASES: tuple[Phase, ...] = (
         reads=("corpus", "data.eval_fraction", "eval.seed"),
         runner="kantai_batch.corpus:prepare",
         changed="kantai_batch.corpus:source_change",
+        # 2: twcs conversations split by their customer tweet (its other replies trained on held-out text)
+        version=2,
     ),
     Phase(
         "train-tokenizer",

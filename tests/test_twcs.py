@@ -229,3 +229,26 @@ def test_the_csv_is_streamed_not_loaded(tmp_path: Path):
         tracemalloc.stop()
     assert (run.corpus / MARKER).is_file()
     assert peak < size / 5, f"peak {peak:,} bytes for a {size:,}-byte file"
+
+
+def test_every_reply_to_a_customer_tweet_lands_on_its_side_of_the_split(tmp_path: Path):
+    """A tweet answered three times is three examples: split one by one, the text held out in one trained
+    in the others (and the causal LM is scored on the customer's words too)."""
+    rows = []
+    names = [a + b + c for a in "bdgkmprst" for b in "aeiou" for c in "lnrs"]  # letters: the cleaning drops digits
+    for index in range(60):
+        customer = 100 * index + 1
+        ask = f"my order for the {names[index]} never arrived and nobody answers my messages at all"
+        rows.append([str(customer), f"c{index}", "True", "t", ask, "", ""])
+        for reply in range(3):
+            answer = f"sorry to hear that we will look into the {names[index]} right away {names[-reply - 1]} thanks"
+            rows.append([str(customer + 1 + reply), "Brand", "False", "t", answer, "", f"{customer}.0"])
+    source = twcs_csv(tmp_path / "twcs.csv", rows)
+    _prepare(tmp_path / "run", source, "corpus.conversation=true", "corpus.min_words=5", "data.eval_fraction=0.3")
+    sides = {}
+    for split in ("train", "eval"):
+        text = (tmp_path / "run" / "corpus" / f"{split}.txt").read_text(encoding="utf-8")
+        for example in filter(str.strip, text.split("\n\n")):
+            sides.setdefault(example.strip().split(" <reply> ")[0], set()).add(split)
+    assert len(sides) == 60 and all(len(found) == 1 for found in sides.values()), sides
+    assert 5 < sum(found == {"eval"} for found in sides.values()) < 35
