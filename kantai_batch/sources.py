@@ -223,6 +223,12 @@ def _open_zst(path: Path) -> BinaryIO:
     return _ZstdFrames(zstandard, path.open("rb"))
 
 
+# Compressed bytes decompressed at a time: zstandard returns all they hold, and a block of repetitive
+# text expands by thousands (1 MiB became gigabytes), so a small piece bounds memory (1 KiB: 32 MiB
+# at the format's worst, 128 KiB blocks of one repeated byte); real text costs no time for it.
+_ZSTD_INPUT = 1 << 10
+
+
 class _ZstdFrames:
     """Every frame of a .zst file in turn. zstandard's stream reader takes a file cut short inside a
     frame for its end, and would drop the rest of the text without a word; this raises instead."""
@@ -244,7 +250,7 @@ class _ZstdFrames:
 
     def _decompress_more(self) -> bool:
         if not self._input:
-            self._input = self._handle.read(1 << 20)
+            self._input = self._handle.read(_ZSTD_INPUT)
             if not self._input:
                 if self._frame is not None and not self._frame.eof:
                     raise self._error("the file ends inside a frame")

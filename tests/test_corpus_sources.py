@@ -355,3 +355,29 @@ def test_a_file_named_twice_in_a_list_is_read_once(tmp_path: Path, mixed_folder)
     assert _all_examples(tmp_path / "run") == Counter(p for text in texts.values() for p in _paragraphs(text))
     names = [Path(entry["name"]).name for entry in _stats(tmp_path / "run")["files"]]
     assert names == ["e-cp1252.txt", "a-utf8.txt", "b-utf8-bom.txt", "d-latin1.txt", "c-utf16.txt"]
+
+
+def test_a_zst_file_of_repetitive_text_is_read_in_bounded_memory(tmp_path: Path):
+    """zstandard hands back all that the compressed bytes it is given hold: a megabyte of them was the whole
+    of 100 MB of repeated lines at once."""
+    import tracemalloc
+
+    from kantai_batch.sources import decompressed
+
+    zstandard = pytest.importorskip("zstandard")
+    source = tmp_path / "repeated.txt.zst"
+    line = b"Reason is the faculty of principles, and the understanding that of rules.\n"
+    with source.open("wb") as raw, zstandard.ZstdCompressor().stream_writer(raw) as packed:
+        for _ in range(100):
+            packed.write(line * (1_000_000 // len(line)))
+    assert source.stat().st_size < 100_000
+    tracemalloc.start()
+    try:
+        read = 0
+        with decompressed(source, source.name) as stream:
+            while chunk := stream.read(1 << 16):
+                read += len(chunk)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert read > 99_000_000 and peak < 40_000_000, f"{peak / 1e6:.0f} MB held at once"
