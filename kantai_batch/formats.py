@@ -83,7 +83,7 @@ def _jsonl(raw: BinaryIO, decoding: Decoding, field: str, name: str, skipped: Co
             records += 1
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # nested past the interpreter's stack: no record of ours
                 skipped["invalid_json"] += 1
                 continue
             if not isinstance(record, dict):

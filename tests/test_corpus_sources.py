@@ -209,13 +209,14 @@ def test_jsonl_takes_the_field_and_counts_what_it_skips(tmp_path: Path):
     rows = [json.dumps(record, ensure_ascii=False) for record in _records(60)]
     rows += ["{not json", "[1, 2]", json.dumps({"body": "no text field"}), json.dumps({"text": 42})]
     rows += [json.dumps({"text": None}), json.dumps({"text": " \n\t "}), ""]
+    rows += ['{"text": "deep", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}"]  # past the interpreter's stack
     source = tmp_path / "docs.jsonl.gz"
     source.write_bytes(gzip.compress("\n".join(rows).encode("utf-8")))
     _prepare(tmp_path / "run", source, "corpus.format=jsonl")
     expected = [f"Document {i}.\n{TWO_WAYS}\nCaf\u00e9 {i}." for i in range(60)]
     assert _all_examples(tmp_path / "run") == Counter(expected)
     stats = _stats(tmp_path / "run")
-    skipped = {"invalid_json": 1, "not_an_object": 1, "missing_field": 1, "not_a_string": 1}
+    skipped = {"invalid_json": 2, "not_an_object": 1, "missing_field": 1, "not_a_string": 1}
     assert stats["skipped"] == {**skipped, "null_field": 1, "empty_text": 1}
     assert stats["files"][0]["examples"] == 60 and stats["files"][0]["encoding"] == "utf_8"
 
