@@ -61,7 +61,6 @@ _EXAMPLES = 5
 # A file with stray invalid bytes is still UTF-8 when it holds this many multi-byte characters' worth
 # of valid sequences per invalid one; decoding it so replaces (and reports) just the stray bytes.
 _UTF8_EVIDENCE = 20
-_UTF8_MAX_ERRORS = 1000
 
 # Text with no blank lines would be one huge paragraph; cutting it bounds the split's granularity.
 _MAX_PARAGRAPH_LINES = 100
@@ -242,8 +241,8 @@ class _Scan:
                 self.pieces[slot] = piece
 
     def _decode_utf8(self, chunk: bytes, final: bool = False) -> None:
-        if self.utf8_errors > _UTF8_MAX_ERRORS:
-            return  # not UTF-8; the rest of the pass only collects high bytes
+        # The whole file, errors or not: the verdict weighs errors against multi-byte characters, and
+        # counting stopped after the first thousand errors judged a file by where its errors sit.
         text = self._utf8.decode(chunk, final)
         self.utf8_errors += len(_ESCAPED.findall(text))
         self.utf8_extra_bytes += len(chunk) - len(text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import random
@@ -192,3 +193,18 @@ def test_binary_without_bytes_undefined_in_windows_1252_is_still_refused(tmp_pat
     path.write_bytes(bytes(rng.choice(alphabet) for _ in range(50_000)))
     with pytest.raises(InputDataError, match="cannot detect a text encoding"):
         _detected(path)
+
+
+def test_the_verdict_on_stray_bytes_does_not_depend_on_where_they_sit(tmp_path):
+    """2,400 stray Windows-1252 quotes in 1.2 MB, 60,000 UTF-8 accents after or before them: UTF-8 with the
+    quotes replaced either way (counting stopped at the first thousand errors, before the accents)."""
+    from kantai_batch.decoding import detect_encoding
+
+    padding = " and so on" * 100
+    legacy = "\n".join(f"\u201cQuoted {i}\u201d, said the critic{padding}." for i in range(1200)).encode("cp1252")
+    modern = "\n".join(f"Caf\u00e9 na\u00efve r\u00e9sum\u00e9 {i} \u00e9t\u00e9" for i in range(10_000)).encode()
+    verdicts = set()
+    for name, data in (("first", legacy + b"\n" + modern), ("last", modern + b"\n" + legacy)):
+        (tmp_path / name).write_bytes(data)
+        verdicts.add(detect_encoding(lambda name=name: (tmp_path / name).open("rb"), "auto", name).encoding)
+    assert len(verdicts) == 1 and codecs.lookup(verdicts.pop()).name == "utf-8"
