@@ -21,18 +21,16 @@ and evaluate read them back (memory-mapped) and how they refuse samples made for
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kantai_batch.errors import InputDataError, KantaiError, first_line
+from kantai_batch.errors import InputDataError, unusable_as
 from kantai_batch.job import Job
 from kantai_batch.rundir import RunDir
 
@@ -294,15 +292,6 @@ def load_samples(run: RunDir, job: Job, split: str, tokenizer):
         return load_from_disk(str(run.tokens / split))
 
 
-@contextlib.contextmanager
-def _damaged_tokens(run: RunDir) -> Iterator[None]:
+def _damaged_tokens(run: RunDir):
     """A committed tokens folder that cannot be read (damaged on this disk since its manifest was written)."""
-    try:
-        yield
-    except KantaiError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - Arrow, JSON and OS errors alike mean the folder is unusable
-        raise InputDataError(
-            f"tokens {run.uri(run.tokens)} cannot be read ({first_line(exc)}): delete it and run "
-            "`kantai-batch tokenize` again"
-        ) from None
+    return unusable_as(f"tokens {run.uri(run.tokens)}", "delete it and run `kantai-batch tokenize` again")

@@ -69,11 +69,12 @@ def first_line(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def unusable_as(description: str) -> Iterator[None]:
-    """Turn any library failure to load ``description`` into a one-line InputDataError."""
+def unusable_as(description: str, remedy: str = "") -> Iterator[None]:
+    """Turn any library failure to load ``description`` into a one-line InputDataError, ending with ``remedy``."""
     try:
         yield
     except KantaiError:
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors, tokenizers and OS errors all mean "unusable"
-        raise InputDataError(f"{description} cannot be loaded: {first_line(exc)}") from None
+        then = f"; {remedy}" if remedy else ""
+        raise InputDataError(f"{description} cannot be loaded: {first_line(exc)}{then}") from None

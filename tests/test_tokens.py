@@ -116,7 +116,7 @@ def test_tokens_damaged_on_disk_are_a_one_line_error(prepared: Path, tmp_path: P
     untracked = ["--no-tracking"] if command == "pretrain" else []
     result = invoke(command, "--run-dir", str(run_dir), *untracked, *tiny(*STEPS), expect=3)
     error = result.stderr.strip().splitlines()[-1]  # after the model's loading bar, for evaluate
-    assert error.startswith(f"kantai-batch: error: tokens {run_dir / 'tokens'} cannot be read (")
+    assert error.startswith(f"kantai-batch: error: tokens {run_dir / 'tokens'} cannot be loaded: ")
     assert error.endswith("delete it and run `kantai-batch tokenize` again") and "Traceback" not in result.stderr
     assert (run_dir / "model").exists() == (command == "evaluate"), "nothing committed on damaged tokens"
 
