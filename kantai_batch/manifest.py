@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kantai_batch import s3
-from kantai_batch.errors import InputDataError
+from kantai_batch.errors import InputDataError, SourceUnavailableError
 from kantai_batch.s3 import S3Uri
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,9 @@ def download(prefix: S3Uri, dest: Path) -> dict[str, Any]:
             future.result()
     for name, expected in manifest["files"].items():
         if file_sha256(dest / name) != expected["sha256"]:
+            if remote_marker(prefix) != manifest:
+                # A writer re-committed the folder meanwhile: nothing is damaged, a retry reads the new one.
+                raise SourceUnavailableError(f"{prefix} was committed again while it was downloaded; retry")
             raise InputDataError(
                 f"{location(prefix, manifest, name)} does not match its checksum in {prefix.child(MARKER)}"
             )

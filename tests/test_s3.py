@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -314,3 +315,28 @@ def test_checkpoints_set_aside_in_s3_move_whole_and_leave_resuming_alone(bucket:
     moved = run.remote.child("checkpoints/other-training-abc/checkpoint-20")
     assert remote_marker(moved)["files"]["model.safetensors"]["size"] == len("weights 20")
     assert run.newest_checkpoint(tidy=True) is None, "nothing left to resume"
+
+
+def test_a_folder_committed_again_during_its_download_is_a_retryable_error(bucket: str, tmp_path: Path, monkeypatch):
+    """A reader that read the old marker gets some new files: not damage (exit 3, which fails a Job), a race
+    a retry wins (4)."""
+    from kantai_batch.errors import InputDataError, SourceUnavailableError
+    from kantai_batch.manifest import download, upload
+
+    remote = s3.S3Uri.parse(f"s3://{bucket}/runs/race/model")
+    upload(_folder(tmp_path / "old", {"a.bin": "old a", "b.bin": "old b"}), remote)
+    real, lock, calls = s3.download_file, threading.Lock(), []
+
+    def racing(uri, dest):
+        with lock:  # files download in parallel: the writer's commit lands once, before the first of them
+            if not calls:
+                upload(_folder(tmp_path / "new", {"a.bin": "new a", "b.bin": "new b"}), remote)
+            calls.append(uri)
+        return real(uri, dest)
+
+    monkeypatch.setattr(s3, "download_file", racing)
+    with pytest.raises(SourceUnavailableError, match="committed again while it was downloaded"):
+        download(remote, tmp_path / "read")
+    assert not issubclass(SourceUnavailableError, InputDataError)
+    download(remote, tmp_path / "again")
+    assert (tmp_path / "again" / "a.bin").read_text() == "new a"
