@@ -194,7 +194,9 @@ def _visible_files(folder: Path) -> Iterator[Path]:
             folders.clear()
             continue
         walked.add(real)
-        folders[:] = [name for name in folders if not name.startswith(".")]
+        # In name order, not the file system's: which of two paths to one real folder is walked (and so
+        # names its files, and orders the corpus) must not depend on where the tree was copied.
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
         for name in names:
             if not name.startswith(".") and os.path.isfile(os.path.join(root, name)):
                 yield Path(root, name)

@@ -382,3 +382,39 @@ def test_a_zst_file_of_repetitive_text_is_read_in_bounded_memory(tmp_path: Path)
     finally:
         tracemalloc.stop()
     assert read > 99_000_000 and peak < 40_000_000, f"{peak / 1e6:.0f} MB held at once"
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_which_path_names_a_linked_folder_does_not_depend_on_the_listing_order(tmp_path: Path, monkeypatch, reverse):
+    """A folder and a link to it: the files are read once, under the same name whatever order the file
+    system lists them in (tmpfs lists by creation, ext4 by hash), so the corpus is the same everywhere."""
+    import os
+
+    from kantai_batch import sources
+
+    (tmp_path / "books" / "vol").mkdir(parents=True)
+    (tmp_path / "books" / "vol" / "book.txt").write_text("Reason.\n")
+    (tmp_path / "books" / "a-link").symlink_to(tmp_path / "books" / "vol")
+    (tmp_path / "books" / "m.txt").write_text("Nature.\n")
+    real = os.scandir
+
+    class Listed:  # os.walk's scandir (an iterator and a context), in the order another file system gives
+        def __init__(self, path):
+            with real(path) as scan:
+                self._entries = iter(sorted(scan, key=lambda entry: entry.name, reverse=reverse))
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return next(self._entries)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(os, "scandir", Listed)
+    found = [path.relative_to(tmp_path / "books").as_posix() for path in sources._visible_files(tmp_path / "books")]
+    assert sorted(found) == ["a-link/book.txt", "m.txt"]
