@@ -65,8 +65,10 @@ _UTF8_EVIDENCE = 20
 # Text with no blank lines would be one huge paragraph; cutting it bounds the split's granularity.
 _MAX_PARAGRAPH_LINES = 100
 
-# C0/C1 control characters (form feeds, NULs, ...) except tab; they are page furniture, not text.
+# C0/C1 control characters (form feeds, NULs, ...) except tab; they are page furniture, not text. Those
+# that break a line (what str.splitlines splits at) become a space, or "page.\fChapter" read "page.Chapter".
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_BREAKS = str.maketrans(dict.fromkeys("\x0b\x0c\x1c\x1d\x1e\x85", " "))
 _REPLACEMENT = "\ufffd"
 _ESCAPED = re.compile("[\udc80-\udcff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -307,7 +309,7 @@ def open_text(raw: BinaryIO, encoding: str, newline: str | None = None) -> io.Te
 def clean_line(line: str) -> str:
     """A line without control characters, and without whitespace at its edges (wrapping debris in prose;
     inner spacing is kept)."""
-    return _CONTROL.sub("", line).strip()
+    return _CONTROL.sub("", line.translate(_BREAKS)).strip()
 
 
 def read_lines(source: Path | BinaryIO, encoding: str | Decoding) -> Iterator[str]:

@@ -67,7 +67,8 @@ PHASES: tuple[Phase, ...] = (
         reads=("corpus", "data.eval_fraction", "eval.seed"),
         runner="kantai_batch.corpus:prepare",
         changed="kantai_batch.corpus:source_change",
-        # 2: twcs conversations split by their customer tweet (its other replies trained on held-out text)
+        # 2: twcs conversations split by their customer tweet (its other replies trained on held-out text);
+        # a form feed inside a line is a space (it glued the words around a page break)
         version=2,
     ),
     Phase(

@@ -115,12 +115,13 @@ def test_marker_lists_every_file_with_checksums(tmp_path: Path, corpus_file: Pat
     assert manifest["files"]["train.txt"]["size"] == (tmp_path / "corpus" / "train.txt").stat().st_size
 
 
-def test_utf8_bom_and_form_feeds_are_removed(tmp_path: Path):
+def test_utf8_bom_removed_and_a_page_break_is_a_space_not_glue(tmp_path: Path):
     corpus = tmp_path / "bom.txt"
-    corpus.write_bytes("\ufeff".encode() + ("Grüße aus Königsberg\f, says the critic.\n\n" * 40).encode())
+    page = "Grüße aus Königsberg, says the critic.\fThe next page\x0bbegins\x85here.\n\f\n"
+    corpus.write_bytes("\ufeff".encode() + (page * 40).encode())
     assert choose_encoding(corpus, "auto", str(corpus))[0] == "utf_8_sig"
     lines = list(read_lines(corpus, "utf_8_sig"))
-    assert lines[0] == "Grüße aus Königsberg, says the critic."
+    assert lines[:2] == ["Grüße aus Königsberg, says the critic. The next page begins here.", ""]
 
 
 @pytest.mark.parametrize(
