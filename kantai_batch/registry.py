@@ -317,15 +317,15 @@ def _resolve(uri: str) -> tuple[str, str]:
     import mlflow
 
     body = uri[len("models:/") :]
+    name, at, alias = body.partition("@")
+    if not at:
+        name, _, version = body.partition("/")
+    # None, an empty part, or a path below it (models:/kb/1/extra): nothing MLflow has.
+    if not name or (alias == "" if at else not version.isdigit()):
+        raise JobConfigError(f"{uri}: give a version or an alias (models:/NAME/VERSION or models:/NAME@ALIAS)")
     with _tracking_errors(uri):
         client = mlflow.MlflowClient()
-        if "@" in body:
-            name, alias = body.split("@", 1)
-            return name, str(client.get_model_version_by_alias(name, alias).version)
-        name, _, version = body.partition("/")
-        if not version.isdigit():  # none, or a path below it (models:/kb/1/extra): no version MLflow has
-            raise JobConfigError(f"{uri}: give a version or an alias (models:/NAME/VERSION or models:/NAME@ALIAS)")
-        return name, version
+        return (name, str(client.get_model_version_by_alias(name, alias).version)) if at else (name, version)
 
 
 def _requirements() -> list[str]:

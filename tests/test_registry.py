@@ -88,7 +88,14 @@ def test_unknown_registered_model_is_a_one_line_error(tracking_server: str, tmp_
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1 and "models:/no-such-model@champion" in message
     assert not (tmp_path / "x").exists()
-    for uri in ("models:/kb", "models:/kb/1/extra", "models:/kb/latest"):
+    for uri in (
+        "models:/kb",
+        "models:/kb/1/extra",
+        "models:/kb/latest",
+        "models:/kb@",
+        "models:/@champion",
+        "models:/",
+    ):
         refused = invoke("pull", uri, "--out", str(tmp_path / "x"), expect=2).stderr.strip()
         assert (
             refused
