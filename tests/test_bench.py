@@ -202,8 +202,10 @@ def test_bench_a_causal_lm_against_run_clm(tmp_path: Path):
     assert (job["name"], run_clm["name"], local["name"]) == ("job", "run_clm", "local")
     _assert_runs_like_the_script(run_clm, job)
     assert local["train"]["attention_init"] == "mimetic_local"
+    # run_clm's default learning rate (5e-5) learns nothing in 4 steps: its accuracy may well be 0.
+    assert job["eval_next_token_accuracy_packed"] > 0
     for row in record["results"]:
-        assert 0 < row["eval_next_token_accuracy_packed"] < 1 and "eval_masked_accuracy_packed" not in row
+        assert 0 <= row["eval_next_token_accuracy_packed"] < 1 and "eval_masked_accuracy_packed" not in row
         assert all(row[f"eval_loss_{cut}"] > 0 for cut in ("packed", "grouped", "lines"))
         assert [point["step"] for point in row["curve"]] == [2, 4]
         # What people read: the reply to the job's prompt, sampled with the job's seed.
