@@ -71,23 +71,60 @@ def write_marker(folder: Path, **extra: Any) -> None:
 def committed_dir(final: Path, **marker_extra: Any) -> Iterator[Path]:
     """Yield a scratch folder that replaces ``final`` (marker included) only if the block succeeds."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    # One writer per folder: scratch folders left by a killed earlier attempt are garbage.
-    for stale in final.parent.glob(f".{final.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    scratch = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    scratch.mkdir()
+    with _only_writer(final):
+        # Scratch folders left by a killed earlier attempt are garbage (no live writer holds the lock).
+        for stale in final.parent.glob(f".{final.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        scratch = final.with_name(f".{final.name}.partial-{os.getpid()}")
+        scratch.mkdir()
+        try:
+            yield scratch
+            if not is_complete(scratch):
+                write_marker(scratch, **marker_extra)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        retired = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if final.exists():
+            final.rename(retired)
+        scratch.rename(final)
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _only_writer(final: Path) -> Iterator[None]:
+    """Hold ``final``'s write lock (``.<name>.lock`` beside it, while writing) or fail at once: a second
+    writer (the same phase started twice on one run dir) would delete the first one's scratch folder as
+    garbage. The kernel drops the lock with its process, so a killed writer leaves none in force."""
+    import fcntl
+    import socket
+
+    path = final.with_name(f".{final.name}.lock")
+    while True:
+        lock = path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise SourceUnavailableError(
+                f"{final} is being written by {holder}: wait for it to finish (or stop it) and run this again"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()  # its holder removed the file as we opened it: lock the one there now
     try:
-        yield scratch
-        if not is_complete(scratch):
-            write_marker(scratch, **marker_extra)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    retired = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        final.rename(retired)
-    scratch.rename(final)
-    shutil.rmtree(retired, ignore_errors=True)
+        lock.truncate(0)
+        lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before unlocking: whoever opened this file finds it replaced
+        lock.close()
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

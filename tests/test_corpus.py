@@ -6,13 +6,15 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from helpers import KANT, invoke, kantian_text, tiny
+from helpers import KANT, ROOT, invoke, kantian_text, tiny
 from kantai_batch.decoding import choose_encoding, read_lines
 from kantai_batch.job import load_job
 from kantai_batch.manifest import MARKER, read_marker
@@ -284,3 +286,25 @@ def test_a_corpus_that_is_not_a_file_is_unusable_not_unreachable(tmp_path: Path)
     os.mkfifo(fifo)
     failed = invoke("prepare", "--run-dir", str(tmp_path / "run"), "--corpus", str(fifo), expect=3)
     assert failed.stderr.strip() == f"kantai-batch: error: corpus {fifo} is not a file"
+
+
+def test_a_phase_started_twice_on_one_run_dir_leaves_the_first_writer_alone(tmp_path: Path, corpus_file: Path):
+    """The second writer of a folder used to delete the first one's scratch folder as a dead writer's."""
+    from kantai_batch.manifest import committed_dir
+
+    run_dir = tmp_path / "run"
+    with committed_dir(run_dir / "corpus") as scratch:  # the first prepare, still writing
+        (scratch / "train.txt").write_text("first writer's\n")
+        second = subprocess.run(
+            [sys.executable, "-m", "kantai_batch", "prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file)],
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert second.returncode == 4, second.stderr[-2000:]
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"kantai-batch: error: {run_dir / 'corpus'} is being written by process {os.getpid()} on "
+            f"{os.uname().nodename}: wait for it to finish (or stop it) and run this again"
+        )
+        assert (scratch / "train.txt").read_text() == "first writer's\n"
+    assert (run_dir / "corpus" / "train.txt").read_text() == "first writer's\n"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["corpus"], "no lock file left behind"
+    invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file))  # once the first is done
