@@ -10,9 +10,11 @@ Imported only when a phase that trains runs, so transformers is imported at the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from kantai_batch.errors import JobConfigError, PreemptedError, TrainingDiverged
 from kantai_batch.fingerprint import checkpoint_lineage, fingerprint_of
 from kantai_batch.hardware import peak_flops, resolve_attention, resolve_precision, training_flops_per_token
 from kantai_batch.job import Job
-from kantai_batch.manifest import read_marker, write_json_atomic
+from kantai_batch.manifest import only_writer, read_marker, write_json_atomic
 from kantai_batch.masking import MaskedSamples
 from kantai_batch.model import ARCHITECTURE_KEYS, init_model, load_tokenizer
 from kantai_batch.objective import (
@@ -59,6 +61,14 @@ log = logging.getLogger(__name__)
 
 def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     """Train the job's model on the prepared corpus; return the committed model folder."""
+    # One training per run dir on a machine: a second would write the same checkpoints. Held by each
+    # node's first process, for all of its launch.
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    with only_writer(run.checkpoints) if first else contextlib.nullcontext():
+        return _pretrain(job, run, track=track)
+
+
+def _pretrain(job: Job, run: RunDir, *, track: bool) -> Path:
     args = training_arguments(job, run.checkpoints, track=track)
     nodes = node_count()
     require_shared_checkpoints(job, run, nodes)

@@ -351,6 +351,17 @@ def test_an_unfinished_trainings_checkpoints_are_set_aside_not_deleted(tmp_path:
     assert json.loads((run_dir / "model" / "train_summary.json").read_text())["resumed_from_step"] == 20
 
 
+def test_a_second_training_on_one_run_dir_is_refused_while_the_first_runs(tmp_path: Path, corpus_file: Path):
+    from kantai_batch.manifest import only_writer
+
+    run_dir = prepared_run(tmp_path / "run", corpus_file)
+    with only_writer(run_dir / "checkpoints"):  # the first training, holding its checkpoints
+        result = invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *tiny(), expect=4)
+    assert f"{run_dir / 'checkpoints'} is being written by process {os.getpid()}" in result.stderr
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "model").exists()
+    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *tiny("train.max_steps=10"))
+
+
 def test_checkpoints_of_another_training_are_not_resumed_but_a_longer_one_resumes(tmp_path: Path, corpus_file: Path):
     run_dir = prepared_run(tmp_path / "run", corpus_file)
     short = tiny("train.max_steps=10", "train.save_steps=10")
