@@ -71,7 +71,7 @@ def write_marker(folder: Path, **extra: Any) -> None:
 def committed_dir(final: Path, **marker_extra: Any) -> Iterator[Path]:
     """Yield a scratch folder that replaces ``final`` (marker included) only if the block succeeds."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _only_writer(final):
+    with only_writer(final):
         # Scratch folders left by a killed earlier attempt are garbage (no live writer holds the lock).
         for stale in final.parent.glob(f".{final.name}.partial-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -92,7 +92,7 @@ def committed_dir(final: Path, **marker_extra: Any) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def _only_writer(final: Path) -> Iterator[None]:
+def only_writer(final: Path) -> Iterator[None]:
     """Hold ``final``'s write lock (``.<name>.lock`` beside it, while writing) or fail at once: a second
     writer (the same phase started twice on one run dir) would delete the first one's scratch folder as
     garbage. The kernel drops the lock with its process, so a killed writer leaves none in force."""
@@ -100,6 +100,7 @@ def _only_writer(final: Path) -> Iterator[None]:
     import socket
 
     path = final.with_name(f".{final.name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         lock = path.open("a+", encoding="utf-8")
         try:
