@@ -564,6 +564,8 @@ def models(name: str, as_json: bool) -> None:
     """The versions of registered model NAME: aliases, benchmark loss, corpus checksum."""
     from kantai_batch.promotion import format_table, model_table
 
+    if name.startswith("models:/"):  # what pull and promote take; here the name alone is asked for
+        name = name[len("models:/") :].split("/", 1)[0].split("@", 1)[0]
     results = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
         rows = model_table(name)

@@ -139,6 +139,8 @@ def test_retraining_promotes_only_a_better_model_continuing_from_the_champion(
     assert [(r["version"], r["aliases"]) for r in rows] == [("1", []), ("2", ["champion"]), ("3", ["challenger"])]
     assert rows[2]["benchmark_loss"] == pytest.approx(float(v3["benchmark_loss"]))
     assert rows[1]["corpus_sha256"] == v2["corpus_sha256"]
+    # The URI pull and promote take names the model as well.
+    assert json.loads(invoke("models", f"models:/{name}@champion", "--json").stdout) == rows
     table = invoke("models", name).stdout.splitlines()
     assert table[0].split()[:4] == ["version", "aliases", "benchmark_loss", "corpus_sha256"]
     assert table[2].split()[:2] == ["2", "champion"] and v2["corpus_sha256"][:12] in table[2]
