@@ -61,10 +61,10 @@ log = logging.getLogger(__name__)
 
 def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     """Train the job's model on the prepared corpus; return the committed model folder."""
-    # One training per run dir on a machine: a second would write the same checkpoints. Held by each
-    # node's first process, for all of its launch.
-    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    with only_writer(run.checkpoints) if first else contextlib.nullcontext():
+    # One training per run dir: a second would write the same checkpoints. Held by the launch's main
+    # process alone, for all of it: the nodes of one training may share the run dir's file system.
+    main = int(os.environ.get("RANK", "0")) == 0
+    with only_writer(run.checkpoints) if main else contextlib.nullcontext():
         return _pretrain(job, run, track=track)
 
 
