@@ -73,7 +73,7 @@ def _field_text(value: Any, skipped: Counter[str]) -> str | None:
 
 
 def _jsonl(raw: BinaryIO, decoding: Decoding, field: str, name: str, skipped: Counter[str]) -> Iterator[str]:
-    records = with_field = 0
+    records = objects = with_field = 0
     seen: dict[str, None] = {}  # the fields records have, in order of appearance, for the error message
     with open_text(raw, decoding.encoding) as text:
         for line in text:
@@ -89,6 +89,7 @@ def _jsonl(raw: BinaryIO, decoding: Decoding, field: str, name: str, skipped: Co
             if not isinstance(record, dict):
                 skipped["not_an_object"] += 1
                 continue
+            objects += 1
             if field not in record:
                 skipped["missing_field"] += 1
                 if len(seen) < _FIELDS_SHOWN + 1:
@@ -99,6 +100,12 @@ def _jsonl(raw: BinaryIO, decoding: Decoding, field: str, name: str, skipped: Co
             example = _field_text(decoding.without_surrogates(value) if isinstance(value, str) else value, skipped)
             if example is not None:
                 yield example
+    if records and not objects:
+        # A JSON document (an array, a pretty-printed object) rather than JSON Lines.
+        raise InputDataError(
+            f"{name}: none of its {records} lines is a JSON object; jsonl wants one object per line "
+            "(a JSON array or a pretty-printed document is not JSON Lines)"
+        )
     if records and not with_field:
         raise InputDataError(f"{name}: no record has a {field!r} field (its fields: {_shown(list(seen))})")
 

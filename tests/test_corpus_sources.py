@@ -228,6 +228,13 @@ def test_jsonl_without_the_field_names_the_file_and_its_fields(tmp_path: Path):
     _one_line_error(result, str(source), "no record has a 'text' field", "'id', 'body'")
 
 
+def test_a_json_document_given_as_jsonl_is_named_as_not_json_lines(tmp_path: Path):
+    source = tmp_path / "docs.jsonl"
+    source.write_text(json.dumps([{"text": f"Document {i}."} for i in range(5)], indent=2))
+    result = _prepare(tmp_path / "run", source, "corpus.format=jsonl", expect=3)
+    _one_line_error(result, str(source), "none of its 17 lines is a JSON object", "one object per line")
+
+
 def test_csv_takes_the_configured_column(tmp_path: Path):
     import csv
     import io
