@@ -36,6 +36,16 @@ _CSV_FIELD_LIMIT = 1 << 28
 _FIELDS_SHOWN = 12
 
 
+def _integer(digits: str) -> int | float:
+    # Python refuses to parse integers past 4,300 digits (a guard against quadratic conversion); such
+    # a number in another field must not drop the record, and as the text field it is not a string
+    # either way.
+    try:
+        return int(digits)
+    except ValueError:
+        return float("inf") if digits[0] != "-" else float("-inf")
+
+
 def examples(
     fmt: str, raw: BinaryIO, decoding: Decoding, *, field: str, name: str, skipped: Counter[str]
 ) -> Iterator[str]:
@@ -82,7 +92,7 @@ def _jsonl(raw: BinaryIO, decoding: Decoding, field: str, name: str, skipped: Co
                 continue
             records += 1
             try:
-                record = json.loads(line)
+                record = json.loads(line, parse_int=_integer)
             except (ValueError, RecursionError):  # nested past the interpreter's stack: no record of ours
                 skipped["invalid_json"] += 1
                 continue

@@ -228,6 +228,15 @@ def test_jsonl_without_the_field_names_the_file_and_its_fields(tmp_path: Path):
     _one_line_error(result, str(source), "no record has a 'text' field", "'id', 'body'")
 
 
+def test_a_jsonl_record_with_a_huge_integer_elsewhere_keeps_its_text(tmp_path: Path):
+    source = tmp_path / "docs.jsonl"
+    rows = [f'{{"id": {"9" * 5000}, "text": "Reason judges {i}."}}' for i in range(20)]
+    source.write_text("\n".join([*rows, f'{{"text": -{"1" * 5000}}}']) + "\n")
+    _prepare(tmp_path / "run", source, "corpus.format=jsonl")
+    assert _all_examples(tmp_path / "run") == Counter(f"Reason judges {i}." for i in range(20))
+    assert _stats(tmp_path / "run")["skipped"] == {"not_a_string": 1}
+
+
 def test_a_json_document_given_as_jsonl_is_named_as_not_json_lines(tmp_path: Path):
     source = tmp_path / "docs.jsonl"
     source.write_text(json.dumps([{"text": f"Document {i}."} for i in range(5)], indent=2))
