@@ -3,11 +3,14 @@
 A probe file has one probe per line, ``TEXT -> ANSWER, ANSWER, ...``: TEXT has exactly one mask
 token, the answers are the words that count as right. Blank lines and lines starting with ``#`` are
 skipped. A probe's rank is that of its best answer among all the model's predictions (compared
-without case and surrounding spaces); it is hit at k when that rank is k or better.
+without case); it is hit at k when that rank is k or better. An answer is the word as it stands at
+the mask: after a space, the byte-level token that starts with one (``Ġreason``), not the same
+letters inside a word, which would fill the sentence as "human·reason" glued to what precedes.
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,7 @@ from typing import Any
 from kantai_batch.errors import InputDataError, SourceUnavailableError
 
 SEPARATOR = "->"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,21 +66,33 @@ def require_fitting(tokenizer, positions: int, job, probes: list[Probe] | None) 
             raise InputDataError(f"{where}: the text is {tokens} tokens; the model reads at most {positions}")
 
 
-def score_probes(model, tokenizer, probes: list[Probe], top_k: int) -> dict[str, Any]:
+def score_probes(model, tokenizer, probes: list[Probe], top_k: int, source: str = "probes") -> dict[str, Any]:
     """Each probe's rank of its best acceptable answer in the whole vocabulary, and the hits at 1 and k.
 
     The rank moves long before a right answer reaches the top k, so it shows a model learning
-    concepts while the hits still read 0.
+    concepts while the hits still read 0. An answer that is no single token of this tokenizer can
+    never be predicted: it is named in a warning and in the probe's ``unscorable``, and a probe with
+    no other answer counts as missed.
     """
     import torch
 
-    # token_str as the fill-mask pipeline gives it: each id decoded alone.
-    words = [word.strip().lower() for word in tokenizer.batch_decode([[i] for i in range(len(tokenizer))])]
+    # token_str as the fill-mask pipeline gives it: each id decoded alone, its leading space kept.
+    spelled = [word.lower() for word in tokenizer.batch_decode([[i] for i in range(len(tokenizer))])]
+    words = [word.strip() for word in spelled]
     ids_of: dict[str, list[int]] = {}
-    for token_id, word in enumerate(words):
+    for token_id, word in enumerate(spelled):
         ids_of.setdefault(word, []).append(token_id)
     rows, vocabulary = [], 0
     for probe in probes:
+        lead = " " if probe.text.split(tokenizer.mask_token)[0][-1:].isspace() else ""
+        forms = {answer: _spellings(answer, lead) for answer in probe.answers}
+        unscorable = [answer for answer, spellings in forms.items() if not any(s in ids_of for s in spellings)]
+        if unscorable:
+            log.warning(
+                "%s, line %d: %s no single token of this tokenizer%s, so never predicted",
+                source, probe.line, ", ".join(repr(lead + answer) for answer in unscorable),
+                " (as a word after a space)" if lead else "",
+            )  # fmt: skip
         encoded = tokenizer(probe.text, return_tensors="pt").to(model.device)
         with torch.no_grad():
             logits = model(**encoded).logits[0]
@@ -84,9 +100,10 @@ def score_probes(model, tokenizer, probes: list[Probe], top_k: int) -> dict[str,
         scores = logits[position].float()
         vocabulary = scores.numel()  # the model's rows, padding rows included: the pipeline ranks them too
         predicted = [words[i] if i < len(words) else "" for i in scores.topk(top_k).indices.tolist()]
-        answer_ids = [token_id for answer in probe.answers for token_id in ids_of.get(answer, [])]
+        answer_ids = [token_id for spellings in forms.values() for s in spellings for token_id in ids_of.get(s, [])]
         rank = int((scores > scores[answer_ids].max()).sum()) + 1 if answer_ids else None
-        rows.append({"text": probe.text, "answers": list(probe.answers), "predicted": predicted, "rank": rank})
+        row = {"text": probe.text, "answers": list(probe.answers), "predicted": predicted, "rank": rank}
+        rows.append({**row, "unscorable": unscorable} if unscorable else row)
     ranks = sorted(row["rank"] for row in rows if row["rank"] is not None)
     return {
         "probes": len(rows),
@@ -95,9 +112,15 @@ def score_probes(model, tokenizer, probes: list[Probe], top_k: int) -> dict[str,
         "topk_hits": sum(1 for row in rows if row["rank"] is not None and row["rank"] <= top_k),
         # A probe none of whose answers is a token of the vocabulary has no rank and is left out.
         "median_rank": float(statistics.median(ranks)) if ranks else None,
+        "unscorable_probes": sum(1 for row in rows if row["rank"] is None),
         "vocabulary": vocabulary,
         "results": rows,
     }
+
+
+def _spellings(answer: str, lead: str) -> tuple[str, ...]:
+    # Punctuation attaches to what precedes it ("determines."); a word stands apart.
+    return (lead + answer,) if not lead or any(c.isalnum() for c in answer) else (lead + answer, answer)
 
 
 def quality_report(model, tokenizer, job, probes: list[Probe] | None) -> dict[str, Any]:
@@ -115,7 +138,7 @@ def quality_report(model, tokenizer, job, probes: list[Probe] | None) -> dict[st
         }
     }
     if probes:
-        report["probes"] = score_probes(model, tokenizer, probes, top_k)
+        report["probes"] = score_probes(model, tokenizer, probes, top_k, f"probe file {job.eval.probes}")
     return report
 
 
@@ -129,7 +152,13 @@ def format_quality(report: dict[str, Any]) -> list[str]:
     if probes:
         lines.append(
             f"probes: {probes['top1_hits']}/{probes['probes']} right at top 1, "
-            f"{probes['topk_hits']}/{probes['probes']} in the top {probes['top_k']}" + _median_rank(probes)
+            f"{probes['topk_hits']}/{probes['probes']} in the top {probes['top_k']}"
+            + _median_rank(probes)
+            + (
+                f"; {unscorable} with no answer in this vocabulary"
+                if (unscorable := probes.get("unscorable_probes"))
+                else ""
+            )
         )
     return lines
 
@@ -139,3 +168,8 @@ def _median_rank(probes: dict[str, Any]) -> str:
     if median is None:
         return ""
     return f", median rank of a right answer {median:,g} of {probes['vocabulary']:,}"
+
+
+def _unscorable(probes: dict[str, Any]) -> str:
+    count = probes.get("unscorable_probes")  # absent from metrics written before it was counted
+    return f"; {count} with no answer in this vocabulary" if count else ""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -122,27 +124,38 @@ def test_run_prints_the_probe_hits_after_the_fill_mask_answers(tmp_path: Path, c
 
 
 @pytest.mark.slow
-def test_probe_ranks_follow_the_fill_mask_pipeline_over_the_whole_vocabulary(trained_run: Path):
+def test_probe_ranks_follow_the_fill_mask_pipeline_over_the_whole_vocabulary(trained_run: Path, caplog):
     from transformers import pipeline
 
     model_dir = trained_run / "model"
     model, tokenizer = load_lm(model_dir, "mlm").eval(), load_model_tokenizer(model_dir)
     text = "Reason determines <mask> cognition."
     ranked = pipeline("fill-mask", model=model, tokenizer=tokenizer)(text, top_k=model.config.vocab_size)
-    everything = [candidate["token_str"].strip().lower() for candidate in ranked]
-    last = next(word for word in reversed(everything) if word)  # padding rows decode to nothing
-    picks = [everything[0], everything[3], everything[60], last]
-    # A word can be several tokens (" the", "the"): its rank is its best one's.
-    expected = [everything.index(word) + 1 for word in picks]
-    probes = [Probe(text, (word,), line) for line, word in enumerate(picks, start=1)]
-    scored = score_probes(model, tokenizer, [*probes, Probe(text, ("zzzz-not-a-token",), 9)], top_k=5)
-    assert [row["rank"] for row in scored["results"]] == [*expected, None]
+    spelled = [tokenizer.decode([candidate["token"]]).lower() for candidate in ranked]
+    # After a space the word is the token that starts with one (" the"), never the letters inside a word
+    # ("the" of "bathe"); among those of one spelling the best counts.
+    words = [word for word in spelled if word.startswith(" ") and word.strip()]
+    picks = [words[0], words[3], words[len(words) // 2], words[-1]]
+    expected = [spelled.index(word) + 1 for word in picks]
+    inside = next(word for word in spelled if word.isalpha() and " " + word not in spelled)
+    probes = [Probe(text, (word.strip(),), line) for line, word in enumerate(picks, start=1)]
+    probes += [Probe(text, ("zzzz-not-a-token",), 9), Probe(text, (inside, picks[1].strip()), 10)]
+    probes += [Probe(text, (inside,), 11)]
+    with caplog.at_level(logging.WARNING, logger="kantai_batch.probes"):
+        scored = score_probes(model, tokenizer, probes, top_k=5, source="probe file P")
+    assert [row["rank"] for row in scored["results"]] == [*expected, None, expected[1], None]
     assert expected[2] > 5 and scored["vocabulary"] == model.config.vocab_size
-    assert (scored["top1_hits"], scored["topk_hits"]) == (1, sum(rank <= 5 for rank in expected))
-    assert scored["median_rank"] == sum(sorted(expected)[1:3]) / 2
-    assert scored["results"][0]["predicted"] == everything[:5]
+    ranks = [*expected, expected[1]]
+    assert (scored["top1_hits"], scored["topk_hits"]) == (ranks.count(1), sum(rank <= 5 for rank in ranks))
+    assert scored["median_rank"] == statistics.median(ranks)
+    assert scored["results"][0]["predicted"] == [word.strip() for word in spelled[:5]]
+    assert [row.get("unscorable") for row in scored["results"][4:]] == [["zzzz-not-a-token"], [inside], [inside]]
+    assert scored["unscorable_probes"] == 2
+    warned = f"probe file P, line 11: ' {inside}' no single token of this tokenizer (as a word after a space)"
+    assert warned in caplog.text
     line = format_quality({"fill_mask": {"text": text, "predicted": []}, "probes": scored})[1]
-    assert line.endswith(f"median rank of a right answer {scored['median_rank']:,g} of {model.config.vocab_size:,}")
+    median = f"median rank of a right answer {scored['median_rank']:,g} of {model.config.vocab_size:,}"
+    assert line.endswith(f"{median}; 2 with no answer in this vocabulary")
 
 
 @pytest.mark.slow
