@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,8 @@ def train_tokenizer(job: Job, run: RunDir) -> Path:
         vocab_size=job.tokenizer.vocab_size,
         min_frequency=job.tokenizer.min_frequency,
         special_tokens=special_tokens,
-        show_progress=True,
+        # The trainer's bar draws on stdout, and piped it leaves blank lines among the results there.
+        show_progress=sys.stdout.isatty(),
         length=None,
     )
     log.info("tokenizer: trained on %s", sample.describe())

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,17 @@ def test_the_tokenizers_inputs_are_the_corpus_it_got_not_where_it_came_from():
     assert fingerprint_of(load_job(None, ["corpus.source=/data/kant.txt"]), "prepare") != fingerprint_of(
         load_job(None, []), "prepare"
     )
+
+
+def test_train_tokenizer_leaves_a_piped_stdout_empty(tmp_path: Path, corpus_file: Path):
+    """stdout is for results: the tokenizer trainer's progress bar drew there, and piped it left blank lines."""
+    run_dir = tmp_path / "run"
+    invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file))
+    done = subprocess.run(
+        [sys.executable, "-m", "kantai_batch", "train-tokenizer", "--run-dir", str(run_dir), *tiny()],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == ""
+    assert (run_dir / "tokenizer" / MARKER).is_file()
