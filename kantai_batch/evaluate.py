@@ -34,7 +34,7 @@ from kantai_batch.model import (
     require_task,
     usable_positions,
 )
-from kantai_batch.objective import ACCURACY, accuracy_metric, collator, predicted_ids, task_of
+from kantai_batch.objective import ACCURACY, accuracy_metric, collator, eval_predictions, task_of
 from kantai_batch.probes import format_quality, quality_report, read_probes, require_fitting
 from kantai_batch.rundir import EVAL_METRICS, RunDir
 from kantai_batch.sources import decompressed, fetched
@@ -123,7 +123,7 @@ def _evaluate(job: Job, task: str, model, tokenizer, samples, scratch: Path) -> 
         args=training_arguments(job, scratch, track=False, save_strategy="no", deepspeed=None),
         data_collator=collator(task, tokenizer, job),
         compute_metrics=accuracy_metric(task),
-        preprocess_logits_for_metrics=predicted_ids,
+        preprocess_logits_for_metrics=eval_predictions(task),
     )
     result = trainer.evaluate(samples)
     scored = _scored_tokens(task, samples)

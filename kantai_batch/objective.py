@@ -49,22 +49,45 @@ def collator(task: str, tokenizer, job: Job, *, masked_positions: bool = False, 
     return LabelledCollator(tokenizer, task, job.train.mlm_probability, masked_positions, real_tokens)
 
 
-def predicted_ids(logits, labels):
-    # Keep only the argmax so evaluation does not hold vocabulary-sized logits for the whole eval set.
-    return logits.argmax(dim=-1)
+# compute_metrics' name for the held-out loss averaged over scored tokens; PretrainTrainer makes it the eval loss.
+TOKEN_LOSS = "token_loss"
+
+
+def eval_predictions(task: str):
+    """``preprocess_logits_for_metrics`` for the Trainer: each position's predicted id and its scored
+    token's cross-entropy (0 where nothing is scored), so evaluation does not hold vocabulary-sized
+    logits for the whole eval set, and its loss can be averaged over tokens (the Trainer's own eval
+    loss is a mean of batch means, which moves with the batch size when batches score unequal counts).
+    """
+
+    def kept(logits, labels):
+        import torch.nn.functional as F
+
+        nll = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+        # Position i of a causal LM predicts token i + 1, as its loss shifts the labels.
+        scores, targets, losses = (
+            (logits, labels, nll) if task == "mlm" else (logits[:, :-1], labels[:, 1:], nll[:, :-1])
+        )
+        scored = targets != IGNORE
+        # In fp32 even under autocast, as the training loss computes it.
+        losses[scored] = F.cross_entropy(scores[scored].float(), targets[scored], reduction="none")
+        return logits.argmax(dim=-1), nll
+
+    return kept
 
 
 def accuracy_metric(task: str):
-    """``compute_metrics`` for the Trainer: the share of scored positions predicted exactly."""
+    """``compute_metrics`` for the Trainer: the share of scored positions predicted exactly, and the
+    loss over all scored tokens (``TOKEN_LOSS``), from what ``eval_predictions`` kept."""
 
     def masked_accuracy(eval_pred) -> dict[str, float]:
-        predictions, labels = eval_pred
-        return {ACCURACY["mlm"]: _share_correct(predictions, labels)}
+        (predictions, nll), labels = eval_pred
+        return {ACCURACY["mlm"]: _share_correct(predictions, labels), TOKEN_LOSS: _mean_scored(nll, labels)}
 
     def next_token_accuracy(eval_pred) -> dict[str, float]:
-        predictions, labels = eval_pred
-        # Position i predicts token i + 1, as the causal LM loss shifts its labels.
-        return {ACCURACY["clm"]: _share_correct(predictions[:, :-1], labels[:, 1:])}
+        (predictions, nll), labels = eval_pred
+        predictions, nll, labels = predictions[:, :-1], nll[:, :-1], labels[:, 1:]
+        return {ACCURACY["clm"]: _share_correct(predictions, labels), TOKEN_LOSS: _mean_scored(nll, labels)}
 
     return masked_accuracy if task == "mlm" else next_token_accuracy
 
@@ -72,6 +95,11 @@ def accuracy_metric(task: str):
 def _share_correct(predictions, labels) -> float:
     scored = labels != -100
     return float((predictions[scored] == labels[scored]).mean()) if scored.any() else 0.0
+
+
+def _mean_scored(nll, labels) -> float:
+    scored = labels != -100
+    return float(nll[scored].sum(dtype=np.float64) / scored.sum()) if scored.any() else float("nan")
 
 
 @dataclass

@@ -39,7 +39,7 @@ from kantai_batch.objective import (
     ACCURACY,
     accuracy_metric,
     collator,
-    predicted_ids,
+    eval_predictions,
 )
 from kantai_batch.order import EpochRows
 from kantai_batch.preemption import Preemption, sigterm_checkpoints
@@ -364,7 +364,7 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=list(callbacks),
         compute_metrics=accuracy_metric(job.task),
-        preprocess_logits_for_metrics=predicted_ids,
+        preprocess_logits_for_metrics=eval_predictions(job.task),
     )
     log.info(
         "pretrain: %s parameters (vocab %s), %s training blocks, %s eval blocks, %s",

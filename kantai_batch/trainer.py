@@ -61,7 +61,7 @@ from kantai_batch.distributed import deepspeed_config, host_all_reduce
 from kantai_batch.hardware import has_accelerator, resolve_precision
 from kantai_batch.job import Job
 from kantai_batch.masking import IGNORE, MaskedSamples
-from kantai_batch.objective import MASKED_POSITIONS, REAL_TOKENS, loss_function
+from kantai_batch.objective import MASKED_POSITIONS, REAL_TOKENS, TOKEN_LOSS, loss_function
 from kantai_batch.order import EpochOrder, EpochRows, fast_forward
 
 # With a time budget and no other bound, the Trainer is told "this many epochs" and the budget ends it.
@@ -132,15 +132,11 @@ class PretrainTrainer(Trainer):
         return super()._get_grad_norm(model, grad_norm)
 
     def evaluation_loop(self, *args, **kwargs):
-        # A held-out batch with no scored token (short lines whose fixed masks missed them all) has loss
-        # 0/0; the Trainer leaves NaN batches out of the eval mean only with the NaN filter that training
-        # keeps off (training_arguments), so it is on while evaluating, as before training turned it off.
-        training_filter = self.args.logging_nan_inf_filter
-        self.args.logging_nan_inf_filter = True
-        try:
-            return super().evaluation_loop(*args, **kwargs)
-        finally:
-            self.args.logging_nan_inf_filter = training_filter
+        output = super().evaluation_loop(*args, **kwargs)
+        # The loss over every scored token of the set, in place of the Trainer's mean of batch means.
+        for key in [key for key in output.metrics if key.endswith(f"_{TOKEN_LOSS}")]:
+            output.metrics[key.removesuffix(TOKEN_LOSS) + "loss"] = output.metrics.pop(key)
+        return output
 
     def _scored_positions_only(self, head, args):
         if self._scored is None:

@@ -17,7 +17,7 @@ import mlflow
 import pytest
 from transformers import RobertaForMaskedLM, pipeline
 
-from helpers import ROOT, invoke, prepared_run, tiny
+from helpers import ROOT, SUPPORT_JOB, SUPPORT_OVERRIDES, invoke, prepared_run, tiny
 from kantai_batch.manifest import MARKER
 
 pytestmark = pytest.mark.slow
@@ -110,6 +110,25 @@ def test_evaluate_reproduces_the_training_eval_and_writes_metrics(trained_run: P
     assert 0 <= metrics["masked_accuracy"] <= 1 and metrics["scored_tokens"] > 100
     assert json.loads((trained_run / "eval" / "metrics.json").read_text())["eval_loss"] == metrics["eval_loss"]
     assert metrics["attention"] == _summary(trained_run)["attention"], "scored with the kernel it trained with"
+
+
+@pytest.mark.parametrize("fixture", ["trained_run", "support_run"])
+def test_the_eval_loss_is_averaged_over_tokens_whatever_the_batch_size(fixture: str, request, tmp_path: Path):
+    """Held-out lines score unequal counts of tokens: one batch of all of them is the mean over tokens, and
+    batches of one must give the same, not a mean of per-line means."""
+    run_dir = request.getfixturevalue(fixture)
+    job = ("--job", SUPPORT_JOB) if fixture == "support_run" else ()
+    overrides = (*(SUPPORT_OVERRIDES if fixture == "support_run" else ()), "data.mode=line_by_line")
+    lines = [line.split() for line in (run_dir / "corpus" / "eval.txt").read_text().splitlines() if line.strip()]
+    text = tmp_path / "lines.txt"  # 3 to 17 words a line: shorter than a block, each its own length
+    text.write_text("\n".join(" ".join(words[: 3 + number % 15]) for number, words in enumerate(lines)) + "\n")
+    losses = []
+    for batch in (1, 4096):
+        args = ("evaluate", *job, "--run-dir", str(tmp_path / "run"), "--model", str(run_dir / "model"))
+        args += ("--corpus", str(text), "--json")
+        result = invoke(*args, *tiny(*overrides, f"train.per_device_batch_size={batch}"))
+        losses.append(json.loads(result.stdout)["eval_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
 def test_evaluate_runs_the_jobs_attention_kernel(trained_run: Path, tmp_path: Path):
