@@ -2,10 +2,11 @@
 
 A schedule that decays to zero must know its length in steps, and a budget gives it in seconds. So
 the steps after the first (which pays for warm-up of caches and compilation) are timed, and the
-schedule is planned to end at the step the budget allows. The plan is checked once more, halfway
-through the budget or through the planned steps, whichever comes first, against the step time since
-it was made (not the mean since the start, which keeps the slow first steps), and re-planned if that
-has drifted: a plan made from slow first steps would otherwise end training well before the budget.
+schedule is planned to end at the step the budget allows. The plan is checked again each time
+another tenth of the budget, or of the planned steps left, has passed, against the step time since
+the last check (not the mean since the start, which keeps the slow first steps), and re-planned when
+that has drifted: steps that speed up or slow down after a check (a plan from slow first steps, a
+noisy neighbour leaving) would otherwise end training before the budget or cut its decay short.
 The ranks plan with the slowest rank's step time, so all of them share one schedule
 (their learning rates must match, or the data-parallel replicas drift apart), and they stop
 together through ``StopAgreement``. Evaluations do not count as training time.
@@ -25,8 +26,10 @@ log = logging.getLogger(__name__)
 
 # Steps timed for the first plan, after the first step of a run (which pays for warm-up).
 ESTIMATE_STEPS = 10
-# Re-plan when the step time measured halfway differs from the planned one by more than this.
+# Re-plan when the step time since the last check differs from the planned one by more than this.
 DRIFT = 0.05
+# After the first plan, checks come each time another 1/CHECKS of the budget (or of the steps left) passes.
+CHECKS = 10
 
 
 class PlannedSchedule:
@@ -73,7 +76,7 @@ class TimeBudget:
         self._planned_step_s: float | None = None
         self._planned_at: int | None = None
         self._bound = 0
-        self._checked_drift = False
+        self._next_check = (math.inf, math.inf)  # the seconds spent, or the step, at which the plan is checked
 
     def start(self) -> None:
         """Training (not data loading or model set-up) begins: the clock runs from here."""
@@ -132,13 +135,14 @@ class TimeBudget:
                 # A resume under a longer budget than the one whose plan it restored: that plan is over (its
                 # learning rate 0 from here), so plan now from the steps' mean time so far, checked later.
                 self._plan(step, spent / step, spent)
-        elif not self._checked_drift and step >= self._planned_at + ESTIMATE_STEPS:
-            # Every rank holds the same plan, so the planned midpoint is a step they all agree on.
-            midway = self._planned_at + (self.schedule.total_steps - self._planned_at) // 2
-            if spent >= self.max_seconds / 2 or step >= midway:
-                self._checked_drift = True
-                if abs(step_s / self._planned_step_s - 1) > DRIFT:
-                    self._plan(step, step_s, spent)
+        elif step >= self._timing_from[0] + ESTIMATE_STEPS and (
+            spent >= self._next_check[0] or step >= self._next_check[1]
+        ):
+            # Due at a time and step every rank agrees on, as each holds the same plan.
+            if abs(step_s / self._planned_step_s - 1) > DRIFT:
+                self._plan(step, step_s, spent)
+            else:
+                self._checked(step, spent)
         # A plan cut to max_steps or the epochs' end leaves the ending to that bound.
         # A plan restored by a resume is another budget's: only this run's own plan ends training.
         planned_end = (
@@ -162,4 +166,14 @@ class TimeBudget:
         self.schedule.total_steps = total
         self._planned_step_s = step_s
         self._planned_at = step
-        self._timing_from = (step, self.spent())  # the next check times only the steps after this plan
+        self._checked(step, spent)
+
+    def _check_due(self, step: int, spent: float) -> bool:
+        # At a time and step every rank agrees on, as each holds the same plan; timed over enough steps.
+        enough = step >= self._timing_from[0] + ESTIMATE_STEPS
+        return enough and (spent >= self._next_check[0] or step >= self._next_check[1])
+
+    def _checked(self, step: int, spent: float) -> None:
+        self._timing_from = (step, self.spent())  # the next check times only the steps after this one
+        steps_left = self.schedule.total_steps - step
+        self._next_check = (spent + self.max_seconds / CHECKS, step + max(ESTIMATE_STEPS, steps_left // CHECKS))

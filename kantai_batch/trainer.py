@@ -56,6 +56,7 @@ import torch
 import transformers.trainer
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 
 from kantai_batch.distributed import deepspeed_config, host_all_reduce
 from kantai_batch.hardware import has_accelerator, resolve_precision
@@ -159,7 +160,19 @@ class PretrainTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.throughput is not None and "loss" in logs:
             logs.update(self.throughput.rates(self.state))
+        if self.schedule is not None:
+            self._bar_to_the_plan()
         super().log(logs, start_time)
+
+    def _bar_to_the_plan(self) -> None:
+        # Under a time budget alone the Trainer counts to a million epochs' steps, and its bar's ETA
+        # reads in months: the plan's end is the end the bar should show.
+        planned = min(self.schedule.total_steps, self.state.max_steps)
+        for callback in self.callback_handler.callbacks:
+            bar = getattr(callback, "training_bar", None) if isinstance(callback, ProgressCallback) else None
+            if bar is not None and bar.total != planned:
+                bar.total = planned
+                bar.refresh()
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.schedule is None:

@@ -83,6 +83,18 @@ def test_a_plan_from_slow_first_steps_is_corrected_before_it_ends_training(monke
     assert budget.spent() == pytest.approx(1000.0)
 
 
+@pytest.mark.parametrize(("later_s", "change_at"), [(1.0, 300), (3.0, 300)])
+def test_steps_that_change_speed_after_a_check_still_end_the_schedule_with_the_budget(
+    monkeypatch: pytest.MonkeyPatch, later_s: float, change_at: int
+):
+    """Steps of 2 s, then faster or slower from a step past half the budget's steps: the schedule must
+    still end where the budget does, not with a fifth of it unused (faster) or before its decay ended
+    (slower: the budget stopped training with the learning rate still at a seventh of its peak)."""
+    budget, ended_at = _train_on_a_fake_clock(monkeypatch, lambda step: 2.0 if step <= change_at else later_s)
+    assert budget.spent() == pytest.approx(1000.0, abs=2 * later_s)
+    assert budget.schedule.total_steps == pytest.approx(ended_at, abs=1)
+
+
 def test_ranks_whose_clocks_started_apart_plan_the_same_schedule(monkeypatch: pytest.MonkeyPatch):
     """Two ranks, one of whose clocks started half a step earlier: planned from their own clocks they
     would end a step apart (99 and 100), one leaving the loop while the other waits in a collective."""
@@ -220,6 +232,8 @@ def test_training_stops_when_the_budget_is_spent_with_the_schedule_planned_for_i
     assert budget / 2 <= summary["budget_spent_s"] < 3 * budget, summary
     assert summary["global_step"] > ESTIMATE_STEPS + 1, "too few steps to time: is the machine overloaded?"
     assert "the schedule ends at step" in result.stderr, "the schedule was planned from the timed steps"
+    planned = int(re.findall(r"the schedule ends at step (\d+)", result.stderr)[-1])
+    assert f"{summary['global_step']}/{planned} [" in result.stderr, "the progress bar counts to the planned end"
     rates = [float(rate) for rate in re.findall(r"'learning_rate': '?([0-9.e+-]+)", result.stderr)]
     assert len(rates) == summary["global_step"], "one logged rate per step"
     assert rates[-1] < 0.5 * max(rates), "the learning rate decays toward the end of the budget, not of 1 epoch"
