@@ -71,8 +71,9 @@ def retrain(job: Job, run: RunDir, name: str, *, track: bool) -> Outcome | None:
     lineage = version_tags(name, champion) if champion else {}
     if champion and not job.train.init_from:
         log.warning(
-            "register: train.init_from is unset, so the new model gets a tokenizer of its own; its benchmark loss "
-            "will not compare with %s version %s's and it will not be promoted automatically",
+            "register: train.init_from is unset, so the new model trains from random weights; if its tokenizer is "
+            "trained anew (the corpus changed), its benchmark loss will not compare with %s version %s's and it "
+            "will not be promoted automatically",
             name,
             champion,
         )
@@ -204,7 +205,10 @@ def _unlike(model_dir: Path, champion_dir: Path) -> str | None:
         return f"it is a {new_task} model and the champion a {old_task} one"
     new_tokens, old_tokens = (tokenizer_digest(load_model_tokenizer(folder)) for folder in (model_dir, champion_dir))
     if new_tokens != old_tokens:
-        return "its tokenizer is not the champion's (trained anew: train.init_from unset or another model)"
+        return (
+            "its tokenizer is not the champion's (trained anew on another corpus with train.init_from unset, "
+            "or another model's)"
+        )
     return None
 
 
