@@ -277,7 +277,7 @@ def _prepare_inputs(job: Job, run: RunDir) -> None:
     from kantai_batch.phases import before
     from kantai_batch.pipeline import run_pipeline
 
-    run_pipeline(job, run, phases=before("pretrain"), track=False)
+    run_pipeline(job, run, phases=before("pretrain"))
 
 
 def _held_out(job: Job, run: RunDir) -> dict[str, Any]:
@@ -423,7 +423,7 @@ def _measure(
             overrides.update(eval_strategy="steps", eval_steps=int(eval_every))
         else:
             overrides.update(eval_strategy="no")
-        args = training_arguments(job, Path(scratch), track=False, **overrides)
+        args = training_arguments(job, Path(scratch), **overrides)
         budget = time_budget(job, resume_from=None)
         stop = StopAgreement(Preemption(job.train.preemption_grace_s), budget)
         cuts = _eval_cuts(job, tokenizer, run, eval_masking, eval_seed, eval_block_size)

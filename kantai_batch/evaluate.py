@@ -120,7 +120,7 @@ def _evaluate(job: Job, task: str, model, tokenizer, samples, scratch: Path) -> 
         # The job's own arguments (device, precision, workers): under torchrun they must also agree
         # with the process state the training set up, or accelerate resets it to one process.
         # Scoring a whole saved model needs no sharding; DeepSpeed would evaluate only under ZeRO-3.
-        args=training_arguments(job, scratch, track=False, save_strategy="no", deepspeed=None),
+        args=training_arguments(job, scratch, save_strategy="no", deepspeed=None),
         data_collator=collator(task, tokenizer, job),
         compute_metrics=accuracy_metric(task),
         preprocess_logits_for_metrics=eval_predictions(task),

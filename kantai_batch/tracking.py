@@ -13,10 +13,11 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.errors import JobConfigError, KantaiError, SourceUnavailableError, first_line
+from kantai_batch.errors import JobConfigError, KantaiError, PreemptedError, SourceUnavailableError, first_line
 from kantai_batch.job import Job
 from kantai_batch.manifest import write_json_atomic
 from kantai_batch.rundir import RunDir
@@ -42,14 +43,40 @@ def first_contact() -> None:
     uri = mlflow.get_tracking_uri()
     if uri in _reached or not uri.startswith(("http://", "https://")):
         return
+    with _short_patience():
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    _reached.add(uri)
+
+
+@contextlib.contextmanager
+def _short_patience() -> Iterator[None]:
+    """MLflow's requests in this block retry as ``_FIRST_CONTACT`` says, unless the user set otherwise."""
     set_here = {name: value for name, value in _FIRST_CONTACT.items() if name not in os.environ}
     os.environ.update(set_here)
     try:
-        mlflow.MlflowClient().search_experiments(max_results=1)
+        yield
     finally:
         for name in set_here:
             os.environ.pop(name, None)
-    _reached.add(uri)
+
+
+def _answers() -> bool:
+    """Whether the tracking store answers now, asked with short patience. When it does not (a server
+    gone during training), MLflow's remaining requests in this process (the queued metrics it flushes
+    when the run ends, the end itself) get short patience too, and their retry logs are quieted: they
+    would hold the finished pod for minutes and fill its log with pages; one warning says it instead."""
+    import mlflow
+
+    try:
+        with _short_patience():
+            mlflow.MlflowClient().search_experiments(max_results=1)
+    except Exception:  # noqa: BLE001 - whatever the store's failure, the answer is no
+        for name, value in _FIRST_CONTACT.items():
+            os.environ.setdefault(name, value)
+        for noisy in ("urllib3.connectionpool", "mlflow.utils.async_logging.async_logging_queue"):
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)
+        return False
+    return True
 
 
 def store_failure(exc: Exception) -> KantaiError | None:
@@ -70,12 +97,21 @@ def store_failure(exc: Exception) -> KantaiError | None:
     return error(f"MLflow tracking store {mlflow.get_tracking_uri()}: {first_line(getattr(exc, 'orig', None) or exc)}")
 
 
+@dataclass(frozen=True)
+class TrackedRun:
+    run_id: str
+    continued: bool
+    """A resumed training's run, which holds its params and the steps logged before."""
+
+
 @contextlib.contextmanager
-def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool) -> Iterator[Any]:
+def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool) -> Iterator[TrackedRun | None]:
     """The MLflow run of this run dir's training; ``None`` on ranks other than 0 or when disabled.
 
     A resumed training continues the run its checkpoints were logged to; a fresh one starts a new
-    run, so a loss history never restarts at step 0 inside one run.
+    run, so a loss history never restarts at step 0 inside one run. The run ends FINISHED, FAILED, or
+    KILLED when preempted (its resumption continues it); a store that no longer answers then is a
+    warning, not a failure of the training it tracked.
     """
     if not enabled:
         yield None
@@ -98,7 +134,8 @@ def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool) -> Ite
         if failure is None:
             raise
         raise failure from None
-    with active:
+    status = "FAILED"
+    try:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run.mlflow_run, {"run_id": active.info.run_id, "job_sha256": job_sha})
         run.push_file(run.mlflow_run)
@@ -112,7 +149,31 @@ def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool) -> Ite
             active.info.run_id,
             mlflow.get_tracking_uri(),
         )
-        yield active
+        yield TrackedRun(active.info.run_id, continued=run_id is not None)
+        status = "FINISHED"
+    except PreemptedError:
+        status = "KILLED"
+        raise
+    finally:
+        _end_run(active.info.run_id, status)
+
+
+def _end_run(run_id: str, status: str) -> None:
+    import mlflow
+
+    try:
+        if not _answers():
+            raise SourceUnavailableError("it does not answer")
+        mlflow.end_run(status)
+    except Exception as exc:  # noqa: BLE001 - the training's outcome stands whatever the store says
+        # Ended locally all the same (MLflow clears its active run before asking the store): a later
+        # phase of this process starts or continues runs of its own.
+        with contextlib.suppress(Exception):
+            mlflow.end_run(status)
+        log.warning(
+            "mlflow: run %s could not be marked %s in %s (%s); it shows RUNNING there",
+            run_id, status, mlflow.get_tracking_uri(), first_line(exc),
+        )  # fmt: skip
 
 
 def lineage_tags(job: Job, run: RunDir) -> dict[str, str]:
@@ -164,10 +225,20 @@ def _git_commit() -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def log_model(folder: Path) -> None:
+def log_model(tracked: TrackedRun, folder: Path) -> None:
+    """Log the committed model into the run; a store that fails here is a warning: the model is
+    committed, and ``register`` logs it again from the run dir."""
     import mlflow
 
-    mlflow.log_artifacts(str(folder), artifact_path="model")
+    try:
+        if not _answers():
+            raise SourceUnavailableError("it does not answer")
+        mlflow.log_artifacts(str(folder), artifact_path="model")
+    except Exception as exc:  # noqa: BLE001 - see above
+        log.warning(
+            "mlflow: the model committed to %s is not logged to run %s in %s (%s); register logs it from there",
+            folder, tracked.run_id, mlflow.get_tracking_uri(), first_line(exc),
+        )  # fmt: skip
 
 
 def _run_to_continue(id_file: Path, job_sha: str) -> str | None:

@@ -34,6 +34,7 @@ from kantai_batch.hardware import peak_flops, resolve_attention, resolve_precisi
 from kantai_batch.job import Job
 from kantai_batch.manifest import only_writer, read_marker, write_json_atomic
 from kantai_batch.masking import MaskedSamples
+from kantai_batch.mlflow_metrics import MetricsCallback
 from kantai_batch.model import ARCHITECTURE_KEYS, init_model, load_tokenizer
 from kantai_batch.objective import (
     ACCURACY,
@@ -69,7 +70,7 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
 
 
 def _pretrain(job: Job, run: RunDir, *, track: bool) -> Path:
-    args = training_arguments(job, run.checkpoints, track=track)
+    args = training_arguments(job, run.checkpoints)
     nodes = node_count()
     require_shared_checkpoints(job, run, nodes)
     # Processes on one node share its disk: one of them mirrors the inputs from a remote run dir
@@ -109,7 +110,12 @@ def _pretrain(job: Job, run: RunDir, *, track: bool) -> Path:
             # with the budget, so a longer one resumes it.
             last=lambda: budget.max_seconds if budget is not None and stop.stopped_by == BUDGET else None,
         )
-        session = build_trainer(job, model, tokenizer, args, run, callbacks=[checkpoints, stop], budget=budget)
+        callbacks = [
+            checkpoints,
+            stop,
+            *([MetricsCallback(mlflow_run.run_id, continued=mlflow_run.continued)] if mlflow_run else []),
+        ]
+        session = build_trainer(job, model, tokenizer, args, run, callbacks=callbacks, budget=budget)
         trainer = session.trainer
         # The Trainer takes at least one step after a resume. A checkpoint at the end of training (a pod
         # retried between the last save and the commit, or after its budget ran out) takes none: its
@@ -165,7 +171,7 @@ def _pretrain(job: Job, run: RunDir, *, track: bool) -> Path:
             "stop_agreement_s": stop.agreement_s,
             **({"max_seconds": budget.max_seconds, "budget_spent_s": budget.spent()} if budget else {}),
             **session.summary(),
-            "mlflow_run_id": mlflow_run.info.run_id if mlflow_run else None,
+            "mlflow_run_id": mlflow_run.run_id if mlflow_run else None,
             "init_from": job.train.init_from if start_from is not None else None,
         }
         if not trainer.is_world_process_zero():
@@ -181,7 +187,7 @@ def _pretrain(job: Job, run: RunDir, *, track: bool) -> Path:
                 write_json_atomic(out / TRAIN_SUMMARY, summary)
                 (out / JOB_FILE).write_text(job.to_yaml(), encoding="utf-8")
             if mlflow_run:
-                tracking.log_model(run.model)
+                tracking.log_model(mlflow_run, run.model)
     log.info(
         "pretrain: step %d, train loss %.4f, eval loss %.4f, %.0f real tokens/s, MFU %.1f%%; model in %s",
         summary["global_step"],

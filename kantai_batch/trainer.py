@@ -196,7 +196,7 @@ def _resolving(module, name: str, value):
         setattr(module, name, original)
 
 
-def training_arguments(job: Job, output_dir: Path, *, track: bool, **overrides: Any) -> TrainingArguments:
+def training_arguments(job: Job, output_dir: Path, **overrides: Any) -> TrainingArguments:
     """The Trainer's arguments for the job; ``overrides`` replace any of them (the bench uses this)."""
     t = job.train
     precision = resolve_precision(t.precision)
@@ -227,7 +227,8 @@ def training_arguments(job: Job, output_dir: Path, *, track: bool, **overrides: 
         eval_steps=t.eval_steps,
         logging_steps=t.logging_steps,
         seed=t.seed,
-        report_to=["mlflow"] if track else "none",
+        # pretrain adds its own MLflow callback (mlflow_metrics.MetricsCallback) when it tracks.
+        report_to="none",
         run_name=job.name,
         include_num_input_tokens_seen="non_padding",
         # The Trainer would replace a NaN or infinite step loss by the mean of the logged ones: it hides a

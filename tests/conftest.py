@@ -17,9 +17,9 @@ import seaweed
 from helpers import (
     SUPPORT_JOB,
     SUPPORT_OVERRIDES,
-    free_port,
     invoke,
     kantian_text,
+    mlflow_server_process,
     s3_environment,
     seaweed_server,
     support_conversations,
@@ -106,47 +106,12 @@ def bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def mlflow_server(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server`: SQLite backend store, artifacts in the loopback S3 bucket."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="kantai-mlflow")
     home = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    server = subprocess.Popen(
-        [
-            mlflow_cli, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-            "--artifacts-destination", "s3://kantai-mlflow/artifacts",
-        ],
-        cwd=home,
-        env={**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint},
-        stdout=subprocess.DEVNULL,
-        stderr=(home / "server.log").open("w"),
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        assert server.poll() is None, (home / "server.log").read_text()
-        assert time.monotonic() < deadline, "mlflow server did not start within 120 s"
-        time.sleep(0.5)
-    try:
+    with mlflow_server_process(home, "s3://kantai-mlflow/artifacts", MLFLOW_S3_ENDPOINT_URL=s3_endpoint) as (url, _):
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

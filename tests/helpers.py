@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +197,51 @@ def seaweed_server(root: Path) -> seaweed.SeaweedS3:
     except RuntimeError as exc:
         pytest.fail(str(exc), pytrace=False)
     return server
+
+
+@contextlib.contextmanager
+def mlflow_server_process(home: Path, artifacts: str, **env: str):
+    """A real `mlflow server` on loopback (SQLite store in ``home``, artifacts proxied to ``artifacts``):
+    its URL and process, ready; stopped after."""
+    import time
+    import urllib.request
+
+    port = free_port()
+    mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    server = subprocess.Popen(
+        [
+            mlflow_cli, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", artifacts,
+        ],
+        cwd=home,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=(home / "server.log").open("w"),
+        start_new_session=True,  # its workers are its children: stopped as one group
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, (home / "server.log").read_text()
+            assert time.monotonic() < deadline, "mlflow server did not start within 120 s"
+            time.sleep(0.5)
+        yield url, server
+    finally:
+        stop_group(server)
+
+
+def stop_group(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Signal ``process`` and its children (started with ``start_new_session``), and wait for it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+    process.wait(timeout=30)
 
 
 def killed_after(whole: Path, to: Path, step: int) -> Path:

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from helpers import ROOT, free_port, invoke, prepared_run, tiny
@@ -121,15 +122,19 @@ def test_sigterm_during_the_last_save_is_a_preemption_and_the_retry_takes_no_ste
         return folder
 
     monkeypatch.setattr(RunDir, "seal_checkpoint", sealed_then_terminated)
-    stopped = invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *job, expect=143)
+    stopped = invoke("pretrain", "--run-dir", str(run_dir), *job, expect=143)
     assert "pretrain stopped on SIGTERM at step 20" in stopped.stderr
+    # Tracked (the tests' sqlite store): a preempted run is KILLED, not FAILED, and its retry finishes it.
+    run_id = json.loads((run_dir / "checkpoints" / "mlflow_run.json").read_text())["run_id"]
+    assert mlflow.MlflowClient().get_run(run_id).info.status == "KILLED"
     # Its hard-exit deadline ends with the stop: left running, it ended this test run 120 s later.
     assert DEADLINE_THREAD not in {thread.name for thread in threading.enumerate()}
     assert not (run_dir / "model").exists(), "nothing evaluated or committed after the signal"
     monkeypatch.undo()
-    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *job)
+    invoke("pretrain", "--run-dir", str(run_dir), *job)
     summary = json.loads((run_dir / "model" / "train_summary.json").read_text())
     assert (summary["global_step"], summary["resumed_from_step"]) == (20, 20)
+    assert summary["mlflow_run_id"] == run_id and mlflow.MlflowClient().get_run(run_id).info.status == "FINISHED"
 
 
 def test_a_killed_rank_brings_the_launch_down_and_the_retry_resumes(tmp_path: Path, corpus_file: Path):

@@ -17,7 +17,7 @@ import mlflow
 import pytest
 from transformers import RobertaForMaskedLM, pipeline
 
-from helpers import ROOT, SUPPORT_JOB, SUPPORT_OVERRIDES, invoke, prepared_run, tiny
+from helpers import ROOT, SUPPORT_JOB, SUPPORT_OVERRIDES, invoke, mlflow_server_process, prepared_run, stop_group, tiny
 from kantai_batch.manifest import MARKER
 
 pytestmark = pytest.mark.slow
@@ -92,6 +92,26 @@ def test_mlflow_has_params_loss_curve_eval_metrics_and_model(trained_run: Path):
     assert "eval_loss" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run_id, "model")}
     assert {"model/config.json", "model/model.safetensors", "model/train_summary.json"} <= artifacts
+
+
+def test_a_resumed_run_logs_each_step_once_and_no_param_again(tmp_path: Path, corpus_file: Path):
+    """Resumed from checkpoint-20 after the run had logged through step 30: steps 21-30 are trained again,
+    and MLflow holds one value per step, not two curves; the continued run's params (output_dir among
+    them, spelled otherwise here) are not logged again, which MLflow refuses as a change."""
+    run_dir = prepared_run(tmp_path / "run", corpus_file)
+    job = tiny("train.max_steps=30", "train.save_steps=10", "train.logging_steps=5", "train.save_total_limit=5")
+    invoke("pretrain", "--run-dir", str(run_dir), *job)
+    run_id = _summary(run_dir)["mlflow_run_id"]
+    shutil.rmtree(run_dir / "model")
+    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-30")
+    result = invoke("pretrain", "--run-dir", str(tmp_path / ".." / tmp_path.name / "run"), *job)
+    assert _summary(run_dir)["resumed_from_step"] == 20 and _summary(run_dir)["mlflow_run_id"] == run_id
+    assert "Changing param values is not allowed" not in result.stderr
+    client = mlflow.MlflowClient()
+    logged = list(range(5, 31, 5))
+    for series, steps in (("loss", logged), ("learning_rate", logged), ("eval_loss", [30])):
+        assert sorted(m.step for m in client.get_metric_history(run_id, series)) == steps, series
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_rerun_skips_complete_phases(trained_run: Path, corpus_file: Path):
@@ -332,6 +352,37 @@ def test_fill_mask_with_two_masks_gives_a_list_per_mask(trained_run: Path):
     )
     per_mask = json.loads(result.stdout)
     assert [len(candidates) for candidates in per_mask] == [2, 2]
+
+
+def test_a_tracking_server_gone_during_training_costs_warnings_not_the_training(tmp_path: Path, corpus_file: Path):
+    """The server stops after the first checkpoint: training goes on, the model is committed, the phase
+    ends 0 once MLflow's retries of the queued metrics are over (not after its retries of every file of
+    the model and of the run's end, then a traceback and exit 1), with one-line warnings for what could
+    not be logged."""
+    run_dir = prepared_run(tmp_path / "run", corpus_file)
+    job = tiny("train.max_steps=60", "train.save_steps=10", "train.logging_steps=5")
+    (tmp_path / "server").mkdir()
+    with mlflow_server_process(tmp_path / "server", f"file://{tmp_path / 'artifacts'}") as (url, server):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": url}
+        # MLflow's own patience (7 retries, about 4 minutes) is what metrics queued in the outage wait out
+        # at the end: shortened here, as a user may.
+        env.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
+        proc = subprocess.Popen(_cli("pretrain", "--run-dir", str(run_dir), *job), env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = time.monotonic() + 240
+        while not (run_dir / "checkpoints" / "checkpoint-10" / MARKER).exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.2)
+        stop_group(server, signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = _summary(run_dir)
+    assert summary["global_step"] == 60 and summary["mlflow_run_id"]
+    assert time.monotonic() - killed < 60, "the finished phase waited on the gone server"
+    assert "Traceback" not in stderr and "Retrying" not in stderr.split("is not logged to run")[-1]
+    assert "is not logged to run" in stderr and "could not be marked FINISHED" in stderr, stderr[-3000:]
 
 
 def test_unreachable_tracking_store_is_one_line(tmp_path: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch):

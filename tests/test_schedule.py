@@ -27,7 +27,7 @@ def _trainer(tmp_path: Path, *overrides: str) -> Trainer:
         max_position_embeddings=20,
         pad_token_id=1,
     )
-    return Trainer(model=RobertaForMaskedLM(config), args=training_arguments(job, tmp_path, track=False))
+    return Trainer(model=RobertaForMaskedLM(config), args=training_arguments(job, tmp_path))
 
 
 def _learning_rates(trainer: Trainer, steps: int) -> list[float]:

@@ -53,7 +53,7 @@ def _masked_batch(vocab: int = 300) -> dict[str, torch.Tensor]:
 
 
 def _pretrain_trainer(model: RobertaForMaskedLM, tmp_path: Path, *, sparse: bool) -> PretrainTrainer:
-    args = training_arguments(load_job(None, ["train.precision=fp32"]), tmp_path, track=False)
+    args = training_arguments(load_job(None, ["train.precision=fp32"]), tmp_path)
     return PretrainTrainer(task="mlm", sparse=sparse, model=model, args=args)
 
 
@@ -143,9 +143,9 @@ def test_the_sparse_head_compiles_into_one_graph_for_every_masked_count(tmp_path
 
 def test_on_a_gpu_host_batches_are_pinned_and_copied_without_waiting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     job = load_job(None, ["train.precision=fp32"])
-    assert training_arguments(job, tmp_path, track=False).accelerator_config.non_blocking is False
+    assert training_arguments(job, tmp_path).accelerator_config.non_blocking is False
     monkeypatch.setattr("kantai_batch.trainer.has_accelerator", lambda: True)
-    args = training_arguments(job, tmp_path, track=False)
+    args = training_arguments(job, tmp_path)
     assert args.dataloader_pin_memory and args.accelerator_config.non_blocking
 
 
