@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
     probes = read_probes(job.eval.probes, tokenizer.mask_token) if task == "mlm" and job.eval.probes else None
     if task == "mlm":
         require_fitting(tokenizer, usable_positions(config), job, probes)
+    _without_deepspeed()
     model = load_lm(model_dir, task)
     # The kernel the job trains with, which the saved model does not carry: on a bf16 CPU torch's
     # default is the slower one.
@@ -109,6 +111,18 @@ def _held_out(job: Job, run: RunDir, tokenizer):
     with local_main_first():
         run.require(run.corpus, "corpus", "prepare")
     return build_split(run.eval_text, job, tokenizer, fix_masks=job.task == "mlm", what="eval split")
+
+
+def _without_deepspeed() -> None:
+    """Leave DeepSpeed behind when a pretrain under it ran in this process (``run``): accelerate marks
+    the process's environment once an Accelerator had a DeepSpeed plugin, and every later Trainer's
+    arguments take that mark for a DeepSpeed of defaults, under which DeepSpeed refuses to evaluate
+    below ZeRO-3 (and under ZeRO-3 the model would load partitioned). The whole saved model is scored
+    as one, as by a separate ``evaluate``."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
 
 
 def _evaluate(job: Job, task: str, model, tokenizer, samples, scratch: Path) -> dict[str, Any]:
