@@ -68,7 +68,9 @@ RUN_ID_GIVEN := $(filter command line environment,$(origin RUN_ID))
 RUN_ID ?= $(shell date -u +%Y%m%d-%H%M%S)
 RUN_ID := $(RUN_ID)
 KUBECTL ?= $(BIN)/kubectl
-# The overlay's namespace: where its Jobs run, so where status, logs and submit-pipeline look for them.
+# Where the Jobs run (the overlay's namespace unless NAMESPACE is given: render-k8s then puts them
+# there), so where status, logs and submit-pipeline look for them.
+NAMESPACE_GIVEN := $(filter command line environment,$(origin NAMESPACE))
 NAMESPACE ?= $(or $(shell sed -n 's/^namespace: *//p' $(OVERLAY)/kustomization.yaml 2>/dev/null),default)
 # Kueue's LocalQueue for the Jobs (empty: they start at once, outside any queue).
 QUEUE ?=
@@ -80,7 +82,7 @@ RENDER = $(BIN)/kantai-batch render-k8s --overlay $(OVERLAY) --run-id $(RUN_ID) 
 	$(if $(CORPUS),--corpus $(CORPUS)) \
 	$(if $(filter command line environment,$(origin IMAGE)),--image $(IMAGE):$(TAG),$(if \
 	  $(filter command line environment,$(origin TAG)),--image :$(TAG))) \
-	$(if $(QUEUE),--queue $(QUEUE))
+	$(if $(QUEUE),--queue $(QUEUE)) $(if $(NAMESPACE_GIVEN),--namespace $(NAMESPACE))
 # Waits for one Job to finish; fails (and stops submit-pipeline) when it failed, or when the Job cannot
 # be read three times running (gone, or the cluster out of reach).
 WAIT_JOB = misses=0; for _ in $$(seq 1 100000); do \
@@ -108,7 +110,7 @@ help:
 	@echo "make image-cpu build the same Dockerfile as a CPU image $(IMAGE):$(CPU_TAG) on a Debian base made here"
 	@echo "make local-pretrain  run the job in the image on all GPUs with ./runs mounted [JOB CORPUS RUN_DIR]"
 	@echo "make submit-prepare | submit-tokenizer | submit-tokenize | submit-pretrain | submit-evaluate | submit-register"
-	@echo "               one phase as a Kubernetes Job [OVERLAY RUN_ID JOB RUN_DIR CORPUS IMAGE TAG QUEUE; NODES GPUS; TOKENIZE_PODS]"
+	@echo "               one phase as a Kubernetes Job [OVERLAY NAMESPACE RUN_ID JOB RUN_DIR CORPUS IMAGE TAG QUEUE; NODES GPUS; TOKENIZE_PODS]"
 	@echo "make submit-pipeline  every phase in turn, each after the one before completed"
 	@echo "make schedule  the retraining CronJob [RUN_ID=weekly ...]; make status / logs [RUN_ID]"
 

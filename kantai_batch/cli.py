@@ -625,15 +625,16 @@ def launch_command(arguments: tuple[str, ...]) -> None:
 @click.option("--corpus", help="Corpus source [default: the job's corpus.source].")
 @click.option("--image", help="NAME:TAG instead of the overlay's pinned image.")
 @click.option("--queue", help="Kueue LocalQueue admitting the Jobs (label kueue.x-k8s.io/queue-name) [default: none].")
+@click.option("--namespace", help="Namespace of every manifest [default: the overlay's].")
 def render_k8s(overlay: Path, run_id: str, phases: tuple[str, ...], nodes: int, gpus: int, tokenize_pods: int,
                job_file: str | None, run_dir: str | None, corpus: str | None, image: str | None,
-               queue: str | None) -> None:  # fmt: skip
+               queue: str | None, namespace: str | None) -> None:  # fmt: skip
     """Print the Kubernetes manifests of one submission (for `kubectl apply -f -`)."""
     from kantai_batch.submission import PHASES, Submission, render
 
     submission = Submission(
         overlay=overlay, run_id=run_id, nodes=nodes, gpus=gpus, tokenize_pods=tokenize_pods, job=job_file,
-        run_dir=run_dir, corpus=corpus, image=image, queue=queue,
+        run_dir=run_dir, corpus=corpus, image=image, queue=queue, namespace=namespace,
     )  # fmt: skip
     emit(render(submission, phases or PHASES).rstrip("\n"))
 

@@ -37,6 +37,8 @@ _RUN_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$")
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # A LocalQueue's name as Kueue checks the label: a DNS subdomain that is also a label value (63 characters).
 _QUEUE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+# A namespace is a DNS label (RFC 1123), as Kubernetes checks it.
+_NAMESPACE = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,7 +60,9 @@ class Submission:
     image: str | None = None
     """NAME:TAG replacing the overlay's pinned image; ``:TAG`` keeps the overlay's image name."""
     queue: str | None = None
-    """Kueue LocalQueue (in the overlay's namespace) that admits the Jobs; none: they start at once."""
+    """Kueue LocalQueue (in the Jobs' namespace) that admits the Jobs; none: they start at once."""
+    namespace: str | None = None
+    """The namespace the manifests go to (default: the overlay's)."""
 
     def __post_init__(self) -> None:
         if not _RUN_ID.match(self.run_id):
@@ -74,6 +78,11 @@ class Submission:
             raise JobConfigError(
                 f"queue {self.queue!r} must be a LocalQueue name: at most 63 lowercase letters, digits, '-' or '.', "
                 "starting and ending with a letter or digit"
+            )
+        if self.namespace is not None and not _NAMESPACE.match(self.namespace):
+            raise JobConfigError(
+                f"namespace {self.namespace!r} must be at most 63 lowercase letters, digits or '-', "
+                "starting with a letter and ending with a letter or digit"
             )
         if min(self.nodes, self.gpus, self.tokenize_pods) < 1:
             raise JobConfigError(
@@ -139,6 +148,8 @@ class Submission:
             kustomization["patches"] += [
                 {"target": {"kind": k["kind"]}, "patch": yaml.safe_dump(k)} for k in (job, cronjob)
             ]
+        if self.namespace:
+            kustomization["namespace"] = self.namespace
         literals = [f"{key}={value}" for key, value in settings.items() if value]
         if literals:
             settings_merge = {"name": "kantai-settings", "behavior": "merge", "literals": literals}

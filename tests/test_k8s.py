@@ -405,6 +405,24 @@ def test_a_queue_labels_the_jobs_for_kueue_and_changes_nothing_else(overlay: Pat
     assert _without_queue(queued) == documents(plain)
 
 
+def test_make_namespace_moves_the_jobs_where_make_looks_for_them():
+    """NAMESPACE= was only where status, logs and submit-pipeline looked: the Jobs stayed in the overlay's
+    namespace, and submit-pipeline gave up on a Job it could not find while the Job ran."""
+    done = subprocess.run(["make", "-s", "render", "OVERLAY=k8s/overlays/cpu", "RUN_ID=ns", "NAMESPACE=team-a"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    docs = documents(done.stdout)
+    namespaced = [d for d in docs if d["kind"] != "Namespace"]
+    assert namespaced and {d["metadata"].get("namespace") for d in namespaced} == {"team-a"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    pipeline = ["make", "-n", "submit-pipeline", "OVERLAY=k8s/overlays/cpu", "RUN_ID=ns", "NAMESPACE=team-a"]
+    waits = subprocess.run(pipeline, cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+    assert "--namespace team-a" in waits and "-n team-a " in waits
+    with pytest.raises(JobConfigError, match="namespace 'Team_A' must be"):
+        Submission(overlay=K8S / "overlays" / "gpu", run_id="r", namespace="Team_A")
+
+
 def test_a_bad_queue_name_is_a_one_line_config_error():
     for bad in ("Team_A", "-a", "a" * 64, ""):
         with pytest.raises(JobConfigError, match="queue .* must be a LocalQueue name"):
