@@ -52,7 +52,8 @@ class MaskedSamples(Dataset):
         selection = None
         if frequency_power > 0:
             counts = token_counts(samples, len(tokenizer))
-            counts[sorted(tokenizer.all_special_ids)] = 0
+            if "special_tokens_mask" not in samples.column_names:
+                counts[sorted(tokenizer.all_special_ids)] = 0
             if not counts.any():
                 raise InputDataError(
                     "train split: every token is a special token, so train.mask_frequency_power has no token to choose"
@@ -129,13 +130,19 @@ class Masker:
 
 
 def token_counts(samples, vocab: int) -> np.ndarray:
-    """How often each token id occurs in ``samples`` (a ``datasets.Dataset``), a batch of rows at a time.
+    """How often each token id occurs in ``samples`` (a ``datasets.Dataset``) where masking may choose it
+    (outside its ``special_tokens_mask``, when it has one), a batch of rows at a time.
 
     Iterating (not reading the Arrow table under it) counts only the dataset's rows when it is a
     selection or a shard of a larger table."""
     counts = np.zeros(vocab, dtype=np.int64)
     for rows in samples.with_format("arrow").iter(batch_size=_COUNT_ROWS):
-        counts += np.bincount(_flat(rows.column("input_ids"))[0], minlength=vocab)[:vocab]
+        ids = _flat(rows.column("input_ids"))[0]
+        if "special_tokens_mask" in rows.column_names:
+            # Only what masking may choose: a special token the samples treat as text (a conversation's
+            # separator) counts, the framing does not.
+            ids = ids[_flat(rows.column("special_tokens_mask"))[0] == 0]
+        counts += np.bincount(ids, minlength=vocab)[:vocab]
     return counts
 
 

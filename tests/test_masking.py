@@ -94,6 +94,23 @@ def test_frequency_weighted_masking_chooses_frequent_tokens_less_at_the_same_rat
     assert np.array_equal(again["labels"], weighted[42]["labels"])
 
 
+def test_frequency_weighted_masking_chooses_a_special_token_the_samples_treat_as_text(tokenizer):
+    """A conversation's separator is a special token of the tokenizer, but text to the samples (their
+    special_tokens_mask leaves it out): uniform masking chooses it, so frequency weighting must too."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(20, 280, (2000, 64))
+    ids[:, 10], ids[:, 0], ids[:, -1] = 3, 0, 2  # 3 is a special id of the tokenizer, as text here
+    special = np.zeros_like(ids)
+    special[:, [0, -1]] = 1
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "special_tokens_mask": special.tolist()})
+    labels = collate(
+        MaskedSamples(data, tokenizer, 0.3, seed=0, frequency_power=0.5).__getitems__(list(range(2000))), 1, 8
+    )["labels"].numpy()
+    assert 0.05 < (labels[:, 10] != IGNORE).mean(), "the separator is never chosen"
+    assert not (labels[:, [0, -1]] != IGNORE).any()
+    assert token_counts(data, 300)[[0, 2, 3]].tolist() == [0, 0, 2000]
+
+
 def test_token_counts_count_only_the_rows_a_selection_holds():
     data = Dataset.from_dict({"input_ids": [[0, 5, 5, 2], [0, 6, 2], [0, 7, 7, 7, 2]]})
     assert token_counts(data, 9).tolist() == [3, 0, 3, 0, 0, 2, 1, 3, 0]
