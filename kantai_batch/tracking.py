@@ -105,10 +105,11 @@ class TrackedRun:
 
 
 @contextlib.contextmanager
-def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool) -> Iterator[TrackedRun | None]:
+def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool, lineage: str) -> Iterator[TrackedRun | None]:
     """The MLflow run of this run dir's training; ``None`` on ranks other than 0 or when disabled.
 
-    A resumed training continues the run its checkpoints were logged to; a fresh one starts a new
+    A resumed training continues the run its checkpoints were logged to, also under longer bounds (the
+    checkpoints' ``lineage`` is unchanged: the same training, told to go on); a fresh one starts a new
     run, so a loss history never restarts at step 0 inside one run. The run ends FINISHED, FAILED, or
     KILLED when preempted (its resumption continues it); a store that no longer answers then is a
     warning, not a failure of the training it tracked.
@@ -125,7 +126,8 @@ def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool) -> Ite
         mlflow.set_experiment(job.name)
         if resuming:
             run.pull_file(run.mlflow_run)
-        run_id = _run_to_continue(run.mlflow_run, job_sha) if resuming else None
+        recorded = _recorded(run.mlflow_run) if resuming else {}
+        run_id = _run_to_continue(recorded, lineage, job_sha) if recorded else None
         active = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{job.name}-pretrain")
     except mlflow.exceptions.MlflowException as exc:
         raise SourceUnavailableError(f"MLflow tracking store {mlflow.get_tracking_uri()}: {first_line(exc)}") from None
@@ -137,12 +139,16 @@ def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool) -> Ite
     status = "FAILED"
     try:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run.mlflow_run, {"run_id": active.info.run_id, "job_sha256": job_sha})
+        record = {"run_id": active.info.run_id, "job_sha256": job_sha, "lineage_sha256": lineage}
+        write_json_atomic(run.mlflow_run, record)
         run.push_file(run.mlflow_run)
         if run_id is None:
             mlflow.log_params({f"job.{key}": value for key, value in _flatten(job.model_dump(mode="json")).items()})
-            mlflow.log_text(job_yaml, "job.yaml")
             mlflow.set_tags(lineage_tags(job, run))
+        if run_id is None or recorded.get("job_sha256") != job_sha:
+            # A continued run's params stay the first session's (MLflow keeps a param's first value);
+            # job.yaml is the job it trains by now (longer bounds, another save interval).
+            mlflow.log_text(job_yaml, "job.yaml")
         log.info(
             "mlflow: %s run %s in %s",
             "continuing" if run_id else "started",
@@ -241,13 +247,20 @@ def log_model(tracked: TrackedRun, folder: Path) -> None:
         )  # fmt: skip
 
 
-def _run_to_continue(id_file: Path, job_sha: str) -> str | None:
-    """The run a resumed training continues: the recorded one, if it exists and the job is unchanged."""
-    if not id_file.is_file():
-        return None
-    recorded = json.loads(id_file.read_text(encoding="utf-8"))
-    if recorded.get("job_sha256") != job_sha:
-        log.info("mlflow: the job changed since run %s, starting a new run", recorded.get("run_id"))
+def _recorded(id_file: Path) -> dict[str, Any]:
+    return json.loads(id_file.read_text(encoding="utf-8")) if id_file.is_file() else {}
+
+
+def _run_to_continue(recorded: dict[str, Any], lineage: str, job_sha: str) -> str | None:
+    """The run a resumed training continues: the recorded one, if it exists and trains the same lineage
+    (records written before lineages were kept: the same job)."""
+    same = (
+        recorded.get("lineage_sha256") == lineage
+        if "lineage_sha256" in recorded
+        else recorded.get("job_sha256") == job_sha
+    )
+    if not same:
+        log.info("mlflow: the training changed since run %s, starting a new run", recorded.get("run_id"))
         return None
     run_id = recorded.get("run_id")
     if not run_exists(run_id):

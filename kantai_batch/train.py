@@ -99,7 +99,8 @@ def _pretrain(job: Job, run: RunDir, *, track: bool) -> Path:
     budget = time_budget(job, resume_from)
     # The tracking store is reached before any data work, so an unreachable one fails in seconds.
     tracked = track and args.process_index == 0
-    with tracking.pretrain_run(job, run, enabled=tracked, resuming=resume_from is not None) as mlflow_run:
+    resuming = resume_from is not None
+    with tracking.pretrain_run(job, run, enabled=tracked, resuming=resuming, lineage=lineage) as mlflow_run:
         stop = StopAgreement(Preemption(job.train.preemption_grace_s), budget)
         checkpoints = CheckpointMarkerCallback(
             run,

@@ -94,7 +94,7 @@ def test_mlflow_has_params_loss_curve_eval_metrics_and_model(trained_run: Path):
     assert {"model/config.json", "model/model.safetensors", "model/train_summary.json"} <= artifacts
 
 
-def test_a_resumed_run_logs_each_step_once_and_no_param_again(tmp_path: Path, corpus_file: Path):
+def test_a_resumed_run_logs_each_step_once_and_no_param_again_also_told_to_go_on(tmp_path: Path, corpus_file: Path):
     """Resumed from checkpoint-20 after the run had logged through step 30: steps 21-30 are trained again,
     and MLflow holds one value per step, not two curves; the continued run's params (output_dir among
     them, spelled otherwise here) are not logged again, which MLflow refuses as a change."""
@@ -112,6 +112,13 @@ def test_a_resumed_run_logs_each_step_once_and_no_param_again(tmp_path: Path, co
     for series, steps in (("loss", logged), ("learning_rate", logged), ("eval_loss", [30])):
         assert sorted(m.step for m in client.get_metric_history(run_id, series)) == steps, series
     assert client.get_run(run_id).info.status == "FINISHED"
+    # Told to go on for longer: the same training (its checkpoints' lineage), so the same run and curve,
+    # with job.yaml the job it trains by now.
+    longer = [arg.replace("train.max_steps=30", "train.max_steps=40") for arg in job]
+    invoke("pretrain", "--run-dir", str(run_dir), *longer)
+    assert (_summary(run_dir)["resumed_from_step"], _summary(run_dir)["mlflow_run_id"]) == (30, run_id)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(5, 41, 5))
+    assert "max_steps: 40" in mlflow.artifacts.load_text(f"runs:/{run_id}/job.yaml")
 
 
 def test_rerun_skips_complete_phases(trained_run: Path, corpus_file: Path):
