@@ -135,10 +135,7 @@ class TimeBudget:
                 # A resume under a longer budget than the one whose plan it restored: that plan is over (its
                 # learning rate 0 from here), so plan now from the steps' mean time so far, checked later.
                 self._plan(step, spent / step, spent)
-        elif step >= self._timing_from[0] + ESTIMATE_STEPS and (
-            spent >= self._next_check[0] or step >= self._next_check[1]
-        ):
-            # Due at a time and step every rank agrees on, as each holds the same plan.
+        elif self._check_due(step, spent):
             if abs(step_s / self._planned_step_s - 1) > DRIFT:
                 self._plan(step, step_s, spent)
             else:
