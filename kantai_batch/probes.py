@@ -154,11 +154,7 @@ def format_quality(report: dict[str, Any]) -> list[str]:
             f"probes: {probes['top1_hits']}/{probes['probes']} right at top 1, "
             f"{probes['topk_hits']}/{probes['probes']} in the top {probes['top_k']}"
             + _median_rank(probes)
-            + (
-                f"; {unscorable} with no answer in this vocabulary"
-                if (unscorable := probes.get("unscorable_probes"))
-                else ""
-            )
+            + _unscorable(probes)
         )
     return lines
 
