@@ -70,8 +70,9 @@ RUN_ID := $(RUN_ID)
 KUBECTL ?= $(BIN)/kubectl
 # Where the Jobs run (the overlay's namespace unless NAMESPACE is given: render-k8s then puts them
 # there), so where status, logs and submit-pipeline look for them.
-NAMESPACE_GIVEN := $(filter command line environment,$(origin NAMESPACE))
-NAMESPACE ?= $(or $(shell sed -n 's/^namespace: *//p' $(OVERLAY)/kustomization.yaml 2>/dev/null),default)
+# (NAMESPACE= given empty is the overlay's too, not an empty --namespace or kubectl -n.)
+NAMESPACE_GIVEN := $(if $(NAMESPACE),$(filter command line environment,$(origin NAMESPACE)))
+override NAMESPACE := $(or $(NAMESPACE),$(shell sed -n 's/^namespace: *//p' $(OVERLAY)/kustomization.yaml 2>/dev/null),default)
 # Kueue's LocalQueue for the Jobs (empty: they start at once, outside any queue).
 QUEUE ?=
 # Only what was given to make overrides the overlay's settings (its run dir, job, image).
