@@ -8,6 +8,7 @@ never silently falls back to a default.
 from __future__ import annotations
 
 import codecs
+import difflib
 import typing
 import warnings
 from pathlib import Path
@@ -46,6 +47,9 @@ class _Section(BaseModel):
             accepted = {_unannotated(kind) for kind in typing.get_args(annotation) or (annotation,)}
             if bool not in accepted and accepted & {int, float}:
                 raise ValueError("expects a number, not a boolean")
+            if bool not in accepted and str in accepted:
+                # YAML 1.1 reads an unquoted on/off/yes/no as a boolean: "got True" named nothing typed.
+                raise ValueError("expects text; YAML reads unquoted true/false, yes/no, on/off as a boolean: quote it")
         return value
 
 
@@ -373,6 +377,16 @@ class TrainSection(_Section):
     `jobs/deepspeed/zero2.json` or `zero3.json`; a relative path is taken from the working directory
     (the image's is the folder holding `jobs/`). Its `auto` values come from this section."""
 
+    @model_validator(mode="after")
+    def _warmup_ends_before_training(self) -> TrainSection:
+        # Otherwise the learning rate never reaches its peak: training ends still warming up.
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"train.warmup_steps {self.warmup_steps} must be below train.max_steps {self.max_steps}: "
+                "the learning rate reaches its peak only after the warm-up"
+            )
+        return self
+
 
 class InferSection(_Section):
     fill_mask_text: str = "Human thinking involves human <mask>."
@@ -446,6 +460,14 @@ class GenerateSection(Sampling):
 
     prompt: str = "my package was supposed to arrive yesterday and it still has not shown up"
     """The prompt `run` continues at the end."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _something_to_continue(cls, value: str) -> str:
+        # Found empty only after the whole training, by `run`'s generation at the end.
+        if not value.strip():
+            raise ValueError("must not be empty: it is the text `run` continues at the end")
+        return value
 
 
 # The `register` section shadows ABCMeta.register on the class, which nothing here calls.
@@ -530,6 +552,11 @@ def load_job(
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_yaml(Path(path))
+    # A section whose keys are all commented out is empty, not null.
+    for name, value in list(raw.items()):
+        field = Job.model_fields.get(name)
+        if value is None and field is not None and isinstance(field.default, BaseModel):
+            raw[name] = {}
     for override in overrides:
         _apply_override(raw, override)
     if corpus is not None:
@@ -540,7 +567,26 @@ def load_job(
     try:
         return Job.model_validate(raw)
     except ValidationError as exc:
-        raise JobConfigError(f"job {where}: {_describe(exc)}") from None
+        raise JobConfigError(_describe(exc, f"job {where}", _override_keys(overrides))) from None
+
+
+def _override_keys(overrides) -> set[str]:
+    return {override.partition("=")[0].strip() for override in overrides}
+
+
+class _JobLoader(yaml.SafeLoader):
+    """YAML's loader refusing a key given twice in one mapping: YAML keeps the last, so a section
+    repeated further down silently dropped every setting of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float)) and key != "<<":
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -551,7 +597,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise JobConfigError(f"job file {path} cannot be read: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_JobLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -583,17 +629,72 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def _describe(exc: ValidationError) -> str:
-    messages = []
+def _describe(exc: ValidationError, where: str, overridden: set[str] = frozenset()) -> str:
+    """One line naming each bad key, and where its value came from: ``where`` (the job file), or the
+    ``--set`` that gave it."""
+    fields: dict[str, list[str]] = {}
+    got: dict[str, Any] = {}
     for error in exc.errors():
-        loc = ".".join(str(part) for part in error["loc"])
+        path = _field_path(error["loc"])
+        loc = ".".join(map(str, path))
         msg = error["msg"].removeprefix("Value error, ")
+        if path and msg.startswith(f"{loc}."):
+            loc = ""  # a section's own check, whose message names the fields it compares
         if error["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif not isinstance(error["input"], dict) and repr(error["input"]) not in msg:
-            msg = f"{msg} (got {error['input']!r})"
-        messages.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(messages)
+            msg = "unknown key" + _did_you_mean(path)
+        elif not isinstance(error["input"], dict):
+            got[loc] = error["input"]
+        if msg not in fields.setdefault(loc, []):
+            fields[loc].append(msg)
+    origins: dict[str, list[str]] = {}
+    for loc, msgs in fields.items():
+        # The members of a union (vocab_size: a number or 'auto') each say what they wanted: one message.
+        wanted = "Input should be "
+        if len(msgs) > 1 and all(msg.startswith(wanted) for msg in msgs):
+            msg = wanted + " or ".join(msg.removeprefix(wanted) for msg in msgs)
+        else:
+            msg = "; ".join(msgs)
+        if loc in got and repr(got[loc]) not in msg:
+            msg = f"{msg} (got {got[loc]!r})"
+        # The --set of this key or of a key below or above it
+        given = loc and any(f"{key}.".startswith(f"{loc}.") or loc.startswith(f"{key}.") for key in overridden)
+        origins.setdefault("--set" if given else where, []).append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(
+        f"{origin}{':' if origin == where else ''} {'; '.join(items)}" for origin, items in origins.items()
+    )
+
+
+def _field_path(loc: tuple) -> tuple:
+    """``loc`` without the union member tags pydantic appends (``constrained-int``, ``literal['auto']``)."""
+    model: Any = Job
+    path: list = []
+    for part in loc:
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            path.append(part)
+            field = model.model_fields.get(part) if isinstance(part, str) else None
+            model = field.annotation if field is not None else None
+        elif isinstance(part, int):  # an item of a list
+            path.append(part)
+        else:
+            break
+    return tuple(path)
+
+
+def _section(path: tuple) -> type[BaseModel] | None:
+    """The model class ``path`` leads to from the job, or None where it ends elsewhere."""
+    model: Any = Job
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+    return model
+
+
+def _did_you_mean(path: tuple) -> str:
+    section = _section(path[:-1])
+    close = difflib.get_close_matches(str(path[-1]), list(section.model_fields), n=1) if section else []
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 _BOUNDS = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
@@ -638,4 +739,4 @@ def override_job(job: Job, overrides: tuple[str, ...] | list[str], where: str) -
     try:
         return Job.model_validate(raw)
     except ValidationError as exc:
-        raise JobConfigError(f"{where}: {_describe(exc)}") from None
+        raise JobConfigError(_describe(exc, where)) from None

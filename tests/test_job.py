@@ -144,3 +144,53 @@ def test_the_settings_a_retraining_compares_are_those_that_shape_the_model():
                     "train.init_from=models:/m@champion", "model.num_hidden_layers=4",
                     "train.max_steps=7"):  # fmt: skip
         assert settings_digest(load_job(None, [changed])) != base, changed
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        # YAML keeps a repeated key's last value: the first section's settings were dropped without a word.
+        ("train:\n  max_steps: 3\ntrain:\n  epochs: 2\n", "at line 3, column 1: duplicate key train"),
+        ("train:\n  learning_rate: 1.0e-3\n  learning_rate: 1.0e-5\n", "at line 3, column 3: duplicate key learning_rate"),
+        ("train:\n  learnig_rate: 1.0e-3\n", "train.learnig_rate: unknown key (did you mean learning_rate?)"),
+        ("name: on\n", "name: expects text; YAML reads unquoted true/false, yes/no, on/off as a boolean"),
+        ("model:\n  vocab_size: 100\n", "model.vocab_size: Input should be greater than or equal to 261 or 'auto'"),
+    ],
+)
+def test_job_file_mistakes_are_named(tmp_path: Path, content: str, message: str):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(content)
+    with pytest.raises(JobConfigError, match=re.escape(message)):
+        load_job(job_file)
+
+
+def test_a_section_with_its_keys_commented_out_is_empty(tmp_path: Path):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text("name: x\ntrain:\n#  max_steps: 3\n")
+    assert load_job(job_file).train == Job().train
+    assert load_job(job_file, ["train.max_steps=7"]).train.max_steps == 7
+
+
+def test_errors_name_the_set_that_gave_the_value_not_the_job_file(tmp_path: Path):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text("train:\n  max_steps: 3\n")
+    with pytest.raises(JobConfigError) as raised:
+        load_job(job_file, ["train.max_steps=abc"])
+    assert str(raised.value).startswith("--set train.max_steps: Input should be a valid integer")
+    with pytest.raises(JobConfigError, match=re.escape(f"job {job_file}: model.hidden_size")):
+        job_file.write_text("model:\n  hidden_size: wide\n")
+        load_job(job_file, ["train.max_steps=3"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # The learning rate would never reach its peak: training ends while it still warms up.
+        (["train.max_steps=9", "train.warmup_steps=9"], "train.warmup_steps 9 must be below train.max_steps 9"),
+        # Found empty only by the generation at the end of a whole clm `run`.
+        (["task=clm", "generate.prompt=   "], "--set generate.prompt: must not be empty"),
+    ],
+)
+def test_settings_a_training_would_end_on_are_refused_at_load(overrides: list[str], message: str):
+    with pytest.raises(JobConfigError, match=re.escape(message)):
+        load_job(None, overrides)
