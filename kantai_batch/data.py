@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from kantai_batch.errors import InputDataError, unusable_as
+from kantai_batch.fingerprint import identity
 from kantai_batch.job import Job
 from kantai_batch.rundir import RunDir
 
@@ -264,15 +265,17 @@ def tokens_mismatch(run: RunDir, job: Job, split: str, tokenizer) -> str | None:
     ]
     # A reader need not have the corpus (pretrain does not mirror it), only its manifest to compare.
     corpus = corpus_digest(run)
-    if corpus is not None and stats.get("corpus_sha256") != corpus:
+    if corpus is not None and stats.get("corpus_sha256") not in (corpus, corpus_digest(run, legacy=True)):
         changed.append("another corpus")
     return ", ".join(changed) if changed else None
 
 
-def corpus_digest(run: RunDir) -> str | None:
-    """The committed corpus's file checksums as one digest; None where the run has no corpus."""
+def corpus_digest(run: RunDir, *, legacy: bool = False) -> str | None:
+    """The committed corpus's identity (``fingerprint.identity``) as one digest; None where the run has no corpus."""
     found = run.marker(run.corpus)
-    return hashlib.sha256(json.dumps(found.get("files"), sort_keys=True).encode()).hexdigest() if found else None
+    if not found:
+        return None
+    return hashlib.sha256(json.dumps(identity("corpus", found, legacy=legacy), sort_keys=True).encode()).hexdigest()
 
 
 def load_samples(run: RunDir, job: Job, split: str, tokenizer):

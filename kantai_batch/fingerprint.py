@@ -15,18 +15,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.job import Job
+from kantai_batch.job import InferSection, Job
 from kantai_batch.manifest import is_complete, read_marker
 from kantai_batch.phases import phase as phase_row
+from kantai_batch.rundir import CORPUS_STATS
 
 
-def fingerprint_of(job: Job, phase: str, run=None, *, model_dir: Path | None = None) -> str:
+def fingerprint_of(job: Job, phase: str, run=None, *, model_dir: Path | None = None, legacy: bool = False) -> str:
     """The digest of everything ``phase`` reads: its job fields and its upstream folders' manifests.
 
-    ``model_dir`` stands in for the run's model (evaluate scoring a model from elsewhere).
+    ``model_dir`` stands in for the run's model (evaluate scoring a model from elsewhere). ``legacy``:
+    the digest as recorded before 2026-12-07, which counted the corpus's stats.json (see ``identity``).
     """
     row = phase_row(phase)
-    data = job.model_dump(mode="json")
+    # evaluate scores a model of either task, whatever the job's: the fields of the other task count there.
+    data = in_effect(job, by_task=phase != "evaluate").model_dump(mode="json")
     parts: dict[str, Any] = {"phase": phase, "job": _picked(data, row.reads, row.ignores)}
     if row.version > 1:
         parts["version"] = row.version
@@ -35,7 +38,7 @@ def fingerprint_of(job: Job, phase: str, run=None, *, model_dir: Path | None = N
             found = read_marker(model_dir) if is_complete(model_dir) else None
         else:
             found = run.marker(upstream.output_of(run)) if run is not None else None
-        parts[upstream.output] = found.get("files") if found else None
+        parts[upstream.output] = identity(upstream.output, found, legacy=legacy)
     if row.starts_from_model and job.train.init_from:
         from kantai_batch.continued import init_identity
 
@@ -43,6 +46,50 @@ def fingerprint_of(job: Job, phase: str, run=None, *, model_dir: Path | None = N
         # so the fingerprints of run dirs made before train.init_from existed stand.
         parts["init_from"] = init_identity(job)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def identity(output: str, marker: dict[str, Any] | None, *, legacy: bool = False) -> dict[str, Any] | None:
+    """What a committed folder holds, as its files' checksums: the corpus's without stats.json, which
+    names the paths it was read from, so the same text under another path name redid every phase after
+    prepare. ``legacy`` keeps stats.json, as the records made before 2026-12-07 did, so that their run
+    dirs are not redone for it."""
+    files = marker.get("files") if marker else None
+    if output == "corpus" and files is not None and not legacy:
+        files = {name: entry for name, entry in files.items() if name != CORPUS_STATS}
+    return files
+
+
+# The fields a job may set that change nothing it trains or scores, by the setting that leaves them unread.
+_UNREAD_BY_CLM = {
+    "train": ("mlm_probability", "mask_frequency_power", "sparse_prediction"),
+    "eval": ("mlm_probability", "probes"),
+    "infer": tuple(InferSection.model_fields),
+}
+
+
+def in_effect(job: Job, *, by_task: bool = True) -> Job:
+    """``job`` with the fields nothing reads under its other settings at their defaults: a causal LM's
+    masking rate, a decay share without warmup_stable_decay, window settings without mimetic_local, a
+    warm-up ratio that warmup_steps replaces, the benchmark `run --register` alone reads. Changing one
+    then redoes nothing and keeps a training's checkpoints. Defaults, not dropped, so that the digests
+    of jobs that never set them stand."""
+    unread: dict[str, set[str]] = {"eval": {"benchmark"}}
+    if by_task and job.task == "clm":
+        for section, names in _UNREAD_BY_CLM.items():
+            unread.setdefault(section, set()).update(names)
+    train = unread.setdefault("train", set())
+    if job.train.lr_scheduler != "warmup_stable_decay":
+        train.add("decay_ratio")
+    if job.train.warmup_steps > 0:
+        train.add("warmup_ratio")
+    if job.train.attention_init != "mimetic_local":
+        train.update(("local_window_heads", "local_window_gain"))
+    sections = {}
+    for name, fields in unread.items():
+        section = getattr(job, name)
+        defaults = {field: type(section).model_fields[field].default for field in fields}
+        sections[name] = section.model_copy(update=defaults)
+    return job.model_copy(update=sections)
 
 
 def _pick(data: dict[str, Any], dotted: str) -> Any:
@@ -71,7 +118,7 @@ def settings_digest(job: Job) -> str:
     name train the same model)."""
     from kantai_batch.phases import before
 
-    data = job.model_dump(mode="json")
+    data = in_effect(job).model_dump(mode="json")
     rows = (*before("pretrain"), phase_row("pretrain"))
     fields = sorted({name for row in rows for name in row.reads})
     picked = _picked(data, fields, [name for row in rows for name in row.ignores])
@@ -97,7 +144,8 @@ def checkpoint_lineage(job: Job, run) -> str:
     """
     from kantai_batch.continued import init_identity
 
-    train = {key: value for key, value in job.train.model_dump(mode="json").items() if key not in _RESUMABLE_ACROSS}
+    settings = in_effect(job).train.model_dump(mode="json")
+    train = {key: value for key, value in settings.items() if key not in _RESUMABLE_ACROSS}
     parts = {
         "tokenizer": (run.marker(run.tokenizer) or {}).get("files"),
         "tokens": (run.marker(run.tokens) or {}).get("files"),

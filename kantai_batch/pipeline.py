@@ -56,7 +56,7 @@ def _run_phase(job: Job, run: RunDir, phase: Phase, *, track: bool, forced: bool
     if forced:
         log.info("%s: redoing it, to see what its sources hold now", phase.name)
     elif marker is not None:
-        if marker.get("inputs_sha256") != fingerprint_of(job, phase.name, run):
+        if marker.get("inputs_sha256") not in _fingerprints(job, phase, run):
             log.info("%s: %s is complete but its inputs changed, redoing it", phase.name, run.uri(output))
         elif outside and (change := phase.change_outside(job, run, marker)):
             log.info("%s: %s is complete but %s, redoing it", phase.name, run.uri(output), change)
@@ -67,3 +67,8 @@ def _run_phase(job: Job, run: RunDir, phase: Phase, *, track: bool, forced: bool
         log.info("%s: starting", phase.name)
     phase.run(job, run, track=track)
     return True
+
+
+def _fingerprints(job: Job, phase: Phase, run: RunDir) -> tuple[str, str]:
+    """The phase's fingerprint, and as recorded before 2026-12-07: a run dir made then is not redone for it."""
+    return fingerprint_of(job, phase.name, run), fingerprint_of(job, phase.name, run, legacy=True)

@@ -31,11 +31,11 @@ from kantai_batch.distributed import barrier, local_main_first, node_count
 from kantai_batch.errors import JobConfigError, PreemptedError, TrainingDivergedError
 from kantai_batch.fingerprint import checkpoint_lineage, fingerprint_of
 from kantai_batch.hardware import peak_flops, resolve_attention, resolve_precision, training_flops_per_token
-from kantai_batch.job import Job
+from kantai_batch.job import Job, ModelSection
 from kantai_batch.manifest import only_writer, read_marker, write_json_atomic
 from kantai_batch.masking import MaskedSamples
 from kantai_batch.mlflow_metrics import MetricsCallback
-from kantai_batch.model import ARCHITECTURE_KEYS, init_model, load_tokenizer
+from kantai_batch.model import init_model, load_tokenizer, resolved_vocab_size, roberta_config
 from kantai_batch.objective import (
     ACCURACY,
     accuracy_metric,
@@ -86,6 +86,11 @@ def _pretrain(job: Job, run: RunDir, *, track: bool) -> Path:
             # An earlier training's checkpoint (a retraining on a grown corpus in the same run dir):
             # resuming it would skip this training's steps, and its higher step would outlive the new ones.
             other_training, resume_from = resume_from, None
+        elif resume_from and (changed := model_change(resume_from, job, len(tokenizer))):
+            # Its lineage leaves the model section out; resumed, the new settings would be claimed by
+            # weights trained under the old (a changed dropout re-committed the old model as it was).
+            log.info("pretrain: %s is a step of another model (%s)", run.uri(resume_from), changed)
+            other_training, resume_from = resume_from, None
     if resume_from:
         require_same_processes(resume_from, args.world_size, run)
     inputs = fingerprint_of(job, "pretrain", run)
@@ -94,8 +99,6 @@ def _pretrain(job: Job, run: RunDir, *, track: bool) -> Path:
     else:
         model = continued_model(job, start_from, tokenizer)
         log.info("pretrain: continuing from %s (train.init_from %s)", start_from, job.train.init_from)
-    if resume_from:
-        require_same_architecture(resume_from, model.config)
     budget = time_budget(job, resume_from)
     # The tracking store is reached before any data work, so an unreachable one fails in seconds.
     tracked = track and args.process_index == 0
@@ -450,14 +453,11 @@ def time_budget(job: Job, resume_from: Path | None) -> TimeBudget | None:
     return TimeBudget(job.train.max_seconds, spent_s=spent)
 
 
-def require_same_architecture(checkpoint: Path, config) -> None:
-    """A checkpoint of another architecture cannot be resumed; say so instead of a shape mismatch."""
+def model_change(checkpoint: Path, job: Job, tokenizer_size: int) -> str | None:
+    """How the job's model (architecture, dropout, task) differs from the one ``checkpoint`` is a step of;
+    None where it does not."""
     saved = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
-    wanted = config.to_dict()
-    keys = (*ARCHITECTURE_KEYS, "is_decoder")
+    wanted = roberta_config(job, resolved_vocab_size(job, tokenizer_size)).to_dict()
+    keys = (*ModelSection.model_fields, "is_decoder")
     changed = [f"{key} {saved.get(key)} -> {wanted[key]}" for key in keys if saved.get(key, False) != wanted[key]]
-    if changed:
-        raise JobConfigError(
-            f"checkpoint {checkpoint} has another architecture ({', '.join(changed)}): "
-            "use a fresh run dir or delete its checkpoints/ to start over"
-        )
+    return ", ".join(changed) or None

@@ -147,11 +147,44 @@ def test_the_settings_a_retraining_compares_are_those_that_shape_the_model():
 
 
 @pytest.mark.parametrize(
+    ("base", "unread", "read"),
+    [
+        # Read only by warmup_stable_decay.
+        ([], "train.decay_ratio=0.5", "train.lr_scheduler=warmup_stable_decay"),
+        # Replaced by warmup_steps.
+        (["train.warmup_steps=5"], "train.warmup_ratio=0.3", "train.warmup_steps=6"),
+        # Read only by mimetic_local.
+        (["train.attention_init=mimetic"], "train.local_window_gain=1.4", "train.attention_init=random"),
+        # A causal LM masks nothing.
+        (["task=clm"], "train.mlm_probability=0.5", "train.learning_rate=1e-3"),
+        (["task=clm"], "train.sparse_prediction=false", "train.seed=3"),
+        (["task=clm"], "eval.mlm_probability=0.2", "eval.seed=3"),
+    ],
+)
+def test_a_field_its_other_settings_leave_unread_redoes_nothing(base: list[str], unread: str, read: str):
+    """Changing a field the job does not read (a decay share under a linear schedule, a causal LM's
+    masking rate) redid the phases reading its section and started the training over."""
+    from kantai_batch.fingerprint import checkpoint_lineage, fingerprint_of, settings_digest
+
+    class NoRun:  # the run's folders do not enter into it here
+        marker = staticmethod(lambda folder: None)
+        tokenizer = tokens = None
+
+    def digests(*overrides: str) -> list[str]:
+        job = load_job(None, [*base, *overrides])
+        phases = [fingerprint_of(job, name) for name in ("tokenize", "pretrain")]
+        return [*phases, checkpoint_lineage(job, NoRun()), settings_digest(job)]
+
+    assert digests(unread) == digests()
+    assert digests(read) != digests()
+
+
+@pytest.mark.parametrize(
     ("content", "message"),
     [
         # YAML keeps a repeated key's last value: the first section's settings were dropped without a word.
         ("train:\n  max_steps: 3\ntrain:\n  epochs: 2\n", "at line 3, column 1: duplicate key train"),
-        ("train:\n  learning_rate: 1.0e-3\n  learning_rate: 1.0e-5\n", "at line 3, column 3: duplicate key learning_rate"),
+        ("train:\n  seed: 1\n  seed: 2\n", "at line 3, column 3: duplicate key seed"),
         ("train:\n  learnig_rate: 1.0e-3\n", "train.learnig_rate: unknown key (did you mean learning_rate?)"),
         ("name: on\n", "name: expects text; YAML reads unquoted true/false, yes/no, on/off as a boolean"),
         ("model:\n  vocab_size: 100\n", "model.vocab_size: Input should be greater than or equal to 261 or 'auto'"),
@@ -194,3 +227,11 @@ def test_errors_name_the_set_that_gave_the_value_not_the_job_file(tmp_path: Path
 def test_settings_a_training_would_end_on_are_refused_at_load(overrides: list[str], message: str):
     with pytest.raises(JobConfigError, match=re.escape(message)):
         load_job(None, overrides)
+
+
+def test_the_benchmark_only_run_register_reads_redoes_no_evaluation():
+    from kantai_batch.fingerprint import fingerprint_of
+
+    evaluated = fingerprint_of(load_job(None), "evaluate")
+    assert fingerprint_of(load_job(None, ["eval.benchmark=b.txt"]), "evaluate") == evaluated
+    assert fingerprint_of(load_job(None, ["eval.probes=p.txt"]), "evaluate") != evaluated

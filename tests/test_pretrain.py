@@ -19,6 +19,7 @@ from transformers import RobertaForMaskedLM, pipeline
 
 from helpers import ROOT, SUPPORT_JOB, SUPPORT_OVERRIDES, invoke, mlflow_server_process, prepared_run, stop_group, tiny
 from kantai_batch.manifest import MARKER
+from kantai_batch.phases import phase as phase_row
 
 pytestmark = pytest.mark.slow
 
@@ -334,11 +335,64 @@ def test_killed_pretrain_resumes_from_the_newest_complete_checkpoint(tmp_path: P
     assert set(steps) == set(range(10, 401, 10))
 
 
-def test_checkpoints_of_another_architecture_are_not_resumed(trained_run: Path):
-    before = sorted(p.name for p in (trained_run / "checkpoints").iterdir())
-    result = invoke("pretrain", "--run-dir", str(trained_run), *tiny("model.num_hidden_layers=3"), expect=2)
-    assert "has another architecture (num_hidden_layers 2 -> 3)" in result.stderr
-    assert sorted(p.name for p in (trained_run / "checkpoints").iterdir()) == before
+def test_checkpoints_of_another_model_are_not_resumed(tmp_path: Path, corpus_file: Path, caplog):
+    """A checkpoint's lineage leaves the model section out: another dropout resumed the old training and
+    re-committed its weights under the new config, and another architecture failed, where any other
+    changed setting starts over."""
+    run_dir = prepared_run(tmp_path / "run", corpus_file)
+    steps = ("train.max_steps=10", "train.save_steps=10")
+    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *tiny(*steps))
+    weights = run_dir / "model" / "model.safetensors"
+    before = weights.read_bytes()
+    for change, seen in (
+        ("model.hidden_dropout_prob=0.1", "hidden_dropout_prob 0.0 -> 0.1"),
+        ("model.num_hidden_layers=3", "num_hidden_layers 2 -> 3"),
+    ):
+        with caplog.at_level(logging.INFO, logger="kantai_batch"):
+            dropout = "model.hidden_dropout_prob=0.1"
+            invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *tiny(*steps, dropout, change))
+        assert seen in caplog.text
+        assert _summary(run_dir)["resumed_from_step"] == 0
+        assert weights.read_bytes() != before, "trained again, not the old weights re-committed"
+        assert json.loads((run_dir / "model" / "config.json").read_text())["hidden_dropout_prob"] == 0.1
+        before = weights.read_bytes()
+
+
+def test_the_same_corpus_under_another_path_redoes_only_prepare(
+    trained_run: Path, tmp_path: Path, corpus_file: Path, caplog
+):
+    """stats.json names the path the corpus was read from: counted as the corpus, the same text under
+    another name redid the tokenizer, the tokens and the whole training."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    renamed = tmp_path / "elsewhere.txt"
+    shutil.copyfile(corpus_file, renamed)
+    with caplog.at_level(logging.INFO, logger="kantai_batch"):
+        invoke("run", "--run-dir", str(run_dir), "--corpus", str(renamed), *tiny())
+    assert "prepare: " in caplog.text and "redoing it" in caplog.text.split("train-tokenizer:")[0]
+    for later in ("train-tokenizer", "tokenize", "pretrain", "evaluate"):
+        folder = run_dir / phase_row(later).output
+        assert f"{later}: {folder} is complete and its inputs are unchanged, skipped" in caplog.text
+    assert json.loads((run_dir / "corpus" / "stats.json").read_text())["source"] == str(renamed)
+
+
+def test_run_dirs_recorded_before_the_corpus_identity_left_out_stats_json_are_not_redone(
+    tmp_path: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch, caplog
+):
+    from kantai_batch import data, fingerprint
+
+    counted = fingerprint.identity
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as before:  # the fingerprints and tokens.json as recorded until 2026-12-07
+        legacy = lambda output, marker, legacy=False: counted(output, marker, legacy=True)  # noqa: E731
+        before.setattr(fingerprint, "identity", legacy)
+        before.setattr(data, "identity", legacy)
+        invoke("run", "--run-dir", str(run_dir), "--corpus", str(corpus_file), *tiny())
+    with caplog.at_level(logging.INFO, logger="kantai_batch"):
+        invoke("run", "--run-dir", str(run_dir), "--corpus", str(corpus_file), *tiny())
+    assert "redoing it" not in caplog.text and caplog.text.count("inputs are unchanged, skipped") == 5
+    # Their samples are still the corpus's, for the phases run one by one (a Kubernetes Job each).
+    invoke("evaluate", "--run-dir", str(run_dir), *tiny())
 
 
 def test_corrupt_weights_are_a_one_line_error(trained_run: Path, tmp_path: Path):
