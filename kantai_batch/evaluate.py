@@ -36,7 +36,7 @@ from kantai_batch.model import (
     usable_positions,
 )
 from kantai_batch.objective import ACCURACY, accuracy_metric, collator, eval_predictions, task_of
-from kantai_batch.probes import format_quality, quality_report, read_probes, require_fitting
+from kantai_batch.probes import format_quality, probe_record, quality_report, read_probes, require_fitting
 from kantai_batch.rundir import EVAL_METRICS, RunDir
 from kantai_batch.sources import decompressed, fetched
 from kantai_batch.trainer import perplexity, training_arguments
@@ -55,6 +55,7 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
     tokenizer = load_model_tokenizer(model_dir)
     # A bad probe file fails before the evaluation, not after it.
     probes = read_probes(job.eval.probes, tokenizer.mask_token) if task == "mlm" and job.eval.probes else None
+    scored = probe_record(job.eval.probes) if probes else {}  # what `run` compares the file with later
     if task == "mlm":
         require_fitting(tokenizer, usable_positions(config), job, probes)
     _without_deepspeed()
@@ -85,7 +86,7 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
         return metrics  # every rank evaluated its share; the main process commits
     if task == "mlm":
         metrics["quality"] = quality_report(model.eval(), tokenizer, job, probes)
-    with run.committed(run.eval, inputs_sha256=inputs) as out:
+    with run.committed(run.eval, inputs_sha256=inputs, **scored) as out:
         write_json_atomic(out / EVAL_METRICS, metrics)
     log.info(
         "evaluate: loss %.4f, perplexity %.2f, %s %.4f on %s tokens",

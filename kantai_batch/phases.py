@@ -129,6 +129,7 @@ PHASES: tuple[Phase, ...] = (
         every_rank=True,
         runner="kantai_batch.evaluate:evaluate",
         options=("model_dir", "corpus"),
+        changed="kantai_batch.probes:probes_change",
     ),
 )
 

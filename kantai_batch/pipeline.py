@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 
 from kantai_batch.distributed import distributed_state, main_first
+from kantai_batch.errors import JobConfigError
 from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.job import Job
 from kantai_batch.phases import PHASES, Phase
@@ -28,6 +30,7 @@ def run_pipeline(
     The phases named in ``redo`` (not every-rank ones) run even when complete, on the main process; the
     others then find them complete.
     """
+    require_named_files(job)
     state = distributed_state()
     redo = set(redo)
     ran = []
@@ -47,6 +50,22 @@ def run_pipeline(
             if _run_phase(job, run, phase, track=track, forced=forced, outside=main):
                 ran.append(phase.name)
     return ran
+
+
+def require_named_files(job: Job) -> None:
+    """The local files the job names for its later phases, checked before the first: a missing probe
+    file or DeepSpeed config, or a misspelt starting model, was found after the phases before it."""
+    from kantai_batch.probes import read_probes
+
+    if job.task == "mlm" and job.eval.probes:
+        read_probes(job.eval.probes, job.tokenizer.special_tokens[4])
+    if job.train.deepspeed:
+        from kantai_batch.distributed import deepspeed_config
+
+        deepspeed_config(job.train.deepspeed)
+    start = job.train.init_from
+    if start and "://" not in start and not start.startswith("models:/") and not Path(start).expanduser().exists():
+        raise JobConfigError(f"train.init_from {start} does not exist (relative paths start at {Path.cwd()})")
 
 
 def _run_phase(job: Job, run: RunDir, phase: Phase, *, track: bool, forced: bool = False, outside: bool = True) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kantai_batch.errors import InputDataError, SourceUnavailableError
+from kantai_batch.errors import InputDataError, JobConfigError
 
 SEPARATOR = "->"
 log = logging.getLogger(__name__)
@@ -29,13 +29,40 @@ class Probe:
     line: int
 
 
+PROBES_SHA256 = "probes_sha256"
+"""The committed evaluation's marker key: the checksum of the probe file it scored."""
+
+
+def probe_record(path: str | Path | None) -> dict[str, str]:
+    """What an evaluation records of the probe file it scored, for ``probes_change``."""
+    from kantai_batch.manifest import file_sha256
+
+    return {PROBES_SHA256: file_sha256(Path(path))} if path else {}
+
+
+def probes_change(job, run, marker: dict[str, Any]) -> str | None:
+    """How the job's probe file differs from the one the committed evaluation scored, or None: the job
+    names a path, and a probe added to the file left ``run`` showing the old scores."""
+    recorded = marker.get(PROBES_SHA256)
+    if recorded is None or not job.eval.probes:  # no probes, or scored before their checksum was kept
+        return None
+    try:
+        now = probe_record(job.eval.probes)[PROBES_SHA256]
+    except OSError:
+        return None  # gone: the evaluation's own read says so
+    return None if now == recorded else f"probe file {job.eval.probes} changed"
+
+
 def read_probes(path: str | Path, mask_token: str = "<mask>") -> list[Probe]:
     """Parse a probe file; a malformed line is an error naming the file and the line."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise SourceUnavailableError(f"probe file {path} does not exist") from None
+        # The job names it, and a retry finds it missing again: a job's error, not an unreachable source.
+        raise JobConfigError(
+            f"eval.probes: probe file {path} does not exist (relative paths start at {Path.cwd()})"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InputDataError(f"probe file {path} cannot be read: {exc}") from None
     probes = []

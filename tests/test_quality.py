@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, invoke, kantian_text, tiny
-from kantai_batch.errors import InputDataError, SourceUnavailableError
+from kantai_batch.errors import InputDataError, JobConfigError
 from kantai_batch.infer import fill_mask
 from kantai_batch.model import load_lm, load_model_tokenizer
 from kantai_batch.probes import Probe, format_quality, read_probes, score_probes
@@ -48,7 +48,8 @@ def test_malformed_probe_lines_name_file_and_line(tmp_path: Path, line: str, mes
 
 
 def test_missing_or_empty_probe_file(tmp_path: Path):
-    with pytest.raises(SourceUnavailableError, match="does not exist"):
+    # The job names it: a retry finds it missing again (exit 4 had a Job retry a typo).
+    with pytest.raises(JobConfigError, match="eval.probes: probe file .*nope.txt does not exist"):
         read_probes(tmp_path / "nope.txt")
     with pytest.raises(InputDataError, match="has no probes"):
         read_probes(_probe_file(tmp_path / "empty.txt", []))
@@ -121,6 +122,38 @@ def test_run_prints_the_probe_hits_after_the_fill_mask_answers(tmp_path: Path, c
     assert "/1 in the top 5" in result.stdout
     saved = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert saved["quality"]["probes"]["probes"] == 1
+
+    # A probe added to the same file: `run` scores the file as it is now, not the one evaluated before.
+    probes.write_text(probes.read_text() + "The mind <mask> every object. -> knows\n", encoding="utf-8")
+    result = invoke(
+        "run", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file), "--no-tracking",
+        *tiny("train.max_steps=5", f"eval.probes={probes}"),
+    )  # fmt: skip
+    assert "/2 in the top 5" in result.stdout.strip().splitlines()[-1]
+    assert json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["quality"]["probes"]["probes"] == 2
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("eval.probes={missing}", "eval.probes: probe file {missing} does not exist"),
+        ("train.deepspeed={missing}", "train.deepspeed {missing} does not exist"),
+        ("train.init_from={missing}", "train.init_from {missing} does not exist"),
+    ],
+)
+def test_run_checks_the_files_the_job_names_before_the_first_phase(
+    tmp_path: Path, corpus_file: Path, setting: str, message: str
+):
+    """Each was read only by a later phase: a misspelt path failed after preparing, tokenizing and
+    (for the probes) the whole training."""
+    missing = tmp_path / "nope"
+    run_dir = tmp_path / "run"
+    args = ("run", "--run-dir", str(run_dir), "--corpus", str(corpus_file), "--no-tracking")
+    result = invoke(*args, *tiny(setting.format(missing=missing)), expect=2)
+    assert result.stderr.strip().splitlines() == [
+        f"kantai-batch: error: {message.format(missing=missing)}" + (f" (relative paths start at {Path.cwd()})")
+    ]
+    assert not run_dir.exists() or not any(run_dir.iterdir())
 
 
 @pytest.mark.slow
