@@ -72,8 +72,9 @@ def committed_dir(final: Path, **marker_extra: Any) -> Iterator[Path]:
     """Yield a scratch folder that replaces ``final`` (marker included) only if the block succeeds."""
     final.parent.mkdir(parents=True, exist_ok=True)
     with only_writer(final):
-        # Scratch folders left by a killed earlier attempt are garbage (no live writer holds the lock).
-        for stale in final.parent.glob(f".{final.name}.partial-*"):
+        # Scratch and retired folders left by a killed earlier attempt are garbage (no live writer holds
+        # the lock): a model's or tokens' copy is gigabytes.
+        for stale in (*final.parent.glob(f".{final.name}.partial-*"), *final.parent.glob(f".{final.name}.old-*")):
             shutil.rmtree(stale, ignore_errors=True)
         scratch = final.with_name(f".{final.name}.partial-{os.getpid()}")
         scratch.mkdir()
@@ -144,7 +145,15 @@ def file_sha256(path: Path) -> str:
 
 def remote_marker(prefix: S3Uri) -> dict[str, Any] | None:
     """The manifest of a folder committed below ``prefix``, or None while it is missing or incomplete."""
-    return s3.read_json_if_exists(prefix.child(MARKER))
+    uri = prefix.child(MARKER)
+    redo = f"delete {prefix} to redo what wrote it"
+    try:
+        found = s3.read_json_if_exists(uri)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputDataError(f"{uri} is not a manifest ({exc}): {redo}") from None
+    if found is not None and not (isinstance(found, dict) and isinstance(found.get("files"), dict)):
+        raise InputDataError(f"{uri} is not a manifest (no files listed): {redo}")
+    return found
 
 
 def upload(folder: Path, prefix: S3Uri) -> None:

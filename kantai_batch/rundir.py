@@ -64,8 +64,9 @@ class RunDir:
         if is_s3(uri):
             remote = S3Uri.parse(uri)
             return cls(cache_dir() / "runs" / remote.bucket / remote.key, remote)
-        if "://" in uri:
-            raise JobConfigError(f"run dir {uri}: unsupported URI scheme (use a local folder or s3://bucket/prefix)")
+        if "://" in uri or uri.lower().startswith("s3:"):
+            # s3:/bucket (one slash) is a valid local path: the run would have landed in the pod's disk.
+            raise JobConfigError(f"run dir {uri}: unsupported URI (use a local folder or s3://bucket/prefix)")
         root = Path(uri).expanduser()
         if root.exists() and not root.is_dir():
             raise JobConfigError(f"run dir {uri} is not a folder")

@@ -101,7 +101,17 @@ def client():
         config = Config(retries=retries, connect_timeout=_CONNECT_TIMEOUT_S, read_timeout=_READ_TIMEOUT_S)
         # A session of its own: boto3's default one keeps the credentials it first found.
         return boto3.session.Session(botocore_session=settings).client("s3", config=config)
-    except (ValueError, InvalidConfigError, InvalidRetryConfigurationError) as exc:
+    except ValueError as exc:
+        if "endpoint" in str(exc).lower():
+            raise JobConfigError(
+                f"the S3 endpoint (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or the AWS config file) must be a URL "
+                f"such as http://host:9000: {first_line(exc)}"
+            ) from None
+        raise JobConfigError(
+            f"S3 client settings (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE or the AWS config file) are invalid: "
+            f"{first_line(exc)}"
+        ) from None
+    except (InvalidConfigError, InvalidRetryConfigurationError) as exc:
         raise JobConfigError(
             f"S3 client settings (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE or the AWS config file) are invalid: "
             f"{first_line(exc)}"
@@ -138,6 +148,7 @@ def translated(uri: S3Uri | str, action: str) -> Iterator[None]:
         ConfigNotFound,
         ConfigParseError,
         NoCredentialsError,
+        ParamValidationError,
         PartialCredentialsError,
         ProfileNotFound,
     )
@@ -155,6 +166,10 @@ def translated(uri: S3Uri | str, action: str) -> Iterator[None]:
         raise _client_error(exc, uri, action) from None
     except NoCredentialsError:
         raise JobConfigError(f"{uri}: no AWS credentials (environment, profile or web identity)") from None
+    except ParamValidationError as exc:
+        # A bucket name S3 cannot have: no retry helps, and the reason is below botocore's header line.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise JobConfigError(f"{uri}: {lines[-1] if lines else type(exc).__name__}") from None
     except (PartialCredentialsError, ProfileNotFound, ConfigNotFound, ConfigParseError) as exc:
         # The job's settings, not the store: a retry cannot help.
         raise JobConfigError(f"{uri}: the AWS credentials or profile are incomplete: {first_line(exc)}") from None

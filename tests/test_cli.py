@@ -107,6 +107,15 @@ def test_run_dir_that_is_a_file(tmp_path):
     assert f"run dir {tmp_path / 'file'} is not a folder" in result.stderr
 
 
+def test_an_s3_run_dir_with_one_slash_is_refused_not_written_locally(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("prepare", "--run-dir", "s3:/bucket/run", "--corpus", "unused.txt", expect=2)
+    assert result.stderr.strip() == (
+        "kantai-batch: error: run dir s3:/bucket/run: unsupported URI (use a local folder or s3://bucket/prefix)"
+    )
+    assert not (tmp_path / "s3:").exists()
+
+
 def test_an_empty_run_dir_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("prepare", "--run-dir", " ", expect=2)

@@ -369,3 +369,46 @@ def test_credentials_from_instance_metadata_survive_its_first_errors(
         server.shutdown()
     assert str(missing) in failed.stderr and "no AWS credentials" not in failed.stderr, failed.stderr
     assert failed.exit_code != 0 and _FlakyInstanceMetadata.failures_left == 0
+
+
+@pytest.mark.parametrize(
+    ("run_dir", "says"),
+    [
+        # Bucket names S3 cannot have: botocore's reason is below its header line; a retry cannot help.
+        ("s3://kb k/x", 'Invalid bucket name "kb k"'),
+        ("s3://my_bucket:colon/x", 'Invalid bucket name "my_bucket:colon"'),
+    ],
+)
+def test_an_impossible_bucket_name_is_a_config_error_with_the_reason(s3_endpoint, run_dir: str, says: str, fresh_cache):
+    result = invoke("prepare", "--run-dir", run_dir, "--corpus", "unused.txt", expect=2)
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and says in message and message.startswith(f"kantai-batch: error: {run_dir}")
+
+
+def test_an_endpoint_that_is_no_url_names_the_endpoint_setting(s3_endpoint, bucket: str, monkeypatch, fresh_cache):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "localhost:8333")
+    s3.client.cache_clear()
+    try:
+        result = invoke("prepare", "--run-dir", f"s3://{bucket}/runs/x", "--corpus", "unused.txt", expect=2)
+    finally:
+        monkeypatch.undo()
+        s3.client.cache_clear()
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and "AWS_ENDPOINT_URL_S3" in message and "localhost:8333" in message
+
+
+@pytest.mark.parametrize("body", [b"", b"[1, 2]", b'{"completed_at": "x"}'])
+def test_a_damaged_remote_marker_is_a_one_line_error(
+    s3_endpoint, bucket: str, corpus_file: Path, fresh_cache, tmp_path: Path, monkeypatch, body: bytes
+):
+    """A local marker that is no manifest was one line; a remote one was a JSON traceback (exit 1)."""
+    run_dir = f"s3://{bucket}/runs/damaged"
+    prepared_run(run_dir, corpus_file)  # type: ignore[arg-type]
+    boto3.client("s3").put_object(Bucket=bucket, Key=f"runs/damaged/tokenizer/{MARKER}", Body=body)
+    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "another-pod"))
+    result = invoke("pretrain", "--run-dir", run_dir, "--no-tracking", *tiny(), expect=3)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"kantai-batch: error: {run_dir}/tokenizer/{MARKER} is not a manifest"
+    )
+    assert lines[0].endswith(f"delete {run_dir}/tokenizer to redo what wrote it")
