@@ -13,6 +13,8 @@ may not resolve yet when the other pods start, so launch waits for it, boundedly
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import signal
@@ -30,11 +32,17 @@ def launch(torchrun_options: list[str], command: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    said = io.StringIO()
     try:
-        args = get_args_parser().parse_args([*torchrun_options, "--module", "kantai_batch", *command])
-    except SystemExit as exc:  # argparse has printed what it did not understand
-        raise JobConfigError(f"launch: invalid torchrun options {' '.join(torchrun_options)}") from exc
+        with contextlib.redirect_stderr(said):  # argparse's usage text: 20 lines before the one that matters
+            args = get_args_parser().parse_args([*torchrun_options, "--module", "kantai_batch", *command])
+    except SystemExit as exc:
+        problem = (said.getvalue().strip().splitlines() or ["?"])[-1].partition("error: ")[2]
+        settings = [f"{name}={value!r}" for name, value in sorted(os.environ.items()) if name.startswith("PET_")]
+        given = " ".join([*torchrun_options, *settings]) or "none"
+        raise JobConfigError(f"launch: invalid torchrun options or PET_* settings ({given}): {problem}") from exc
     require_topology(args.nproc_per_node, args.nnodes)
+    require_rendezvous(args, torchrun_options)
     wait_for_host(rendezvous_host(args), rendezvous_wait_s())
     try:
         run(args)
@@ -49,6 +57,7 @@ def launch(torchrun_options: list[str], command: list[str]) -> int:
 
 # How the peers of a dead rank exit: the lost connection, or torchrun's SIGTERM (handled, or not).
 _PEER_EXITS = (1, 128 + signal.SIGTERM, -signal.SIGTERM)
+_STOPPED = (128 + signal.SIGTERM, -signal.SIGTERM)
 
 
 def reported_failure(failures: dict) -> tuple[int, int]:
@@ -59,8 +68,16 @@ def reported_failure(failures: dict) -> tuple[int, int]:
     seconds; so the cause (another signal or a specific code) wins over those, then the earlier
     failure, then the lower rank.
     """
+    # 1 before torchrun's SIGTERM: a rank that crashed (1) and a peer stopped in the same second (143)
+    # is a crash, not a preemption, which the pod failure policy would retry without counting it.
     rank, failure = min(
-        failures.items(), key=lambda item: (item[1].exitcode in _PEER_EXITS, item[1].timestamp, item[0])
+        failures.items(),
+        key=lambda item: (
+            item[1].exitcode in _PEER_EXITS,
+            item[1].exitcode in _STOPPED,
+            item[1].timestamp,
+            item[0],
+        ),
     )
     # A negative code is the signal that killed the process; report it the way a shell does.
     return rank, failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
@@ -86,6 +103,26 @@ def require_topology(nproc_per_node: str, nnodes: str) -> None:
         1 <= len(bounds) <= 2 and all(b.isdigit() and int(b) >= 1 for b in bounds) and int(bounds[0]) <= int(bounds[-1])
     ):
         raise JobConfigError(f"launch: --nnodes (PET_NNODES) must be N or MIN:MAX of at least 1, got {nnodes!r}")
+
+
+def require_rendezvous(args, torchrun_options: list[str]) -> None:
+    """A node rank among the nodes, and a place to meet for several: otherwise torchrun waits out its
+    10-minute rendezvous timeout (at 127.0.0.1, its default address) and exits 1, which is retried."""
+    nodes = int(args.nnodes.split(":")[-1])
+    if not 0 <= args.node_rank < nodes:
+        raise JobConfigError(
+            f"launch: --node-rank (PET_NODE_RANK) must be 0 to {nodes - 1} for --nnodes (PET_NNODES) "
+            f"{args.nnodes}, got {args.node_rank}"
+        )
+    given = any(option.split("=")[0] in _MEETING_OPTIONS for option in torchrun_options)
+    if nodes > 1 and not (given or args.rdzv_endpoint or os.environ.get("PET_MASTER_ADDR")):
+        raise JobConfigError(
+            f"launch: {args.nnodes} nodes need a place to meet: --master-addr (PET_MASTER_ADDR) or --rdzv-endpoint "
+            "(PET_RDZV_ENDPOINT), e.g. the first pod's name behind the headless Service"
+        )
+
+
+_MEETING_OPTIONS = frozenset(("--master-addr", "--master_addr", "--rdzv-endpoint", "--rdzv_endpoint"))
 
 
 def rendezvous_wait_s() -> float:

@@ -25,6 +25,14 @@ def test_a_killed_rank_is_reported_over_the_peer_that_lost_its_connection():
         assert reported_failure(failures) == (1, 128 + signal.SIGKILL)
 
 
+def test_a_crash_is_reported_over_the_peer_torchrun_stopped_in_the_same_second():
+    # 143 is a preemption to the pod failure policy, retried without counting: a crash every time it runs
+    # was retried for free whenever the peer stopped by torchrun had the lower rank.
+    for stopped in (128 + signal.SIGTERM, -signal.SIGTERM):
+        assert reported_failure({0: _failure(stopped, 100), 1: _failure(1, 100)}) == (1, 1)
+    assert reported_failure({0: _failure(143, 100), 1: _failure(143, 100)}) == (0, 143)
+
+
 def test_a_specific_code_wins_over_1_and_otherwise_the_earliest_then_the_lowest_rank():
     assert reported_failure({0: _failure(1, 100), 1: _failure(2, 101)}) == (1, 2)
     assert reported_failure({0: _failure(143, 101), 1: _failure(3, 100)}) == (1, 3)
@@ -45,6 +53,14 @@ def _has_cuda() -> bool:
         ([], {"PET_NPROC_PER_NODE": "0"}, "got '0'"),
         ([], {"PET_NNODES": "0"}, "--nnodes (PET_NNODES) must be N or MIN:MAX of at least 1, got '0'"),
         ([], {"PET_NNODES": "3:2"}, "got '3:2'"),
+        # torchrun waited out its 10-minute rendezvous timeout, then exited 1 (retried).
+        ([], {"PET_NNODES": "2", "PET_NODE_RANK": "2", "PET_MASTER_ADDR": "h"}, "must be 0 to 1 for --nnodes"),
+        (
+            [],
+            {"PET_NNODES": "2", "PET_NODE_RANK": "1"},
+            "2 nodes need a place to meet: --master-addr (PET_MASTER_ADDR)",
+        ),
+        ([], {"PET_NODE_RANK": ""}, "invalid torchrun options or PET_* settings (PET_NODE_RANK='')"),
         pytest.param(
             [],
             {"PET_NPROC_PER_NODE": "gpu"},
@@ -54,6 +70,7 @@ def _has_cuda() -> bool:
     ],
 )
 def test_a_topology_torchrun_cannot_run_is_a_config_error(options, env, message, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("PET_MASTER_ADDR", raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     result = invoke("launch", *options, "inspect", expect=2)
