@@ -95,6 +95,13 @@ def test_steps_that_change_speed_after_a_check_still_end_the_schedule_with_the_b
     assert budget.schedule.total_steps == pytest.approx(ended_at, abs=1)
 
 
+def test_the_budget_stops_training_before_there_is_a_plan(monkeypatch: pytest.MonkeyPatch):
+    """Steps of 200 s spend the 1,000 s budget before the steps timed for the first plan are done: the
+    budget itself must end training then, not a plan made only after it was overspent."""
+    budget, ended_at = _train_on_a_fake_clock(monkeypatch, lambda step: 200.0)
+    assert ended_at == 5 and budget.spent() == pytest.approx(1000.0)
+
+
 def test_ranks_whose_clocks_started_apart_plan_the_same_schedule(monkeypatch: pytest.MonkeyPatch):
     """Two ranks, one of whose clocks started half a step earlier: planned from their own clocks they
     would end a step apart (99 and 100), one leaving the loop while the other waits in a collective."""

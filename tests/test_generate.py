@@ -175,6 +175,46 @@ def test_chat_serve_on_a_port_in_use_fails_by_name_before_loading_the_model(tmp_
     assert result.stderr.strip() == message
 
 
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (
+            {"temperature": 0.7, "top_k": 7, "top_p": 0.5},
+            {"do_sample": True, "temperature": 0.7, "top_k": 7, "top_p": 0.5},
+        ),
+        ({"temperature": 0, "top_k": 7, "top_p": 0.5}, {"do_sample": False}),
+    ],
+    ids=["sampled", "greedy"],
+)
+def test_the_users_sampling_settings_reach_generation(monkeypatch: pytest.MonkeyPatch, settings, expected):
+    """What --temperature, --top-k and --top-p (or the chat page's fields) say is what generate samples
+    with; temperature 0 is greedy. An untrained model will do: only the call to generate is looked at."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast, RobertaConfig
+
+    from kantai_batch.generate import Generator
+    from kantai_batch.job import Sampling
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["where is my order"] * 5, vocab_size=270,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", pad_token="<pad>",
+                                        eos_token="</s>", unk_token="<unk>", mask_token="<mask>")  # fmt: skip
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=34, is_decoder=True)  # fmt: skip
+    generator = Generator(RobertaForCausalLM(config), tokenizer)
+    given = []
+
+    def spy(inputs, generation_config, **kwargs):
+        given.append(generation_config)
+        return torch.cat([inputs, torch.tensor([[tokenizer.eos_token_id]])], dim=1)
+
+    monkeypatch.setattr(generator.model, "generate", spy)
+    generator("where is my order", Sampling(max_new_tokens=4, **settings))
+    assert {name: getattr(given[0], name) for name in expected} == expected
+
+
 def _read(generator, module, prompt: str, sampling=None, **options) -> list[list[int]]:
     """The ids (or positions) ``module`` was given in each forward of one generation."""
     from kantai_batch.job import Sampling

@@ -63,6 +63,8 @@ def test_corpus_option_overrides_the_source(tmp_path: Path):
         (["generate.seed=-1"], "generate.seed: Input should be greater than or equal to 0"),
         (["model.hidden_size=100"], "hidden_size 100 is not a multiple of num_attention_heads 12"),
         (["data.block_size=600"], "data.block_size 600 needs model.max_position_embeddings of at least 602"),
+        # RoBERTa's positions start after the padding index: 514 hold a block of 512, not of 513.
+        (["data.block_size=513"], "data.block_size 513 needs model.max_position_embeddings of at least 515"),
         (["infer.fill_mask_text=no mask here"], "infer.fill_mask_text needs exactly one <mask> token, has 0"),
         (["infer.fill_mask_text=<mask> and <mask>."], "infer.fill_mask_text needs exactly one <mask> token, has 2"),
         (["train"], "expected dotted.key=value"),
@@ -83,6 +85,10 @@ def test_corpus_option_overrides_the_source(tmp_path: Path):
 def test_invalid_values_name_the_key(overrides: list[str], message: str):
     with pytest.raises(JobConfigError, match=re.escape(message)):
         load_job(None, overrides)
+
+
+def test_the_longest_block_the_default_positions_hold_loads():
+    assert load_job(None, ["data.block_size=512"]).data.block_size == 512 == Job().model.max_position_embeddings - 2
 
 
 def test_bad_yaml_is_one_line_naming_file_and_line(tmp_path: Path):
@@ -177,6 +183,28 @@ def test_a_field_its_other_settings_leave_unread_redoes_nothing(base: list[str],
 
     assert digests(unread) == digests()
     assert digests(read) != digests()
+
+
+@pytest.mark.parametrize("folder", ["tokenizer", "tokens"])
+def test_a_checkpoint_of_other_tokens_or_another_tokenizer_is_of_another_lineage(folder: str):
+    """Tokens redone (a grown corpus in the same run dir) or a new tokenizer: the old checkpoints trained on
+    other samples, and resuming one would mix two trainings. The lineage follows those folders' files."""
+    from kantai_batch.fingerprint import checkpoint_lineage
+
+    class Run:  # a run's folders, by their markers' file checksums
+        tokenizer, tokens = "tokenizer", "tokens"
+
+        def __init__(self, markers: dict[str, dict]) -> None:
+            self.markers = markers
+
+        def marker(self, folder: str) -> dict | None:
+            return self.markers.get(folder)
+
+    before = {"tokenizer": {"files": {"tokenizer.json": "aa"}}, "tokens": {"files": {"train/data.arrow": "bb"}}}
+    after = {**before, folder: {"files": {**before[folder]["files"], "added": "cc"}}}
+    job = load_job(None)
+    assert checkpoint_lineage(job, Run(before)) == checkpoint_lineage(job, Run(dict(before)))
+    assert checkpoint_lineage(job, Run(after)) != checkpoint_lineage(job, Run(before))
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,33 @@ def test_masking_is_robertas_80_10_10_and_never_touches_special_tokens(tokenizer
     assert np.array_equal(inputs[~chosen], ids[~chosen])
 
 
+def test_the_random_tenth_of_chosen_tokens_is_swapped_for_tokens_drawn_from_the_vocabulary(tokenizer):
+    """RoBERTa's 10% "random token" is a token drawn from the whole vocabulary: one fixed stand-in
+    would be just another mask token, and the model would learn it as one."""
+    ids = np.asarray(blocks(2000)["input_ids"])
+    batch = collate(MaskedSamples(blocks(2000), tokenizer, 0.15, seed=0).__getitems__(list(range(2000))), 1, 8)
+    labels, inputs = batch["labels"].numpy(), batch["input_ids"].numpy()
+    chosen = labels != IGNORE
+    swapped = (inputs[chosen] != tokenizer.mask_token_id) & (inputs[chosen] != ids[chosen])
+    assert 0.08 < swapped.mean() < 0.12
+    replacements = inputs[chosen][swapped]
+    assert len(np.unique(replacements)) > 100, np.unique(replacements)[:10]
+    assert replacements.min() >= 0 and replacements.max() < len(tokenizer)
+
+
+def test_samples_without_a_special_tokens_mask_never_mask_their_special_tokens(tokenizer):
+    """Samples tokenized without a special_tokens_mask column: the masker finds <s> and </s> by their ids."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 300, (2000, 32))
+    ids[:, 0], ids[:, -1] = tokenizer.bos_token_id, tokenizer.eos_token_id
+    data = Dataset.from_dict({"input_ids": ids.tolist()})
+    batch = collate(MaskedSamples(data, tokenizer, 0.15, seed=0).__getitems__(list(range(2000))), 1, 8)
+    labels, inputs = batch["labels"].numpy(), batch["input_ids"].numpy()
+    assert not (labels[:, [0, -1]] != IGNORE).any()
+    assert np.array_equal(inputs[:, [0, -1]], ids[:, [0, -1]])
+    assert (labels[:, 1:-1] != IGNORE).mean() == pytest.approx(0.15, abs=0.005)
+
+
 def test_frequency_weighted_selection_keeps_the_rate_and_favours_rare_tokens():
     counts = np.array([0, 1000, 100, 10, 1, 0])
     chosen = selection_probabilities(counts, 0.3, 0.5)

@@ -161,6 +161,42 @@ def test_retraining_promotes_only_a_better_model_continuing_from_the_champion(
     assert len(unknown.splitlines()) == 1 and "models:/no-such-model in MLflow" in unknown
 
 
+@pytest.mark.parametrize(("new_loss", "promoted"), [(0.999, False), (0.99, True)])
+def test_the_champion_moves_only_for_a_loss_lower_by_min_improvement(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, new_loss: float, promoted: bool
+):
+    """A loss 0.1% below the champion's is noise, not a better model: with register.min_improvement 0.005
+    the new version is the challenger; 1% below, it is the champion. The decision alone, the registry stubbed."""
+    from types import SimpleNamespace
+
+    from kantai_batch import benchmark, promotion, registry, sources
+    from kantai_batch.job import load_job
+
+    losses = {"new model": new_loss, "champion version 1": 1.0}
+    monkeypatch.setattr(benchmark, "score", lambda job, model_dir, bench, what: {"loss": losses[what]})
+    monkeypatch.setattr(sources, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(registry, "cached_pull", lambda uri, cache: tmp_path / "champion")
+    monkeypatch.setattr(registry, "register", lambda *args, **kwargs: {"version": "2", "run_id": "run-2"})
+    monkeypatch.setattr(registry, "log_metrics", lambda *args: None)
+    monkeypatch.setattr(registry, "set_version_tags", lambda *args: None)
+    monkeypatch.setattr(registry, "version_by_alias", lambda name, alias: "1")
+    moved = []
+    monkeypatch.setattr(registry, "move_alias", lambda name, alias, version, by: moved.append((alias, version)))
+    monkeypatch.setattr(promotion, "_versions_or_none", lambda name: [])
+    monkeypatch.setattr(promotion, "_model_sha256", lambda run: "0" * 64)
+    monkeypatch.setattr(promotion, "_require_finite_training", lambda run, stays: None)
+    monkeypatch.setattr(promotion, "_unlike", lambda model_dir, champion_dir: None)
+
+    job = load_job(None, ["register.min_improvement=0.005"])
+    run = SimpleNamespace(model=tmp_path / "model", require=lambda *args: None)
+    held_out = SimpleNamespace(freeze=False, sha256="1" * 64, source="benchmark.txt")
+    outcome = promotion._decide(job, run, "kant", "1", held_out, {})
+    assert outcome.promoted is promoted
+    assert moved == [("champion" if promoted else "challenger", "2")]
+    if not promoted:
+        assert "register.min_improvement asks for at least 0.5% lower" in outcome.line
+
+
 def test_a_failure_after_training_leaves_the_champion_where_it_was(registry: mlflow.MlflowClient, tmp_path: Path):
     name = "failing-tiny"
     corpus, run_dir = tmp_path / "corpus", tmp_path / "run"

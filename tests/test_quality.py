@@ -191,6 +191,36 @@ def test_probe_ranks_follow_the_fill_mask_pipeline_over_the_whole_vocabulary(tra
     assert line.endswith(f"{median}; 2 with no answer in this vocabulary")
 
 
+def test_a_best_answer_ranked_exactly_top_k_is_a_top_k_hit():
+    """A "hit at k" is rank k or better: an answer ranked 3rd counts in the top 3, one ranked 4th does not.
+    A stand-in model gives the mask chosen scores, so the ranks are known without training one."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["Human thinking involves human reason and every object."] * 20, vocab_size=300,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", pad_token="<pad>",
+                                        eos_token="</s>", unk_token="<unk>", mask_token="<mask>")  # fmt: skip
+    scores = torch.zeros(len(tokenizer))
+    for word, score in [("Ġobject", 7.0), ("Ġevery", 6.0), ("Ġreason", 5.0), ("Ġhuman", 4.0)]:
+        scores[tokenizer.convert_tokens_to_ids(word)] = score
+
+    class Scripted:  # the same scores at every position of every text
+        device = torch.device("cpu")
+
+        def __call__(self, input_ids, **kwargs):
+            return type("Output", (), {"logits": scores.expand(1, input_ids.shape[1], -1)})
+
+    text = "Human thinking involves human <mask>."
+    probes = [Probe(text, ("reason",), 1), Probe(text, ("human",), 2)]
+    scored = score_probes(Scripted(), tokenizer, probes, top_k=3)
+    assert [row["rank"] for row in scored["results"]] == [3, 4]
+    assert scored["results"][0]["predicted"] == ["object", "every", "reason"]
+    assert (scored["top1_hits"], scored["topk_hits"]) == (0, 1)
+
+
 @pytest.mark.slow
 def test_run_redoes_an_evaluation_made_on_another_corpus(
     trained_run: Path, tmp_path: Path, held_out: Path, corpus_file: Path

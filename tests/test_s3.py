@@ -340,3 +340,19 @@ def test_a_folder_committed_again_during_its_download_is_a_retryable_error(bucke
     assert not issubclass(SourceUnavailableError, InputDataError)
     download(remote, tmp_path / "again")
     assert (tmp_path / "again" / "a.bin").read_text() == "new a"
+
+
+def test_a_file_damaged_in_the_store_is_a_checksum_error_not_a_retry(bucket: str, tmp_path: Path):
+    """Bytes changed under an unchanged marker are damage, which no retry mends (exit 3), not a recommit
+    that raced the download (exit 4, retried until the Job's backoff runs out)."""
+    from kantai_batch.errors import InputDataError
+    from kantai_batch.manifest import download, upload
+
+    remote = s3.S3Uri.parse(f"s3://{bucket}/runs/damaged/model")
+    upload(_folder(tmp_path / "model", {"a.bin": "weights a", "b.bin": "weights b"}), remote)
+    marker = _read_json(bucket, f"runs/damaged/model/{MARKER}")
+    boto3.client("s3").put_object(Bucket=bucket, Key="runs/damaged/model/b.bin", Body=b"weights B")
+    assert _read_json(bucket, f"runs/damaged/model/{MARKER}") == marker
+    with pytest.raises(InputDataError, match=rf"model/b\.bin does not match its checksum in .*model/{MARKER}"):
+        download(remote, tmp_path / "read")
+    assert InputDataError.exit_code == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -412,3 +413,28 @@ def test_a_damaged_remote_marker_is_a_one_line_error(
         f"kantai-batch: error: {run_dir}/tokenizer/{MARKER} is not a manifest"
     )
     assert lines[0].endswith(f"delete {run_dir}/tokenizer to redo what wrote it")
+
+
+@pytest.mark.parametrize(
+    ("code", "error", "says"),
+    [
+        ("AccessDenied", "InputDataError", "access denied (AccessDenied) while trying to delete"),
+        ("InternalError", "SourceUnavailableError", "cannot delete: InternalError refused"),
+    ],
+    ids=["denied", "other"],
+)
+def test_keys_a_multi_delete_refuses_are_an_error(monkeypatch, code: str, error: str, says: str):
+    """A multi-delete answers 200 and lists the keys it refused: a marker left standing would vouch for
+    files about to be replaced. Denied is for good (exit 3); anything else a retry may mend (exit 4)."""
+    from kantai_batch import errors
+
+    says = f"s3://kantai/runs/x/model/{MARKER}: {says}"
+
+    class Refusing:  # the store refuses the marker's delete and takes the others
+        def delete_objects(self, Bucket: str, Delete: dict) -> dict:
+            key = Delete["Objects"][0]["Key"]
+            return {"Deleted": Delete["Objects"][1:], "Errors": [{"Key": key, "Code": code, "Message": "refused"}]}
+
+    monkeypatch.setattr(s3, "client", Refusing)
+    with pytest.raises(getattr(errors, error), match=re.escape(says)):
+        s3.delete_keys(s3.S3Uri.parse("s3://kantai/runs/x/model"), [MARKER, "model.safetensors"])

@@ -73,6 +73,32 @@ def test_cleaning_and_length_filter_match_the_recipe(tmp_path: Path):
     assert counts["examples_dropped"] == {"too_short": len(rows) - len(expected)}
 
 
+def test_min_words_keeps_only_examples_of_more_words(tmp_path: Path):
+    """corpus.min_words is "more than min_words words": an example of exactly min_words words is too short."""
+    rows = support_conversations(40)
+    rows.append(["9001", "a", "False", "t", "exactly five words right here", "", ""])
+    rows.append(["9002", "b", "False", "t", "six words make it past here", "", ""])
+    _prepare(tmp_path / "run", twcs_csv(tmp_path / "twcs.csv", rows), "corpus.min_words=5")
+    examples = _examples(tmp_path / "run")
+    assert "six words make it past here" in examples
+    assert "exactly five words right here" not in examples
+    assert _twcs_stats(tmp_path / "run")["examples_dropped"] == {"too_short": 1}
+
+
+def test_min_words_does_not_count_the_conversation_separator(tmp_path: Path):
+    """In conversation mode min_words counts the words of both turns: the <reply> joining them is no word."""
+    rows = support_conversations(40)
+    rows.append(["9001", "a", "True", "t", "my parcel vanished", "", ""])
+    rows.append(["9002", "Brand", "False", "t", "checking now", "", "9001.0"])  # 5 words with the separator's 6
+    rows.append(["9003", "b", "True", "t", "my box vanished", "", ""])
+    rows.append(["9004", "Brand", "False", "t", "we are checking", "", "9003.0"])  # 6 words
+    _prepare(tmp_path / "run", twcs_csv(tmp_path / "twcs.csv", rows), "corpus.conversation=true", "corpus.min_words=5")
+    examples = _examples(tmp_path / "run")
+    assert "my box vanished <reply> we are checking" in examples
+    assert "my parcel vanished <reply> checking now" not in examples
+    assert _twcs_stats(tmp_path / "run")["examples_dropped"]["too_short"] == 1
+
+
 def test_hostile_rows_are_counted_and_skipped(tmp_path: Path):
     words = " ".join(f"word{i} plain" for i in range(20))
     rows = [
