@@ -216,8 +216,13 @@ def download(prefix: S3Uri, dest: Path) -> dict[str, Any]:
         futures = [
             pool.submit(s3.download_file, location(prefix, manifest, name), dest / name) for name in manifest["files"]
         ]
-        for future in futures:
-            future.result()
+        try:
+            for future in futures:
+                future.result()
+        except s3.KeyMissingError:
+            if remote_marker(prefix) != manifest:  # the staging it was read from went with a re-commit
+                raise SourceUnavailableError(f"{prefix} was committed again while it was downloaded; retry") from None
+            raise
     for name, expected in manifest["files"].items():
         if file_sha256(dest / name) != expected["sha256"]:
             if remote_marker(prefix) != manifest:

@@ -317,9 +317,12 @@ def test_checkpoints_set_aside_in_s3_move_whole_and_leave_resuming_alone(bucket:
     assert run.newest_checkpoint(tidy=True) is None, "nothing left to resume"
 
 
-def test_a_folder_committed_again_during_its_download_is_a_retryable_error(bucket: str, tmp_path: Path, monkeypatch):
-    """A reader that read the old marker gets some new files: not damage (exit 3, which fails a Job), a race
-    a retry wins (4)."""
+@pytest.mark.parametrize("new_files", [{"a.bin": "new a", "b.bin": "new b"}, {"c.bin": "new c"}])
+def test_a_folder_committed_again_during_its_download_is_a_retryable_error(
+    bucket: str, tmp_path: Path, monkeypatch, new_files: dict[str, str]
+):
+    """A reader that read the old marker gets some new files, or finds the old ones gone: not damage (exit 3,
+    which fails a Job) nor a missing file, a race a retry wins (4)."""
     from kantai_batch.errors import InputDataError, SourceUnavailableError
     from kantai_batch.manifest import download, upload
 
@@ -330,7 +333,7 @@ def test_a_folder_committed_again_during_its_download_is_a_retryable_error(bucke
     def racing(uri, dest):
         with lock:  # files download in parallel: the writer's commit lands once, before the first of them
             if not calls:
-                upload(_folder(tmp_path / "new", {"a.bin": "new a", "b.bin": "new b"}), remote)
+                upload(_folder(tmp_path / "new", new_files), remote)
             calls.append(uri)
         return real(uri, dest)
 
@@ -339,7 +342,8 @@ def test_a_folder_committed_again_during_its_download_is_a_retryable_error(bucke
         download(remote, tmp_path / "read")
     assert not issubclass(SourceUnavailableError, InputDataError)
     download(remote, tmp_path / "again")
-    assert (tmp_path / "again" / "a.bin").read_text() == "new a"
+    name = next(iter(new_files))
+    assert (tmp_path / "again" / name).read_text() == new_files[name]
 
 
 def test_a_file_damaged_in_the_store_is_a_checksum_error_not_a_retry(bucket: str, tmp_path: Path):
