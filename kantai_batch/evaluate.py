@@ -65,7 +65,8 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
     model.set_attn_implementation(resolve_attention(job.train.attention, resolve_precision(job.train.precision)))
     # The eval samples' masks follow the model's task, whatever the job says.
     shaped = job.model_copy(update={"task": task})
-    inputs = fingerprint_of(job, "evaluate", run, model_dir=model_dir)
+    # By the scored model's task: the fields the other task alone reads count at their defaults.
+    inputs = fingerprint_of(shaped, "evaluate", run, model_dir=model_dir)
     with tempfile.TemporaryDirectory(prefix="kantai-eval-") as scratch:
         if corpus is None:
             samples, corpus_name = _held_out(shaped, run, tokenizer), str(run.eval_text)

@@ -24,12 +24,12 @@ from kantai_batch.rundir import CORPUS_STATS
 def fingerprint_of(job: Job, phase: str, run=None, *, model_dir: Path | None = None, legacy: bool = False) -> str:
     """The digest of everything ``phase`` reads: its job fields and its upstream folders' manifests.
 
-    ``model_dir`` stands in for the run's model (evaluate scoring a model from elsewhere). ``legacy``:
-    the digest as recorded before 2026-12-07, which counted the corpus's stats.json (see ``identity``).
+    ``model_dir`` stands in for the run's model (evaluate scoring a model from elsewhere; its ``job`` has
+    that model's task). ``legacy``: the digest as recorded before 2026-12-07, which counted every field
+    (``in_effect``) and the corpus's stats.json (``identity``), so that run dirs made then are not redone.
     """
     row = phase_row(phase)
-    # evaluate scores a model of either task, whatever the job's: the fields of the other task count there.
-    data = in_effect(job, by_task=phase != "evaluate").model_dump(mode="json")
+    data = (job if legacy else in_effect(job)).model_dump(mode="json")
     parts: dict[str, Any] = {"phase": phase, "job": _picked(data, row.reads, row.ignores)}
     if row.version > 1:
         parts["version"] = row.version
@@ -67,14 +67,14 @@ _UNREAD_BY_CLM = {
 }
 
 
-def in_effect(job: Job, *, by_task: bool = True) -> Job:
+def in_effect(job: Job) -> Job:
     """``job`` with the fields nothing reads under its other settings at their defaults: a causal LM's
     masking rate, a decay share without warmup_stable_decay, window settings without mimetic_local, a
     warm-up ratio that warmup_steps replaces, the benchmark `run --register` alone reads. Changing one
     then redoes nothing and keeps a training's checkpoints. Defaults, not dropped, so that the digests
     of jobs that never set them stand."""
     unread: dict[str, set[str]] = {"eval": {"benchmark"}}
-    if by_task and job.task == "clm":
+    if job.task == "clm":
         for section, names in _UNREAD_BY_CLM.items():
             unread.setdefault(section, set()).update(names)
     train = unread.setdefault("train", set())
@@ -112,13 +112,13 @@ def _picked(data: dict[str, Any], reads, ignores=()) -> dict[str, Any]:
     return picked
 
 
-def settings_digest(job: Job) -> str:
+def settings_digest(job: Job, *, legacy: bool = False) -> str:
     """The job settings a trained model depends on: every field the phases up to pretrain read, but
     ``corpus.source``, whose content the corpus's own checksum stands for (the same files under another
-    name train the same model)."""
+    name train the same model). ``legacy``: as recorded before 2026-12-07, every field counted."""
     from kantai_batch.phases import before
 
-    data = in_effect(job).model_dump(mode="json")
+    data = (job if legacy else in_effect(job)).model_dump(mode="json")
     rows = (*before("pretrain"), phase_row("pretrain"))
     fields = sorted({name for row in rows for name in row.reads})
     picked = _picked(data, fields, [name for row in rows for name in row.ignores])
@@ -135,16 +135,17 @@ _RESUMABLE_ACROSS = frozenset(
 )
 
 
-def checkpoint_lineage(job: Job, run) -> str:
+def checkpoint_lineage(job: Job, run, *, legacy: bool = False) -> str:
     """What a checkpoint is a step of: the run's tokenizer and samples, the model it started from and the
     training settings, the step and time bounds aside (a longer training resumes a shorter one).
 
     A checkpoint of another lineage belongs to an earlier training (a retraining on a grown corpus in
-    the same run dir, or with another learning rate) and is not resumed.
+    the same run dir, or with another learning rate) and is not resumed. ``legacy``: as recorded before
+    2026-12-07, every field counted.
     """
     from kantai_batch.continued import init_identity
 
-    settings = in_effect(job).train.model_dump(mode="json")
+    settings = (job if legacy else in_effect(job)).train.model_dump(mode="json")
     train = {key: value for key, value in settings.items() if key not in _RESUMABLE_ACROSS}
     parts = {
         "tokenizer": (run.marker(run.tokenizer) or {}).get("files"),

@@ -567,11 +567,13 @@ def load_job(
     try:
         return Job.model_validate(raw)
     except ValidationError as exc:
-        raise JobConfigError(_describe(exc, f"job {where}", _override_keys(overrides))) from None
+        given = _override_keys(overrides) | ({"corpus.source": "--corpus"} if corpus is not None else {})
+        raise JobConfigError(_describe(exc, f"job {where}", given)) from None
 
 
-def _override_keys(overrides) -> set[str]:
-    return {override.partition("=")[0].strip() for override in overrides}
+def _override_keys(overrides) -> dict[str, str]:
+    """The dotted keys ``overrides`` set, each with the option that set it."""
+    return {override.partition("=")[0].strip(): "--set" for override in overrides}
 
 
 class _JobLoader(yaml.SafeLoader):
@@ -581,8 +583,10 @@ class _JobLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, which the base class flattens
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float)) and key != "<<":
+            if isinstance(key, (str, int, float)):
                 if key in seen:
                     raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key}", key_node.start_mark)
                 seen.add(key)
@@ -629,9 +633,10 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def _describe(exc: ValidationError, where: str, overridden: set[str] = frozenset()) -> str:
+def _describe(exc: ValidationError, where: str, overridden: dict[str, str] | None = None) -> str:
     """One line naming each bad key, and where its value came from: ``where`` (the job file), or the
-    ``--set`` that gave it."""
+    option that gave it (``overridden``: dotted key -> ``--set`` or ``--corpus``)."""
+    overridden = overridden or {}
     fields: dict[str, list[str]] = {}
     got: dict[str, Any] = {}
     for error in exc.errors():
@@ -656,12 +661,18 @@ def _describe(exc: ValidationError, where: str, overridden: set[str] = frozenset
             msg = "; ".join(msgs)
         if loc in got and repr(got[loc]) not in msg:
             msg = f"{msg} (got {got[loc]!r})"
-        # The --set of this key or of a key below or above it
-        given = loc and any(f"{key}.".startswith(f"{loc}.") or loc.startswith(f"{key}.") for key in overridden)
-        origins.setdefault("--set" if given else where, []).append(f"{loc}: {msg}" if loc else msg)
+        origin = next((label for key, label in overridden.items() if _gave(key, loc, msg)), where)
+        origins.setdefault(origin, []).append(f"{loc}: {msg}" if loc and origin != "--corpus" else msg)
     return "; ".join(
-        f"{origin}{':' if origin == where else ''} {'; '.join(items)}" for origin, items in origins.items()
+        f"{origin}{' ' if origin == '--set' else ': '}{'; '.join(items)}" for origin, items in origins.items()
     )
+
+
+def _gave(key: str, loc: str, msg: str) -> bool:
+    """Whether setting ``key`` gave the value that an error at ``loc`` saying ``msg`` is about."""
+    if loc:  # the key itself, or one below or above it
+        return f"{key}.".startswith(f"{loc}.") or loc.startswith(f"{key}.")
+    return key in msg  # a check across fields names the fields it compares
 
 
 def _field_path(loc: tuple) -> tuple:

@@ -30,9 +30,9 @@ def run_pipeline(
     The phases named in ``redo`` (not every-rank ones) run even when complete, on the main process; the
     others then find them complete.
     """
-    require_named_files(job)
+    phases, redo = tuple(phases), set(redo)
+    require_named_files(job, _from_the_first_to_run(job, run, phases, redo))
     state = distributed_state()
-    redo = set(redo)
     ran = []
     for phase in phases:
         if state is None:
@@ -52,20 +52,32 @@ def run_pipeline(
     return ran
 
 
-def require_named_files(job: Job) -> None:
-    """The local files the job names for its later phases, checked before the first: a missing probe
+def require_named_files(job: Job, phases: set[str]) -> None:
+    """The local files the job names for ``phases``, checked before the first phase runs: a missing probe
     file or DeepSpeed config, or a misspelt starting model, was found after the phases before it."""
     from kantai_batch.probes import read_probes
 
-    if job.task == "mlm" and job.eval.probes:
+    if "evaluate" in phases and job.task == "mlm" and job.eval.probes:
         read_probes(job.eval.probes, job.tokenizer.special_tokens[4])
-    if job.train.deepspeed:
+    if "pretrain" in phases and job.train.deepspeed:
         from kantai_batch.distributed import deepspeed_config
 
         deepspeed_config(job.train.deepspeed)
     start = job.train.init_from
-    if start and "://" not in start and not start.startswith("models:/") and not Path(start).expanduser().exists():
+    local = start and "://" not in start and not start.startswith("models:/")
+    if local and {"train-tokenizer", "pretrain"} & phases and not Path(start).expanduser().exists():
         raise JobConfigError(f"train.init_from {start} does not exist (relative paths start at {Path.cwd()})")
+
+
+def _from_the_first_to_run(job: Job, run: RunDir, phases: tuple[Phase, ...], redo: set[str]) -> set[str]:
+    """The names of the phases from the first that will run (missing, redone or of other inputs) on: a
+    finished run dir is not refused for a file that only its finished phases read (a probe file moved
+    since). What changed outside the run dir (its corpus's files) is left to the phases to find."""
+    for index, phase in enumerate(phases):
+        marker = None if phase.name in redo else run.marker(phase.output_of(run))
+        if marker is None or marker.get("inputs_sha256") not in _fingerprints(job, phase, run):
+            return {later.name for later in phases[index:]}
+    return set()
 
 
 def _run_phase(job: Job, run: RunDir, phase: Phase, *, track: bool, forced: bool = False, outside: bool = True) -> bool:

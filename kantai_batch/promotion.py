@@ -80,7 +80,9 @@ def retrain(job: Job, run: RunDir, name: str, *, track: bool) -> Outcome | None:
     run_pipeline(job, run, track=track, phases=PHASES[:1], redo=("prepare",))
     corpus_sha = _corpus_sha256(run)
     job_sha = settings_digest(job)
-    if champion and lineage.get(CORPUS_SHA256) == corpus_sha and lineage.get(JOB_SHA256) == job_sha:
+    # A champion tagged before 2026-12-07 has the digest of every field (fingerprint.in_effect came later).
+    same_job = lineage.get(JOB_SHA256) in (job_sha, settings_digest(job, legacy=True))
+    if champion and lineage.get(CORPUS_SHA256) == corpus_sha and same_job:
         if DECISION not in lineage and is_main_process():
             # The run that moved the alias stopped before it recorded why: the record is the audit trail.
             set_version_tags(

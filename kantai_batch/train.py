@@ -32,7 +32,7 @@ from kantai_batch.errors import JobConfigError, PreemptedError, TrainingDiverged
 from kantai_batch.fingerprint import checkpoint_lineage, fingerprint_of
 from kantai_batch.hardware import peak_flops, resolve_attention, resolve_precision, training_flops_per_token
 from kantai_batch.job import Job, ModelSection
-from kantai_batch.manifest import only_writer, read_marker, write_json_atomic
+from kantai_batch.manifest import file_sha256, only_writer, read_marker, write_json_atomic
 from kantai_batch.masking import MaskedSamples
 from kantai_batch.mlflow_metrics import MetricsCallback
 from kantai_batch.model import init_model, load_tokenizer, resolved_vocab_size, roberta_config
@@ -81,8 +81,11 @@ def _pretrain(job: Job, run: RunDir, *, track: bool) -> Path:
         start_from = init_model_dir(job)
         lineage = checkpoint_lineage(job, run)
         resume_from = run.newest_checkpoint(tidy=args.local_process_index == 0)
-        other_training = None
-        if resume_from and read_marker(resume_from).get("lineage_sha256", lineage) != lineage:
+        other_training, other_model = None, False
+        recorded = read_marker(resume_from).get("lineage_sha256", lineage) if resume_from else lineage
+        if recorded != lineage and recorded == checkpoint_lineage(job, run, legacy=True):
+            lineage = recorded  # a training begun before 2026-12-07 goes on under the lineage it began with
+        if resume_from and recorded != lineage:
             # An earlier training's checkpoint (a retraining on a grown corpus in the same run dir):
             # resuming it would skip this training's steps, and its higher step would outlive the new ones.
             other_training, resume_from = resume_from, None
@@ -90,7 +93,7 @@ def _pretrain(job: Job, run: RunDir, *, track: bool) -> Path:
             # Its lineage leaves the model section out; resumed, the new settings would be claimed by
             # weights trained under the old (a changed dropout re-committed the old model as it was).
             log.info("pretrain: %s is a step of another model (%s)", run.uri(resume_from), changed)
-            other_training, resume_from = resume_from, None
+            other_training, resume_from, other_model = resume_from, None, True
     if resume_from:
         require_same_processes(resume_from, args.world_size, run)
     inputs = fingerprint_of(job, "pretrain", run)
@@ -138,7 +141,7 @@ def _pretrain(job: Job, run: RunDir, *, track: bool) -> Path:
             # job given to a resumed run must fail without costing the run its checkpoints. The
             # barrier: every process has read the checkpoints' markers before any is moved.
             barrier()
-            _leave_other_training(run, other_training, args)
+            _leave_other_training(run, other_training, args, other_model=other_model)
         if resume_from:
             log.info("pretrain: resuming from %s", run.uri(resume_from))
         if finished:
@@ -217,10 +220,13 @@ def require_same_processes(checkpoint: Path, processes: int, run: RunDir) -> Non
         )
 
 
-def _leave_other_training(run: RunDir, newest: Path, args) -> None:
+def _leave_other_training(run: RunDir, newest: Path, args, *, other_model: bool = False) -> None:
     """Start over from the checkpoints of another training: deleted where that training committed its model
     (a retraining on a grown corpus), else set aside, since they may be all a long training has to show
-    (a run started again with a setting changed by mistake, or after a divergence, to be looked into)."""
+    (a run started again with a setting changed by mistake, or after a divergence, to be looked into).
+
+    ``other_model``: the same lineage, another model section, whose folder is named by its config too,
+    or trainings of two models set aside in turn would mix (a step of one replacing the other's)."""
     lineage = read_marker(newest).get("lineage_sha256")
     ended = run.marker(run.model)
     # A model committed before models recorded their lineage ends the training, as it was taken to then.
@@ -229,7 +235,8 @@ def _leave_other_training(run: RunDir, newest: Path, args) -> None:
         if args.local_process_index == 0:
             run.discard_checkpoints(remote=args.process_index == 0)
         return
-    aside = run.checkpoints / f"other-training-{(lineage or 'unknown')[:12]}"
+    model = f"-model-{file_sha256(newest / 'config.json')[:8]}" if other_model else ""
+    aside = run.checkpoints / f"other-training-{(lineage or 'unknown')[:12]}{model}"
     log.warning(
         "pretrain: %s is of another training (other samples, starting model or settings) that never committed "
         "its model; starting over, with its checkpoints moved to %s (to resume it, move them back and run its "

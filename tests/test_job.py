@@ -263,3 +263,42 @@ def test_the_benchmark_only_run_register_reads_redoes_no_evaluation():
     evaluated = fingerprint_of(load_job(None), "evaluate")
     assert fingerprint_of(load_job(None, ["eval.benchmark=b.txt"]), "evaluate") == evaluated
     assert fingerprint_of(load_job(None, ["eval.probes=p.txt"]), "evaluate") != evaluated
+
+
+def test_a_causal_lms_evaluation_is_not_redone_for_the_masked_lms_fields():
+    from kantai_batch.fingerprint import fingerprint_of
+
+    clm = ["task=clm"]
+    evaluated = fingerprint_of(load_job(None, clm), "evaluate")
+    for unread in ("infer.top_k=3", "eval.mlm_probability=0.2", "eval.probes=p.txt"):
+        assert fingerprint_of(load_job(None, [*clm, unread]), "evaluate") == evaluated, unread
+    # A masked LM's evaluation reads them.
+    assert fingerprint_of(load_job(None, ["infer.top_k=3"]), "evaluate") != fingerprint_of(load_job(None), "evaluate")
+
+
+def test_yaml_anchors_and_merge_keys_still_load(tmp_path: Path):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(
+        "tokenizer: &sizes\n  vocab_size: 8192\nmodel:\n  <<: *sizes\n  hidden_size: 256\n  num_attention_heads: 4\n"
+    )
+    job = load_job(job_file)
+    assert (job.tokenizer.vocab_size, job.model.vocab_size, job.model.hidden_size) == (8192, 8192, 256)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "corpus", "starts"),
+    [
+        # A check across fields names the option that set one of them.
+        (["train.warmup_steps=500", "train.max_steps=100"], None, "--set train.warmup_steps 500 must be below"),
+        (["data.block_size=1024"], None, "--set data.block_size 1024 needs model.max_position_embeddings"),
+        ([], "", "--corpus: a source must be a non-empty string"),
+    ],
+)
+def test_checks_across_fields_and_the_corpus_option_name_where_the_value_came_from(
+    tmp_path: Path, overrides: list[str], corpus: str | None, starts: str
+):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text("name: x\n")
+    with pytest.raises(JobConfigError) as raised:
+        load_job(job_file, overrides, corpus=corpus)
+    assert str(raised.value).startswith(starts), str(raised.value)

@@ -357,6 +357,24 @@ def test_checkpoints_of_another_model_are_not_resumed(tmp_path: Path, corpus_fil
         assert json.loads((run_dir / "model" / "config.json").read_text())["hidden_dropout_prob"] == 0.1
         before = weights.read_bytes()
 
+    # Unfinished trainings of two models of one lineage, set aside in turn, each keep their own folder: in
+    # one, a step of the second replaced the first's.
+    for dropout in ("0.2", "0.1", "0.2"):
+        shutil.rmtree(run_dir / "model")  # stopped after its last checkpoint, before the commit
+        invoke(
+            "pretrain",
+            "--run-dir",
+            str(run_dir),
+            "--no-tracking",
+            *tiny(*steps, f"model.hidden_dropout_prob={dropout}", "model.num_hidden_layers=3"),
+        )
+    aside = sorted(p.name for p in (run_dir / "checkpoints").glob("other-training-*"))
+    assert len(aside) == 2 and all("-model-" in name for name in aside), aside
+    configs = [
+        json.loads((run_dir / "checkpoints" / name / "checkpoint-10" / "config.json").read_text()) for name in aside
+    ]
+    assert sorted(config["hidden_dropout_prob"] for config in configs) == [0.1, 0.2]
+
 
 def test_the_same_corpus_under_another_path_redoes_only_prepare(
     trained_run: Path, tmp_path: Path, corpus_file: Path, caplog
@@ -376,23 +394,33 @@ def test_the_same_corpus_under_another_path_redoes_only_prepare(
     assert json.loads((run_dir / "corpus" / "stats.json").read_text())["source"] == str(renamed)
 
 
-def test_run_dirs_recorded_before_the_corpus_identity_left_out_stats_json_are_not_redone(
-    tmp_path: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch, caplog
+@pytest.mark.parametrize("unread", [(), ("train.decay_ratio=0.5",)])
+def test_run_dirs_recorded_before_2026_12_07_are_neither_redone_nor_restarted(
+    tmp_path: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch, caplog, unread: tuple[str, ...]
 ):
+    """Until then the corpus's identity counted stats.json and every job field counted, those its other
+    settings leave unread (here a decay share under a linear schedule) included."""
     from kantai_batch import data, fingerprint
 
     counted = fingerprint.identity
     run_dir = tmp_path / "run"
-    with monkeypatch.context() as before:  # the fingerprints and tokens.json as recorded until 2026-12-07
+    job = tiny(*unread, "train.max_steps=10", "train.save_steps=5")
+    with monkeypatch.context() as before:  # the fingerprints, lineages and tokens.json as recorded then
         legacy = lambda output, marker, legacy=False: counted(output, marker, legacy=True)  # noqa: E731
         before.setattr(fingerprint, "identity", legacy)
         before.setattr(data, "identity", legacy)
-        invoke("run", "--run-dir", str(run_dir), "--corpus", str(corpus_file), *tiny())
+        before.setattr(fingerprint, "in_effect", lambda job, **_: job)
+        invoke("run", "--run-dir", str(run_dir), "--corpus", str(corpus_file), *job)
     with caplog.at_level(logging.INFO, logger="kantai_batch"):
-        invoke("run", "--run-dir", str(run_dir), "--corpus", str(corpus_file), *tiny())
+        invoke("run", "--run-dir", str(run_dir), "--corpus", str(corpus_file), *job)
     assert "redoing it" not in caplog.text and caplog.text.count("inputs are unchanged, skipped") == 5
     # Their samples are still the corpus's, for the phases run one by one (a Kubernetes Job each).
-    invoke("evaluate", "--run-dir", str(run_dir), *tiny())
+    invoke("evaluate", "--run-dir", str(run_dir), *job)
+    # A training begun then and stopped before its commit resumes its checkpoints, not starts over.
+    shutil.rmtree(run_dir / "model")
+    invoke("pretrain", "--run-dir", str(run_dir), *job)
+    assert _summary(run_dir)["resumed_from_step"] == 10
+    assert not list((run_dir / "checkpoints").glob("other-training-*"))
 
 
 def test_corrupt_weights_are_a_one_line_error(trained_run: Path, tmp_path: Path):

@@ -18,6 +18,10 @@ from kantai_batch.model import load_lm, load_model_tokenizer
 from kantai_batch.probes import Probe, format_quality, read_probes, score_probes
 
 
+def _summary_steps(run_dir: Path) -> int:
+    return json.loads((run_dir / "model" / "train_summary.json").read_text())["global_step"]
+
+
 def _probe_file(path: Path, lines: list[str]) -> Path:
     path.write_text("# a comment, then a blank line\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -131,6 +135,21 @@ def test_run_prints_the_probe_hits_after_the_fill_mask_answers(tmp_path: Path, c
     )  # fmt: skip
     assert "/2 in the top 5" in result.stdout.strip().splitlines()[-1]
     assert json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["quality"]["probes"]["probes"] == 2
+
+    # Gone since, it is not needed by a run dir whose evaluation is done: nothing to redo, nothing refused.
+    probes.unlink()
+    result = invoke(
+        "run", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file), "--no-tracking",
+        *tiny("train.max_steps=5", f"eval.probes={probes}"),
+    )  # fmt: skip
+    assert "/2 in the top 5" in result.stdout.strip().splitlines()[-1], "the scores it made stand"
+    # With a phase before the evaluation to redo, it is refused before that phase.
+    result = invoke(
+        "run", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file), "--no-tracking",
+        *tiny("train.max_steps=6", f"eval.probes={probes}"), expect=2,
+    )  # fmt: skip
+    assert f"eval.probes: probe file {probes} does not exist" in result.stderr
+    assert _summary_steps(tmp_path / "run") == 5
 
 
 @pytest.mark.parametrize(
