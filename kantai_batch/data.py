@@ -31,9 +31,8 @@ from typing import Any
 import numpy as np
 
 from kantai_batch.errors import InputDataError, unusable_as
-from kantai_batch.fingerprint import identity
 from kantai_batch.job import Job
-from kantai_batch.rundir import RunDir
+from kantai_batch.rundir import RunDir, identity
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +270,7 @@ def tokens_mismatch(run: RunDir, job: Job, split: str, tokenizer) -> str | None:
 
 
 def corpus_digest(run: RunDir, *, legacy: bool = False) -> str | None:
-    """The committed corpus's identity (``fingerprint.identity``) as one digest; None where the run has no corpus."""
+    """The committed corpus's identity (``rundir.identity``) as one digest; None where the run has no corpus."""
     found = run.marker(run.corpus)
     if not found:
         return None

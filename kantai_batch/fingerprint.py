@@ -18,7 +18,7 @@ from typing import Any
 from kantai_batch.job import InferSection, Job
 from kantai_batch.manifest import is_complete, read_marker
 from kantai_batch.phases import phase as phase_row
-from kantai_batch.rundir import CORPUS_STATS
+from kantai_batch.rundir import identity
 
 
 def fingerprint_of(job: Job, phase: str, run=None, *, model_dir: Path | None = None, legacy: bool = False) -> str:
@@ -46,17 +46,6 @@ def fingerprint_of(job: Job, phase: str, run=None, *, model_dir: Path | None = N
         # so the fingerprints of run dirs made before train.init_from existed stand.
         parts["init_from"] = init_identity(job)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def identity(output: str, marker: dict[str, Any] | None, *, legacy: bool = False) -> dict[str, Any] | None:
-    """What a committed folder holds, as its files' checksums: the corpus's without stats.json, which
-    names the paths it was read from, so the same text under another path name redid every phase after
-    prepare. ``legacy`` keeps stats.json, as the records made before 2026-12-07 did, so that their run
-    dirs are not redone for it."""
-    files = marker.get("files") if marker else None
-    if output == "corpus" and files is not None and not legacy:
-        files = {name: entry for name, entry in files.items() if name != CORPUS_STATS}
-    return files
 
 
 # The fields a job may set that change nothing it trains or scores, by the setting that leaves them unread.

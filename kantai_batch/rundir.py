@@ -44,6 +44,17 @@ MLFLOW_RUN = "mlflow_run.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
+def identity(output: str, marker: dict[str, Any] | None, *, legacy: bool = False) -> dict[str, Any] | None:
+    """What a committed folder holds, as its files' checksums: the corpus's without stats.json, which
+    names the paths it was read from, so the same text under another path name redid every phase after
+    prepare. ``legacy`` keeps stats.json, as the records made before 2026-12-07 did, so that their run
+    dirs are not redone for it."""
+    files = marker.get("files") if marker else None
+    if output == "corpus" and files is not None and not legacy:
+        files = {name: entry for name, entry in files.items() if name != CORPUS_STATS}
+    return files
+
+
 def checkpoint_step(path: Path | str) -> int:
     return int(_CHECKPOINT.match(Path(path).name).group(1))
 
