@@ -40,6 +40,8 @@ TRAIN_SUMMARY = "train_summary.json"
 JOB_FILE = "job.yaml"
 EVAL_METRICS = "metrics.json"
 MLFLOW_RUN = "mlflow_run.json"
+# A remote run dir's training lease (``lease``), beside checkpoints/, whose keys setting aside and pruning remove.
+PRETRAIN_LEASE = ".pretrain.lease"
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 

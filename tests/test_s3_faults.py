@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import logging
 import os
 import re
 import signal
@@ -438,3 +439,35 @@ def test_keys_a_multi_delete_refuses_are_an_error(monkeypatch, code: str, error:
     monkeypatch.setattr(s3, "client", Refusing)
     with pytest.raises(getattr(errors, error), match=re.escape(says)):
         s3.delete_keys(s3.S3Uri.parse("s3://kantai/runs/x/model"), [MARKER, "model.safetensors"])
+
+
+def test_a_second_machine_training_one_s3_run_dir_is_refused_while_the_first_renews_its_lease(
+    s3_endpoint, bucket: str, corpus_file: Path, tmp_path: Path, monkeypatch, caplog
+):
+    """The file lock holds on one machine's disk: a second machine trained the same s3:// run dir beside the
+    first, each setting aside and pruning the other's checkpoints."""
+    from kantai_batch import lease
+    from kantai_batch.rundir import PRETRAIN_LEASE
+
+    run_dir = f"s3://{bucket}/runs/leased"
+    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "first-machine"))
+    prepared_run(run_dir, corpus_file)  # type: ignore[arg-type]
+    monkeypatch.setenv("KANTAI_LEASE_S", "1.5")
+    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "second-machine"))
+    remote = s3.S3Uri.parse(run_dir)
+    with lease.held(remote, PRETRAIN_LEASE, "the first machine's training"):
+        result = invoke("pretrain", "--run-dir", run_dir, "--no-tracking", *tiny(), expect=4)
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"kantai-batch: error: {run_dir}/checkpoints is being written by process {os.getpid()} on ")
+    )
+    assert not _keys("runs/leased/checkpoints/", bucket), "nothing written"
+    assert not _keys(f"runs/leased/{PRETRAIN_LEASE}", bucket), "released at the end"
+
+    # A lease its holder no longer renews (a pod killed outright) is taken over after one term.
+    boto3.client("s3").put_object(Bucket=bucket, Key=f"runs/leased/{PRETRAIN_LEASE}", Body=b'{"holder": "gone"}')
+    with caplog.at_level(logging.WARNING, logger="kantai_batch"):
+        invoke("pretrain", "--run-dir", run_dir, "--no-tracking", *tiny("train.max_steps=5"))
+    assert "was not renewed for 1.5s; its holder is gone, taking it over" in caplog.text
+    assert not _keys(f"runs/leased/{PRETRAIN_LEASE}", bucket)
