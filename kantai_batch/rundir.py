@@ -189,6 +189,18 @@ class RunDir:
         return folder if remote is None else manifest.mirror(remote, folder, found)
 
     @contextlib.contextmanager
+    def training_lease(self) -> Iterator[None]:
+        """For a remote run dir, its training's lease in the store (``lease``): the machine's file lock
+        keeps a second training off this disk only. Nothing to hold for a local one."""
+        if self.remote is None:
+            yield
+            return
+        from kantai_batch import lease
+
+        with lease.held(self.remote, PRETRAIN_LEASE, self.uri(self.checkpoints)):
+            yield
+
+    @contextlib.contextmanager
     def committed(self, folder: Path, **marker_extra: Any) -> Iterator[Path]:
         """A scratch folder that becomes ``folder`` (marker last, here and remotely) if the block succeeds."""
         with manifest.committed_dir(folder, **marker_extra) as scratch:

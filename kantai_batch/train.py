@@ -22,7 +22,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 
-from kantai_batch import lease, tracking
+from kantai_batch import tracking
 from kantai_batch.budget import PlannedSchedule, TimeBudget
 from kantai_batch.checkpoints import LAST_STEP, CheckpointMarkerCallback
 from kantai_batch.continued import continued_model, init_model_dir
@@ -45,7 +45,7 @@ from kantai_batch.objective import (
 from kantai_batch.order import EpochRows
 from kantai_batch.preemption import Preemption, sigterm_checkpoints
 from kantai_batch.profiling import ProfilerCallback
-from kantai_batch.rundir import JOB_FILE, PRETRAIN_LEASE, TRAIN_SUMMARY, RunDir, checkpoint_step
+from kantai_batch.rundir import JOB_FILE, TRAIN_SUMMARY, RunDir, checkpoint_step
 from kantai_batch.stopping import BUDGET, StopAgreement
 from kantai_batch.throughput import ThroughputCallback
 from kantai_batch.trainer import (
@@ -68,8 +68,7 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     with contextlib.ExitStack() as writing:
         if main:
             writing.enter_context(only_writer(run.checkpoints))
-            if run.remote is not None:  # the file lock holds on this machine only
-                writing.enter_context(lease.held(run.remote, PRETRAIN_LEASE, run.uri(run.checkpoints)))
+            writing.enter_context(run.training_lease())  # the file lock holds on this machine only
         return _pretrain(job, run, track=track)
 
 

@@ -66,3 +66,12 @@ def test_every_phase_is_a_command_a_kubernetes_job_and_a_run_dir_folder(tmp_path
         assert row.name in components and row.name in SUBMITTED, row.name
         assert row.output_of(run).parent == tmp_path
         assert all(phase(name) in before(row.name) for name in row.upstream), row.name
+
+
+def test_the_readme_module_list_names_every_module():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    listed = {
+        line.split()[0] for line in readme.splitlines() if line.startswith("  ") and line.split()[0].endswith(".py")
+    }
+    modules = {path.name for path in PACKAGE.glob("*.py") if not path.name.startswith("__")}
+    assert modules <= listed, f"README's module list lacks {sorted(modules - listed)}"
