@@ -45,8 +45,11 @@ class CheckpointMarkerCallback(TrainerCallback):
         clock: Callable[[], float] | None = None,
         lineage_sha256: str | None = None,
         last: Callable[[], float | None] | None = None,
+        still_ours: Callable[[], None] | None = None,
     ) -> None:
         self.run = run
+        # Raises when the run dir's training lease was lost: another machine may be writing it now.
+        self.still_ours = still_ours
         # The budget (seconds) that ended training at the checkpoint being saved, if one did.
         self.last = last
         self.keep = keep
@@ -63,6 +66,8 @@ class CheckpointMarkerCallback(TrainerCallback):
         barrier()
         if not state.is_world_process_zero:
             return control
+        if self.still_ours is not None:
+            self.still_ours()  # before sealing, publishing or pruning anything
         clock = {"train_seconds": self.clock()} if self.clock else {}
         ended_by = self.last() if self.last is not None else None
         if ended_by is not None:

@@ -3,11 +3,14 @@
 The file lock (``manifest.only_writer``) holds on one machine's disk. Two machines training one
 ``s3://`` run dir (a job submitted twice, a manual run beside the scheduled one) would each resume,
 set aside and prune the other's checkpoints. So the training's main process also holds a lease in
-the store: an object created only if absent (a conditional write), renewed by a background thread
-every third of its term, deleted when the training ends. Another writer that finds the lease renewed
-fails with exit 4 naming its holder. A lease left by a pod that was killed outright is renewed no more
-and is taken over once a whole term has passed unrenewed, so the retried pod waits one term at most
-instead of failing. The holders' clocks are never compared: only whether the object changed.
+the store. Every write of it is conditional on what the writer last saw (its ETag): created only if
+absent, renewed only if still this process's own write, taken over only from the very object seen
+unrenewed for a whole term. So of machines racing for it exactly one wins, and a holder that was only
+slow cannot overwrite its successor. A fresh nonce in each renewal changes the ETag: another writer
+that sees it change knows the holder alive and fails with exit 4 naming it; a lease left by a pod
+killed outright changes no more and is taken over after one term, so the retried pod waits instead
+of failing. Clocks are never compared. A holder that finds its lease gone to another, or cannot renew
+it for most of a term, marks it lost: ``Lease.require`` then stops the training before it writes again.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ log = logging.getLogger(__name__)
 
 TERM_ENV = "KANTAI_LEASE_S"
 _DEFAULT_TERM_S = 60.0
+# Renewals per term: a holder unrenewed for most of a term is taken for gone by a waiting writer.
+_RENEWALS = 3
 
 
 def lease_term() -> float:
@@ -45,79 +50,117 @@ def lease_term() -> float:
     return value
 
 
-@contextlib.contextmanager
-def held(folder: S3Uri, name: str, what: str) -> Iterator[None]:
-    """Hold the lease ``name`` below ``folder`` while the block runs; ``what`` names the work it guards."""
-    term = lease_term()
-    uri = folder.child(name)
-    mine = {"holder": f"process {os.getpid()} on {socket.gethostname()}", "token": secrets.token_hex(8)}
-    _acquire(folder, name, mine, term, what)
-    stop = threading.Event()
-    renewer = threading.Thread(target=_renew, args=(uri, mine, term, stop), name="kantai-lease", daemon=True)
-    renewer.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        renewer.join()
-        _release(folder, name, mine)
+class Lease:
+    """A lease this process holds: renewed in the background until ``release``."""
 
+    def __init__(self, folder: S3Uri, name: str, what: str, term: float) -> None:
+        self.folder, self.name, self.what, self.term = folder, name, what, term
+        self.uri = folder.child(name)
+        self.token = secrets.token_hex(8)
+        self.holder = f"process {os.getpid()} on {socket.gethostname()}"
+        self.lost = threading.Event()
+        self._etag: str | None = None
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew_until_stopped, name="kantai-lease", daemon=True)
 
-def _record(mine: dict[str, str], term: float) -> dict[str, Any]:
-    # A fresh nonce each renewal: what a waiting writer compares to see the holder alive.
-    return {**mine, "term_s": term, "renewal": secrets.token_hex(4)}
+    def require(self) -> None:
+        """Raise when the lease is no longer this process's: another machine may be writing now."""
+        if self.lost.is_set():
+            raise SourceUnavailableError(
+                f"{self.what}: this process lost its lease {self.uri} (renewals failed, or another machine holds "
+                "it now); stopped without writing more: run it again once the other training is done"
+            )
 
+    def _body(self) -> bytes:
+        # A fresh nonce in each write: its ETag is what a waiting writer watches change.
+        record: dict[str, Any] = {"holder": self.holder, "token": self.token, "term_s": self.term}
+        return json.dumps({**record, "renewal": secrets.token_hex(4)}).encode("utf-8")
 
-def _acquire(folder: S3Uri, name: str, mine: dict[str, str], term: float, what: str) -> None:
-    uri = folder.child(name)
-    seen: Any = None
-    while True:
-        if s3.create_if_absent(uri, json.dumps(_record(mine, term)).encode("utf-8")):
-            return
-        found = _read(uri)
-        if found is None:
-            continue  # released since: try again
-        holder = found.get("holder", "another process") if isinstance(found, dict) else "another process"
-        if seen is not None:
-            if found != seen:
-                raise SourceUnavailableError(
-                    f"{what} is being written by {holder} (its lease {uri} is renewed): wait for it to finish "
-                    "(or stop it) and run this again"
+    def acquire(self) -> None:
+        seen: str | None = None
+        while True:
+            self._etag = s3.put_if(self.uri, self._body())
+            if self._etag:
+                break
+            found = s3.read_with_etag(self.uri)
+            if found is None:
+                time.sleep(0.5)  # released since: try again
+                continue
+            record, etag = _parsed(found[0]), found[1]
+            if record.get("token") == self.token:  # our own create, retried after its answer was lost
+                self._etag = etag
+                break
+            holder = record.get("holder", "another process")
+            if seen is None:
+                seen = etag
+                log.info(
+                    "lease: %s is held by %s; waiting %gs to see whether it is renewed", self.uri, holder, self.term
                 )
-            log.warning("lease: %s was not renewed for %gs; its holder is gone, taking it over", uri, term)
-            with contextlib.suppress(KantaiError):
-                s3.delete_keys(folder, [name])
+                time.sleep(self.term)
+                continue
+            if etag != seen:
+                raise SourceUnavailableError(
+                    f"{self.what} is being written by {holder} (its lease {self.uri} is renewed): wait for it to "
+                    "finish (or stop it) and run this again"
+                )
+            # From the very object seen unrenewed: of two writers taking it over, one wins.
+            self._etag = s3.put_if(self.uri, self._body(), match=etag)
+            if self._etag:
+                log.warning("lease: %s was not renewed for %gs; its holder is gone, took it over", self.uri, self.term)
+                break
             seen = None
-            continue
-        seen = found
-        log.info("lease: %s is held by %s; waiting %gs to see whether it is renewed", uri, holder, term)
-        time.sleep(term)
+        self._renewer.start()
 
+    def _renew_until_stopped(self) -> None:
+        last_renewed = time.monotonic()
+        while not self._stop.wait(self.term / _RENEWALS):
+            try:
+                etag = s3.put_if(self.uri, self._body(), match=self._etag)
+                if etag is None and not self._stop.is_set():  # not our last write any more: deleted, or another's
+                    etag = s3.put_if(self.uri, self._body())  # deleted (by hand, a lifecycle rule): take it back
+                if self._stop.is_set():
+                    return
+                if etag is None:
+                    log.error("lease: %s is another process's now", self.uri)
+                    self.lost.set()
+                    return
+                self._etag, last_renewed = etag, time.monotonic()
+            except KantaiError as exc:  # the store out of reach for a moment: the next renewal may get through
+                log.warning("lease: could not renew %s: %s", self.uri, exc)
+                if time.monotonic() - last_renewed > self.term * (_RENEWALS - 1) / _RENEWALS:
+                    log.error("lease: %s unrenewed for most of its term; another machine may take it over", self.uri)
+                    self.lost.set()
+                    return
 
-def _read(uri: S3Uri) -> Any:
-    try:
-        return s3.read_json_if_exists(uri)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return "damaged"  # no holder renews it into shape: taken over after a term, as a stale one
-
-
-def _renew(uri: S3Uri, mine: dict[str, str], term: float, stop: threading.Event) -> None:
-    while not stop.wait(term / 3):
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer.is_alive():
+            self._renewer.join(timeout=self.term / _RENEWALS)
+        if self.lost.is_set() or self._etag is None:
+            return
         try:
-            found = _read(uri)
-            if not isinstance(found, dict) or found.get("token") != mine["token"]:
-                # Unrenewed for a term (the store out of reach): another writer may have taken it over.
-                log.error("lease: %s is no longer this process's (held by %s)", uri, found)
-                return
-            s3.put_json(uri, _record(mine, term))
-        except KantaiError as exc:  # the store out of reach for a moment: the next renewal may get through
-            log.warning("lease: could not renew %s: %s", uri, exc)
+            # Renewed until just now, so no other writer can have taken it over between the read and the delete.
+            found = s3.read_with_etag(self.uri)
+            if found is not None and found[1] == self._etag:
+                s3.delete_keys(self.folder, [self.name])
+        except KantaiError as exc:  # left behind, it is taken over after a term
+            log.warning("lease: could not release %s: %s", self.uri, exc)
 
 
-def _release(folder: S3Uri, name: str, mine: dict[str, str]) -> None:
+def _parsed(body: bytes) -> dict[str, Any]:
     try:
-        found = _read(folder.child(name))
-        if isinstance(found, dict) and found.get("token") == mine["token"]:
-            s3.delete_keys(folder, [name])
-    except KantaiError as exc:  # left behind, it is taken over after a term
-        log.warning("lease: could not release %s: %s", folder.child(name), exc)
+        record = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}  # damaged: no holder renews it into shape, so it is taken over after a term
+    return record if isinstance(record, dict) else {}
+
+
+@contextlib.contextmanager
+def held(folder: S3Uri, name: str, what: str) -> Iterator[Lease]:
+    """Hold the lease ``name`` below ``folder`` while the block runs; ``what`` names the work it guards."""
+    lease = Lease(folder, name, what, lease_term())
+    lease.acquire()
+    try:
+        yield lease
+    finally:
+        lease.release()

@@ -189,16 +189,16 @@ class RunDir:
         return folder if remote is None else manifest.mirror(remote, folder, found)
 
     @contextlib.contextmanager
-    def training_lease(self) -> Iterator[None]:
-        """For a remote run dir, its training's lease in the store (``lease``): the machine's file lock
-        keeps a second training off this disk only. Nothing to hold for a local one."""
+    def training_lease(self) -> Iterator[Any]:
+        """For a remote run dir, its training's lease in the store (``lease.Lease``): the machine's file
+        lock keeps a second training off this disk only. None for a local one."""
         if self.remote is None:
-            yield
+            yield None
             return
         from kantai_batch import lease
 
-        with lease.held(self.remote, PRETRAIN_LEASE, self.uri(self.checkpoints)):
-            yield
+        with lease.held(self.remote, PRETRAIN_LEASE, self.uri(self.checkpoints)) as held:
+            yield held
 
     @contextlib.contextmanager
     def committed(self, folder: Path, **marker_extra: Any) -> Iterator[Path]:

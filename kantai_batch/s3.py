@@ -307,6 +307,34 @@ def create_if_absent(uri: S3Uri, body: bytes) -> bool:
     return True
 
 
+def put_if(uri: S3Uri, body: bytes, *, match: str | None = None) -> str | None:
+    """Write ``body`` to ``uri`` only if the object there still has ETag ``match`` (or, without ``match``,
+    only if there is none); its new ETag, or None where the condition failed. Of writers racing from one
+    state, exactly one wins."""
+    from botocore.exceptions import ClientError
+
+    condition = {"IfMatch": match} if match else {"IfNoneMatch": "*"}
+    with translated(uri, "write"):
+        try:
+            return client().put_object(Bucket=uri.bucket, Key=uri.key, Body=body, **condition)["ETag"]
+        except ClientError as exc:
+            # 412: another object is there (or one is, for IfNoneMatch); 409: a conditional write in flight;
+            # 404: IfMatch on a key that is gone.
+            if _code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404"):
+                return None
+            raise
+
+
+def read_with_etag(uri: S3Uri) -> tuple[bytes, str] | None:
+    """The object at ``uri`` and its ETag, or None when there is no such key."""
+    try:
+        with translated(uri, "read"):
+            answer = client().get_object(Bucket=uri.bucket, Key=uri.key)
+            return answer["Body"].read(), answer["ETag"]
+    except KeyMissingError:
+        return None
+
+
 def list_keys(prefix: S3Uri) -> list[str]:
     """Every key below ``prefix`` (as a folder), relative to it."""
     keys = []

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,13 +67,14 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
     # process alone, for all of it: the nodes of one training may share the run dir's file system.
     main = int(os.environ.get("RANK", "0")) == 0
     with contextlib.ExitStack() as writing:
+        lease = None
         if main:
             writing.enter_context(only_writer(run.checkpoints))
-            writing.enter_context(run.training_lease())  # the file lock holds on this machine only
-        return _pretrain(job, run, track=track)
+            lease = writing.enter_context(run.training_lease())  # the file lock holds on this machine only
+        return _pretrain(job, run, track=track, still_ours=lease.require if lease else None)
 
 
-def _pretrain(job: Job, run: RunDir, *, track: bool) -> Path:
+def _pretrain(job: Job, run: RunDir, *, track: bool, still_ours: Callable[[], None] | None = None) -> Path:
     args = training_arguments(job, run.checkpoints)
     nodes = node_count()
     require_shared_checkpoints(job, run, nodes)
@@ -116,6 +118,7 @@ def _pretrain(job: Job, run: RunDir, *, track: bool) -> Path:
             job.train.save_total_limit,
             clock=budget.spent if budget else None,
             lineage_sha256=lineage,
+            still_ours=still_ours,
             # The step the budget ended training at is its last, though a little time may be left: marked
             # with the budget, so a longer one resumes it.
             last=lambda: budget.max_seconds if budget is not None and stop.stopped_by == BUDGET else None,
@@ -191,6 +194,8 @@ def _pretrain(job: Job, run: RunDir, *, track: bool) -> Path:
         else:
             # The lineage says whose checkpoints the model ends: a later training of other settings may
             # delete those, and sets aside the checkpoints of one that never committed its model.
+            if still_ours is not None:
+                still_ours()  # another machine training the run dir now: commit nothing over its work
             with run.committed(run.model, inputs_sha256=inputs, lineage_sha256=lineage) as out:
                 trainer.save_model(str(out))
                 tokenizer.save_pretrained(str(out))

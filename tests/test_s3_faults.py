@@ -469,5 +469,72 @@ def test_a_second_machine_training_one_s3_run_dir_is_refused_while_the_first_ren
     boto3.client("s3").put_object(Bucket=bucket, Key=f"runs/leased/{PRETRAIN_LEASE}", Body=b'{"holder": "gone"}')
     with caplog.at_level(logging.WARNING, logger="kantai_batch"):
         invoke("pretrain", "--run-dir", run_dir, "--no-tracking", *tiny("train.max_steps=5"))
-    assert "was not renewed for 1.5s; its holder is gone, taking it over" in caplog.text
+    assert "was not renewed for 1.5s; its holder is gone, took it over" in caplog.text
     assert not _keys(f"runs/leased/{PRETRAIN_LEASE}", bucket)
+
+
+def test_a_lease_is_held_renewed_taken_back_or_lost_and_won_by_one_of_two_takers(s3_endpoint, bucket: str, monkeypatch):
+    import threading
+
+    from kantai_batch import lease
+    from kantai_batch.errors import SourceUnavailableError
+
+    monkeypatch.setenv("KANTAI_LEASE_S", "0.9")
+    folder = s3.S3Uri.parse(f"s3://{bucket}/runs/lease")
+    key = "runs/lease/.lease"
+    stored = lambda: json.loads(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())  # noqa: E731
+    with lease.held(folder, ".lease", "the training") as held:
+        assert stored()["token"] == held.token, "held while the block runs"
+        before = stored()["renewal"]
+        time.sleep(1.0)
+        assert stored()["renewal"] != before, "renewed"
+        # Deleted by hand or a lifecycle rule: taken back, not lost.
+        boto3.client("s3").delete_object(Bucket=bucket, Key=key)
+        time.sleep(1.0)
+        assert stored()["token"] == held.token and not held.lost.is_set()
+        # Another's now (this process stalled past its term): lost, and writing stops.
+        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=b'{"holder": "another", "token": "x"}')
+        time.sleep(1.0)
+        assert held.lost.is_set()
+        with pytest.raises(SourceUnavailableError, match="lost its lease .*stopped without writing more"):
+            held.require()
+    assert stored()["token"] == "x", "a lost lease is not released: it is another's"
+
+    # Two machines waiting on one stale lease: exactly one takes it over, the other sees it renewed.
+    outcomes: list[str] = []
+
+    def take() -> None:
+        try:
+            with lease.held(folder, ".lease", "the training"):
+                outcomes.append("took")
+                time.sleep(2.5)
+        except SourceUnavailableError:
+            outcomes.append("refused")
+
+    takers = [threading.Thread(target=take) for _ in range(2)]
+    for taker in takers:
+        taker.start()
+    for taker in takers:
+        taker.join(timeout=30)
+    assert sorted(outcomes) == ["refused", "took"]
+
+
+def test_a_training_that_lost_its_lease_seals_and_publishes_no_checkpoint(tmp_path: Path):
+    from types import SimpleNamespace
+
+    from kantai_batch.checkpoints import CheckpointMarkerCallback
+    from kantai_batch.errors import SourceUnavailableError
+    from kantai_batch.rundir import RunDir
+
+    def lost() -> None:
+        raise SourceUnavailableError("lost its lease")
+
+    run = RunDir(tmp_path / "run")
+    saved = run.checkpoints / "checkpoint-10"
+    saved.mkdir(parents=True)
+    (saved / "model.safetensors").write_bytes(b"weights")
+    callback = CheckpointMarkerCallback(run, keep=2, still_ours=lost)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=10)
+    with pytest.raises(SourceUnavailableError, match="lost its lease"):
+        callback.on_save(SimpleNamespace(world_size=1), state, SimpleNamespace())
+    assert not (saved / MARKER).exists(), "not sealed: the run dir may be another machine's now"
