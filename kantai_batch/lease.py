@@ -50,6 +50,16 @@ def lease_term() -> float:
     return value
 
 
+def require_term_within(wait_s: float, setting: str) -> None:
+    """The other processes of a launch wait for the main one's lease within ``wait_s``: up to a term."""
+    term = lease_term()
+    if term * 2 > wait_s:
+        raise JobConfigError(
+            f"{TERM_ENV} {term:g} must be at most half of {setting} ({wait_s:g} s): the other processes of the "
+            "launch wait for the lease within it"
+        )
+
+
 class Lease:
     """A lease this process holds: renewed in the background until ``release``."""
 

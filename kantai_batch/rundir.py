@@ -189,14 +189,16 @@ class RunDir:
         return folder if remote is None else manifest.mirror(remote, folder, found)
 
     @contextlib.contextmanager
-    def training_lease(self) -> Iterator[Any]:
+    def training_lease(self, wait_s: float, setting: str) -> Iterator[Any]:
         """For a remote run dir, its training's lease in the store (``lease.Lease``): the machine's file
-        lock keeps a second training off this disk only. None for a local one."""
+        lock keeps a second training off this disk only. None for a local one. The launch's other
+        processes wait for it within ``wait_s`` (the job's ``setting``)."""
         if self.remote is None:
             yield None
             return
         from kantai_batch import lease
 
+        lease.require_term_within(wait_s, setting)
         with lease.held(self.remote, PRETRAIN_LEASE, self.uri(self.checkpoints)) as held:
             yield held
 

@@ -70,7 +70,10 @@ def pretrain(job: Job, run: RunDir, *, track: bool = True) -> Path:
         lease = None
         if main:
             writing.enter_context(only_writer(run.checkpoints))
-            lease = writing.enter_context(run.training_lease())  # the file lock holds on this machine only
+            # The file lock holds on this machine only.
+            lease = writing.enter_context(
+                run.training_lease(job.train.collective_timeout_s, "train.collective_timeout_s")
+            )
         return _pretrain(job, run, track=track, still_ours=lease.require if lease else None)
 
 

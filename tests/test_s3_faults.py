@@ -538,3 +538,16 @@ def test_a_training_that_lost_its_lease_seals_and_publishes_no_checkpoint(tmp_pa
     with pytest.raises(SourceUnavailableError, match="lost its lease"):
         callback.on_save(SimpleNamespace(world_size=1), state, SimpleNamespace())
     assert not (saved / MARKER).exists(), "not sealed: the run dir may be another machine's now"
+
+
+def test_a_lease_term_the_other_processes_could_not_wait_out_is_a_config_error(monkeypatch):
+    from kantai_batch import lease
+    from kantai_batch.errors import JobConfigError
+
+    monkeypatch.setenv("KANTAI_LEASE_S", "60")
+    lease.require_term_within(600, "train.collective_timeout_s")
+    with pytest.raises(JobConfigError, match=r"KANTAI_LEASE_S 60 must be at most half of train.collective_timeout_s"):
+        lease.require_term_within(100, "train.collective_timeout_s")
+    monkeypatch.setenv("KANTAI_LEASE_S", "soon")
+    with pytest.raises(JobConfigError, match="KANTAI_LEASE_S must be a number of seconds above 0, got 'soon'"):
+        lease.require_term_within(600, "train.collective_timeout_s")
