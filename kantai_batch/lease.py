@@ -128,13 +128,14 @@ class Lease:
                 etag = s3.put_if(self.uri, self._body(), match=self._etag)
                 if etag is None and not self._stop.is_set():  # not our last write any more: deleted, or another's
                     etag = s3.put_if(self.uri, self._body())  # deleted (by hand, a lifecycle rule): take it back
+                if etag is not None:  # kept even when stopping: the release deletes only this write
+                    self._etag, last_renewed = etag, time.monotonic()
+                    continue
                 if self._stop.is_set():
                     return
-                if etag is None:
-                    log.error("lease: %s is another process's now", self.uri)
-                    self.lost.set()
-                    return
-                self._etag, last_renewed = etag, time.monotonic()
+                log.error("lease: %s is another process's now", self.uri)
+                self.lost.set()
+                return
             except KantaiError as exc:  # the store out of reach for a moment: the next renewal may get through
                 log.warning("lease: could not renew %s: %s", self.uri, exc)
                 if time.monotonic() - last_renewed > self.term * (_RENEWALS - 1) / _RENEWALS:
