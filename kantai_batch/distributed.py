@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 # Whether this process destroyed a process group it had joined (see exit_process).
 _left_group = False
@@ -130,6 +130,18 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def gather_to_main(value: Any) -> list[Any] | None:
+    """Every process's ``value``, in rank order, on the main process (None on the others; ``[value]`` in
+    a single process), through the host group: small Python objects, never the GPU."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0, group=_host_group(None))
+    return gathered
 
 
 def host_all_reduce(values: list[float], op: str, *, timeout_s: float | None = None) -> list[float]:

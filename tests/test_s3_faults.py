@@ -20,7 +20,7 @@ import boto3
 import pytest
 
 import seaweed
-from helpers import ROOT, invoke, prepared_run, s3_environment, seaweed_server, tiny
+from helpers import ROOT, free_port, invoke, prepared_run, s3_environment, seaweed_server, tiny
 from kantai_batch import s3
 from kantai_batch.manifest import MARKER, file_sha256
 
@@ -551,3 +551,35 @@ def test_a_lease_term_the_other_processes_could_not_wait_out_is_a_config_error(m
     monkeypatch.setenv("KANTAI_LEASE_S", "soon")
     with pytest.raises(JobConfigError, match="KANTAI_LEASE_S must be a number of seconds above 0, got 'soon'"):
         lease.require_term_within(600, "train.collective_timeout_s")
+
+
+def test_every_nodes_rng_states_reach_the_checkpoint_in_s3(s3_endpoint, bucket: str, corpus_file: Path, tmp_path: Path):
+    """Each process saves its RNG state to its own node's disk, and the main process alone publishes the
+    checkpoint: the other nodes' states never reached the store, so their dropout after a resume differed."""
+    run_dir = f"s3://{bucket}/runs/nodes"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("KANTAI_CACHE_DIR", str(tmp_path / "prepared"))
+        prepared_run(run_dir, corpus_file)  # type: ignore[arg-type]
+    port = str(free_port())
+    nodes = []
+    for rank in (0, 1):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+               "KANTAI_CACHE_DIR": str(tmp_path / f"node{rank}"),  # a disk of its own
+               "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": str(rank),
+               "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port}  # fmt: skip
+        command = [sys.executable, "-m", "kantai_batch", "launch", "pretrain", "--run-dir", run_dir, "--no-tracking"]
+        command += tiny("train.max_steps=10", "train.save_steps=10")
+        nodes.append(
+            subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-3000:]
+    stored = _keys("runs/nodes/checkpoints/checkpoint-10/", bucket)
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= stored, sorted(stored)
+    marker = json.loads(
+        boto3.client("s3")
+        .get_object(Bucket=bucket, Key=f"runs/nodes/checkpoints/checkpoint-10/{MARKER}")["Body"]
+        .read()
+    )
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(marker["files"]), "vouched for by the marker"
