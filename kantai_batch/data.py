@@ -264,7 +264,8 @@ def tokens_mismatch(run: RunDir, job: Job, split: str, tokenizer) -> str | None:
     ]
     # A reader need not have the corpus (pretrain does not mirror it), only its manifest to compare.
     corpus = corpus_digest(run)
-    if corpus is not None and stats.get("corpus_sha256") not in (corpus, corpus_digest(run, legacy=True)):
+    made_from = stats.get("corpus_sha256")
+    if corpus is not None and made_from != corpus and made_from != corpus_digest(run, legacy=True):
         changed.append("another corpus")
     return ", ".join(changed) if changed else None
 

@@ -75,7 +75,7 @@ def _from_the_first_to_run(job: Job, run: RunDir, phases: tuple[Phase, ...], red
     since). What changed outside the run dir (its corpus's files) is left to the phases to find."""
     for index, phase in enumerate(phases):
         marker = None if phase.name in redo else run.marker(phase.output_of(run))
-        if marker is None or marker.get("inputs_sha256") not in _fingerprints(job, phase, run):
+        if marker is None or not _inputs_unchanged(job, phase, run, marker):
             return {later.name for later in phases[index:]}
     return set()
 
@@ -87,7 +87,7 @@ def _run_phase(job: Job, run: RunDir, phase: Phase, *, track: bool, forced: bool
     if forced:
         log.info("%s: redoing it, to see what its sources hold now", phase.name)
     elif marker is not None:
-        if marker.get("inputs_sha256") not in _fingerprints(job, phase, run):
+        if not _inputs_unchanged(job, phase, run, marker):
             log.info("%s: %s is complete but its inputs changed, redoing it", phase.name, run.uri(output))
         elif outside and (change := phase.change_outside(job, run, marker)):
             log.info("%s: %s is complete but %s, redoing it", phase.name, run.uri(output), change)
@@ -100,6 +100,10 @@ def _run_phase(job: Job, run: RunDir, phase: Phase, *, track: bool, forced: bool
     return True
 
 
-def _fingerprints(job: Job, phase: Phase, run: RunDir) -> tuple[str, str]:
-    """The phase's fingerprint, and as recorded before 2026-12-07: a run dir made then is not redone for it."""
-    return fingerprint_of(job, phase.name, run), fingerprint_of(job, phase.name, run, legacy=True)
+def _inputs_unchanged(job: Job, phase: Phase, run: RunDir, marker: dict) -> bool:
+    """Whether ``marker`` records the phase's fingerprint now, or as recorded before 2026-12-07 (a run dir
+    made then is not redone for it): that form is computed only where the current one differs."""
+    recorded = marker.get("inputs_sha256")
+    return recorded == fingerprint_of(job, phase.name, run) or recorded == fingerprint_of(
+        job, phase.name, run, legacy=True
+    )
