@@ -70,11 +70,21 @@ class Lease:
         self.holder = f"process {os.getpid()} on {socket.gethostname()}"
         self.lost = threading.Event()
         self._etag: str | None = None
+        # When the write behind ``_etag`` was sent (the store took it after that): a waiting writer takes
+        # the lease over a whole term after it, so this process must not count on it past most of a term.
+        self._renewed_at = 0.0
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew_until_stopped, name="kantai-lease", daemon=True)
 
+    def _overdue(self) -> bool:
+        return time.monotonic() - self._renewed_at > self.term * (_RENEWALS - 1) / _RENEWALS
+
     def require(self) -> None:
         """Raise when the lease is no longer this process's: another machine may be writing now."""
+        if not self.lost.is_set() and self._overdue():
+            # The renewer may be stuck in a request that has not failed yet: the clock decides, not it.
+            log.error("lease: %s unrenewed for most of its term; another machine may take it over", self.uri)
+            self.lost.set()
         if self.lost.is_set():
             raise SourceUnavailableError(
                 f"{self.what}: this process lost its lease {self.uri} (renewals failed, or another machine holds "
@@ -89,6 +99,7 @@ class Lease:
     def acquire(self) -> None:
         seen: str | None = None
         while True:
+            self._renewed_at = time.monotonic()
             self._etag = s3.put_if(self.uri, self._body())
             if self._etag:
                 break
@@ -114,6 +125,7 @@ class Lease:
                     "finish (or stop it) and run this again"
                 )
             # From the very object seen unrenewed: of two writers taking it over, one wins.
+            self._renewed_at = time.monotonic()
             self._etag = s3.put_if(self.uri, self._body(), match=etag)
             if self._etag:
                 log.warning("lease: %s was not renewed for %gs; its holder is gone, took it over", self.uri, self.term)
@@ -122,14 +134,17 @@ class Lease:
         self._renewer.start()
 
     def _renew_until_stopped(self) -> None:
-        last_renewed = time.monotonic()
-        while not self._stop.wait(self.term / _RENEWALS):
+        slot = self.term / _RENEWALS
+        while not self._stop.wait(slot):
             try:
-                etag = s3.put_if(self.uri, self._body(), match=self._etag)
+                # Each request gives up within its slot: one stalled in its 60 s timeouts would outlast the term.
+                sent = time.monotonic()
+                etag = s3.put_if(self.uri, self._body(), match=self._etag, within_s=slot)
                 if etag is None and not self._stop.is_set():  # not our last write any more: deleted, or another's
-                    etag = s3.put_if(self.uri, self._body())  # deleted (by hand, a lifecycle rule): take it back
+                    sent = time.monotonic()
+                    etag = s3.put_if(self.uri, self._body(), within_s=slot)  # deleted (by hand, a lifecycle rule)
                 if etag is not None:  # kept even when stopping: the release deletes only this write
-                    self._etag, last_renewed = etag, time.monotonic()
+                    self._etag, self._renewed_at = etag, sent
                     continue
                 if self._stop.is_set():
                     return
@@ -138,7 +153,7 @@ class Lease:
                 return
             except KantaiError as exc:  # the store out of reach for a moment: the next renewal may get through
                 log.warning("lease: could not renew %s: %s", self.uri, exc)
-                if time.monotonic() - last_renewed > self.term * (_RENEWALS - 1) / _RENEWALS:
+                if self._overdue():
                     log.error("lease: %s unrenewed for most of its term; another machine may take it over", self.uri)
                     self.lost.set()
                     return

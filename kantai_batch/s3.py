@@ -79,7 +79,10 @@ def is_s3(uri: str) -> bool:
 
 
 @functools.cache
-def client():
+def client(within_s: float | None = None):
+    """The S3 client; with ``within_s``, one whose every request gives up within about that many seconds
+    (two attempts, short timeouts, whatever the environment sets): for a lease renewal, which must not
+    outlast its slot."""
     import boto3
     import botocore.session
     from botocore.config import Config
@@ -88,17 +91,21 @@ def client():
     try:
         # Our bounds apply only where the environment or the AWS config file sets none of its own.
         settings = botocore.session.get_session()
-        retries = {}
+        retries: dict[str, Any] = {}
+        timeout_s: tuple[float, float] = (_CONNECT_TIMEOUT_S, _READ_TIMEOUT_S)
+        if within_s is not None:
+            retries = {"total_max_attempts": 2, "mode": "standard"}
+            timeout_s = (within_s / 4, within_s / 4)
         if settings.get_config_variable("max_attempts") is None:
-            retries["total_max_attempts"] = _MAX_ATTEMPTS
+            retries.setdefault("total_max_attempts", _MAX_ATTEMPTS)
         if settings.get_config_variable("retry_mode") is None:
-            retries["mode"] = "standard"
+            retries.setdefault("mode", "standard")
         for name, value in _METADATA_SERVICE.items():
             # botocore asks instance metadata (a node's role) once, for 1 s: a node under load misses that
             # now and then, and "no credentials" fails the Job for good where a retry would have found them.
             if _unset(settings, name):
                 settings.set_config_variable(name, value)
-        config = Config(retries=retries, connect_timeout=_CONNECT_TIMEOUT_S, read_timeout=_READ_TIMEOUT_S)
+        config = Config(retries=retries, connect_timeout=timeout_s[0], read_timeout=timeout_s[1])
         # A session of its own: boto3's default one keeps the credentials it first found.
         return boto3.session.Session(botocore_session=settings).client("s3", config=config)
     except ValueError as exc:
@@ -307,16 +314,16 @@ def create_if_absent(uri: S3Uri, body: bytes) -> bool:
     return True
 
 
-def put_if(uri: S3Uri, body: bytes, *, match: str | None = None) -> str | None:
+def put_if(uri: S3Uri, body: bytes, *, match: str | None = None, within_s: float | None = None) -> str | None:
     """Write ``body`` to ``uri`` only if the object there still has ETag ``match`` (or, without ``match``,
     only if there is none); its new ETag, or None where the condition failed. Of writers racing from one
-    state, exactly one wins."""
+    state, exactly one wins. ``within_s`` bounds the time it may take (see ``client``)."""
     from botocore.exceptions import ClientError
 
     condition = {"IfMatch": match} if match else {"IfNoneMatch": "*"}
     with translated(uri, "write"):
         try:
-            return client().put_object(Bucket=uri.bucket, Key=uri.key, Body=body, **condition)["ETag"]
+            return client(within_s).put_object(Bucket=uri.bucket, Key=uri.key, Body=body, **condition)["ETag"]
         except ClientError as exc:
             # 412: another object is there (or one is, for IfNoneMatch); 409: a conditional write in flight;
             # 404: IfMatch on a key that is gone.

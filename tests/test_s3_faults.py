@@ -519,6 +519,64 @@ def test_a_lease_is_held_renewed_taken_back_or_lost_and_won_by_one_of_two_takers
     assert sorted(outcomes) == ["refused", "took"]
 
 
+def test_a_holder_whose_renewal_hangs_stops_writing_before_another_can_take_the_lease(
+    s3_endpoint, bucket: str, monkeypatch
+):
+    """The renewer set the lease lost only once a renewal failed: one stuck in a request for longer than
+    the term left ``require`` passing while a waiting machine took the lease over and trained."""
+    from kantai_batch import lease
+    from kantai_batch.errors import SourceUnavailableError
+
+    monkeypatch.setenv("KANTAI_LEASE_S", "0.9")
+    answered, writes = s3.put_if, []
+
+    def hanging(uri, body, **condition):
+        writes.append(uri)
+        if len(writes) > 1:  # the renewals: the store stops answering
+            time.sleep(3)
+        return answered(uri, body, **condition)
+
+    monkeypatch.setattr(s3, "put_if", hanging)
+    with lease.held(s3.S3Uri.parse(f"s3://{bucket}/runs/hung"), ".lease", "the training") as held:
+        held.require()
+        time.sleep(0.75)  # past two thirds of the term since the lease was written
+        with pytest.raises(SourceUnavailableError, match="lost its lease"):
+            held.require()
+
+
+def test_a_bounded_request_to_a_store_that_never_answers_gives_up_within_its_time(monkeypatch):
+    """A lease renewal with the project's client (10 attempts of up to 70 s) would outlast its term."""
+    import socket
+
+    from kantai_batch.errors import SourceUnavailableError
+
+    silent = socket.create_server(("127.0.0.1", 0))  # takes connections (the kernel's backlog), answers nothing
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "10")  # the environment's bounds do not stretch it
+    s3.client.cache_clear()
+    outcome: list[BaseException] = []
+    began = time.monotonic()
+
+    def put() -> None:
+        try:
+            s3.put_if(s3.S3Uri.parse("s3://kantai/runs/x/.lease"), b"{}", within_s=1.0)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome.append(exc)
+
+    try:
+        request = threading.Thread(target=put, daemon=True)
+        request.start()
+        request.join(timeout=10)
+    finally:
+        silent.close()
+        s3.client.cache_clear()
+    assert not request.is_alive(), "still waiting for the store"
+    assert outcome and isinstance(outcome[0], SourceUnavailableError), outcome
+    assert time.monotonic() - began < 3.5
+
+
 def test_a_training_that_lost_its_lease_seals_and_publishes_no_checkpoint(tmp_path: Path):
     from types import SimpleNamespace
 
