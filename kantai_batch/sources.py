@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import http.client
 import io
 import logging
 import os
@@ -324,6 +325,10 @@ def local_copy(item: Input, what: str) -> Iterator[Path]:
         yield path
 
 
+class _CutOff(OSError):
+    """A download that ended before the length its server announced."""
+
+
 def _download(url: str, dest: Path, what: str) -> Path:
     from tqdm.auto import tqdm
 
@@ -332,16 +337,22 @@ def _download(url: str, dest: Path, what: str) -> Path:
         try:
             with urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT_S) as response, dest.open("wb") as out:
                 total = int(response.headers.get("Content-Length") or 0) or None
+                written = 0
                 with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {what}", leave=False) as bar:
                     for chunk in iter(lambda: response.read(1 << 16), b""):
                         out.write(chunk)
+                        written += len(chunk)
                         bar.update(len(chunk))
+            if total is not None and written != total:
+                # A connection dropped mid-body ends the stream quietly: it would be a cut-off corpus.
+                raise _CutOff(f"the connection closed after {written:,} of {total:,} bytes")
             return dest
         except urllib.error.HTTPError as exc:
             # 4xx will not change on a retry; 5xx might.
             if exc.code < 500 or attempt == _DOWNLOAD_ATTEMPTS:
                 raise SourceUnavailableError(f"{what} {url}: download failed: HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            # HTTPException: a chunked body cut off (IncompleteRead), a garbled answer.
             if attempt == _DOWNLOAD_ATTEMPTS:
                 reason = getattr(exc, "reason", exc)
                 raise SourceUnavailableError(f"{what} {url}: download failed: {reason}") from None

@@ -214,6 +214,59 @@ def test_unreachable_url_fails_after_bounded_retries(
     assert sum("retrying" in record.message for record in caplog.records) == 2
 
 
+class _CuttingHandler(http.server.BaseHTTPRequestHandler):
+    """Serves a text whose connection drops mid-body: announced with Content-Length (the first
+    ``cuts`` answers) or sent chunked without its last chunk (every answer)."""
+
+    body = b""
+    cuts = 0
+    answers: list[str] = []
+
+    def do_GET(self) -> None:
+        self.answers.append(self.path)
+        self.send_response(200)
+        if self.path.endswith("chunked.txt"):
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n%s\r\n" % (100, self.body[:100]))  # and no terminating chunk
+        else:
+            self.send_header("Content-Length", str(len(self.body)))
+            self.end_headers()
+            cut = len(self.answers) <= self.cuts
+            self.wfile.write(self.body[: len(self.body) // 3] if cut else self.body)
+        self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("path", "cuts", "expect"), [("kant.txt", 1, 0), ("kant.txt", 9, 4), ("chunked.txt", 0, 4)])
+def test_a_download_cut_off_mid_body_is_retried_never_prepared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str, cuts: int, expect: int
+):
+    """The connection closing before the announced length ended the stream quietly: a third of the text
+    became the corpus. A cut chunked body was a traceback."""
+    monkeypatch.setattr("kantai_batch.sources.time.sleep", lambda _: None)
+    text = kantian_text(80).encode("cp1252")
+    handler = type("Handler", (_CuttingHandler,), {"body": text, "cuts": cuts, "answers": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{path}"
+    try:
+        result = _prepare(tmp_path / "run", url, expect=expect)
+    finally:
+        server.shutdown()
+    if expect == 0:
+        assert len(handler.answers) == 2, "retried once"
+        prepared = "".join((tmp_path / "run" / "corpus" / name).read_text() for name in ("train.txt", "eval.txt"))
+        assert sorted(prepared.split()) == sorted(text.decode("cp1252").split()), "the whole text, not a third"
+        return
+    error = result.stderr.strip().splitlines()[-1]  # below the progress bars
+    assert error.startswith(f"kantai-batch: error: corpus {url}: download failed: "), error
+    assert len(handler.answers) == 3, "each of the bounded attempts"
+    assert not (tmp_path / "run" / "corpus").exists()
+
+
 @pytest.mark.skipif(not KANT.exists(), reason="../shared/data/kant.txt is not present")
 def test_real_kant_text_decodes_without_replacement_characters(tmp_path: Path):
     raw = KANT.read_bytes()
