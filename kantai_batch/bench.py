@@ -32,6 +32,7 @@ from kantai_batch.job import Job, override_job
 from kantai_batch.manifest import write_json_atomic
 from kantai_batch.masking import IGNORE
 from kantai_batch.objective import ACCURACY
+from kantai_batch.pipeline import require_before_start
 from kantai_batch.probes import format_quality, read_probes
 from kantai_batch.rundir import RunDir
 
@@ -106,8 +107,8 @@ def bench(
     if len(set(names)) != len(names):
         raise JobConfigError(f"--variant: configuration names repeat: {', '.join(names)}")
     for _, config in configs:
-        if config.task == "mlm" and config.eval.probes:
-            read_probes(config.eval.probes)  # a malformed probe file fails now, not after the training
+        # A malformed probe file, a missing DeepSpeed config: refused now, not after the training.
+        require_before_start(config, run, {"pretrain", "evaluate"})
     _prepare_inputs(job, run)
     header: dict[str, Any] = {
         "job": job.name,

@@ -31,7 +31,7 @@ def run_pipeline(
     others then find them complete.
     """
     phases, redo = tuple(phases), set(redo)
-    require_named_files(job, _from_the_first_to_run(job, run, phases, redo))
+    require_before_start(job, run, _from_the_first_to_run(job, run, phases, redo))
     state = distributed_state()
     ran = []
     for phase in phases:
@@ -52,13 +52,18 @@ def run_pipeline(
     return ran
 
 
-def require_named_files(job: Job, phases: set[str]) -> None:
-    """The local files the job names for ``phases``, checked before the first phase runs: a missing probe
-    file or DeepSpeed config, or a misspelt starting model, was found after the phases before it."""
+def require_before_start(job: Job, run: RunDir, phases: set[str]) -> None:
+    """What ``phases`` will need, checked before the first phase runs: a missing probe file or DeepSpeed
+    config, a misspelt starting model or a lease term the training cannot wait out was found after the
+    phases before it."""
     from kantai_batch.probes import read_probes
 
     if "evaluate" in phases and job.task == "mlm" and job.eval.probes:
         read_probes(job.eval.probes, job.tokenizer.special_tokens[4])
+    if "pretrain" in phases and run.remote is not None:
+        from kantai_batch.lease import require_term_within
+
+        require_term_within(job.train.collective_timeout_s, "train.collective_timeout_s")
     if "pretrain" in phases and job.train.deepspeed:
         from kantai_batch.distributed import deepspeed_config
 

@@ -282,6 +282,22 @@ def test_a_malformed_probe_file_fails_before_any_training(tmp_path: Path, corpus
     assert not (tmp_path / "run").exists(), "nothing is prepared before the probe file is read"
 
 
+def test_bench_reads_probes_by_the_jobs_mask_token_and_checks_named_files_first(tmp_path: Path, corpus_file: Path):
+    """The probe file was read for `<mask>` whatever the job's mask token: a valid `[MASK]` file was refused."""
+    probes = tmp_path / "probes.txt"
+    probes.write_text("Reason determines [MASK] cognition. -> our\n")
+    tokens = "tokenizer.special_tokens=['<s>', '<pad>', '</s>', '<unk>', '[MASK]']"
+    missing = tmp_path / "zero2.json"
+    result = invoke(
+        "bench", "--run-dir", str(tmp_path / "run"), "--corpus", str(corpus_file),
+        *tiny(f"eval.probes={probes}", tokens, "infer.fill_mask_text=Human thinking involves human [MASK].",
+              f"train.deepspeed={missing}"), expect=2,
+    )  # fmt: skip
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"kantai-batch: error: train.deepspeed {missing} does not exist"), last
+    assert not (tmp_path / "run").exists(), "nothing is prepared before the job's files are read"
+
+
 @pytest.mark.slow
 def test_bench_retrains_a_tokenizer_whose_settings_changed(tmp_path: Path, corpus_file: Path):
     run_dir, out = tmp_path / "run", tmp_path / "results"

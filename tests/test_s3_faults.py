@@ -611,6 +611,20 @@ def test_a_lease_term_the_other_processes_could_not_wait_out_is_a_config_error(m
         lease.require_term_within(600, "train.collective_timeout_s")
 
 
+def test_run_refuses_a_lease_term_the_training_cannot_wait_out_before_its_first_phase(
+    s3_endpoint, bucket: str, corpus_file: Path, fresh_cache
+):
+    """Checked only as the training began: `run` prepared, trained the tokenizer and tokenized first."""
+    run_dir = f"s3://{bucket}/runs/short-wait"
+    args = ("run", "--run-dir", run_dir, "--corpus", str(corpus_file), "--no-tracking")
+    result = invoke(*args, *tiny("train.collective_timeout_s=100"), expect=2)
+    assert result.stderr.strip().splitlines()[-1] == (
+        "kantai-batch: error: KANTAI_LEASE_S 60 must be at most half of train.collective_timeout_s (100 s): "
+        "the other processes of the launch wait for the lease within it"
+    )
+    assert not _keys("runs/short-wait/", bucket), "no phase ran"
+
+
 def test_every_nodes_rng_states_reach_the_checkpoint_in_s3(s3_endpoint, bucket: str, corpus_file: Path, tmp_path: Path):
     """Each process saves its RNG state to its own node's disk, and the main process alone publishes the
     checkpoint: the other nodes' states never reached the store, so their dropout after a resume differed."""
