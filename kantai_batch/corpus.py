@@ -19,6 +19,7 @@ line in the order read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections import Counter
@@ -227,15 +228,16 @@ class _Split:
         self.counts = {name: {"examples": 0, "lines": 0, "chars": 0} for name in ("train", "eval")}
 
     def __enter__(self) -> _Split:
-        self._handles = {
-            "train": (self._out / TRAIN_TEXT).open("w", encoding="utf-8", newline="\n"),
-            "eval": (self._out / EVAL_TEXT).open("w", encoding="utf-8", newline="\n"),
-        }
+        with contextlib.ExitStack() as files:
+            self._handles = {
+                name: files.enter_context((self._out / file).open("w", encoding="utf-8", newline="\n"))
+                for name, file in (("train", TRAIN_TEXT), ("eval", EVAL_TEXT))
+            }
+            self._files = files.pop_all()  # closed on exit, or above if the second could not be opened
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self._handles.values():
-            handle.close()
+        self._files.close()
 
     def write(self, texts: Iterable[str]) -> int:
         """Append each example to its split; return how many were written."""

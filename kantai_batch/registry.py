@@ -23,7 +23,7 @@ from kantai_batch.manifest import committed_dir, is_complete
 from kantai_batch.model import load_lm, load_model_config, load_model_tokenizer, saved_job
 from kantai_batch.objective import task_of
 from kantai_batch.rundir import JOB_FILE, TRAIN_SUMMARY
-from kantai_batch.tracking import run_exists
+from kantai_batch.tracking import MISSING, run_exists
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def version_by_alias(name: str, alias: str) -> str | None:
         try:
             return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
         except mlflow.exceptions.MlflowException as exc:
-            if getattr(exc, "error_code", "") in _MISSING:
+            if getattr(exc, "error_code", "") in MISSING:
                 return None
             raise
 
@@ -224,7 +224,7 @@ def model_exists(name: str) -> bool:
         try:
             mlflow.MlflowClient().get_registered_model(name)
         except mlflow.exceptions.MlflowException as exc:
-            if getattr(exc, "error_code", "") in _MISSING:
+            if getattr(exc, "error_code", "") in MISSING:
                 return False
             raise
     return True
@@ -248,7 +248,7 @@ def model_tags(name: str) -> dict[str, str]:
         try:
             return dict(mlflow.MlflowClient().get_registered_model(name).tags)
         except mlflow.exceptions.MlflowException as exc:
-            if getattr(exc, "error_code", "") in _MISSING:
+            if getattr(exc, "error_code", "") in MISSING:
                 return {}
             raise
 
@@ -342,9 +342,6 @@ def _experiment_of(model_dir: Path) -> str:
     return str(name) if name else "kantai-registry"
 
 
-_MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
-
-
 @contextlib.contextmanager
 def _tracking_errors(uri: str | None = None) -> Iterator[None]:
     """MLflow failures as one-line errors naming the tracking store (and the model URI). Clients are made
@@ -360,7 +357,7 @@ def _tracking_errors(uri: str | None = None) -> Iterator[None]:
         from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
 
         where = f"{uri} in " if uri else ""
-        missing = getattr(exc, "error_code", "") in _MISSING
+        missing = getattr(exc, "error_code", "") in MISSING
         error = InputDataError if missing else SourceUnavailableError
         if isinstance(exc, UnsupportedModelRegistryStoreURIException):
             error = JobConfigError  # MLFLOW_TRACKING_URI names no store MLflow knows: no retry helps

@@ -33,6 +33,8 @@ _FIRST_CONTACT = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
 _reached: set[str] = set()
+# What MLflow's stores answer for a run or model that is not there (a file store: an invalid id).
+MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
 def first_contact() -> None:
@@ -277,8 +279,12 @@ def run_exists(run_id: str | None) -> bool:
         return False
     try:
         mlflow.get_run(run_id)
-    except Exception:  # noqa: BLE001 - a run this store cannot return is never logged to: callers start a new one
-        return False
+    except mlflow.exceptions.MlflowException as exc:
+        # Not there (a file store says the id is invalid). Anything else, a store out of reach for a
+        # moment, is raised: taken for "not there", a resumed training started a second run.
+        if exc.error_code in MISSING:
+            return False
+        raise
     return True
 
 

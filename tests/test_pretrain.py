@@ -484,6 +484,31 @@ def test_unreachable_tracking_store_is_one_line(tmp_path: Path, corpus_file: Pat
     assert not (tmp_path / "model").exists()
 
 
+def test_a_run_the_store_cannot_return_for_a_moment_is_not_taken_for_a_missing_one(tmp_path: Path, monkeypatch):
+    """Any failure to read the recorded run counted as "not in this store": a resumed training that met a
+    tracking server blinking started a second MLflow run, splitting its loss curve in two."""
+    from mlflow.exceptions import MlflowException
+
+    from kantai_batch.tracking import run_exists
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        mlflow.set_experiment("runs")
+        with mlflow.start_run() as held:
+            pass
+        assert run_exists(held.info.run_id)
+        assert not run_exists("0123456789abcdef0123456789abcdef"), "another store's run"
+
+        def blinking(run_id: str):
+            raise MlflowException("API request failed: 503", error_code="TEMPORARILY_UNAVAILABLE")
+
+        monkeypatch.setattr(mlflow, "get_run", blinking)
+        with pytest.raises(MlflowException, match="503"):
+            run_exists(held.info.run_id)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def test_an_unfinished_trainings_checkpoints_are_set_aside_not_deleted(tmp_path: Path, corpus_file: Path, caplog):
     """Started again with a setting changed by mistake (or after a divergence), a training that never
     committed its model keeps its checkpoints: they may be hours of work, and its job resumes them."""
