@@ -588,16 +588,21 @@ def _show_probes(run: RunDir) -> None:
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False, "help_option_names": []},
 )
 @click.argument("arguments", nargs=-1, type=click.UNPROCESSED)
-def launch_command(arguments: tuple[str, ...]) -> None:
+@click.pass_context
+def launch_command(ctx: click.Context, arguments: tuple[str, ...]) -> None:
     """[TORCHRUN OPTIONS] COMMAND [ARGS]: COMMAND on every device of this node, under torchrun.
 
-    Nodes, processes per node, rank and rendezvous come from torchrun's options or their PET_*
-    environment variables. Exits with the first failed process's exit code (torchrun's own is 1),
-    so a scheduler can tell a config error (2) or a preemption (143) from a crash.
+    Nodes, processes per node, rank and rendezvous come from torchrun's options (`torchrun --help`)
+    or their PET_* environment variables. Exits with the first failed process's exit code (torchrun's
+    own is 1), so a scheduler can tell a config error (2) or a preemption (143) from a crash.
     """
     from kantai_batch.launch import launch
 
     split = next((i for i, a in enumerate(arguments) if a in cli.commands and a != "launch"), None)
+    # Options after COMMAND are COMMAND's (its own --help included); before it, torchrun's or ours.
+    if {"--help", "-h"} & set(arguments[:split]):
+        emit(ctx.get_help())
+        return
     if split is None:
         raise JobConfigError(f"launch: name the command to run, one of {', '.join(sorted(cli.commands))}")
     sys.exit(launch(list(arguments[:split]), list(arguments[split:])))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -65,6 +66,20 @@ def test_every_phase_accepts_the_job_options():
         help_text = invoke(command, "--help").stdout
         for option in ("--job", "--run-dir", "--corpus", "--set"):
             assert option in help_text, f"{command} lacks {option}"
+
+
+def test_every_command_answers_help():
+    """README: `kantai-batch COMMAND --help` lists every option; `launch --help` was an error."""
+    from kantai_batch.cli import cli
+
+    for command in sorted(cli.commands):
+        assert re.match(rf"Usage: \S+ {command} ", invoke(command, "--help").stdout), command
+    # After the command to launch, --help is that command's.
+    launched = subprocess.run(
+        [sys.executable, "-m", "kantai_batch", "launch", "--nproc-per-node", "1", "pretrain", "--help"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert launched.returncode == 0 and "Usage: kantai-batch pretrain " in launched.stdout, launched.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
