@@ -330,10 +330,10 @@ class TrainSection(_Section):
     (Trockman & Kolter, 2023), which starts each layer's query-key product near the identity (a token
     attends to tokens and positions like its own) and, with `mimetic`, its value-output product near
     the negative identity, as in trained Transformers; `mimetic_qk` sets the query-key product only
-    (on the Kant job it alone changed nothing). `mimetic_local` is `mimetic` with four heads of each
-    layer starting as windows on the nearby tokens (two to the left, two to the right; for a causal LM
-    all four to the left, from about 1-3 to 17-33 tokens back), drawn on the sinusoidal position
-    table, so it needs `position_init: sinusoidal` and at least 4 heads: a masked token's own
+    (on the Kant job it alone changed nothing). `mimetic_local` is `mimetic` with `local_window_heads`
+    heads of each layer (4 by default) starting as windows on the nearby tokens (half to the left, half
+    to the right; for a causal LM all to the left), drawn on the sinusoidal position table, so it
+    needs `position_init: sinusoidal` and at least `local_window_heads` heads: a masked token's own
     embedding says nothing, its neighbours do. It is the Kant job's default: after 20
     minutes its held-out loss was lower than `mimetic`'s and far lower than `random`'s, with concepts
     in the recipe sentence's top 5 (README: Time to quality). Only the start differs: the saved model
@@ -497,7 +497,7 @@ class Job(_Section):
     model: ModelSection = ModelSection()
     """The architecture, initialized from scratch (`pretrain`)."""
     data: DataSection = DataSection()
-    """How text becomes training samples (`prepare`, `pretrain`)."""
+    """How text becomes training samples (`prepare`, `tokenize`, `pretrain`)."""
     train: TrainSection = TrainSection()
     """The Trainer's settings (`pretrain`)."""
     infer: InferSection = InferSection()

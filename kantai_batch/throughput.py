@@ -1,7 +1,8 @@
 """Training throughput as the Trainer runs: real tokens/s, samples/s, step time, MFU, peak memory.
 
-"Real" tokens are the non-padding ones (the Trainer's ``include_num_input_tokens_seen="non_padding"``,
-summed over all ranks): padding is work the model does for nothing, so it does not count. MFU (model
+"Real" tokens are the non-padding ones (counted by the collator on the host, ``objective.REAL_TOKENS``,
+and summed over all ranks into the Trainer's ``num_input_tokens_seen``): padding is work the model
+does for nothing, so it does not count. MFU (model
 FLOPs utilization) is the training FLOPs those tokens need, per second, over the peak of the devices
 doing it (``hardware.peak_flops``).
 """

@@ -1,6 +1,6 @@
 """The HF Trainer as pretraining extends it: the masked LM's loss and sparse head, a re-plannable schedule.
 
-Each extension but the last three goes through a door the Trainer's authors left for it, so nothing is
+Each extension but the last two goes through a door the Trainer's authors left for it, so nothing is
 patched on a live object and the model stays a standard ``RobertaForMaskedLM`` /
 ``RobertaForCausalLM``:
 
@@ -11,7 +11,7 @@ patched on a live object and the model stays a standard ``RobertaForMaskedLM`` /
   Trainer would multiply by the number of processes).
 - Sparse prediction: while training, a forward pre-hook on the LM head hands it the masked
   positions only. The head (a dense layer and the vocabulary projection) is the model's widest
-  matmul, and with 15% masking 85% of its output is thrown away by the loss; gathering first gives
+  matmul, and with the job's 30% masking 70% of its output is thrown away by the loss; gathering first gives
   the same loss for a fraction of the work, as ModernBERT's ``sparse_prediction`` does. The hook
   runs inside the model's own forward, so DDP and DeepSpeed see an ordinary forward; evaluation
   keeps the per-position logits the accuracy metric reads. The positions come with the batch
@@ -19,19 +19,21 @@ patched on a live object and the model stays a standard ``RobertaForMaskedLM`` /
   ``index_select`` of a size the host knows: a boolean mask would make the host wait for the
   encoder's forward to learn how many rows it selects, and break ``torch.compile``'s graph there.
 - A time budget's schedule (``budget.PlannedSchedule``) through ``create_scheduler``.
-- The Trainer's NaN filter off while training (its check reads the loss back every step, and it would
-  hide a diverged run, which ``stopping.StopAgreement`` stops instead) and on while evaluating
-  (``evaluation_loop``), where it leaves out held-out batches without a scored token.
+- The Trainer's NaN filter off (its check reads the loss back every step, and it would hide a diverged
+  run, which ``stopping.StopAgreement`` stops instead). The held-out loss is the loss over every
+  scored token of the set (``evaluation_loop``), not the Trainer's mean of batch means, so a held-out
+  batch without a scored token counts for nothing rather than as a NaN.
 - Throughput (real tokens/s, MFU) on every training log line through ``log``, before the console
   and MLflow callbacks see it.
 - A resume's fast-forward in O(1): the Trainer skips the trained batches of the resumed epoch with
   accelerate's ``skip_first_batches``, which enumerates them (``bench/resume_skip.py``: 4 s beyond
   the epoch's shuffle at 50 million samples, growing with the corpus, on every node of every
   retry). The samples' order is ``EpochOrder``, so the pass can start at the resume point instead
-  (``fast_forward``). This one has no door: while an epoch runs, the name ``skip_first_batches`` in
-  the Trainer's module resolves to ``fast_forward``, which hands any other loader to accelerate's.
-  Should a Trainer release stop skipping this way, a test that resumes a run fails (the resumed
-  pass would not start at the resume point) rather than training going wrong.
+  (``fast_forward``, which hands any other loader to accelerate's), through the Trainer's
+  ``get_resumed_dataloader`` (transformers 5.25 on). Before 5.25 there was no door: while an epoch
+  runs, the name ``skip_first_batches`` in the Trainer's module resolves to ``fast_forward``. A test
+  that resumes a run fails should either stop working (the resumed pass would not start at the
+  resume point) rather than training going wrong.
 - Real tokens counted on the host (``_track_num_input_tokens``): the collator counts each batch's
   (``objective.REAL_TOKENS``), before it leaves an all-ones attention mask out for SDPA's flash kernel
   under ``torch.compile``; processes with padded batches sum theirs in the host group
@@ -153,8 +155,13 @@ class PretrainTrainer(Trainer):
             return EpochOrder(len(dataset), self.args.seed, multiple=multiple)
         return super()._get_train_sampler(train_dataset)
 
+    def get_resumed_dataloader(self, dataloader, num_batches: int):
+        return fast_forward(dataloader, num_batches)
+
     def _run_epoch(self, *args, **kwargs):
-        with _resolving(transformers.trainer, "skip_first_batches", fast_forward):
+        if hasattr(Trainer, "get_resumed_dataloader"):
+            return super()._run_epoch(*args, **kwargs)
+        with _resolving(transformers.trainer, "skip_first_batches", fast_forward):  # before transformers 5.25
             return super()._run_epoch(*args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
