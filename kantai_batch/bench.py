@@ -44,11 +44,6 @@ EVAL_CUTS = ("packed", "grouped", "lines")
 CURVE_CUTS = EVAL_CUTS[:2]
 
 
-def recipe_job(job: Job) -> Job:
-    """The job with the recipe's choices for everything this project changed for speed."""
-    return baseline_job(job, "recipe")
-
-
 def variant_job(job: Job, spec: str) -> tuple[str, Job]:
     """``NAME:key=value,key=value`` (overrides as ``--set`` takes them) as a named configuration."""
     name, sep, overrides = spec.partition(":")

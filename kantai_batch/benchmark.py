@@ -186,14 +186,14 @@ def _decoded(source: str, job: Job, dest: Path) -> Path:
     """Every file ``source`` names, decoded and cleaned as prepare does plain text, into one text."""
     from kantai_batch.decoding import detect_encoding, write_text
     from kantai_batch.formats import SUFFIXES
-    from kantai_batch.sources import decompressed, expand, local_copy
+    from kantai_batch.sources import decompressed, expand, fetched
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(".part")
     paragraphs = 0
     with dest.open("w", encoding="utf-8", newline="\n") as out:
         for item in expand((source,), "benchmark", SUFFIXES["text"]):
-            with local_copy(item, "benchmark") as path:
+            with fetched(item.name, "benchmark") as path:
                 opened = lambda: decompressed(path, item.name)  # noqa: B023, E731 - used within this iteration
                 decoding = detect_encoding(opened, job.corpus.encoding, f"benchmark {item.name}")
                 with opened() as raw:

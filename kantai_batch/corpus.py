@@ -34,7 +34,7 @@ from kantai_batch.formats import SUFFIXES, examples, parquet_examples
 from kantai_batch.job import Job
 from kantai_batch.manifest import file_sha256, write_json_atomic
 from kantai_batch.rundir import CORPUS_STATS, EVAL_TEXT, TRAIN_TEXT, RunDir
-from kantai_batch.sources import Input, decompressed, expand, is_s3, is_url, local_copy
+from kantai_batch.sources import Input, decompressed, expand, fetched, is_s3, is_url
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _read(item: Input, job: Job, split: _Split, *, only: bool) -> dict[str, Any]
     corpus = job.corpus
     label = f"corpus {item.name}"
     skipped: Counter[str] = Counter()
-    with local_copy(item, "corpus") as path:
+    with fetched(item.name, "corpus") as path:
         size = path.stat().st_size
         entry: dict[str, Any] = {"name": item.name, "bytes": size, "sha256": file_sha256(path)}
         if size == 0:
@@ -159,7 +159,7 @@ def _twcs_files(inputs: list[Input], job: Job, files: list[dict[str, Any]]) -> I
     """Each twcs file in turn, fetched and opened, for the reader that joins their rows."""
     for item in inputs:
         label = f"corpus {item.name}"
-        with local_copy(item, "corpus") as path:
+        with fetched(item.name, "corpus") as path:
             size = path.stat().st_size
             if size == 0:
                 if len(inputs) == 1:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kantai_batch.errors import InputDataError
+from kantai_batch.errors import InputDataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -185,14 +185,9 @@ def _family(encoding: str) -> str:
 
 
 def undecodable(name: str, encoding: str, exc: UnicodeError) -> InputDataError:
-    first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
-    return InputDataError(f"{name} cannot be decoded as {encoding}: {first_line}; set corpus.encoding to another one")
-
-
-def choose_encoding(path: Path, configured: str, source: str) -> tuple[str, bool]:
-    """The codec to decode ``path`` with, and whether it was detected rather than configured."""
-    decoding = detect_encoding(lambda: path.open("rb"), configured, f"corpus {source}")
-    return decoding.encoding, decoding.detected
+    return InputDataError(
+        f"{name} cannot be decoded as {encoding}: {first_line(exc)}; set corpus.encoding to another one"
+    )
 
 
 class _Scan:

@@ -116,12 +116,12 @@ def settings_digest(job: Job, *, legacy: bool = False) -> str:
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
 
 
-# Fields a training may change and still resume its checkpoints: how long it trains, and bookkeeping
-# that does not change what a step computes.
-_RESUMABLE_ACROSS = frozenset(
-    "max_steps epochs max_seconds save_steps save_total_limit logging_steps eval_steps preemption_grace_s "
-    "collective_timeout_s dataloader_workers torch_compile profile_steps".split()
-)
+def _resumable_across() -> frozenset[str]:
+    """The ``train`` fields a training may change and still resume its checkpoints: how long it trains,
+    whether it compiles (the same step, computed faster; still part of pretrain's fingerprint, so a
+    finished model is committed again under it), and the bookkeeping pretrain's fingerprint ignores."""
+    bookkeeping = (name.removeprefix("train.") for name in phase_row("pretrain").ignores)
+    return frozenset({"max_steps", "epochs", "max_seconds", "torch_compile", *bookkeeping})
 
 
 def checkpoint_lineage(job: Job, run, *, legacy: bool = False) -> str:
@@ -135,7 +135,8 @@ def checkpoint_lineage(job: Job, run, *, legacy: bool = False) -> str:
     from kantai_batch.continued import init_identity
 
     settings = (job if legacy else in_effect(job)).train.model_dump(mode="json")
-    train = {key: value for key, value in settings.items() if key not in _RESUMABLE_ACROSS}
+    resumable = _resumable_across()
+    train = {key: value for key, value in settings.items() if key not in resumable}
     parts = {
         "tokenizer": (run.marker(run.tokenizer) or {}).get("files"),
         "tokens": (run.marker(run.tokens) or {}).get("files"),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from kantai_batch.decoding import Decoding, clean_line, open_text, paragraphs, read_lines
-from kantai_batch.errors import InputDataError
+from kantai_batch.errors import InputDataError, first_line
 
 # The file names a folder or an s3:// prefix contributes for each format (below any compression
 # extension); a file named explicitly, or matched by a glob, is read whatever its name.
@@ -160,7 +160,7 @@ def parquet_examples(path: Path, *, field: str, name: str, skipped: Counter[str]
     try:
         table = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise InputDataError(f"{name} is not a readable parquet file: {_first_line(exc)}") from None
+        raise InputDataError(f"{name} is not a readable parquet file: {first_line(exc)}") from None
     names = table.schema_arrow.names
     if field not in names:
         raise InputDataError(f"{name} has no {field!r} column (its columns: {_shown(names)})")
@@ -171,13 +171,9 @@ def parquet_examples(path: Path, *, field: str, name: str, skipped: Counter[str]
                 if example is not None:
                     yield example
     except (pa.ArrowException, OSError) as exc:
-        raise InputDataError(f"{name} is not a readable parquet file: {_first_line(exc)}") from None
+        raise InputDataError(f"{name} is not a readable parquet file: {first_line(exc)}") from None
 
 
 def _shown(names: list[str]) -> str:
     shown = ", ".join(repr(name)[:40] for name in names[:_FIELDS_SHOWN]) or "none"
     return shown + (", ..." if len(names) > _FIELDS_SHOWN else "")
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]

@@ -224,7 +224,7 @@ class RunDir:
         atomic step: of processes claiming the same path at once, exactly one gets True."""
         remote = self._remote_of(path)
         if remote:
-            return s3.create_if_absent(remote, note.encode("utf-8"))
+            return s3.put_if(remote, note.encode("utf-8")) is not None
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with path.open("x", encoding="utf-8") as handle:

@@ -298,22 +298,6 @@ def copy(source: S3Uri, dest: S3Uri) -> None:
         )
 
 
-def create_if_absent(uri: S3Uri, body: bytes) -> bool:
-    """Write ``body`` to ``uri`` only if no object is there (a conditional write, If-None-Match: *); True if
-    this call created it. The store decides, so of writers racing for one key exactly one wins."""
-    from botocore.exceptions import ClientError
-
-    with translated(uri, "write"):
-        try:
-            client().put_object(Bucket=uri.bucket, Key=uri.key, Body=body, IfNoneMatch="*")
-        except ClientError as exc:
-            # 412: the key exists; 409: another conditional write to it is in flight, and will win.
-            if _code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                return False
-            raise
-    return True
-
-
 def put_if(uri: S3Uri, body: bytes, *, match: str | None = None, within_s: float | None = None) -> str | None:
     """Write ``body`` to ``uri`` only if the object there still has ETag ``match`` (or, without ``match``,
     only if there is none); its new ETag, or None where the condition failed. Of writers racing from one

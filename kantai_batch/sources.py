@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from kantai_batch import s3
-from kantai_batch.errors import InputDataError, JobConfigError, SourceUnavailableError
+from kantai_batch.errors import InputDataError, JobConfigError, SourceUnavailableError, first_line
 from kantai_batch.s3 import S3Uri, is_s3
 
 log = logging.getLogger(__name__)
@@ -308,21 +308,13 @@ class _Checked(io.RawIOBase):
         try:
             data = self._inner.read(len(buffer))
         except Exception as exc:  # noqa: BLE001 - gzip, bz2, lzma and zstandard each raise their own
-            first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise InputDataError(f"{self._failure} ({first_line})") from None
+            raise InputDataError(f"{self._failure} ({first_line(exc)})") from None
         buffer[: len(data)] = data
         return len(data)
 
     def close(self) -> None:
         self._inner.close()
         super().close()
-
-
-@contextlib.contextmanager
-def local_copy(item: Input, what: str) -> Iterator[Path]:
-    """A local file holding ``item``: the file itself, or a download removed afterwards."""
-    with fetched(item.name, what) as path:
-        yield path
 
 
 class _CutOff(OSError):

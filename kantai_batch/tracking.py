@@ -186,8 +186,6 @@ def _end_run(run_id: str, status: str) -> None:
 
 def lineage_tags(job: Job, run: RunDir) -> dict[str, str]:
     """Where the model comes from: corpus and its checksum, tokenizer checksum, code and image versions."""
-    import os
-
     tags = {
         "kantai.run_dir": run.uri(run.root) if run.is_remote else str(run.root.resolve()),
         "kantai.corpus": job.corpus.source_label,

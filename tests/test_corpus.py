@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import KANT, ROOT, invoke, kantian_text, tiny
-from kantai_batch.decoding import choose_encoding, read_lines
+from kantai_batch.decoding import detect_encoding, read_lines
 from kantai_batch.job import load_job
 from kantai_batch.manifest import MARKER, read_marker
 
@@ -121,7 +121,7 @@ def test_utf8_bom_removed_and_a_page_break_is_a_space_not_glue(tmp_path: Path):
     corpus = tmp_path / "bom.txt"
     page = "Grüße aus Königsberg, says the critic.\fThe next page\x0bbegins\x85here.\n\f\n"
     corpus.write_bytes("\ufeff".encode() + (page * 40).encode())
-    assert choose_encoding(corpus, "auto", str(corpus))[0] == "utf_8_sig"
+    assert detect_encoding(lambda: corpus.open("rb"), "auto", f"corpus {corpus}").encoding == "utf_8_sig"
     lines = list(read_lines(corpus, "utf_8_sig"))
     assert lines[:2] == ["Grüße aus Königsberg, says the critic. The next page begins here.", ""]
 
