@@ -563,9 +563,9 @@ def promote(uri: str, alias: str) -> None:
 def models(name: str, as_json: bool) -> None:
     """The versions of registered model NAME: aliases, benchmark loss, corpus checksum."""
     from kantai_batch.promotion import format_table, model_table
+    from kantai_batch.registry import registered_name
 
-    if name.startswith("models:/"):  # what pull and promote take; here the name alone is asked for
-        name = name[len("models:/") :].split("/", 1)[0].split("@", 1)[0]
+    name = registered_name(name)  # a models:/ URI, as pull and promote take, names its model
     results = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
         rows = model_table(name)

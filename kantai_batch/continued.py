@@ -51,13 +51,13 @@ def init_model_dir(job: Job) -> Path | None:
     if not uri:
         return None
     from kantai_batch.model import load_model_config
-    from kantai_batch.registry import cached_pull, is_registry_uri, model_exists, resolve_version
+    from kantai_batch.registry import cached_pull, is_registry_uri, model_exists, registered_name, resolve_version
     from kantai_batch.sources import cache_dir, local_model
 
     if is_registry_uri(uri):
         resolved = resolve_version(uri)
         if resolved is None:
-            name = uri[len("models:/") :].split("@", 1)[0]
+            name = registered_name(uri)
             if model_exists(name):
                 # A mistyped alias, or versions registered without it: not the first retraining it looks like.
                 log.warning("train.init_from %s: %s has versions but not this one; training from scratch", uri, name)

@@ -35,6 +35,11 @@ def is_registry_uri(uri: str) -> bool:
     return uri.startswith("models:/")
 
 
+def registered_name(uri: str) -> str:
+    """The model's name in ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` (a bare NAME as it is)."""
+    return uri.removeprefix("models:/").split("/", 1)[0].split("@", 1)[0]
+
+
 def require_model_name(name: str, option: str) -> None:
     """MLflow's rule for registered names, checked up front (MLflow itself applies it only when
     registering, after a whole training), and two of ours: no '@' (``models:/NAME@ALIAS`` would split it)

@@ -145,7 +145,9 @@ def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool, lineag
         write_json_atomic(run.mlflow_run, record)
         run.push_file(run.mlflow_run)
         if run_id is None:
-            mlflow.log_params({f"job.{key}": value for key, value in _flatten(job.model_dump(mode="json")).items()})
+            from transformers.utils import flatten_dict
+
+            mlflow.log_params(flatten_dict(job.model_dump(mode="json"), parent_key="job"))
             mlflow.set_tags(lineage_tags(job, run))
         if run_id is None or recorded.get("job_sha256") != job_sha:
             # A continued run's params stay the first session's (MLflow keeps a param's first value);
@@ -284,13 +286,3 @@ def run_exists(run_id: str | None) -> bool:
             return False
         raise
     return True
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
