@@ -87,21 +87,8 @@ def _pretrain(job: Job, run: RunDir, *, track: bool, still_ours: Callable[[], No
         tokenizer = load_tokenizer(run.require(run.tokenizer, "tokenizer", "train-tokenizer"))
         run.require(run.tokens, "tokens", "tokenize")
         start_from = init_model_dir(job)
-        lineage = checkpoint_lineage(job, run)
-        resume_from = run.newest_checkpoint(tidy=args.local_process_index == 0)
-        other_training, other_model = None, False
-        recorded = read_marker(resume_from).get("lineage_sha256", lineage) if resume_from else lineage
-        if recorded != lineage and recorded == checkpoint_lineage(job, run, legacy=True):
-            lineage = recorded  # a training begun before 2026-12-07 goes on under the lineage it began with
-        if resume_from and recorded != lineage:
-            # An earlier training's checkpoint (a retraining on a grown corpus in the same run dir):
-            # resuming it would skip this training's steps, and its higher step would outlive the new ones.
-            other_training, resume_from = resume_from, None
-        elif resume_from and (changed := model_change(resume_from, job, len(tokenizer))):
-            # Its lineage leaves the model section out; resumed, the new settings would be claimed by
-            # weights trained under the old (a changed dropout re-committed the old model as it was).
-            log.info("pretrain: %s is a step of another model (%s)", run.uri(resume_from), changed)
-            other_training, resume_from, other_model = resume_from, None, True
+        point = _resume_point(job, run, args, len(tokenizer))
+    resume_from, lineage = point.checkpoint, point.lineage
     if resume_from:
         require_same_processes(resume_from, args.world_size, run)
     inputs = fingerprint_of(job, "pretrain", run)
@@ -138,26 +125,25 @@ def _pretrain(job: Job, run: RunDir, *, track: bool, still_ours: Callable[[], No
         # model is committed as it is.
         # Not under DeepSpeed: a Trainer that never trained has no engine to evaluate with below ZeRO-3,
         # so there the Trainer's one step more it is.
-        finished = (
-            resume_from is not None
-            and not job.train.deepspeed
-            and _trained_out(job, run, resume_from, budget, trainer, args)
+        ended_by = (
+            _trained_out(job, run, resume_from, budget, trainer, args)
+            if resume_from is not None and not job.train.deepspeed
+            else None
         )
+        finished = ended_by is not None
         if finished:
             model.load_state_dict(type(model).from_pretrained(str(resume_from)).state_dict())
-        if other_training is not None:
+        if point.other_training is not None:
             # Only once the job has passed every check (its tokens, its starting model): the wrong
             # job given to a resumed run must fail without costing the run its checkpoints. The
             # barrier: every process has read the checkpoints' markers before any is moved.
             barrier()
-            _leave_other_training(run, other_training, args, other_model=other_model)
+            _leave_other_training(run, point.other_training, args, other_model=point.other_model)
         if resume_from:
             log.info("pretrain: resuming from %s", run.uri(resume_from))
         if finished:
             trainer.state = TrainerState.load_from_json(str(resume_from / TRAINER_STATE_NAME))
-            if budget is not None and (
-                budget.exhausted() or read_marker(resume_from).get(LAST_STEP) == budget.max_seconds
-            ):
+            if ended_by == BUDGET:
                 stop.stopped_by = BUDGET
             result = None
         else:
@@ -218,6 +204,37 @@ def _pretrain(job: Job, run: RunDir, *, track: bool, still_ours: Callable[[], No
     return run.model
 
 
+@dataclass(frozen=True)
+class _ResumePoint:
+    checkpoint: Path | None
+    """The checkpoint this training goes on from."""
+    lineage: str
+    other_training: Path | None = None
+    """The newest checkpoint of another training: set aside or deleted once the job passed its checks."""
+    other_model: bool = False
+    """That training is of this lineage but of another model section."""
+
+
+def _resume_point(job: Job, run: RunDir, args, vocab_size: int) -> _ResumePoint:
+    lineage = checkpoint_lineage(job, run)
+    newest = run.newest_checkpoint(tidy=args.local_process_index == 0)
+    if newest is None:
+        return _ResumePoint(None, lineage)
+    recorded = read_marker(newest).get("lineage_sha256", lineage)
+    if recorded != lineage and recorded == checkpoint_lineage(job, run, legacy=True):
+        lineage = recorded  # a training begun before 2026-12-07 goes on under the lineage it began with
+    if recorded != lineage:
+        # An earlier training's checkpoint (a retraining on a grown corpus in the same run dir):
+        # resuming it would skip this training's steps, and its higher step would outlive the new ones.
+        return _ResumePoint(None, lineage, other_training=newest)
+    if changed := model_change(newest, job, vocab_size):
+        # Its lineage leaves the model section out; resumed, the new settings would be claimed by
+        # weights trained under the old (a changed dropout re-committed the old model as it was).
+        log.info("pretrain: %s is a step of another model (%s)", run.uri(newest), changed)
+        return _ResumePoint(None, lineage, other_training=newest, other_model=True)
+    return _ResumePoint(newest, lineage)
+
+
 def require_same_processes(checkpoint: Path, processes: int, run: RunDir) -> None:
     """A checkpoint resumes only with the processes it was trained by: the sample order places each
     step's samples by the global batch, so other processes would train some samples twice and skip
@@ -259,8 +276,11 @@ def _leave_other_training(run: RunDir, newest: Path, args, *, other_model: bool 
         run.set_aside_checkpoints(aside.name, remote=args.process_index == 0)
 
 
-def _trained_out(job: Job, run: RunDir, checkpoint: Path, budget: TimeBudget | None, trainer: Trainer, args) -> bool:
-    """Whether ``checkpoint`` is already the end of this training: its budget spent or its steps taken."""
+def _trained_out(
+    job: Job, run: RunDir, checkpoint: Path, budget: TimeBudget | None, trainer: Trainer, args
+) -> str | None:
+    """What made ``checkpoint`` the end of this training already (``BUDGET`` spent, or its ``"steps"``
+    taken), or None."""
     if budget is not None and (budget.exhausted() or read_marker(checkpoint).get(LAST_STEP) == budget.max_seconds):
         log.info(
             "pretrain: the budget of %gs ended training at %s (%.0fs spent); no more steps",
@@ -268,10 +288,10 @@ def _trained_out(job: Job, run: RunDir, checkpoint: Path, budget: TimeBudget | N
             run.uri(checkpoint),
             budget.spent(),
         )
-        return True
+        return BUDGET
     step, bound = checkpoint_step(checkpoint), planned_steps(args, len(trainer.train_dataset))
     if step < bound:
-        return False
+        return None
     if step > bound:
         # Resuming would train on past the bound; its first `bound` steps ran on another schedule.
         log.warning(
@@ -283,7 +303,7 @@ def _trained_out(job: Job, run: RunDir, checkpoint: Path, budget: TimeBudget | N
         )
     else:
         log.info("pretrain: %s is the last of %d steps; no more steps", run.uri(checkpoint), bound)
-    return True
+    return "steps"
 
 
 def diverged(stop: StopAgreement, state: TrainerState, resumed_from: Path | None, run: RunDir) -> TrainingDivergedError:
