@@ -21,6 +21,7 @@ import signal
 import socket
 import time
 
+from kantai_batch.environment import seconds
 from kantai_batch.errors import JobConfigError, SourceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -126,14 +127,7 @@ _MEETING_OPTIONS = frozenset(("--master-addr", "--master_addr", "--rdzv-endpoint
 
 
 def rendezvous_wait_s() -> float:
-    text = os.environ.get("KANTAI_RENDEZVOUS_WAIT_S", "300")
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise JobConfigError(f"KANTAI_RENDEZVOUS_WAIT_S must be a number of seconds, got {text!r}")
-    return value
+    return seconds("KANTAI_RENDEZVOUS_WAIT_S", 300.0, zero=True)
 
 
 def rendezvous_host(args) -> str:

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from kantai_batch import s3
+from kantai_batch.environment import seconds
 from kantai_batch.errors import JobConfigError, KantaiError, SourceUnavailableError
 from kantai_batch.s3 import S3Uri
 
@@ -40,14 +41,7 @@ _RENEWALS = 3
 
 def lease_term() -> float:
     """Seconds a lease lasts unrenewed (``KANTAI_LEASE_S``, default 60)."""
-    text = os.environ.get(TERM_ENV, str(_DEFAULT_TERM_S))
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise JobConfigError(f"{TERM_ENV} must be a number of seconds above 0, got {text!r}")
-    return value
+    return seconds(TERM_ENV, _DEFAULT_TERM_S)
 
 
 def require_term_within(wait_s: float, setting: str) -> None:
