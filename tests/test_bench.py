@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from helpers import ROOT, SUPPORT_JOB, SUPPORT_OVERRIDES, invoke, prepared_run, support_conversations, tiny, twcs_csv
 from kantai_batch.baseline import grouped_lines
-from kantai_batch.bench import _eval_cuts
+from kantai_batch.bench_worker import eval_cuts
 from kantai_batch.curve import time_to_reach
 from kantai_batch.job import load_job
 from kantai_batch.manifest import file_sha256
@@ -222,7 +222,7 @@ def test_a_causal_lm_is_scored_on_the_words_of_unmasked_text(tmp_path: Path, cor
     text = run.eval_text.read_text()
     for task in ("mlm", "clm"):
         job = load_job(None, tiny(f"task={task}")[1::2])
-        cuts = _eval_cuts(job, tokenizer, run, 0.15, 42, job.data.block_size)
+        cuts = eval_cuts(job, tokenizer, run, 0.15, 42, job.data.block_size)
         assert set(cuts) == {"packed", "grouped", "lines"}
         for cut, samples in cuts.items():
             masks = sum(row.count(tokenizer.mask_token_id) for row in samples["input_ids"])
