@@ -6,6 +6,8 @@ The one way tokens are written, whether one process made the samples or the part
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from pathlib import Path
@@ -23,13 +25,17 @@ SPLITS = ("train", "eval")
 _SHARD_BYTES = 256 * 1024**2
 
 
-def write_splits(out: Path, samples: dict[str, Any], job: Job, run: RunDir, tokenizer, *, workers: int | None) -> None:
-    """Save both splits' samples as shards in ``out`` (a scratch tokens folder) with their ``tokens.json``."""
+def write_splits(
+    out: Path, samples: dict[str, Any], job: Job, run: RunDir, tokenizer, *, workers: int | None, inputs: str
+) -> None:
+    """Save both splits' samples as shards in ``out`` (a scratch tokens folder) with their ``tokens.json``;
+    ``inputs`` is the tokenize phase's fingerprint."""
     splits: dict[str, Any] = {}
     for split in SPLITS:
         shards = max(1, math.ceil(samples[split].data.nbytes / _SHARD_BYTES))
         writers = min(workers or 1, shards)
         samples[split].save_to_disk(str(out / split), num_shards=shards, num_proc=writers if writers > 1 else None)
+        _as_made_from(out / split, inputs, split)
         splits[split] = {
             "samples": len(samples[split]),
             "tokens": token_count(samples[split]),
@@ -45,6 +51,25 @@ def write_splits(out: Path, samples: dict[str, Any], job: Job, run: RunDir, toke
             f"{stats['tokens']:,}",
             stats["shards"],
         )
+
+
+def _as_made_from(folder: Path, inputs: str, split: str) -> None:
+    """``datasets``' ``state.json`` records how the samples were made: their fingerprint hashes the
+    transforms (one process's map, or a concatenation of parts), and a format and split name come along.
+    The same samples made in parts or by one process differed only there, and a checkpoint's lineage,
+    which digests the committed files, took them for another training's: resumed after tokens were
+    made again the other way, pretrain started over. It records what they were made from instead."""
+    state_file = folder / "state.json"
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    state.update(
+        _fingerprint=hashlib.sha256(f"{inputs}/{split}".encode()).hexdigest()[:16],
+        _format_columns=None,
+        _format_kwargs={},
+        _format_type=None,
+        _output_all_columns=False,
+        _split=None,
+    )
+    state_file.write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def token_count(samples) -> int:

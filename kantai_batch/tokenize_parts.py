@@ -131,7 +131,7 @@ def _commit(job: Job, run: RunDir, tokenizer, inputs: str, count: int, workers: 
         )
     samples = {"train": concatenate_datasets(train), "eval": load_from_disk(str(folders[0] / "eval"))}
     with run.committed(run.tokens, inputs_sha256=inputs) as out:
-        write_splits(out, samples, job, run, tokenizer, workers=workers)
+        write_splits(out, samples, job, run, tokenizer, workers=workers, inputs=inputs)
     log.info("tokenize: committed %s from %d parts", run.uri(run.tokens), count)
     run.discard(run.tokens_parts)
     return run.tokens

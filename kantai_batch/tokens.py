@@ -41,7 +41,8 @@ def tokenize(job: Job, run: RunDir, *, workers: int | None = None, part: int = 0
     if parts > 1:
         return tokenize_part(job, run, tokenizer, index=part, count=parts, workers=workers)
     texts = {"train": run.train_text, "eval": run.eval_text}
-    with run.committed(run.tokens, inputs_sha256=fingerprint_of(job, "tokenize", run)) as out:
+    inputs = fingerprint_of(job, "tokenize", run)
+    with run.committed(run.tokens, inputs_sha256=inputs) as out:
         samples = {
             split: build_split(
                 texts[split],
@@ -53,5 +54,5 @@ def tokenize(job: Job, run: RunDir, *, workers: int | None = None, part: int = 0
             )
             for split in SPLITS
         }
-        write_splits(out, samples, job, run, tokenizer, workers=workers)
+        write_splits(out, samples, job, run, tokenizer, workers=workers, inputs=inputs)
     return run.tokens
