@@ -58,7 +58,7 @@ import torch
 import transformers.trainer
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
 from kantai_batch.distributed import deepspeed_config, host_all_reduce
 from kantai_batch.hardware import has_accelerator, resolve_precision
@@ -91,6 +91,7 @@ class PretrainTrainer(Trainer):
         self.throughput = throughput
         if throughput is not None:
             self.add_callback(throughput)
+        self.add_callback(_ThisJobsIntervals())
         self._scored = None  # the flattened positions the head runs on, during one training forward
         if sparse:
             self.accelerator.unwrap_model(self.model).lm_head.register_forward_pre_hook(self._scored_positions_only)
@@ -188,6 +189,15 @@ class PretrainTrainer(Trainer):
             self.lr_scheduler = LambdaLR(optimizer or self.optimizer, self.schedule)
             self._created_lr_scheduler = True
         return self.lr_scheduler
+
+
+class _ThisJobsIntervals(TrainerCallback):
+    """A resumed training logs, evaluates and saves at this job's intervals: the Trainer restores the
+    checkpoint's with its state, so a new ``train.save_steps`` (the work one can afford to lose) or
+    ``train.logging_steps`` was ignored with a warning."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)
 
 
 @contextlib.contextmanager

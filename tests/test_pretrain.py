@@ -122,6 +122,21 @@ def test_a_resumed_run_logs_each_step_once_and_no_param_again_also_told_to_go_on
     assert "max_steps: 40" in mlflow.artifacts.load_text(f"runs:/{run_id}/job.yaml")
 
 
+def test_a_resumed_training_saves_and_logs_at_the_intervals_its_job_gives_now(tmp_path: Path, corpus_file: Path):
+    """The Trainer restores the checkpoint's intervals with its state: a resumed training given a shorter
+    train.save_steps saved nothing until its end, only warning that the values differed."""
+    run_dir = prepared_run(tmp_path / "run", corpus_file)
+    first = ("train.max_steps=4", "train.save_steps=4", "train.logging_steps=4", "train.save_total_limit=10")
+    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *tiny(*first))
+    longer = ("train.max_steps=10", "train.save_steps=2", "train.logging_steps=2", "train.save_total_limit=10")
+    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *tiny(*longer))
+    assert _summary(run_dir)["resumed_from_step"] == 4
+    saved = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("checkpoint-*"))
+    assert saved == [4, 6, 8, 10]
+    state = json.loads((run_dir / "checkpoints" / "checkpoint-10" / "trainer_state.json").read_text())
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [4, 6, 8, 10]
+
+
 def test_rerun_skips_complete_phases(trained_run: Path, corpus_file: Path):
     before = {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()}
     result = invoke("run", "--run-dir", str(trained_run), "--corpus", str(corpus_file), *tiny())
