@@ -8,12 +8,14 @@ the commands, so ``kantai-batch --help`` answers at once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ log = logging.getLogger("kantai_batch")
 
 DEFAULT_RUN_DIR = "runs/kantaibert"
 _RESULTS = "kantai.results"
+# The local folder the command writes its phases to (a remote run dir's mirror).
+_WRITES_TO = "kantai.writes_to"
 
 
 class _Group(click.Group):
@@ -71,6 +75,11 @@ class _Group(click.Group):
             # The machine refused (permissions, a full disk): name the path, no traceback.
             where = f"{exc.filename}: " if exc.filename else ""
             reason = exc.strerror or first_line(exc)
+            if not exc.filename and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # A write that found the disk full names no file: say where the command writes.
+                folder = ctx.meta.get(_WRITES_TO)
+                places = [f"the run dir {folder}"] if folder else []
+                reason += f" (writing to {' or '.join([*places, f'the temporary folder {tempfile.gettempdir()}'])})"
             click.echo(f"kantai-batch: error: {where}{reason}", err=True)
             ctx.exit(1)
 
@@ -146,6 +155,7 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
         if not run_dir.strip():  # not the working directory by accident, which would fill it with phases
             raise JobConfigError("--run-dir (KANTAI_RUN_DIR) is empty; name a folder or s3://bucket/prefix")
         run = RunDir.from_uri(run_dir)
+        click.get_current_context().meta[_WRITES_TO] = run.root
         if run.remote is not None:
             # Rejected credentials or a missing bucket end the command here, before it writes anything.
             s3.check_access(run.remote)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import json
 import re
 import subprocess
@@ -253,3 +254,31 @@ def test_a_tracking_store_mlflow_cannot_use_is_one_line(command, store, code, sa
     assert result.stderr.startswith("kantai-batch: error: ") and result.stderr.count("\n") == 1, result.stderr
     assert says in result.stderr
     assert (tmp_path / "notes.txt").read_text() == "not a database\n" * 100
+
+
+@pytest.mark.parametrize(
+    ("refusal", "says"),
+    [
+        (PermissionError(errno.EACCES, "Permission denied", "/data/run/.corpus.lock"),
+         "/data/run/.corpus.lock: Permission denied"),
+        (OSError(errno.ENOSPC, "No space left on device"),
+         "No space left on device (writing to the run dir {run} or the temporary folder {tmp})"),
+    ],
+    ids=["named", "disk-full"],
+)  # fmt: skip
+def test_what_the_machine_refuses_is_one_line_naming_where(tmp_path, corpus_file, monkeypatch, refusal, says):
+    """A write that finds the disk full names no file: the error said only "No space left on device"."""
+    import tempfile
+
+    from kantai_batch import corpus
+
+    def refused(self, texts):
+        raise refusal
+
+    monkeypatch.setattr(corpus._Split, "write", refused)
+    run_dir = tmp_path / "run"
+    result = invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file), expect=1)
+    assert result.stderr.strip().splitlines()[-1] == "kantai-batch: error: " + says.format(
+        run=run_dir, tmp=tempfile.gettempdir()
+    )
+    assert not (run_dir / "corpus").exists(), "nothing half-written is committed"
