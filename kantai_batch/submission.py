@@ -73,8 +73,7 @@ class Submission:
         if self.run_dir is not None and not self.run_dir.startswith("s3://"):
             # Each pod's disk is its own (and gone with it): a later phase's pod would find nothing.
             raise JobConfigError(
-                f"run dir {self.run_dir!r} must be s3://bucket/prefix: the phases run in pods that share "
-                "nothing else"
+                f"run dir {self.run_dir!r} must be s3://bucket/prefix: the phases run in pods that share nothing else"
             )
         if self.image is not None:
             name, tag = split_image(self.image)

@@ -227,11 +227,13 @@ class TwcsReader:
             needed += ["tweet_id", "in_response_to_tweet_id"]
         missing = [name for name in needed if name not in names]
         if missing:
-            shown = ", ".join(_printable(name) for name in names[:12]) or "none"
+            shown = "its columns: " + ", ".join(_printable(name) for name in names[:12])
             if len(names) > 12:
                 shown += f", ... ({len(names)} in all)"
+            if not any(names):
+                shown = "its first line, the header, is empty"  # a text file given as twcs, most likely
             raise InputDataError(
-                f"{name} has no {' or '.join(missing)} column (its columns: {shown}); "
+                f"{name} has no {' or '.join(missing)} column ({shown}); "
                 f"corpus.format twcs expects {', '.join(COLUMNS)}"
             )
         if len(set(names)) != len(names):

@@ -278,3 +278,11 @@ def test_every_reply_to_a_customer_tweet_lands_on_its_side_of_the_split(tmp_path
             sides.setdefault(example.strip().split(" <reply> ")[0], set()).add(split)
     assert len(sides) == 60 and all(len(found) == 1 for found in sides.values()), sides
     assert 5 < sum(found == {"eval"} for found in sides.values()) < 35
+
+
+def test_a_text_file_given_as_twcs_is_named_by_its_empty_header(tmp_path: Path):
+    """Kant's text starts with a blank line: the error said "its columns: none"."""
+    source = tmp_path / "kant.txt"
+    source.write_text("\nHUMAN REASON, in one sphere of its cognition, is called upon to consider questions.\n")
+    message = _prepare(tmp_path / "run", source, expect=3).stderr.strip()
+    assert "has no text column (its first line, the header, is empty); corpus.format twcs expects" in message
