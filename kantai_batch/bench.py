@@ -98,7 +98,7 @@ def bench(
         raise JobConfigError(f"--variant: configuration names repeat: {', '.join(names)}")
     for _, config in configs:
         # A malformed probe file, a missing DeepSpeed config: refused now, not after the training.
-        require_before_start(config, run, {"pretrain", "evaluate"})
+        require_before_start(config, run, {"pretrain", "evaluate"}, leased=False)  # its worker takes no lease
     _prepare_inputs(job, run)
     header: dict[str, Any] = {
         "job": job.name,

@@ -52,15 +52,15 @@ def run_pipeline(
     return ran
 
 
-def require_before_start(job: Job, run: RunDir, phases: set[str]) -> None:
+def require_before_start(job: Job, run: RunDir, phases: set[str], *, leased: bool = True) -> None:
     """What ``phases`` will need, checked before the first phase runs: a missing probe file or DeepSpeed
-    config, a misspelt starting model or a lease term the training cannot wait out was found after the
-    phases before it."""
+    config, a misspelt starting model or (``leased``: pretrain holds its lease) a lease term the
+    training cannot wait out was found after the phases before it."""
     from kantai_batch.probes import read_probes
 
     if "evaluate" in phases and job.task == "mlm" and job.eval.probes:
         read_probes(job.eval.probes, job.tokenizer.special_tokens[4])
-    if "pretrain" in phases and run.remote is not None:
+    if leased and "pretrain" in phases and run.remote is not None:
         from kantai_batch.lease import require_term_within
 
         require_term_within(job.train.collective_timeout_s, "train.collective_timeout_s")

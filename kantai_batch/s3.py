@@ -307,7 +307,8 @@ def put_if(uri: S3Uri, body: bytes, *, match: str | None = None, within_s: float
     condition = {"IfMatch": match} if match else {"IfNoneMatch": "*"}
     with translated(uri, "write"):
         try:
-            return client(within_s).put_object(Bucket=uri.bucket, Key=uri.key, Body=body, **condition)["ETag"]
+            bounded = client() if within_s is None else client(within_s)  # one cached default client
+            return bounded.put_object(Bucket=uri.bucket, Key=uri.key, Body=body, **condition)["ETag"]
         except ClientError as exc:
             # 412: another object is there (or one is, for IfNoneMatch); 409: a conditional write in flight;
             # 404: IfMatch on a key that is gone.

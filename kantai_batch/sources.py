@@ -335,7 +335,8 @@ def _download(url: str, dest: Path, what: str) -> Path:
                         out.write(chunk)
                         written += len(chunk)
                         bar.update(len(chunk))
-            if total is not None and written != total:
+            # A chunked body ignores Content-Length (a server may send both); a cut one raises IncompleteRead.
+            if total is not None and not response.chunked and written != total:
                 # A connection dropped mid-body ends the stream quietly: it would be a cut-off corpus.
                 raise _CutOff(f"the connection closed after {written:,} of {total:,} bytes")
             return dest

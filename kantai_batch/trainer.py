@@ -31,8 +31,8 @@ patched on a live object and the model stays a standard ``RobertaForMaskedLM`` /
   retry). The samples' order is ``EpochOrder``, so the pass can start at the resume point instead
   (``fast_forward``, which hands any other loader to accelerate's), through the Trainer's
   ``get_resumed_dataloader`` (transformers 5.25 on). Before 5.25 there was no door: while an epoch
-  runs, the name ``skip_first_batches`` in the Trainer's module resolves to ``fast_forward``. A test
-  that resumes a run fails should either stop working (the resumed pass would not start at the
+  runs, the name ``skip_first_batches`` in the Trainer's module resolves to ``fast_forward``. Should
+  either stop working, a test that resumes a run fails (the resumed pass would not start at the
   resume point) rather than training going wrong.
 - Real tokens counted on the host (``_track_num_input_tokens``): the collator counts each batch's
   (``objective.REAL_TOKENS``), before it leaves an all-ones attention mask out for SDPA's flash kernel

@@ -298,6 +298,28 @@ def test_bench_reads_probes_by_the_jobs_mask_token_and_checks_named_files_first(
     assert not (tmp_path / "run").exists(), "nothing is prepared before the job's files are read"
 
 
+def test_bench_of_an_s3_run_dir_is_not_held_to_the_lease_its_worker_never_takes(tmp_path: Path, monkeypatch):
+    """`run`'s check that the lease term fits train.collective_timeout_s refused a bench, whose single
+    worker process holds no lease."""
+    from kantai_batch import bench
+    from kantai_batch.job import load_job
+    from kantai_batch.rundir import RunDir
+
+    class Reached(Exception):
+        pass
+
+    def prepared(job, run):
+        raise Reached
+
+    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("KANTAI_LEASE_S", "120")
+    monkeypatch.setattr(bench, "_prepare_inputs", prepared)
+    job = load_job(None, ["train.collective_timeout_s=200"], corpus=str(tmp_path / "unused.txt"))
+    with pytest.raises(Reached):
+        bench.bench(job, RunDir.from_uri("s3://kantai/runs/bench"), steps=1, seconds=None, baseline=None,
+                    out_dir=tmp_path / "out")  # fmt: skip
+
+
 @pytest.mark.slow
 def test_bench_retrains_a_tokenizer_whose_settings_changed(tmp_path: Path, corpus_file: Path):
     run_dir, out = tmp_path / "run", tmp_path / "results"
