@@ -66,8 +66,25 @@ class Generator:
 
     def __call__(self, prompt: str, sampling: Sampling, *, as_message: bool = True) -> Generation:
         import torch
-        from transformers import GenerationConfig, set_seed
+        from transformers import set_seed
 
+        use_template = bool(as_message and self.answers)
+        ids, rendered = self._prompt_ids(prompt, use_template)
+        config = self._generation_config(sampling, len(ids))
+        if sampling.seed is not None:
+            set_seed(sampling.seed)
+        inputs = torch.tensor([ids], device=self.model.device)
+        with torch.inference_mode():
+            output = self.model.generate(
+                inputs,
+                attention_mask=torch.ones_like(inputs),
+                position_ids=position_ids(self.model.config, len(ids)).to(self.model.device),
+                generation_config=config,
+            )
+        return self._generation(prompt, rendered, output[:, len(ids) :].tolist(), use_template)
+
+    def _prompt_ids(self, prompt: str, use_template: bool) -> tuple[list[int], str]:
+        """The prompt's token ids (as the chat template renders it, with ``use_template``) and its text."""
         if not prompt.strip():
             raise InputDataError("the prompt is empty")
         try:
@@ -77,7 +94,6 @@ class Generator:
                 f"the prompt holds half a character (a lone surrogate, {prompt[exc.start]!r} at {exc.start}): not text"
             ) from None
         tok = self.tokenizer
-        use_template = as_message and self.answers
         rendered = (
             tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False) if use_template else prompt
         )
@@ -92,24 +108,31 @@ class Generator:
             ids = [tok.bos_token_id, *encode_text(tok, [rendered])["ids"][0]]
         if len(ids) == 1 + (separator is not None):
             raise InputDataError("the prompt is empty once the model's tokenizer has cleaned it")
-        room = self.max_length - len(ids)
+        return ids, rendered
+
+    def _generation_config(self, sampling: Sampling, prompt_tokens: int):
+        """``sampling`` as transformers' GenerationConfig, its new tokens cut to what fits after the prompt."""
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        room = self.max_length - prompt_tokens
         if room < 1:
-            raise InputDataError(f"the prompt is {len(ids)} tokens; the model reads at most {self.max_length}")
+            raise InputDataError(f"the prompt is {prompt_tokens} tokens; the model reads at most {self.max_length}")
         max_new = sampling.max_new_tokens
         if max_new > room:
             log.warning("generate: only %d tokens fit after the prompt (max-new-tokens %d)", room, max_new)
             max_new = room
-        if self.trained and len(ids) + max_new > self.trained:
+        if self.trained and prompt_tokens + max_new > self.trained:
             # The positions past the trained blocks never had a gradient: what the model reads there is noise.
             log.warning(
                 "generate: %d prompt tokens and up to %d new ones run past the %d tokens a block the model was "
                 "trained on; expect the text beyond them to degrade",
-                len(ids),
+                prompt_tokens,
                 max_new,
                 self.trained,
             )
         greedy = sampling.temperature == 0
-        config = GenerationConfig(
+        return GenerationConfig(
             max_new_tokens=max_new,
             do_sample=not greedy,
             num_return_sequences=sampling.num_return_sequences,
@@ -122,21 +145,15 @@ class Generator:
                 else {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
             ),
         )
-        if sampling.seed is not None:
-            set_seed(sampling.seed)
-        inputs = torch.tensor([ids], device=self.model.device)
-        with torch.inference_mode():
-            output = self.model.generate(
-                inputs,
-                attention_mask=torch.ones_like(inputs),
-                position_ids=position_ids(self.model.config, len(ids)).to(self.model.device),
-                generation_config=config,
-            )
+
+    def _generation(self, prompt: str, rendered: str, rows: list[list[int]], use_template: bool) -> Generation:
+        """The generated ``rows`` (new tokens only) as texts and continuations."""
+        tok = self.tokenizer
         # A prompt continued as given may run into a reply: the separator stays visible between the two.
         extra = [] if use_template else getattr(tok, "extra_special_tokens", None) or []
         shown = set(tok.convert_tokens_to_ids(extra))
         texts, continuations, counts = [], [], []
-        for row in output[:, len(ids) :].tolist():
+        for row in rows:
             generated = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
             continuation = _decoded(tok, generated, shown)
             if use_template:
