@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -92,6 +93,7 @@ class Lease:
 
     def acquire(self) -> None:
         seen: str | None = None
+        waited = self.term
         while True:
             self._renewed_at = time.monotonic()
             self._etag = s3.put_if(self.uri, self._body())
@@ -108,10 +110,11 @@ class Lease:
             holder = record.get("holder", "another process")
             if seen is None:
                 seen = etag
-                log.info(
-                    "lease: %s is held by %s; waiting %gs to see whether it is renewed", self.uri, holder, self.term
-                )
-                time.sleep(self.term)
+                # The holder's own term, where it is the longer: a process told a shorter one (another
+                # KANTAI_LEASE_S by hand) would take a live holder's lease between its renewals.
+                waited = max(self.term, _term_of(record))
+                log.info("lease: %s is held by %s; waiting %gs to see whether it is renewed", self.uri, holder, waited)
+                time.sleep(waited)
                 continue
             if etag != seen:
                 raise SourceUnavailableError(
@@ -122,7 +125,7 @@ class Lease:
             self._renewed_at = time.monotonic()
             self._etag = s3.put_if(self.uri, self._body(), match=etag)
             if self._etag:
-                log.warning("lease: %s was not renewed for %gs; its holder is gone, took it over", self.uri, self.term)
+                log.warning("lease: %s was not renewed for %gs; its holder is gone, took it over", self.uri, waited)
                 break
             seen = None
         self._renewer.start()
@@ -165,6 +168,12 @@ class Lease:
                 s3.delete_keys(self.folder, [self.name])
         except KantaiError as exc:  # left behind, it is taken over after a term
             log.warning("lease: could not release %s: %s", self.uri, exc)
+
+
+def _term_of(record: dict[str, Any]) -> float:
+    """The term a lease's holder renews it within (0 where the record does not say)."""
+    term = record.get("term_s")
+    return float(term) if isinstance(term, (int, float)) and math.isfinite(term) and term > 0 else 0.0
 
 
 def _parsed(body: bytes) -> dict[str, Any]:

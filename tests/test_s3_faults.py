@@ -519,6 +519,21 @@ def test_a_lease_is_held_renewed_taken_back_or_lost_and_won_by_one_of_two_takers
     assert sorted(outcomes) == ["refused", "took"]
 
 
+def test_a_lease_is_waited_on_for_its_holders_term_when_that_is_the_longer(s3_endpoint, bucket: str, monkeypatch):
+    """A process told a shorter KANTAI_LEASE_S than the holder's waited only its own term, shorter than
+    the holder's renewal interval, and took a live holder's lease over."""
+    from kantai_batch import lease
+
+    monkeypatch.setenv("KANTAI_LEASE_S", "0.3")
+    folder = s3.S3Uri.parse(f"s3://{bucket}/runs/terms")
+    body = json.dumps({"holder": "a slower machine", "token": "x", "term_s": 2.5}).encode()
+    boto3.client("s3").put_object(Bucket=bucket, Key="runs/terms/.lease", Body=body)
+    began = time.monotonic()
+    with lease.held(folder, ".lease", "the training"):
+        waited = time.monotonic() - began
+    assert waited >= 2.5, f"took it over after {waited:.1f}s"
+
+
 def test_a_holder_whose_renewal_hangs_stops_writing_before_another_can_take_the_lease(
     s3_endpoint, bucket: str, monkeypatch
 ):
