@@ -45,6 +45,14 @@ def is_complete(folder: Path) -> bool:
     return (folder / MARKER).is_file()
 
 
+def remove(folder: Path) -> None:
+    """Remove a local folder, its markers first: a removal cut short (a pod killed) leaves a folder
+    that is incomplete, never one marked complete with files missing."""
+    for marker in folder.rglob(MARKER):
+        marker.unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def read_marker(folder: Path) -> dict[str, Any]:
     # Written atomically, so only a hand can have damaged one: what it vouches for is unknown.
     path = folder / MARKER
@@ -240,7 +248,7 @@ def mirror(prefix: S3Uri, folder: Path, manifest: dict[str, Any]) -> Path:
     """A verified local copy of a committed remote folder; an identical one already there is kept."""
     if is_complete(folder) and read_marker(folder).get("files") == manifest.get("files"):
         return folder
-    shutil.rmtree(folder, ignore_errors=True)
+    remove(folder)
     log.info("s3: downloading %s into %s", prefix, folder)
     with committed_dir(folder) as scratch:
         download(prefix, scratch)

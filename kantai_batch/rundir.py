@@ -238,9 +238,7 @@ class RunDir:
         remote = self._remote_of(folder)
         if remote:
             manifest.delete(remote)
-        for marker in folder.rglob(manifest.MARKER):
-            marker.unlink(missing_ok=True)
-        shutil.rmtree(folder, ignore_errors=True)
+        manifest.remove(folder)
 
     def publish(self, folder: Path) -> None:
         """Commit a locally complete folder to the remote run dir; nothing to do for a local one."""
@@ -312,7 +310,7 @@ class RunDir:
         """Remove all but the newest ``keep`` complete checkpoints, here and remotely."""
         complete = [p for p in self._local_checkpoints() if is_complete(p)]
         for old in complete[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            manifest.remove(old)
         if self.remote is not None:
             names = self._remote_checkpoint_names()
             complete = [n for n in names if manifest.remote_marker(self._remote_of(self.checkpoints / n)) is not None]
@@ -329,7 +327,7 @@ class RunDir:
     def discard_checkpoints(self, *, remote: bool) -> None:
         """Remove every checkpoint on this disk and, with ``remote``, in the remote run dir."""
         for old in self._local_checkpoints():
-            shutil.rmtree(old, ignore_errors=True)
+            manifest.remove(old)
         if remote and self.remote is not None:
             for name in self._remote_checkpoint_names():
                 manifest.delete(self._remote_of(self.checkpoints / name))
@@ -341,7 +339,7 @@ class RunDir:
         for old in self._local_checkpoints():
             if is_complete(old):
                 aside.mkdir(parents=True, exist_ok=True)
-                shutil.rmtree(aside / old.name, ignore_errors=True)  # the same training's same step, set aside before
+                manifest.remove(aside / old.name)  # the same training's same step, set aside before
                 old.rename(aside / old.name)
             else:
                 shutil.rmtree(old, ignore_errors=True)

@@ -185,6 +185,10 @@ def _pretrain(job: Job, run: RunDir, *, track: bool, still_ours: Callable[[], No
             # delete those, and sets aside the checkpoints of one that never committed its model.
             if still_ours is not None:
                 still_ours()  # another machine training the run dir now: commit nothing over its work
+            if finished:
+                # Killed between sealing its last checkpoint and pruning the older ones, a training
+                # left one too many; trained out, it saves nothing more that would prune them.
+                run.prune_checkpoints(job.train.save_total_limit)
             with run.committed(run.model, inputs_sha256=inputs, lineage_sha256=lineage) as out:
                 trainer.save_model(str(out))
                 tokenizer.save_pretrained(str(out))

@@ -524,6 +524,41 @@ def test_a_run_the_store_cannot_return_for_a_moment_is_not_taken_for_a_missing_o
         mlflow.set_tracking_uri(None)
 
 
+def test_a_training_killed_before_it_pruned_its_last_checkpoints_prunes_them_when_rerun(
+    tmp_path: Path, corpus_file: Path
+):
+    """Killed between sealing its last checkpoint and pruning the older ones, a training kept one too
+    many for good: the rerun found it trained out, saved nothing more, and so pruned nothing."""
+    run_dir = prepared_run(tmp_path / "run", corpus_file)
+    steps = ("train.max_steps=10", "train.save_steps=5")
+    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *tiny(*steps, "train.save_total_limit=2"))
+    shutil.rmtree(run_dir / "model")  # as if killed after checkpoint-10 was sealed, before the prune and commit
+    invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *tiny(*steps, "train.save_total_limit=1"))
+    assert _summary(run_dir)["resumed_from_step"] == 10
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-10"]
+
+
+def test_a_checkpoint_removal_cut_short_leaves_no_checkpoint_marked_complete(tmp_path: Path, monkeypatch):
+    """The folder was deleted in whatever order rmtree took: a pod killed inside it left a checkpoint
+    whose _COMPLETE still listed files that were gone."""
+    from kantai_batch.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    for step in (5, 10):
+        (run.checkpoint(step)).mkdir(parents=True)
+        (run.checkpoint(step) / "model.safetensors").write_bytes(b"weights")
+        run.seal_checkpoint(step)
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt  # the pod killed before the first file went
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run.prune_checkpoints(1)
+    assert not (run.checkpoint(5) / MARKER).exists(), "the marker goes first"
+    assert (run.checkpoint(10) / MARKER).exists()
+
+
 def test_an_unfinished_trainings_checkpoints_are_set_aside_not_deleted(tmp_path: Path, corpus_file: Path, caplog):
     """Started again with a setting changed by mistake (or after a divergence), a training that never
     committed its model keeps its checkpoints: they may be hours of work, and its job resumes them."""
