@@ -93,11 +93,28 @@ def committed_dir(final: Path, **marker_extra: Any) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
+        if final.exists() and _exchanged(scratch, final):
+            remove(scratch)  # the replaced folder, swapped out in one step
+            return
+        # Where the kernel or filesystem cannot swap: two renames, between which `final` is missing.
         retired = final.with_name(f".{final.name}.old-{os.getpid()}")
         if final.exists():
             final.rename(retired)
         scratch.rename(final)
         shutil.rmtree(retired, ignore_errors=True)
+
+
+def _exchanged(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2`` with ``RENAME_EXCHANGE``), so a reader, or a pod
+    killed meanwhile, finds the old folder or the new one, never neither; False where it cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not glibc 2.28+ on Linux
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 @contextlib.contextmanager

@@ -370,3 +370,22 @@ def test_a_phase_started_twice_on_one_run_dir_leaves_the_first_writer_alone(tmp_
     assert (run_dir / "corpus" / "train.txt").read_text() == "first writer's\n"
     assert sorted(p.name for p in run_dir.iterdir()) == ["corpus"], "no lock file left behind"
     invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file))  # once the first is done
+
+
+def test_a_folder_committed_again_replaces_the_old_in_one_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The old folder was renamed aside and the new one into place: a pod killed between the two renames
+    left no folder at all, and a reader then found nothing."""
+    from kantai_batch.manifest import committed_dir
+
+    final = tmp_path / "model"
+    with committed_dir(final) as scratch:
+        (scratch / "weights").write_text("old")
+
+    def killed_between(self, target):
+        raise KeyboardInterrupt  # the first rename of the two is where a kill left `model/` missing
+
+    monkeypatch.setattr(Path, "rename", killed_between)
+    with committed_dir(final) as scratch:
+        (scratch / "weights").write_text("new")
+    assert (final / "weights").read_text() == "new" and read_marker(final)["files"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".model.") and p.name != ".model.lock"] == []
