@@ -47,7 +47,11 @@ def is_complete(folder: Path) -> bool:
 
 def remove(folder: Path) -> None:
     """Remove a local folder, its markers first: a removal cut short (a pod killed) leaves a folder
-    that is incomplete, never one marked complete with files missing."""
+    that is incomplete, never one marked complete with files missing. A link or a file at that path
+    goes itself: what a link points at is not ours to touch."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        folder.unlink()
+        return
     for marker in folder.rglob(MARKER):
         marker.unlink(missing_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
@@ -83,7 +87,7 @@ def committed_dir(final: Path, **marker_extra: Any) -> Iterator[Path]:
         # Scratch and retired folders left by a killed earlier attempt are garbage (no live writer holds
         # the lock): a model's or tokens' copy is gigabytes.
         for stale in (*final.parent.glob(f".{final.name}.partial-*"), *final.parent.glob(f".{final.name}.old-*")):
-            shutil.rmtree(stale, ignore_errors=True)
+            remove(stale)
         scratch = final.with_name(f".{final.name}.partial-{os.getpid()}")
         scratch.mkdir()
         try:
@@ -93,7 +97,8 @@ def committed_dir(final: Path, **marker_extra: Any) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
-        if final.exists() and _exchanged(scratch, final):
+        # A link is replaced by the folder, as a rename replaces it; what it points at stays.
+        if final.exists() and not final.is_symlink() and _exchanged(scratch, final):
             remove(scratch)  # the replaced folder, swapped out in one step
             return
         # Where the kernel or filesystem cannot swap: two renames, between which `final` is missing.
@@ -101,7 +106,7 @@ def committed_dir(final: Path, **marker_extra: Any) -> Iterator[Path]:
         if final.exists():
             final.rename(retired)
         scratch.rename(final)
-        shutil.rmtree(retired, ignore_errors=True)
+        remove(retired)
 
 
 def _exchanged(a: Path, b: Path) -> bool:

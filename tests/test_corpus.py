@@ -392,3 +392,20 @@ def test_a_folder_committed_again_replaces_the_old_in_one_step(tmp_path: Path, m
         (scratch / "weights").write_text("new")
     assert (final / "weights").read_text() == "new" and read_marker(final)["files"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".model.") and p.name != ".model.lock"] == []
+
+
+def test_a_folder_committed_over_a_link_leaves_what_it_points_at_whole(tmp_path: Path):
+    """Swapped with the link, the old folder's removal followed it and deleted the shared folder's marker."""
+    from kantai_batch.manifest import committed_dir
+
+    shared = tmp_path / "shared-tokens"
+    with committed_dir(shared) as scratch:
+        (scratch / "data.arrow").write_text("tokens")
+    final = tmp_path / "run" / "tokens"
+    final.parent.mkdir()
+    final.symlink_to(shared)
+    with committed_dir(final) as scratch:
+        (scratch / "data.arrow").write_text("new tokens")
+    assert not final.is_symlink() and (final / "data.arrow").read_text() == "new tokens"
+    assert (shared / MARKER).is_file() and (shared / "data.arrow").read_text() == "tokens"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["tokens"], "no link or scratch left behind"
