@@ -58,8 +58,10 @@ def require_term_within(wait_s: float, setting: str) -> None:
 class Lease:
     """A lease this process holds: renewed in the background until ``release``."""
 
-    def __init__(self, folder: S3Uri, name: str, what: str, term: float) -> None:
+    def __init__(self, folder: S3Uri, name: str, what: str, term: float, wait_s: float | None = None) -> None:
         self.folder, self.name, self.what, self.term = folder, name, what, term
+        # How long this process may wait on another's lease (the launch's other processes wait for it).
+        self.wait_s = wait_s
         self.uri = folder.child(name)
         self.token = secrets.token_hex(8)
         self.holder = f"process {os.getpid()} on {socket.gethostname()}"
@@ -113,6 +115,12 @@ class Lease:
                 # The holder's own term, where it is the longer: a process told a shorter one (another
                 # KANTAI_LEASE_S by hand) would take a live holder's lease between its renewals.
                 waited = max(self.term, _term_of(record))
+                if self.wait_s is not None and waited * 2 > self.wait_s:
+                    raise SourceUnavailableError(
+                        f"{self.what} is leased by {holder} for {waited:g} s ({self.uri}), longer than this "
+                        f"launch's processes wait for each other ({self.wait_s:g} s): run it again once that "
+                        "training is done or its lease has lapsed"
+                    )
                 log.info("lease: %s is held by %s; waiting %gs to see whether it is renewed", self.uri, holder, waited)
                 time.sleep(waited)
                 continue
@@ -171,9 +179,10 @@ class Lease:
 
 
 def _term_of(record: dict[str, Any]) -> float:
-    """The term a lease's holder renews it within (0 where the record does not say)."""
+    """The term a lease's holder renews it within (0 where the record does not say); at most a day, so
+    a damaged record cannot hold a waiter for ever."""
     term = record.get("term_s")
-    return float(term) if isinstance(term, (int, float)) and math.isfinite(term) and term > 0 else 0.0
+    return min(float(term), 86_400.0) if isinstance(term, (int, float)) and math.isfinite(term) and term > 0 else 0.0
 
 
 def _parsed(body: bytes) -> dict[str, Any]:
@@ -185,9 +194,11 @@ def _parsed(body: bytes) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def held(folder: S3Uri, name: str, what: str) -> Iterator[Lease]:
-    """Hold the lease ``name`` below ``folder`` while the block runs; ``what`` names the work it guards."""
-    lease = Lease(folder, name, what, lease_term())
+def held(folder: S3Uri, name: str, what: str, wait_s: float | None = None) -> Iterator[Lease]:
+    """Hold the lease ``name`` below ``folder`` while the block runs; ``what`` names the work it guards.
+    ``wait_s``: how long the caller may wait on another's lease; a holder's term over half of it is
+    refused at once rather than waited out past it."""
+    lease = Lease(folder, name, what, lease_term(), wait_s)
     lease.acquire()
     try:
         yield lease

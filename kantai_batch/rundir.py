@@ -199,7 +199,7 @@ class RunDir:
         from kantai_batch import lease
 
         lease.require_term_within(wait_s, setting)
-        with lease.held(self.remote, PRETRAIN_LEASE, self.uri(self.checkpoints)) as held:
+        with lease.held(self.remote, PRETRAIN_LEASE, self.uri(self.checkpoints), wait_s) as held:
             yield held
 
     @contextlib.contextmanager

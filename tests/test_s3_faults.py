@@ -533,6 +533,19 @@ def test_a_lease_is_waited_on_for_its_holders_term_when_that_is_the_longer(s3_en
         waited = time.monotonic() - began
     assert waited >= 2.5, f"took it over after {waited:.1f}s"
 
+    # A term the launch's other processes could not wait out (they wait within train.collective_timeout_s):
+    # refused at once, not slept through until they time out. A damaged term is bounded.
+    from kantai_batch.errors import SourceUnavailableError
+
+    body = json.dumps({"holder": "a long lease", "token": "y", "term_s": 900}).encode()
+    boto3.client("s3").put_object(Bucket=bucket, Key="runs/terms/.lease", Body=body)
+    with pytest.raises(
+        SourceUnavailableError, match=r"leased by a long lease for 900 s .*wait for each other \(600 s\)"
+    ):
+        with lease.held(folder, ".lease", "the training", wait_s=600):
+            pass
+    assert lease._term_of({"term_s": 1e300}) == 86_400 and lease._term_of({"term_s": "soon"}) == 0
+
 
 def test_a_holder_whose_renewal_hangs_stops_writing_before_another_can_take_the_lease(
     s3_endpoint, bucket: str, monkeypatch
