@@ -370,24 +370,8 @@ def build_trainer(
     dir's ``profile/`` by default).
     """
     sparse = job.task == "mlm" and job.train.sparse_prediction
-    if samples is None:
-        samples = (load_samples(run, job, "train", tokenizer), load_samples(run, job, "eval", tokenizer))
-    train_set, eval_set = samples
-    if job.task == "mlm":
-        t = job.train
-        train_set = MaskedSamples(train_set, tokenizer, t.mlm_probability, t.seed, t.mask_frequency_power)
-    else:
-        train_set = EpochRows(train_set)
-    if job.train.lr_scheduler == "warmup_stable_decay" and not args.lr_scheduler_kwargs:
-        args.lr_scheduler_kwargs = schedule_kwargs(job, planned_steps(args, len(train_set)))
-    if budget is not None:
-        # Until the first steps are timed, the schedule runs as if the step bound were the end.
-        t = job.train
-        budget.plan_within(
-            PlannedSchedule(
-                t.lr_scheduler, planned_steps(args, len(train_set)), t.warmup_steps, t.warmup_ratio, t.decay_ratio
-            )
-        )
+    train_set, eval_set = _training_samples(job, run, tokenizer, samples)
+    _plan_schedule(job, args, budget, planned_steps(args, len(train_set)))
     precision = resolve_precision(job.train.precision)
     attention = resolve_attention(job.train.attention, precision)
     model.set_attn_implementation(attention)
@@ -418,12 +402,42 @@ def build_trainer(
         compute_metrics=accuracy_metric(job.task),
         preprocess_logits_for_metrics=eval_predictions(job.task),
     )
+    session = TrainingSession(trainer, throughput, precision, sparse, job.train.torch_compile, profiler)
+    _log_setup(job, session, attention, flops_per_token, peak, peak_source)
+    return session
+
+
+def _training_samples(job: Job, run: RunDir, tokenizer, samples: tuple[Any, Any] | None) -> tuple[Any, Any]:
+    """The train set as the Trainer iterates it (masked afresh each epoch for MLM) and the eval set."""
+    if samples is None:
+        samples = (load_samples(run, job, "train", tokenizer), load_samples(run, job, "eval", tokenizer))
+    train_set, eval_set = samples
+    if job.task == "mlm":
+        t = job.train
+        return MaskedSamples(train_set, tokenizer, t.mlm_probability, t.seed, t.mask_frequency_power), eval_set
+    return EpochRows(train_set), eval_set
+
+
+def _plan_schedule(job: Job, args: TrainingArguments, budget: TimeBudget | None, steps: int) -> None:
+    t = job.train
+    if t.lr_scheduler == "warmup_stable_decay" and not args.lr_scheduler_kwargs:
+        args.lr_scheduler_kwargs = schedule_kwargs(job, steps)
+    if budget is not None:
+        # Until the first steps are timed, the schedule runs as if the step bound were the end.
+        budget.plan_within(PlannedSchedule(t.lr_scheduler, steps, t.warmup_steps, t.warmup_ratio, t.decay_ratio))
+
+
+def _log_setup(
+    job: Job, session: TrainingSession, attention: str, flops_per_token: float, peak: float, peak_source: str
+) -> None:
+    trainer, args = session.trainer, session.trainer.args
+    model = trainer.model
     log.info(
         "pretrain: %s parameters (vocab %s), %s training blocks, %s eval blocks, %s",
         f"{model.num_parameters():,}",
         f"{model.config.vocab_size:,}",
-        f"{len(train_set):,}",
-        f"{len(eval_set):,}",
+        f"{len(trainer.train_dataset):,}",
+        f"{len(trainer.eval_dataset):,}",
         training_bound(job, args),
     )
     log.info(
@@ -436,9 +450,9 @@ def build_trainer(
         args.world_size,
         args.gradient_accumulation_steps,
         args.learning_rate,
-        precision,
+        session.precision,
         attention,
-        ", sparse prediction" if sparse else "",
+        ", sparse prediction" if session.sparse else "",
         ", torch.compile" if job.train.torch_compile else "",
     )
     log.info(
@@ -447,7 +461,6 @@ def build_trainer(
         peak / 1e12,
         peak_source,
     )
-    return TrainingSession(trainer, throughput, precision, sparse, job.train.torch_compile, profiler)
 
 
 def training_bound(job: Job, args: TrainingArguments) -> str:
