@@ -270,9 +270,10 @@ def tokens_mismatch(run: RunDir, job: Job, split: str, tokenizer) -> str | None:
     return ", ".join(changed) if changed else None
 
 
-def corpus_digest(run: RunDir, *, legacy: bool = False) -> str | None:
-    """The committed corpus's identity (``rundir.identity``) as one digest; None where the run has no corpus."""
-    found = run.marker(run.corpus)
+def corpus_digest(run: RunDir, *, legacy: bool = False, as_read: bool = False) -> str | None:
+    """The committed corpus's identity (``rundir.identity``) as one digest; None where the run has no corpus.
+    ``as_read``: the corpus this process read (``RunDir.marker_as_read``), not the one committed now."""
+    found = run.marker_as_read(run.corpus) if as_read else run.marker(run.corpus)
     if not found:
         return None
     return hashlib.sha256(json.dumps(identity("corpus", found, legacy=legacy), sort_keys=True).encode()).hexdigest()

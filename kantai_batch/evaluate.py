@@ -66,7 +66,7 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
     # The eval samples' masks follow the model's task, whatever the job says.
     shaped = job.model_copy(update={"task": task})
     # By the scored model's task: the fields the other task alone reads count at their defaults.
-    inputs = fingerprint_of(shaped, "evaluate", run, model_dir=model_dir)
+    inputs = fingerprint_of(shaped, "evaluate", run, model_dir=model_dir, as_read=True)
     with tempfile.TemporaryDirectory(prefix="kantai-eval-") as scratch:
         if corpus is None:
             samples, corpus_name = _held_out(shaped, run, tokenizer), str(run.eval_text)

@@ -21,12 +21,16 @@ from kantai_batch.phases import phase as phase_row
 from kantai_batch.rundir import identity
 
 
-def fingerprint_of(job: Job, phase: str, run=None, *, model_dir: Path | None = None, legacy: bool = False) -> str:
+def fingerprint_of(
+    job: Job, phase: str, run=None, *, model_dir: Path | None = None, legacy: bool = False, as_read: bool = False
+) -> str:
     """The digest of everything ``phase`` reads: its job fields and its upstream folders' manifests.
 
     ``model_dir`` stands in for the run's model (evaluate scoring a model from elsewhere; its ``job`` has
-    that model's task). ``legacy``: the digest as recorded before 2026-12-07, which counted every field
-    (``in_effect``) and the corpus's stats.json (``identity``), so that run dirs made then are not redone.
+    that model's task). ``as_read``: the upstream folders as this process read them (a writer recording
+    what its output was made from), not as the store holds them now (``run`` deciding what to redo).
+    ``legacy``: the digest as recorded before 2026-12-07, which counted every field (``in_effect``) and
+    the corpus's stats.json (``identity``), so that run dirs made then are not redone.
     """
     row = phase_row(phase)
     data = (job if legacy else in_effect(job)).model_dump(mode="json")
@@ -37,7 +41,8 @@ def fingerprint_of(job: Job, phase: str, run=None, *, model_dir: Path | None = N
         if upstream.output == "model" and model_dir is not None:
             found = read_marker(model_dir) if is_complete(model_dir) else None
         else:
-            found = run.marker(upstream.output_of(run)) if run is not None else None
+            folder = upstream.output_of(run) if run is not None else None
+            found = None if folder is None else run.marker_as_read(folder) if as_read else run.marker(folder)
         parts[upstream.output] = identity(upstream.output, found, legacy=legacy)
     if row.starts_from_model and job.train.init_from:
         from kantai_batch.continued import init_identity
@@ -138,8 +143,9 @@ def checkpoint_lineage(job: Job, run, *, legacy: bool = False) -> str:
     resumable = _resumable_across()
     train = {key: value for key, value in settings.items() if key not in resumable}
     parts = {
-        "tokenizer": (run.marker(run.tokenizer) or {}).get("files"),
-        "tokens": (run.marker(run.tokens) or {}).get("files"),
+        # As this process read them: the checkpoints are steps on those samples, whatever the store holds now.
+        "tokenizer": (run.marker_as_read(run.tokenizer) or {}).get("files"),
+        "tokens": (run.marker_as_read(run.tokens) or {}).get("files"),
         "init_from": init_identity(job),
         "task": job.task,
         "train": train,

@@ -18,7 +18,7 @@ import logging
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,10 @@ class RunDir:
 
     root: Path
     remote: S3Uri | None = None
+    # The manifests of the committed folders this process read (``require``): what a writer's fingerprint,
+    # lineage and tokens.json must name. The store may hold another by the time it computes them (a
+    # second machine re-committed the folder after this one mirrored it).
+    _read: dict[Path, dict[str, Any]] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
     def from_uri(cls, uri: str) -> RunDir:
@@ -186,7 +190,16 @@ class RunDir:
             raise InputDataError(
                 f"{what} {remote or folder} is missing or incomplete: run `kantai-batch {phase}` first"
             )
-        return folder if remote is None else manifest.mirror(remote, folder, found)
+        if remote is None:
+            self._read[folder] = found
+            return folder
+        local = manifest.mirror(remote, folder, found)
+        self._read[folder] = manifest.read_marker(local)  # what was downloaded, which may be newer than found
+        return local
+
+    def marker_as_read(self, folder: Path) -> dict[str, Any] | None:
+        """The manifest of ``folder`` as this process read it (``require``); else as committed now."""
+        return self._read[folder] if folder in self._read else self.marker(folder)
 
     @contextlib.contextmanager
     def training_lease(self, wait_s: float, setting: str) -> Iterator[Any]:
@@ -207,6 +220,7 @@ class RunDir:
         """A scratch folder that becomes ``folder`` (marker last, here and remotely) if the block succeeds."""
         with manifest.committed_dir(folder, **marker_extra) as scratch:
             yield scratch
+        self._read.pop(folder, None)  # replaced by this process: what it read there is gone
         self.publish(folder)
 
     def committed_subfolders(self, folder: Path) -> dict[str, dict[str, Any]]:

@@ -42,7 +42,7 @@ def write_splits(
             "shards": shards,
             "settings": sample_settings(job, split, tokenizer),
         }
-    write_json_atomic(out / TOKENS_STATS, {"splits": splits, "corpus_sha256": corpus_digest(run)})
+    write_json_atomic(out / TOKENS_STATS, {"splits": splits, "corpus_sha256": corpus_digest(run, as_read=True)})
     for split, stats in splits.items():
         log.info(
             "tokenize: %s split: %s samples, %s tokens in %d shard(s)",

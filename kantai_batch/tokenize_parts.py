@@ -42,7 +42,7 @@ def tokenize_part(job: Job, run: RunDir, tokenizer, *, index: int, count: int, w
 
     Returns the tokens folder when this process committed it, else None.
     """
-    inputs = fingerprint_of(job, "tokenize", run)
+    inputs = fingerprint_of(job, "tokenize", run, as_read=True)
     _refuse_other_counts(run, inputs, count)
     stats: dict[str, dict[str, int]] = {}
     marker = {"inputs_sha256": inputs, "part": index, "parts": count, "attempt": uuid.uuid4().hex}

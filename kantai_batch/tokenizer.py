@@ -56,7 +56,7 @@ def train_tokenizer(job: Job, run: RunDir) -> Path:
 
     start_from = init_model_dir(job)
     if start_from is not None:
-        return copy_tokenizer(job, run, start_from, fingerprint_of(job, "train-tokenizer", run))
+        return copy_tokenizer(job, run, start_from, fingerprint_of(job, "train-tokenizer", run, as_read=True))
     bos, pad, eos, unk, mask = job.tokenizer.special_tokens
     special_tokens = [bos, pad, eos, unk, AddedToken(mask, lstrip=True, special=True)]
     conversation = job.corpus.format == "twcs" and job.corpus.conversation
@@ -98,7 +98,7 @@ def train_tokenizer(job: Job, run: RunDir) -> Path:
     )
     if conversation:
         tokenizer.chat_template = chat_template(job.corpus.separator)
-    fingerprint = fingerprint_of(job, "train-tokenizer", run)
+    fingerprint = fingerprint_of(job, "train-tokenizer", run, as_read=True)
     with run.committed(run.tokenizer, inputs_sha256=fingerprint, training_sample=sample.as_dict()) as out:
         bpe.save_model(str(out))
         tokenizer.save_pretrained(str(out))

@@ -41,7 +41,7 @@ def tokenize(job: Job, run: RunDir, *, workers: int | None = None, part: int = 0
     if parts > 1:
         return tokenize_part(job, run, tokenizer, index=part, count=parts, workers=workers)
     texts = {"train": run.train_text, "eval": run.eval_text}
-    inputs = fingerprint_of(job, "tokenize", run)
+    inputs = fingerprint_of(job, "tokenize", run, as_read=True)
     with run.committed(run.tokens, inputs_sha256=inputs) as out:
         samples = {
             split: build_split(

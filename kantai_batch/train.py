@@ -91,7 +91,7 @@ def _pretrain(job: Job, run: RunDir, *, track: bool, still_ours: Callable[[], No
     resume_from, lineage = point.checkpoint, point.lineage
     if resume_from:
         require_same_processes(resume_from, args.world_size, run)
-    inputs = fingerprint_of(job, "pretrain", run)
+    inputs = fingerprint_of(job, "pretrain", run, as_read=True)
     if start_from is None:
         model = init_model(job, len(tokenizer))
     else:

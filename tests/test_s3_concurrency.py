@@ -1,0 +1,61 @@
+"""Two machines (two local mirrors) writing one s3:// run dir at once, against a real S3 server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import invoke, kantian_text, tiny
+from kantai_batch.fingerprint import fingerprint_of
+from kantai_batch.job import load_job
+from kantai_batch.manifest import write_json_atomic
+from kantai_batch.rundir import RunDir
+from kantai_batch.s3 import S3Uri
+
+pytestmark = pytest.mark.slow
+
+
+def _commit_corpus(run: RunDir, text: str) -> None:
+    """What a `prepare` on another machine commits (its own mirror, the same store)."""
+    with run.committed(run.corpus, inputs_sha256="other") as out:
+        (out / "train.txt").write_text(text, encoding="utf-8")
+        (out / "eval.txt").write_text(text, encoding="utf-8")
+        write_json_atomic(out / "stats.json", {"other": True})
+
+
+def test_tokens_record_the_corpus_they_were_made_from_not_one_committed_meanwhile(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Another machine re-commits the corpus after this tokenize mirrored it: the tokens' marker and
+    tokens.json must name the corpus tokenized, so that `run` redoes them and pretrain refuses them."""
+    source = tmp_path / "c1.txt"
+    source.write_text(kantian_text(300, seed=1), encoding="utf-8")
+    run_dir = f"s3://{bucket}/run"
+    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "machine-a"))
+    invoke("prepare", "--run-dir", run_dir, "--corpus", str(source), *tiny())
+    invoke("train-tokenizer", "--run-dir", run_dir, *tiny())
+
+    import kantai_batch.tokens as tokens
+
+    real_load = tokens.load_tokenizer
+
+    def load_then_corpus_replaced(path):  # after tokenize mirrored corpus and tokenizer
+        _commit_corpus(RunDir(tmp_path / "machine-b", S3Uri.parse(run_dir)), kantian_text(300, seed=2))
+        return real_load(path)
+
+    monkeypatch.setattr(tokens, "load_tokenizer", load_then_corpus_replaced)
+    invoke("tokenize", "--run-dir", run_dir, *tiny())
+    monkeypatch.undo()
+
+    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "machine-c"))
+    fresh = RunDir.from_uri(run_dir)
+    recorded = fresh.marker(fresh.tokens)["inputs_sha256"]
+    assert recorded != fingerprint_of(load_job(None, tiny_sets()), "tokenize", fresh), "run would skip tokenize"
+    result = invoke("pretrain", "--run-dir", run_dir, "--no-tracking", *tiny("train.max_steps=2"), expect=3)
+    assert "another corpus" in result.stderr
+
+
+def tiny_sets() -> list[str]:
+    args = tiny()
+    return [args[i + 1] for i in range(0, len(args), 2)]
