@@ -80,7 +80,7 @@ def tokenize_part(job: Job, run: RunDir, tokenizer, *, index: int, count: int, w
     if not run.claim(run.tokens_parts / f"_COMMIT-{_set_name(parts)}", _claim_note()):
         log.info("tokenize: all %d parts are in and another process is committing tokens/ from them", count)
         return None
-    return _commit(job, run, tokenizer, inputs, count, workers)
+    return _commit(job, run, tokenizer, inputs, count, workers, claimed=parts)
 
 
 def _refuse_other_counts(run: RunDir, inputs: str, count: int) -> None:
@@ -113,8 +113,16 @@ def _claim_note() -> str:
     return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "at": when}) + "\n"
 
 
-def _commit(job: Job, run: RunDir, tokenizer, inputs: str, count: int, workers: int | None) -> Path:
-    """Commit ``RUN/tokens/`` from the complete parts, then remove them."""
+def _commit(
+    job: Job,
+    run: RunDir,
+    tokenizer,
+    inputs: str,
+    count: int,
+    workers: int | None,
+    claimed: dict[int, dict[str, Any]] | None = None,
+) -> Path:
+    """Commit ``RUN/tokens/`` from the complete parts (``claimed``: the set claimed, by index), then remove them."""
     from datasets import concatenate_datasets, load_from_disk
 
     try:
@@ -123,6 +131,14 @@ def _commit(job: Job, run: RunDir, tokenizer, inputs: str, count: int, workers: 
         # Only a part re-committed since it was listed (a rerun of its index) goes missing here; that
         # rerun completes a new set and commits it, so this is not the input error that fails the Job.
         raise SourceUnavailableError(f"tokenize: a part changed while tokens/ was committed from it: {exc}") from None
+    for index, folder in enumerate(folders if claimed is not None else ()):
+        # The folder at a part's path now may be another job's (part folders are named by index and count
+        # alone): only the claimed set's samples may be committed under its fingerprint.
+        if (run.marker_as_read(folder) or {}).get("files") != claimed[index].get("files"):
+            raise SourceUnavailableError(
+                f"tokenize: part {index} of {count} ({run.uri(folder)}) was replaced since the set was claimed "
+                "(another tokenize of this run dir); run this part again"
+            )
     train = [load_from_disk(str(folder / "train")) for folder in folders if (folder / "train").is_dir()]
     if not train:
         raise InputDataError(

@@ -167,3 +167,25 @@ def test_a_part_that_changes_under_the_committer_is_a_retryable_error(prepared: 
     with pytest.raises(SourceUnavailableError, match="a part changed while tokens/ was committed from it"):
         tokenize_parts._commit(job, run, load_tokenizer(run.tokenizer), "inputs", 2, None)
     assert not (run_dir / "tokens").exists()
+
+
+def test_a_part_of_another_job_written_after_the_claim_is_not_committed(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Part folders are named by index and count alone: another job's pod (other data settings) may commit
+    its part over one of this set between the claim and the commit. Its samples must not be committed as
+    this job's tokens."""
+    run_dir = _copy_without_tokens(prepared, tmp_path / "run")
+    _part(str(run_dir), 0, 2)
+    real_claim = RunDir.claim
+
+    def claimed_then_replaced(self, path, note):
+        won = real_claim(self, path, note)
+        if won:
+            _part(str(run_dir), 0, 2, "data.block_size=16")  # the other job's pod: 1 of its 2 parts
+        return won
+
+    monkeypatch.setattr(RunDir, "claim", claimed_then_replaced)
+    result = _part(str(run_dir), 1, 2, expect=4)
+    assert "part 0 of 2" in result.stderr and "was replaced since the set was claimed" in result.stderr
+    assert not (run_dir / "tokens").exists(), "tokens of block_size 32 committed with a part of block_size 16"
