@@ -217,11 +217,26 @@ class RunDir:
 
     @contextlib.contextmanager
     def committed(self, folder: Path, **marker_extra: Any) -> Iterator[Path]:
-        """A scratch folder that becomes ``folder`` (marker last, here and remotely) if the block succeeds."""
-        with manifest.committed_dir(folder, **marker_extra) as scratch:
-            yield scratch
-        self._read.pop(folder, None)  # replaced by this process: what it read there is gone
-        self.publish(folder)
+        """A scratch folder that becomes ``folder`` (marker last, here and remotely) if the block succeeds.
+
+        For a remote run dir the writer also holds a lease on the folder in the store (``.<name>.lease``
+        beside it), as pretrain does on its checkpoints: the file lock holds on this machine only, and two
+        machines committing one folder at once interleave their uploads (a marker over the other's files,
+        or pointing at a staging folder the other removed)."""
+        remote = self._remote_of(folder)
+        with contextlib.ExitStack() as writing:
+            held = None
+            if remote is not None:
+                from kantai_batch import lease
+
+                parent = self._remote_of(folder.parent)
+                held = writing.enter_context(lease.held(parent, f".{folder.name}.lease", str(remote)))
+            with manifest.committed_dir(folder, **marker_extra) as scratch:
+                yield scratch
+            self._read.pop(folder, None)  # replaced by this process: what it read there is gone
+            if held is not None:
+                held.require()  # not renewed for most of a term: another machine may be committing it now
+            self.publish(folder)
 
     def committed_subfolders(self, folder: Path) -> dict[str, dict[str, Any]]:
         """The complete folders directly below ``folder`` (remotely, for a remote run dir), with their manifests."""

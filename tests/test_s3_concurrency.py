@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import threading
 from pathlib import Path
 
+import boto3
 import pytest
 
 from helpers import invoke, kantian_text, tiny
+from kantai_batch import s3
+from kantai_batch.errors import SourceUnavailableError
 from kantai_batch.fingerprint import fingerprint_of
 from kantai_batch.job import load_job
-from kantai_batch.manifest import write_json_atomic
+from kantai_batch.manifest import MARKER, write_json_atomic
 from kantai_batch.rundir import RunDir
 from kantai_batch.s3 import S3Uri
 
@@ -22,6 +27,36 @@ def _commit_corpus(run: RunDir, text: str) -> None:
         (out / "train.txt").write_text(text, encoding="utf-8")
         (out / "eval.txt").write_text(text, encoding="utf-8")
         write_json_atomic(out / "stats.json", {"other": True})
+
+
+def test_a_second_machine_committing_the_same_folder_is_refused_while_the_first_writes(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("KANTAI_LEASE_S", "1.5")
+    remote = S3Uri.parse(f"s3://{bucket}/run")
+    first, second = RunDir(tmp_path / "machine-a", remote), RunDir(tmp_path / "machine-b", remote)
+    writing, done = threading.Event(), threading.Event()
+
+    def commit_first() -> None:
+        with first.committed(first.corpus) as out:
+            (out / "train.txt").write_text("A\n", encoding="utf-8")
+            writing.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=commit_first)
+    thread.start()
+    assert writing.wait(30)
+    try:
+        with pytest.raises(SourceUnavailableError, match="being written by"):
+            with second.committed(second.corpus) as out:
+                (out / "train.txt").write_text("B\n", encoding="utf-8")
+    finally:
+        done.set()
+        thread.join()
+    committed = json.loads(boto3.client("s3").get_object(Bucket=bucket, Key=f"run/corpus/{MARKER}")["Body"].read())
+    body = boto3.client("s3").get_object(Bucket=bucket, Key="run/corpus/train.txt")["Body"].read()
+    assert set(committed["files"]) == {"train.txt"} and body == b"A\n"
+    assert not s3.exists(remote.child(".corpus.lease")), "released"
 
 
 def test_tokens_record_the_corpus_they_were_made_from_not_one_committed_meanwhile(

@@ -211,7 +211,9 @@ def test_a_read_only_identity_is_denied_the_write(s3_server, bucket: str, corpus
         result = invoke("prepare", "--run-dir", run_dir, "--corpus", str(corpus_file), expect=3)
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1, message
-    assert message.startswith(f"kantai-batch: error: {run_dir}/corpus") and "access denied (AccessDenied)" in message
+    # Refused at the folder's lease, before any work: the first write a commit to the store makes.
+    assert message.startswith(f"kantai-batch: error: {run_dir}/.corpus.lease")
+    assert "access denied (AccessDenied)" in message
     assert _keys("runs/", bucket) == set()
 
 
