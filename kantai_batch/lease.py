@@ -1,8 +1,9 @@
-"""One training of a remote run dir at a time, across machines: a lease object in the store.
+"""One writer of a remote run dir's folder at a time, across machines: a lease object in the store.
 
 The file lock (``manifest.only_writer``) holds on one machine's disk. Two machines training one
 ``s3://`` run dir (a job submitted twice, a manual run beside the scheduled one) would each resume,
-set aside and prune the other's checkpoints. So the training's main process also holds a lease in
+set aside and prune the other's checkpoints, and two committing one folder would interleave their
+uploads. So the training's main process, and every phase committing a folder, also holds a lease in
 the store. Every write of it is conditional on what the writer last saw (its ETag): created only if
 absent, renewed only if still this process's own write, taken over only from the very object seen
 unrenewed for a whole term. So of machines racing for it exactly one wins, and a holder that was only
@@ -10,7 +11,7 @@ slow cannot overwrite its successor. A fresh nonce in each renewal changes the E
 that sees it change knows the holder alive and fails with exit 4 naming it; a lease left by a pod
 killed outright changes no more and is taken over after one term, so the retried pod waits instead
 of failing. Clocks are never compared. A holder that finds its lease gone to another, or cannot renew
-it for most of a term, marks it lost: ``Lease.require`` then stops the training before it writes again.
+it for most of a term, marks it lost: ``Lease.require`` then stops the work before it writes again.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class Lease:
         if self.lost.is_set():
             raise SourceUnavailableError(
                 f"{self.what}: this process lost its lease {self.uri} (renewals failed, or another machine holds "
-                "it now); stopped without writing more: run it again once the other training is done"
+                "it now); stopped without writing more: run it again once the other writer is done"
             )
 
     def _body(self) -> bytes:
@@ -119,7 +120,7 @@ class Lease:
                     raise SourceUnavailableError(
                         f"{self.what} is leased by {holder} for {waited:g} s ({self.uri}), longer than this "
                         f"launch's processes wait for each other ({self.wait_s:g} s): run it again once that "
-                        "training is done or its lease has lapsed"
+                        "writer is done or its lease has lapsed"
                     )
                 log.info("lease: %s is held by %s; waiting %gs to see whether it is renewed", self.uri, holder, waited)
                 time.sleep(waited)

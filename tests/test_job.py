@@ -173,7 +173,7 @@ def test_a_field_its_other_settings_leave_unread_redoes_nothing(base: list[str],
     from kantai_batch.fingerprint import checkpoint_lineage, fingerprint_of, settings_digest
 
     class NoRun:  # the run's folders do not enter into it here
-        marker = staticmethod(lambda folder: None)
+        marker = marker_as_read = staticmethod(lambda folder: None)
         tokenizer = tokens = None
 
     def digests(*overrides: str) -> list[str]:
@@ -199,6 +199,8 @@ def test_a_checkpoint_of_other_tokens_or_another_tokenizer_is_of_another_lineage
 
         def marker(self, folder: str) -> dict | None:
             return self.markers.get(folder)
+
+        marker_as_read = marker  # what a writer read: here the same folders
 
     before = {"tokenizer": {"files": {"tokenizer.json": "aa"}}, "tokens": {"files": {"train/data.arrow": "bb"}}}
     after = {**before, folder: {"files": {**before[folder]["files"], "added": "cc"}}}

@@ -32,7 +32,8 @@ def _commit_corpus(run: RunDir, text: str) -> None:
 def test_a_second_machine_committing_the_same_folder_is_refused_while_the_first_writes(
     bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setenv("KANTAI_LEASE_S", "1.5")
+    # Long enough that a loaded machine renews in time (each renewal request gets a third of it).
+    monkeypatch.setenv("KANTAI_LEASE_S", "6")
     remote = S3Uri.parse(f"s3://{bucket}/run")
     first, second = RunDir(tmp_path / "machine-a", remote), RunDir(tmp_path / "machine-b", remote)
     writing, done = threading.Event(), threading.Event()
