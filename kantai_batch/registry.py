@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -40,37 +41,41 @@ def registered_name(uri: str) -> str:
     return uri.removeprefix("models:/").split("/", 1)[0].split("@", 1)[0]
 
 
-def require_model_name(name: str, option: str) -> None:
-    """MLflow's rule for registered names, checked up front (MLflow itself applies it only when
-    registering, after a whole training), and two of ours: no '@' (``models:/NAME@ALIAS`` would split it)
-    and no ``$(`` (a Kubernetes variable the pod did not define is left in the text as it is)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import _validate_model_name
+# MLflow's rules for names and aliases (mlflow.utils.validation, 3.x), kept here: its own checks are
+# private and were renamed in 3.18, and MLflow applies them only when registering, after a whole training.
+_ALIAS = re.compile(r"[\w\-]{1,255}")
+_VERSION_ALIAS = re.compile(r"[vV]\d+")
 
-    try:
-        _validate_model_name(name)
-    except MlflowException as exc:
-        raise JobConfigError(f"{option} {name!r} is not a registered model name: {first_line(exc)}") from None
-    if "@" in name or "$(" in name:
-        raise JobConfigError(
-            f"{option} {name!r} is not a registered model name: without '@' (models:/NAME@ALIAS) or '$(' "
-            "(a Kubernetes variable that was not defined)"
-        )
+
+def require_model_name(name: str, option: str) -> None:
+    """MLflow's rule for registered names, checked up front, and two of ours: no '@'
+    (``models:/NAME@ALIAS`` would split it) and no ``$(`` (a Kubernetes variable the pod did not define
+    is left in the text as it is)."""
+    import posixpath
+
+    problem = None
+    if not name.strip():
+        problem = "it is empty"
+    elif "/" in name or ":" in name:
+        problem = "names cannot contain '/' or ':'"
+    elif posixpath.normpath(name) != name or name == "." or name.startswith(".."):
+        problem = "it must be a plain name, not a path"
+    elif "@" in name or "$(" in name:
+        problem = "without '@' (models:/NAME@ALIAS) or '$(' (a Kubernetes variable that was not defined)"
+    if problem:
+        raise JobConfigError(f"{option} {name!r} is not a registered model name: {problem}")
 
 
 def require_alias(alias: str, option: str) -> None:
-    """MLflow's alias rules (its reserved names case-insensitively, as its store applies them), checked before
-    anything is registered: MLflow applies them only when it moves the alias, after the new version exists."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
-
-    try:
-        _validate_model_alias_name(alias)
-        _validate_model_alias_name_reserved(alias)
-    except MlflowException as exc:
-        raise JobConfigError(f"{option} {alias!r} is not an alias MLflow takes: {first_line(exc)}") from None
-    if alias[0].isdigit() or "$(" in alias:
-        # A number would read as a version (models:/NAME/3 vs @3 in messages); '$(' as in require_model_name.
+    """MLflow's alias rules (its reserved names case-insensitively, as its store applies them), and ours:
+    a leading digit would read as a version (models:/NAME/3 vs @3 in messages)."""
+    if not _ALIAS.fullmatch(alias):
+        raise JobConfigError(
+            f"{option} {alias!r} is not an alias MLflow takes: 1 to 255 letters, digits, underscores (_) and dashes (-)"
+        )
+    if alias.lower() == "latest" or _VERSION_ALIAS.fullmatch(alias):
+        raise JobConfigError(f"{option} {alias!r} is not an alias MLflow takes: it is reserved ('latest', 'v<N>')")
+    if alias[0].isdigit():
         raise JobConfigError(f"{option} {alias!r} must start with a letter or '_'")
 
 

@@ -132,15 +132,92 @@ def test_the_version_search_filter_keeps_any_quote_in_a_model_name(name: str):
     assert SearchModelVersionUtils.parse_search_filter(name_filter(name))[0]["value"] == name
 
 
+NAMES = ["kantaibert", "Kant's critique", "a.b", "..a", ".", "a/b", "a:b", " ", "", "x" * 300, "ü", "a..b"]
+ALIASES = [
+    "champion",
+    "_x",
+    "a-b",
+    "latest",
+    "LaTeSt",
+    "v3",
+    "V12",
+    "v",
+    "vx3",
+    "two words",
+    "",
+    "é",
+    "x" * 256,
+    "x" * 255,
+]
+
+
+def _mlflow_check(*names: str):
+    from mlflow.utils import validation
+
+    found = [getattr(validation, name, None) for name in names]
+    return found if all(found) else None
+
+
+@pytest.mark.parametrize("value", ALIASES)
+def test_aliases_follow_mlflows_own_rules(value: str):
+    """Ours are a copy (MLflow's checks are private, renamed in 3.18): where it takes an alias we take it
+    unless it starts with a digit, and where it refuses one so do we."""
+    from mlflow.exceptions import MlflowException
+
+    from kantai_batch.errors import JobConfigError
+    from kantai_batch.registry import require_alias
+
+    checks = _mlflow_check("_validate_alias_name", "_validate_alias_name_reserved") or _mlflow_check(
+        "_validate_model_alias_name", "_validate_model_alias_name_reserved"
+    )
+    if checks is None:
+        pytest.skip("this MLflow has neither name of its private alias checks to compare with")
+    try:
+        for check in checks:
+            check(value)
+        mlflow_takes = True
+    except MlflowException:
+        mlflow_takes = False
+    try:
+        require_alias(value, "--alias")
+        we_take = True
+    except JobConfigError:
+        we_take = False
+    assert we_take == (mlflow_takes and not value[0].isdigit())
+
+
+@pytest.mark.parametrize("value", NAMES)
+def test_model_names_follow_mlflows_own_rule(value: str):
+    from mlflow.exceptions import MlflowException
+
+    from kantai_batch.errors import JobConfigError
+    from kantai_batch.registry import require_model_name
+
+    checks = _mlflow_check("_validate_model_name")
+    if checks is None:
+        pytest.skip("this MLflow has no private _validate_model_name to compare with")
+    try:
+        checks[0](value)
+        mlflow_takes = True
+    except MlflowException:
+        mlflow_takes = False
+    try:
+        require_model_name(value, "--name")
+        we_take = True
+    except JobConfigError:
+        we_take = False
+    assert we_take == mlflow_takes
+
+
 def test_a_bad_alias_or_empty_name_registers_nothing(tracking_server: str, trained_run: Path, tmp_path: Path):
     import mlflow
 
     # MLflow's store refuses its reserved names whatever their case.
     for alias, why in (
-        ("latest", "'latest' alias name (case insensitive) is reserved."),
-        ("LATEST", "'latest' alias name (case insensitive) is reserved."),
-        ("V3", "Version alias name 'V3' is reserved."),
-        ("two words", "Names may only contain alphanumerics, underscores (_), and dashes (-)."),
+        ("latest", "it is reserved ('latest', 'v<N>')"),
+        ("LATEST", "it is reserved ('latest', 'v<N>')"),
+        ("V3", "it is reserved ('latest', 'v<N>')"),
+        ("two words", "1 to 255 letters, digits, underscores (_) and dashes (-)"),
         ("3rd", "must start with a letter or '_'"),
     ):  # fmt: skip
         refused = invoke("register", "--model", str(trained_run / "model"), "--name", "kb", "--alias", alias, expect=2)
