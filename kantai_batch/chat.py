@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,6 +36,10 @@ _PAGE_SETTINGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
 def repl(generator: Generator, sampling: Sampling, *, stdin: TextIO, stdout: TextIO) -> None:
     """Read a prompt per line and print the answer, until end of input (Ctrl-D)."""
     interactive = stdin.isatty()
+    if hasattr(stdin, "reconfigure"):
+        # Under a UTF-8 locale Python reads stdin strictly: one byte of another encoding (a Latin-1 line
+        # piped in) raised out of readline and ended the session. Escaped, it is that prompt's error.
+        stdin.reconfigure(errors="surrogateescape")
     if interactive:
         stdout.write(f"chatting with {generator.model_dir}; Ctrl-D leaves.\n")
     while True:
@@ -74,13 +79,25 @@ def serve_page(server: ThreadingHTTPServer, generator: Generator, sampling: Samp
     server.RequestHandlerClass = _handler(generator, sampling)
     host, port = server.server_address[:2]
     url = f"http://{host}:{port}/"
-    announce.write(f"serving {generator.model_dir} on {url}\n")
-    announce.flush()
-    log.info("chat: serving on %s (Ctrl-C stops)", url)
+    # SIGTERM (a service manager's stop, a pod's deletion) ends it as Ctrl-C does, exit 0: the default
+    # ended the process by the signal (143), and as PID 1 the image's handler exited 143. Installed
+    # before the address is announced, since whoever reads it may stop the page at once.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
+        announce.write(f"serving {generator.model_dir} on {url}\n")
+        announce.flush()
+        log.info("chat: serving on %s (Ctrl-C stops)", url)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _handler(generator: Generator, defaults: Sampling) -> type[BaseHTTPRequestHandler]:

@@ -156,3 +156,56 @@ def test_a_body_shorter_than_announced_times_out_with_a_status(monkeypatch: pyte
         finally:
             server.shutdown()
     assert reply.startswith("HTTP/1.0 408") and "no request body in 1 s" in reply
+
+
+_SERVE_STUB = """
+import sys
+from types import SimpleNamespace
+from kantai_batch.chat import bind, serve_page
+from kantai_batch.job import Sampling
+with bind("127.0.0.1", 0) as server:
+    serve_page(server, SimpleNamespace(model_dir="stub", answers=False), Sampling(), announce=sys.stdout)
+"""
+
+
+@pytest.mark.parametrize("pid1_handler", [False, True], ids=["plain", "as-pid-1"])
+def test_sigterm_stops_the_page_cleanly_with_exit_0(pid1_handler: bool):
+    import signal
+
+    # As the image's PID 1, cli installs a SIGTERM handler exiting 143; serve_page must take over from it.
+    prelude = "import signal, sys; signal.signal(signal.SIGTERM, lambda s, f: sys.exit(143))\n" if pid1_handler else ""
+    server = subprocess.Popen(
+        [sys.executable, "-c", prelude + _SERVE_STUB], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert "serving stub on http://127.0.0.1:" in server.stdout.readline()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0, server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def test_a_line_of_another_encoding_ends_its_turn_not_the_session():
+    import io
+
+    from kantai_batch.chat import repl
+    from kantai_batch.errors import InputDataError
+    from kantai_batch.generate import Generation
+    from kantai_batch.job import Sampling
+
+    class Echo:
+        model_dir = "stub"
+
+        def __call__(self, prompt: str, sampling: Sampling) -> Generation:
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputDataError("the prompt holds half a character") from None
+            return Generation(prompt=prompt, texts=[prompt], continuations=[f"re: {prompt}"], new_tokens=[1])
+
+    # sys.stdin under a UTF-8 locale (other than C or POSIX) decodes strictly.
+    stdin = io.TextIOWrapper(io.BytesIO(b"hello\ncaf\xe9 order\nbye\n"), encoding="utf-8", errors="strict")
+    stdout = io.StringIO()
+    repl(Echo(), Sampling(), stdin=stdin, stdout=stdout)
+    assert stdout.getvalue().splitlines() == ["re: hello", "error: the prompt holds half a character", "re: bye"]
