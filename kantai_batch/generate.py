@@ -70,7 +70,7 @@ class Generator:
 
         use_template = bool(as_message and self.answers)
         ids, rendered = self._prompt_ids(prompt, use_template)
-        config = self._generation_config(sampling, len(ids))
+        config = self._generation_config(sampling, len(ids), self._stops(use_template))
         if sampling.seed is not None:
             set_seed(sampling.seed)
         inputs = torch.tensor([ids], device=self.model.device)
@@ -110,7 +110,17 @@ class Generator:
             raise InputDataError("the prompt is empty once the model's tokenizer has cleaned it")
         return ids, rendered
 
-    def _generation_config(self, sampling: Sampling, prompt_tokens: int):
+    def _stops(self, use_template: bool) -> list[int]:
+        """The tokens that end the text: ``</s>``; ``<s>``, which training only ever saw after ``</s>`` (a
+        model that writes it has begun another example); and, for a reply, the separator (another turn)."""
+        tok = self.tokenizer
+        stops = [tok.eos_token_id, tok.bos_token_id]
+        separator = (getattr(tok, "extra_special_tokens", None) or [None])[0] if use_template else None
+        if separator is not None:
+            stops.append(tok.convert_tokens_to_ids(separator))
+        return list(dict.fromkeys(token for token in stops if token is not None))
+
+    def _generation_config(self, sampling: Sampling, prompt_tokens: int, stops: list[int]):
         """``sampling`` as transformers' GenerationConfig, its new tokens cut to what fits after the prompt."""
         from transformers import GenerationConfig
 
@@ -137,7 +147,7 @@ class Generator:
             do_sample=not greedy,
             num_return_sequences=sampling.num_return_sequences,
             bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=stops,
             pad_token_id=tok.pad_token_id,
             **(
                 {}
@@ -152,9 +162,11 @@ class Generator:
         # A prompt continued as given may run into a reply: the separator stays visible between the two.
         extra = [] if use_template else getattr(tok, "extra_special_tokens", None) or []
         shown = set(tok.convert_tokens_to_ids(extra))
+        stops = set(self._stops(use_template))
         texts, continuations, counts = [], [], []
         for row in rows:
-            generated = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+            # Up to the first stop: dropped as special tokens, a <s> or separator inside glued words together.
+            generated = next((row[:at] for at, token in enumerate(row) if token in stops), row)
             continuation = _decoded(tok, generated, shown)
             if use_template:
                 # The reply's first token carries no leading space: it follows the separator token.

@@ -307,3 +307,29 @@ def test_raw_generation_keeps_the_reply_separator_the_model_writes(support_run: 
     assert " <reply> " in raw["text"], raw
     before, _, reply = raw["text"].partition(" <reply> ")
     assert before.startswith(prompt) and reply and not reply.startswith(" "), raw
+
+
+@pytest.mark.parametrize("stop", ["<s>", "<reply>"])
+def test_a_reply_ends_where_the_model_starts_another_example_or_turn(
+    support_run: Path, monkeypatch: pytest.MonkeyPatch, stop: str
+):
+    import torch
+
+    from kantai_batch.generate import Generator
+    from kantai_batch.job import Sampling
+
+    generator = Generator.load(support_run / "model")
+    tok = generator.tokenizer
+    # What a sampled reply can look like: words, then a new example (<s>) or turn (<reply>) without </s>.
+    written = tok.convert_tokens_to_ids(["Ġwe", "Ġare", "Ġsorry", stop, "my", "Ġcard", "Ġis", "Ġbroken"])
+    seen = {}
+
+    def generate(inputs, generation_config, **kwargs):
+        seen["stops"] = generation_config.eos_token_id
+        return torch.cat([inputs, torch.tensor([written])], dim=1)
+
+    monkeypatch.setattr(generator.model, "generate", generate)
+    made = generator("my order never arrived", Sampling(temperature=0))
+    assert made.continuations == ["we are sorry"], "the reply ends there; its words are not glued to the next"
+    assert made.new_tokens == [3]
+    assert tok.convert_tokens_to_ids(stop) in seen["stops"], "and generation stops there, not at max-new-tokens"
