@@ -32,7 +32,7 @@ SUFFIXES: dict[str, tuple[str, ...]] = {
 }
 _PARQUET_BATCH_ROWS = 1024
 # The csv module's default field limit (128 KiB) would reject long documents as malformed rows.
-_CSV_FIELD_LIMIT = 1 << 28
+CSV_FIELD_LIMIT = 1 << 28
 _FIELDS_SHOWN = 12
 
 
@@ -121,7 +121,7 @@ def _jsonl(raw: BinaryIO, decoding: Decoding, field: str, name: str, skipped: Co
 
 
 def _csv(raw: BinaryIO, decoding: Decoding, field: str, name: str, skipped: Counter[str]) -> Iterator[str]:
-    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     with open_text(raw, decoding.encoding, newline="") as text:
         reader = csv.reader(text)
         try:

@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 
 from kantai_batch.decoding import undecodable
 from kantai_batch.errors import InputDataError
+from kantai_batch.formats import CSV_FIELD_LIMIT
 from kantai_batch.job import CorpusSection
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,12 @@ class TwcsReader:
         replies: list[tuple[int, str]] = []
 
         def flush() -> None:
+            before = db.total_changes
             db.executemany("INSERT OR IGNORE INTO customer VALUES (?, ?)", customers)
+            # A tweet id seen before keeps its first text; the later rows are dropped, and counted.
+            repeated = len(customers) - (db.total_changes - before)
+            if repeated:
+                self.counts.rows_dropped["repeated_tweet_id"] += repeated
             db.executemany("INSERT INTO reply (to_id, text) VALUES (?, ?)", replies)
             customers.clear()
             replies.clear()
@@ -187,6 +193,9 @@ class TwcsReader:
             yield from self._rows_of(raw, encoding, name)
 
     def _rows_of(self, raw: BinaryIO, encoding: str, name: str) -> Iterator[dict[str, str]]:
+        # Past the csv module's default field limit (128 KiB) the reader gives up inside the quoted field
+        # and starts over at the next line of it: the field's own lines would be read as rows.
+        csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
         with io.TextIOWrapper(raw, encoding=encoding, errors=_MARKED, newline="") as text:
             reader = csv.reader(text)
             header = self._header(reader, name)

@@ -286,3 +286,29 @@ def test_a_text_file_given_as_twcs_is_named_by_its_empty_header(tmp_path: Path):
     source.write_text("\nHUMAN REASON, in one sphere of its cognition, is called upon to consider questions.\n")
     message = _prepare(tmp_path / "run", source, expect=3).stderr.strip()
     assert "has no text column (its first line, the header, is empty); corpus.format twcs expects" in message
+
+
+def test_a_field_past_128_kib_is_one_field_not_rows(tmp_path: Path):
+    # A quoted field longer than the csv module's default limit, whose lines look like rows: the reader
+    # gave up inside it and read its later lines as tweets, trained on as a conversation.
+    inner = (
+        "\n9101,x,True,t,smuggled customer words " + "alpha " * 10 + ",9102,"
+        "\n9102,b,False,t,smuggled reply words " + "beta " * 10 + ",,9101\n"
+    )
+    huge = ["9100", "a", "True", "t", "word " * 30_000 + inner + "end", "", ""]
+    source = twcs_csv(tmp_path / "twcs.csv", [*support_conversations(40), huge])
+    _prepare(tmp_path / "run", source, "corpus.min_words=5")
+    smuggled = [example[:40] for example in _examples(tmp_path / "run") if "smuggled" in example]
+    assert all(example.startswith("word word") for example in smuggled), smuggled
+    counts = _twcs_stats(tmp_path / "run")
+    assert counts["rows_read"] == 81 and "malformed_csv" not in counts["rows_dropped"], counts
+
+
+def test_a_repeated_customer_tweet_id_is_counted_and_the_first_text_stands(tmp_path: Path):
+    rows = support_conversations(40)
+    repeated = [rows[0][0], "someone", "True", rows[0][3], "@Brand a second tweet under the first one's id", "", ""]
+    source = twcs_csv(tmp_path / "twcs.csv", [*rows, repeated])
+    _prepare(tmp_path / "run", source, "corpus.conversation=true", "corpus.min_words=5")
+    counts = _twcs_stats(tmp_path / "run")
+    assert counts["rows_read"] == 81 and counts["rows_dropped"] == {"repeated_tweet_id": 1}, counts
+    assert not any("second tweet" in example for example in _examples(tmp_path / "run"))
