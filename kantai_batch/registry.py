@@ -110,16 +110,17 @@ def register(
                 transformers_model={"model": model, "tokenizer": tokenizer},
                 task=PIPELINE_TASKS[task],
                 name="registered-model",
-                registered_model_name=name,
                 pip_requirements=_requirements(),
                 # The job it was trained by travels in the MLmodel file, and `pull` puts it back beside
                 # the weights: what blocks it was trained on, what its experiment is called.
                 metadata={_JOB_METADATA: job_file.read_text(encoding="utf-8")} if job_file.is_file() else None,
             )
-        version = str(info.registered_model_version)
+            # The version is created with its tags in one request: a run stopped (or a store failing) after
+            # a separate create would leave a version without them, which the next run cannot recognise
+            # as its model (``promotion`` looks versions up by their model_sha256 tag) and registers again.
+            registered = mlflow.register_model(info.model_uri, name, tags=tags or None)
+        version = str(registered.version)
         client = mlflow.MlflowClient()
-        for key, value in (tags or {}).items():
-            client.set_model_version_tag(name, version, key, value)
         if alias:
             client.set_registered_model_alias(name, alias, version)
     log.info("registry: %s version %s%s from %s", name, version, f" (@{alias})" if alias else "", model_dir)
@@ -147,6 +148,19 @@ def pull(uri: str, out: Path) -> Path:
         tokenizer = downloaded / "components" / "tokenizer"
         if not (weights / "config.json").is_file():
             raise InputDataError(f"{uri} is not a transformers model logged by kantai-batch register")
+        # A model without its weights or tokenizer would be committed, and a cache would keep serving it.
+        missing = [
+            what
+            for what, found in (
+                ("weights", any((weights / file).is_file() for file in _WEIGHT_FILES)),
+                ("tokenizer", (tokenizer / "tokenizer_config.json").is_file()),
+            )
+            if not found
+        ]
+        if missing:
+            raise InputDataError(
+                f"{uri} was downloaded without its {' and '.join(missing)}: its artifacts are incomplete"
+            )
         job = _logged_job(downloaded)
         with committed_dir(out) as folder:
             for source in (weights, tokenizer):
@@ -156,6 +170,9 @@ def pull(uri: str, out: Path) -> Path:
                 (folder / JOB_FILE).write_text(job, encoding="utf-8")
     log.info("registry: %s pulled into %s", uri, out)
     return out
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 def _logged_job(downloaded: Path) -> str | None:
@@ -171,15 +188,15 @@ def _logged_job(downloaded: Path) -> str | None:
 def cached_pull(uri: str, cache: Path) -> Path:
     """``pull`` into the cache, once per concrete version (an alias is looked up every time).
 
-    The folder is named by the logged model too (its id, else its run's): a version number of another
-    tracking store, or of a model deleted and registered again, is another model.
+    The folder is named by when the version was created too: a version number of another tracking store,
+    or of a model deleted and registered again (from the same training run, continued), is another model.
     """
     import mlflow
 
     name, version = _resolve(uri)
     with _tracking_errors(uri):
         found = mlflow.MlflowClient().get_model_version(name, version)
-    folder = cache / "registry" / name / f"{version}-{getattr(found, 'model_id', None) or found.run_id or 'none'}"
+    folder = cache / "registry" / name / f"{version}-{found.creation_timestamp}-{found.run_id or 'none'}"
     if not is_complete(folder):
         # The version resolved above, not the alias again: it may move between the two lookups.
         pull(f"models:/{name}/{version}", folder)

@@ -246,6 +246,34 @@ def test_a_failure_after_training_leaves_the_champion_where_it_was(registry: mlf
     assert registry.get_model_version_by_alias(name, "challenger").version == "3"
 
 
+def test_a_run_stopped_right_after_its_version_was_created_is_not_registered_twice(
+    registry: mlflow.MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The store fails (or the pod is killed) just after it created the version: the next run must find that
+    version as its model (by its tags) and decide for it, not register the same model a second time."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking.client import MlflowClient
+
+    name = "stopped-tiny"
+    corpus, run_dir = tmp_path / "corpus", tmp_path / "run"
+    _retrain(run_dir, _week(corpus, 1), name)
+    created = MlflowClient._create_model_version
+
+    def created_then_lost(self, *args, **kwargs):
+        created(self, *args, **kwargs)
+        raise MlflowException("API request failed: 503 (the store went away after creating the version)")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(MlflowClient, "_create_model_version", created_then_lost)
+        _retrain(run_dir, _week(corpus, 2), name, expect=SourceUnavailableError.exit_code)
+    assert _champion(registry, name) == "1"
+    again = _retrain(run_dir, corpus, name)
+    assert _results(again)[0].startswith(f"promoted: {name} version 2 is champion"), again.stdout
+    versions = registry.search_model_versions(f"name = '{name}'")
+    assert sorted(v.version for v in versions) == ["1", "2"], "the model was registered once"
+    assert all("model_sha256" in v.tags and "promotion" in v.tags for v in versions)
+
+
 def test_an_unreachable_registry_fails_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")

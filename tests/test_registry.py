@@ -259,3 +259,66 @@ def test_the_pull_cache_tells_a_version_registered_again_from_the_old_one(
     second = cached_pull("models:/again/1", cache)
     assert second != first and file_sha256(second / "model.safetensors") != weights
     assert cached_pull("models:/again@champion", cache) == second
+
+
+def test_the_pull_cache_tells_a_version_registered_again_from_the_same_training_run(
+    tracking_server: str, trained_run: Path, tmp_path: Path
+):
+    """A training continued under longer bounds keeps its MLflow run: a version registered again from it
+    (the model deleted and registered anew) has the old number and the old run, and other weights."""
+    import mlflow
+    import torch
+    from transformers import RobertaForMaskedLM
+
+    from kantai_batch.manifest import file_sha256
+    from kantai_batch.registry import cached_pull
+
+    first_model = tmp_path / "first"
+    shutil.copytree(trained_run / "model", first_model)
+    registered = json.loads(invoke("register", "--model", str(first_model), "--name", "same-run").stdout)
+    cache = tmp_path / "cache"
+    first = cached_pull("models:/same-run/1", cache)
+    weights = file_sha256(first / "model.safetensors")
+
+    longer = tmp_path / "longer"
+    shutil.copytree(first_model, longer)
+    model = RobertaForMaskedLM.from_pretrained(str(longer))
+    with torch.no_grad():
+        model.lm_head.bias.add_(1.0)
+    model.save_pretrained(str(longer))
+    summary = json.loads((longer / "train_summary.json").read_text())
+    summary["mlflow_run_id"] = registered["run_id"]  # the same training run, continued
+    (longer / "train_summary.json").write_text(json.dumps(summary))
+    mlflow.MlflowClient().delete_registered_model("same-run")
+    again = json.loads(invoke("register", "--model", str(longer), "--name", "same-run").stdout)
+    assert (again["version"], again["run_id"]) == ("1", registered["run_id"])
+    second = cached_pull("models:/same-run/1", cache)
+    assert file_sha256(second / "model.safetensors") == file_sha256(longer / "model.safetensors") != weights
+
+
+@pytest.mark.parametrize("lost", ["model/model.safetensors", "components/tokenizer/tokenizer_config.json"])
+def test_a_registered_model_downloaded_without_its_weights_or_tokenizer_is_not_cached(
+    tracking_server: str, trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lost: str
+):
+    """The store lost an artifact: the pull fails naming the URI, and once the artifact is back the same
+    cache pulls the whole model (a folder committed without it was served for good)."""
+    import mlflow
+
+    from kantai_batch.errors import InputDataError
+    from kantai_batch.registry import cached_pull
+
+    invoke("register", "--model", str(trained_run / "model"), "--name", "partial")
+    download = mlflow.artifacts.download_artifacts
+
+    def without(**kwargs):
+        downloaded = Path(download(**kwargs))
+        (downloaded / lost).unlink()
+        return str(downloaded)
+
+    cache = tmp_path / "cache"
+    with monkeypatch.context() as patched:
+        patched.setattr(mlflow.artifacts, "download_artifacts", without)
+        with pytest.raises(InputDataError, match="models:/partial/1 was downloaded without its"):
+            cached_pull("models:/partial/1", cache)
+    folder = cached_pull("models:/partial/1", cache)
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer_config.json").is_file()
