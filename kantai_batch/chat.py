@@ -19,6 +19,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 from kantai_batch.errors import KantaiError, first_line
 from kantai_batch.generate import Generator
@@ -110,9 +111,10 @@ def _handler(generator: Generator, defaults: Sampling) -> type[BaseHTTPRequestHa
         timeout = _READ_TIMEOUT_S
 
         def do_GET(self) -> None:
-            if self.path == "/api/defaults":
+            path = urlsplit(self.path).path  # a query (?utm_source=..., a cache buster) names the same page
+            if path == "/api/defaults":
                 self._send_json(HTTPStatus.OK, {**_sampling_json(defaults), "answers": generator.answers})
-            elif self.path in ("/", "/index.html"):
+            elif path in ("/", "/index.html"):
                 self._send(HTTPStatus.OK, page.encode("utf-8"), "text/html; charset=utf-8")
             else:
                 self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no page {self.path}"})
@@ -150,7 +152,11 @@ def _handler(generator: Generator, defaults: Sampling) -> type[BaseHTTPRequestHa
             )
 
         def _read_json(self) -> dict[str, Any]:
-            length = int(self.headers.get("Content-Length") or 0)
+            announced = self.headers.get("Content-Length") or "0"
+            try:
+                length = int(announced)
+            except ValueError:
+                raise ValueError(f"Content-Length {announced!r} is not a number of bytes") from None
             if length < 0:  # read(-1) would wait for the client to close the connection
                 raise ValueError(f"Content-Length {length} is negative")
             if length > _MAX_BODY_BYTES:

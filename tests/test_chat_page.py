@@ -114,13 +114,24 @@ def test_endpoint_answers_and_rejects_bad_settings(page_url: str):
         assert status == 400 and body["error"] == f"prompt must be a string, got {json.dumps(prompt)}"
 
 
-def test_a_negative_content_length_is_refused_at_once(page_url: str):
+@pytest.mark.parametrize(
+    ("announced", "says"), [(b"-5", "Content-Length -5 is negative"), (b"abc", "Content-Length 'abc' is not a number")]
+)
+def test_a_content_length_that_is_no_length_is_refused_at_once(page_url: str, announced: bytes, says: str):
     host, port = urllib.parse.urlsplit(page_url).netloc.split(":")
     with socket.create_connection((host, int(port)), timeout=30) as conn:
-        conn.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n{}")
+        conn.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: " + announced + b"\r\n\r\n{}")
         # The server closes after its answer (HTTP/1.0); one waiting for the client to close would time out.
         reply = b"".join(iter(lambda: conn.recv(4096), b"")).decode()
-    assert reply.startswith("HTTP/1.0 400") and "Content-Length -5 is negative" in reply
+    assert reply.startswith("HTTP/1.0 400") and says in reply
+
+
+def test_the_page_and_its_defaults_answer_under_a_query(page_url: str):
+    for path in ("?utm_source=mail", "index.html?v=2"):
+        with urllib.request.urlopen(page_url + path, timeout=30) as response:
+            assert response.status == 200 and b"<html" in response.read().lower()
+    with urllib.request.urlopen(page_url + "api/defaults?x=1", timeout=30) as response:
+        assert "temperature" in json.loads(response.read())
 
 
 def test_bad_bodies_get_a_status_and_one_line(page_url: str):
