@@ -11,7 +11,9 @@ slow cannot overwrite its successor. A fresh nonce in each renewal changes the E
 that sees it change knows the holder alive and fails with exit 4 naming it; a lease left by a pod
 killed outright changes no more and is taken over after one term, so the retried pod waits instead
 of failing. Clocks are never compared. A holder that finds its lease gone to another, or cannot renew
-it for most of a term, marks it lost: ``Lease.require`` then stops the work before it writes again.
+it for most of a term, marks it lost: ``Lease.require`` then stops the work before it writes again. A
+holder that merely could not reach the store keeps renewing, conditionally on its own last write: once
+one gets through, nobody took the lease over meanwhile, and it is the holder's again.
 """
 
 from __future__ import annotations
@@ -146,11 +148,18 @@ class Lease:
                 # Each request gives up within its slot: one stalled in its 60 s timeouts would outlast the term.
                 sent = time.monotonic()
                 etag = s3.put_if(self.uri, self._body(), match=self._etag, within_s=slot)
-                if etag is None and not self._stop.is_set():  # not our last write any more: deleted, or another's
+                # Not our last write any more: deleted, or another's. Once marked lost, a missing lease may
+                # be one another writer took over and released meanwhile: not ours to create again.
+                if etag is None and not self._stop.is_set() and not self.lost.is_set():
                     sent = time.monotonic()
                     etag = s3.put_if(self.uri, self._body(), within_s=slot)  # deleted (by hand, a lifecycle rule)
                 if etag is not None:  # kept even when stopping: the release deletes only this write
                     self._etag, self._renewed_at = etag, sent
+                    if self.lost.is_set():
+                        # Our own last write was still there: no other machine took the lease over while the
+                        # store was out of reach (taking it over replaces that write), so it is ours again.
+                        log.warning("lease: renewed %s again once the store answered; nobody took it", self.uri)
+                        self.lost.clear()
                     continue
                 if self._stop.is_set():
                     return
@@ -159,10 +168,11 @@ class Lease:
                 return
             except KantaiError as exc:  # the store out of reach for a moment: the next renewal may get through
                 log.warning("lease: could not renew %s: %s", self.uri, exc)
-                if self._overdue():
+                if self._overdue() and not self.lost.is_set():
                     log.error("lease: %s unrenewed for most of its term; another machine may take it over", self.uri)
                     self.lost.set()
-                    return
+                # Renewals go on: a store back within the term finds our write unchanged and the lease ours
+                # (a phase's hours of work are not lost to a minute's outage); ``require`` refuses meanwhile.
 
     def release(self) -> None:
         self._stop.set()

@@ -574,6 +574,75 @@ def test_a_holder_whose_renewal_hangs_stops_writing_before_another_can_take_the_
             held.require()
 
 
+def _store_down_for_put_if(monkeypatch) -> threading.Event:
+    """While the returned event is set, every conditional write fails as an unreachable store does."""
+    from kantai_batch.errors import SourceUnavailableError
+
+    down, answered = threading.Event(), s3.put_if
+
+    def flaky(uri, body, **condition):
+        if down.is_set():
+            raise SourceUnavailableError(f"{uri}: cannot write: Could not connect to the endpoint URL")
+        return answered(uri, body, **condition)
+
+    monkeypatch.setattr(s3, "put_if", flaky)
+    return down
+
+
+_AWAY_TERM = "3"
+
+
+def test_a_lease_unrenewed_while_the_store_was_away_is_the_holders_again_unless_another_took_it(
+    s3_endpoint, bucket: str, monkeypatch
+):
+    """Renewals failing for most of a term marked the lease lost for good: a phase's whole work was thrown
+    away at its commit although no other machine had written the lease."""
+    from kantai_batch import lease
+    from kantai_batch.errors import SourceUnavailableError
+
+    # A term a loaded machine renews within (each request gets a twelfth of it).
+    monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
+    down = _store_down_for_put_if(monkeypatch)
+    folder, key = s3.S3Uri.parse(f"s3://{bucket}/runs/away"), "runs/away/.lease"
+    with lease.held(folder, ".lease", "the phase") as held:
+        down.set()
+        time.sleep(2.5)  # past two thirds of the term without a renewal
+        with pytest.raises(SourceUnavailableError, match="lost its lease"):
+            held.require()  # refused while the store is away: another may be taking it over
+        down.clear()
+        time.sleep(2.0)  # a renewal gets through: its own write was still there
+        held.require()
+    assert not _keys(key, bucket), "released at the end"
+
+    with lease.held(folder, ".lease", "the phase") as held:
+        down.set()
+        time.sleep(2.5)
+        # Meanwhile another machine took it over (it reached the store).
+        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=b'{"holder": "another", "token": "x"}')
+        down.clear()
+        time.sleep(2.0)
+        with pytest.raises(SourceUnavailableError, match="lost its lease"):
+            held.require()
+    assert json.loads(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())["token"] == "x"
+
+
+def test_a_commit_survives_the_store_away_for_a_while_during_its_work(s3_endpoint, bucket: str, tmp_path, monkeypatch):
+    from kantai_batch.rundir import RunDir
+
+    # A term a loaded machine renews within (each request gets a twelfth of it).
+    monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
+    down = _store_down_for_put_if(monkeypatch)
+    run = RunDir(tmp_path / "mirror", s3.S3Uri.parse(f"s3://{bucket}/runs/blip"))
+    with run.committed(run.corpus) as out:
+        (out / "train.txt").write_text("hours of work\n", encoding="utf-8")
+        down.set()
+        time.sleep(3.5)  # longer than a term: a store restarting, a network partition healing
+        down.clear()
+        time.sleep(2.0)
+    assert set(run.marker(run.corpus)["files"]) == {"train.txt"}
+    assert not _keys("runs/blip/.corpus.lease", bucket), "released"
+
+
 def test_a_bounded_request_to_a_store_that_never_answers_gives_up_within_its_time(monkeypatch):
     """A lease renewal with the project's client (10 attempts of up to 70 s) would outlast its term."""
     import socket
