@@ -82,31 +82,37 @@ def write_marker(folder: Path, **extra: Any) -> None:
 @contextlib.contextmanager
 def committed_dir(final: Path, **marker_extra: Any) -> Iterator[Path]:
     """Yield a scratch folder that replaces ``final`` (marker included) only if the block succeeds."""
+    with only_writer(final), committed_locked(final, **marker_extra) as scratch:
+        yield scratch
+
+
+@contextlib.contextmanager
+def committed_locked(final: Path, **marker_extra: Any) -> Iterator[Path]:
+    """``committed_dir`` for a caller that holds ``only_writer(final)`` already."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    with only_writer(final):
-        # Scratch and retired folders left by a killed earlier attempt are garbage (no live writer holds
-        # the lock): a model's or tokens' copy is gigabytes.
-        for stale in (*final.parent.glob(f".{final.name}.partial-*"), *final.parent.glob(f".{final.name}.old-*")):
-            remove(stale)
-        scratch = final.with_name(f".{final.name}.partial-{os.getpid()}")
-        scratch.mkdir()
-        try:
-            yield scratch
-            if not is_complete(scratch):
-                write_marker(scratch, **marker_extra)
-        except BaseException:
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise
-        # A link is replaced by the folder, as a rename replaces it; what it points at stays.
-        if final.exists() and not final.is_symlink() and _exchanged(scratch, final):
-            remove(scratch)  # the replaced folder, swapped out in one step
-            return
-        # Where the kernel or filesystem cannot swap: two renames, between which `final` is missing.
-        retired = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if final.exists():
-            final.rename(retired)
-        scratch.rename(final)
-        remove(retired)
+    # Scratch and retired folders left by a killed earlier attempt are garbage (no live writer holds
+    # the lock): a model's or tokens' copy is gigabytes.
+    for stale in (*final.parent.glob(f".{final.name}.partial-*"), *final.parent.glob(f".{final.name}.old-*")):
+        remove(stale)
+    scratch = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    scratch.mkdir()
+    try:
+        yield scratch
+        if not is_complete(scratch):
+            write_marker(scratch, **marker_extra)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    # A link is replaced by the folder, as a rename replaces it; what it points at stays.
+    if final.exists() and not final.is_symlink() and _exchanged(scratch, final):
+        remove(scratch)  # the replaced folder, swapped out in one step
+        return
+    # Where the kernel or filesystem cannot swap: two renames, between which `final` is missing.
+    retired = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(retired)
+    scratch.rename(final)
+    remove(retired)
 
 
 def _exchanged(a: Path, b: Path) -> bool:

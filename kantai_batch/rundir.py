@@ -225,13 +225,16 @@ class RunDir:
         or pointing at a staging folder the other removed)."""
         remote = self._remote_of(folder)
         with contextlib.ExitStack() as writing:
+            # This machine's lock first: a second writer here is refused at once, not after a term's wait
+            # to see the lease renewed.
+            writing.enter_context(manifest.only_writer(folder))
             held = None
             if remote is not None:
                 from kantai_batch import lease
 
                 parent = self._remote_of(folder.parent)
                 held = writing.enter_context(lease.held(parent, f".{folder.name}.lease", str(remote)))
-            with manifest.committed_dir(folder, **marker_extra) as scratch:
+            with manifest.committed_locked(folder, **marker_extra) as scratch:
                 yield scratch
             self._read.pop(folder, None)  # replaced by this process: what it read there is gone
             if held is not None:

@@ -95,3 +95,34 @@ def test_tokens_record_the_corpus_they_were_made_from_not_one_committed_meanwhil
 def tiny_sets() -> list[str]:
     args = tiny()
     return [args[i + 1] for i in range(0, len(args), 2)]
+
+
+def test_the_same_phase_started_twice_on_one_machine_is_refused_at_once(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Its file lock refuses the second at once (README), not a term later at the lease."""
+    import time
+
+    monkeypatch.setenv("KANTAI_LEASE_S", "6")
+    remote = S3Uri.parse(f"s3://{bucket}/run")
+    first, second = RunDir(tmp_path / "mirror", remote), RunDir(tmp_path / "mirror", remote)
+    writing, done = threading.Event(), threading.Event()
+
+    def commit_first() -> None:
+        with first.committed(first.corpus) as out:
+            (out / "train.txt").write_text("A\n", encoding="utf-8")
+            writing.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=commit_first)
+    thread.start()
+    assert writing.wait(30)
+    began = time.monotonic()
+    try:
+        with pytest.raises(SourceUnavailableError, match="is being written by process"):
+            with second.committed(second.corpus):
+                pass
+    finally:
+        done.set()
+        thread.join()
+    assert time.monotonic() - began < 3, "waited for the lease's term"
