@@ -88,3 +88,23 @@ def test_gpu_check_skips_what_would_end_past_its_budget_and_logs_to_out(tmp_path
     assert "gpu-check: profile skipped at " in log and "past the 1 s budget" in log
     assert len(list(out.glob("kantaibert-*.json"))) == 1
     assert "it/s]" not in done.stderr and "examples/s]" not in done.stderr, "no progress bars in the tail"
+
+
+def test_gpu_check_names_what_the_device_image_brings_below_the_packages_floor(tmp_path: Path):
+    """The device's own transformers and accelerate are not checked by pip (the package is not installed
+    there): one older than the declared floor is a warning line before the figures."""
+    import importlib.util
+    from importlib.metadata import version
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    assert gpu_check.below_floor() == [], "this machine has what the package declares"
+    installed = version("transformers")
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(
+        '[project]\ndependencies = ["transformers>=99.0", "accelerate>=0.1", "not-installed-here>=1"]\n'
+    )
+    assert gpu_check.below_floor(pyproject) == [
+        f"gpu-check: warning: transformers {installed} here, the package needs >=99.0"
+    ]
