@@ -216,13 +216,15 @@ class RunDir:
             yield held
 
     @contextlib.contextmanager
-    def committed(self, folder: Path, **marker_extra: Any) -> Iterator[Path]:
+    def committed(self, folder: Path, *, lease_wait_s: float | None = None, **marker_extra: Any) -> Iterator[Path]:
         """A scratch folder that becomes ``folder`` (marker last, here and remotely) if the block succeeds.
 
         For a remote run dir the writer also holds a lease on the folder in the store (``.<name>.lease``
         beside it), as pretrain does on its checkpoints: the file lock holds on this machine only, and two
         machines committing one folder at once interleave their uploads (a marker over the other's files,
-        or pointing at a staging folder the other removed)."""
+        or pointing at a staging folder the other removed). ``lease_wait_s``: how long other processes
+        wait for this one (a launch's collective timeout); a lease left with a term too long for it is
+        refused at once rather than waited out past it."""
         remote = self._remote_of(folder)
         with contextlib.ExitStack() as writing:
             # This machine's lock first: a second writer here is refused at once, not after a term's wait
@@ -233,7 +235,7 @@ class RunDir:
                 from kantai_batch import lease
 
                 parent = self._remote_of(folder.parent)
-                held = writing.enter_context(lease.held(parent, f".{folder.name}.lease", str(remote)))
+                held = writing.enter_context(lease.held(parent, f".{folder.name}.lease", str(remote), lease_wait_s))
             with manifest.committed_locked(folder, **marker_extra) as scratch:
                 yield scratch
             self._read.pop(folder, None)  # replaced by this process: what it read there is gone

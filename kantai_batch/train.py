@@ -189,7 +189,9 @@ def _pretrain(job: Job, run: RunDir, *, track: bool, still_ours: Callable[[], No
                 # Killed between sealing its last checkpoint and pruning the older ones, a training
                 # left one too many; trained out, it saves nothing more that would prune them.
                 run.prune_checkpoints(job.train.save_total_limit)
-            with run.committed(run.model, inputs_sha256=inputs, lineage_sha256=lineage) as out:
+            # The other processes wait at a barrier meanwhile, within the collective timeout.
+            wait_s = job.train.collective_timeout_s
+            with run.committed(run.model, lease_wait_s=wait_s, inputs_sha256=inputs, lineage_sha256=lineage) as out:
                 trainer.save_model(str(out))
                 tokenizer.save_pretrained(str(out))
                 write_json_atomic(out / TRAIN_SUMMARY, summary)

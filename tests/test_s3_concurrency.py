@@ -126,3 +126,19 @@ def test_the_same_phase_started_twice_on_one_machine_is_refused_at_once(
         done.set()
         thread.join()
     assert time.monotonic() - began < 3, "waited for the lease's term"
+
+
+def test_a_model_lease_left_with_a_term_longer_than_the_launch_waits_is_refused_at_once(bucket: str, tmp_path: Path):
+    """Pretrain's main process commits the model while the others wait at a barrier within the collective
+    timeout: a lease whose holder recorded a longer term is refused, not slept through past it."""
+    import time
+
+    record = {"holder": "process 1 on gone", "token": "old", "term_s": 1000}
+    boto3.client("s3").put_object(Bucket=bucket, Key="run/.model.lease", Body=json.dumps(record).encode())
+    run = RunDir(tmp_path / "mirror", S3Uri.parse(f"s3://{bucket}/run"))
+    began = time.monotonic()
+    with pytest.raises(SourceUnavailableError, match=r"leased by process 1 on gone for 1000 s .* \(120 s\)"):
+        with run.committed(run.model, lease_wait_s=120):
+            pass
+    assert time.monotonic() - began < 60, "not waited out"
+    assert not s3.exists(S3Uri.parse(f"s3://{bucket}/run/model/{MARKER}"))
