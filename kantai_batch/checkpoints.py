@@ -119,11 +119,13 @@ class CheckpointMarkerCallback(TrainerCallback):
 
     def _publish(self, checkpoint: Path) -> None:
         try:
-            self.run.publish(checkpoint)
+            self.run.publish(checkpoint, still_ours=self.still_ours)
         except KantaiError as exc:
             # Same class, so the exit code still says whether a retry can help (an outage: 4).
             raise type(exc)(
                 f"checkpoint {self.run.uri(checkpoint)} was not committed ({exc}); the newest complete checkpoint in "
                 f"{self.run.uri(self.run.checkpoints)} stays, and the next pretrain resumes from it"
             ) from None
+        if self.still_ours is not None:
+            self.still_ours()  # the upload may have outlasted the lease: pruning would remove another's checkpoints
         self.run.prune_checkpoints(self.keep)

@@ -148,6 +148,10 @@ class Lease:
                 # Each request gives up within its slot: one stalled in its 60 s timeouts would outlast the term.
                 sent = time.monotonic()
                 etag = s3.put_if(self.uri, self._body(), match=self._etag, within_s=slot)
+                if etag is None:
+                    # A renewal the store took whose answer was lost (the connection dropped as it came back):
+                    # the client's retry then finds the ETag changed, by our own write. Still ours.
+                    etag = self._own_write(slot)
                 # Not our last write any more: deleted, or another's. Once marked lost, a missing lease may
                 # be one another writer took over and released meanwhile: not ours to create again.
                 if etag is None and not self._stop.is_set() and not self.lost.is_set():
@@ -174,6 +178,13 @@ class Lease:
                 # Renewals go on: a store back within the term finds our write unchanged and the lease ours
                 # (a phase's hours of work are not lost to a minute's outage); ``require`` refuses meanwhile.
 
+    def _own_write(self, within_s: float) -> str | None:
+        """The ETag of the lease object where it is this process's own write (its token), else None."""
+        found = s3.read_with_etag(self.uri, within_s=within_s)
+        if found is not None and _parsed(found[0]).get("token") == self.token:
+            return found[1]
+        return None
+
     def release(self) -> None:
         self._stop.set()
         if self._renewer.is_alive():
@@ -182,9 +193,10 @@ class Lease:
             return
         try:
             # Renewed until just now, so no other writer can have taken it over between the read and the delete.
-            found = s3.read_with_etag(self.uri)
+            # Bounded like a renewal: a store that stops answering held the finished phase for its whole outage.
+            found = s3.read_with_etag(self.uri, within_s=self.term / _RENEWALS)
             if found is not None and found[1] == self._etag:
-                s3.delete_keys(self.folder, [self.name])
+                s3.delete_keys(self.folder, [self.name], within_s=self.term / _RENEWALS)
         except KantaiError as exc:  # left behind, it is taken over after a term
             log.warning("lease: could not release %s: %s", self.uri, exc)
 

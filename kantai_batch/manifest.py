@@ -21,7 +21,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -192,7 +192,7 @@ def remote_marker(prefix: S3Uri) -> dict[str, Any] | None:
     return found
 
 
-def upload(folder: Path, prefix: S3Uri) -> None:
+def upload(folder: Path, prefix: S3Uri, still_ours: Callable[[], None] | None = None) -> None:
     """Commit ``folder`` (which holds its marker) below ``prefix``, replacing what is committed there.
 
     Over nothing committed: stale keys removed, files, marker last. Over a committed folder, which
@@ -200,31 +200,50 @@ def upload(folder: Path, prefix: S3Uri) -> None:
     (one PUT, so a reader sees the old folder or the new one), then they are copied server-side to
     their usual keys, the marker points back and ``.next-<id>/`` goes. A writer killed before the
     switch leaves the old folder; after it, the new one (the next commit clears the leftovers).
+    ``still_ours`` (the writer's lease check) runs before every write: a writer whose lease went to
+    another machine meanwhile (its store out of reach for a term) stops before writing over that one's commit.
     """
+    check = still_ours or (lambda: None)
     files = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER]
     marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
     marker.pop(_UNDER, None)
     wanted = set(files)
     if remote_marker(prefix) is None:
-        s3.delete_keys(prefix, [key for key in s3.list_keys(prefix) if key not in wanted])
-        _upload_files(folder, files, prefix)
+        stale = [key for key in s3.list_keys(prefix) if key not in wanted]
+        check()
+        s3.delete_keys(prefix, stale)
+        _upload_files(folder, files, prefix, check)
     else:
         staging = f"{_NEXT}{secrets.token_hex(6)}"
-        _upload_files(folder, files, prefix.child(staging))
+        _upload_files(folder, files, prefix.child(staging), check)
+        check()
         s3.put_json(prefix.child(MARKER), {**marker, _UNDER: staging})
-        s3.delete_keys(prefix, [key for key in s3.list_keys(prefix) if _stale(key, wanted, keep=staging)])
+        stale = [key for key in s3.list_keys(prefix) if _stale(key, wanted, keep=staging)]
+        check()
+        s3.delete_keys(prefix, stale)
+
+        def copied(name: str) -> None:
+            check()
+            s3.copy(prefix.child(f"{staging}/{name}"), prefix.child(name))
+
         with ThreadPoolExecutor(max_workers=_TRANSFER_THREADS) as pool:
-            copies = [pool.submit(s3.copy, prefix.child(f"{staging}/{name}"), prefix.child(name)) for name in files]
-            for future in copies:
+            for future in [pool.submit(copied, name) for name in files]:
                 future.result()
+    check()
     s3.put_json(prefix.child(MARKER), marker)
-    s3.delete_keys(prefix, [key for key in s3.list_keys(prefix) if _stale(key, wanted)])
+    stale = [key for key in s3.list_keys(prefix) if _stale(key, wanted)]
+    check()
+    s3.delete_keys(prefix, stale)
     log.info("s3: committed %d files to %s", len(files), prefix)
 
 
-def _upload_files(folder: Path, names: list[str], prefix: S3Uri) -> None:
+def _upload_files(folder: Path, names: list[str], prefix: S3Uri, check: Callable[[], None]) -> None:
+    def uploaded(name: str) -> None:
+        check()
+        s3.upload_file(folder / name, prefix.child(name))
+
     with ThreadPoolExecutor(max_workers=_TRANSFER_THREADS) as pool:
-        for future in [pool.submit(s3.upload_file, folder / name, prefix.child(name)) for name in names]:
+        for future in [pool.submit(uploaded, name) for name in names]:
             future.result()
 
 

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,7 +241,7 @@ class RunDir:
             self._read.pop(folder, None)  # replaced by this process: what it read there is gone
             if held is not None:
                 held.require()  # not renewed for most of a term: another machine may be committing it now
-            self.publish(folder)
+            self.publish(folder, still_ours=held.require if held is not None else None)
 
     def committed_subfolders(self, folder: Path) -> dict[str, dict[str, Any]]:
         """The complete folders directly below ``folder`` (remotely, for a remote run dir), with their manifests."""
@@ -274,11 +274,12 @@ class RunDir:
             manifest.delete(remote)
         manifest.remove(folder)
 
-    def publish(self, folder: Path) -> None:
-        """Commit a locally complete folder to the remote run dir; nothing to do for a local one."""
+    def publish(self, folder: Path, still_ours: Callable[[], None] | None = None) -> None:
+        """Commit a locally complete folder to the remote run dir; nothing to do for a local one.
+        ``still_ours`` (the writer's lease check) runs before each write of the upload."""
         remote = self._remote_of(folder)
         if remote:
-            manifest.upload(folder, remote)
+            manifest.upload(folder, remote, still_ours)
 
     def pull_file(self, path: Path) -> None:
         """Refresh a single file from the remote run dir: bookkeeping, or a small file of a committed folder

@@ -317,11 +317,12 @@ def put_if(uri: S3Uri, body: bytes, *, match: str | None = None, within_s: float
             raise
 
 
-def read_with_etag(uri: S3Uri) -> tuple[bytes, str] | None:
-    """The object at ``uri`` and its ETag, or None when there is no such key."""
+def read_with_etag(uri: S3Uri, *, within_s: float | None = None) -> tuple[bytes, str] | None:
+    """The object at ``uri`` and its ETag, or None when there is no such key. ``within_s`` bounds the
+    time it may take (see ``client``)."""
     try:
         with translated(uri, "read"):
-            answer = client().get_object(Bucket=uri.bucket, Key=uri.key)
+            answer = (client() if within_s is None else client(within_s)).get_object(Bucket=uri.bucket, Key=uri.key)
             return answer["Body"].read(), answer["ETag"]
     except KeyMissingError:
         return None
@@ -348,12 +349,15 @@ def list_folders(prefix: S3Uri) -> list[str]:
     return names
 
 
-def delete_keys(prefix: S3Uri, names: list[str]) -> None:
+def delete_keys(prefix: S3Uri, names: list[str], *, within_s: float | None = None) -> None:
+    """Delete ``names`` below ``prefix``; ``within_s`` bounds each request's time (see ``client``)."""
     for start in range(0, len(names), 1000):
         batch = [{"Key": prefix.child(name).key} for name in names[start : start + 1000]]
         if batch:
             with translated(prefix, "delete"):
-                answer = client().delete_objects(Bucket=prefix.bucket, Delete={"Objects": batch, "Quiet": True})
+                answer = (client() if within_s is None else client(within_s)).delete_objects(
+                    Bucket=prefix.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
             # A multi-delete answers 200 and lists the keys it refused: a marker that stays would
             # vouch for files about to change.
             for refused in answer.get("Errors", []):

@@ -754,3 +754,53 @@ def test_every_nodes_rng_states_reach_the_checkpoint_in_s3(s3_endpoint, bucket: 
         .read()
     )
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(marker["files"]), "vouched for by the marker"
+
+
+def test_a_renewal_whose_answer_was_lost_keeps_the_lease_its_own(s3_endpoint, bucket: str, monkeypatch):
+    """The store took a renewal but the connection dropped before its answer: the client's retry found the
+    ETag changed (by that very write) and the holder called its own lease "another process's", stopping
+    the phase with exit 4 and leaving the lease for the rerun to wait a term on."""
+    from kantai_batch import lease
+
+    monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
+    answered, writes = s3.put_if, []
+
+    def answer_lost(uri, body, **condition):
+        writes.append(uri)
+        etag = answered(uri, body, **condition)
+        return None if len(writes) == 2 else etag  # the first renewal: written, its answer lost
+
+    monkeypatch.setattr(s3, "put_if", answer_lost)
+    folder = s3.S3Uri.parse(f"s3://{bucket}/runs/answer-lost")
+    with lease.held(folder, ".lease", "the phase") as held:
+        time.sleep(2.5)  # the lost answer, then another renewal
+        assert len(writes) >= 3
+        held.require()
+    assert not _keys("runs/answer-lost/.lease", bucket), "released at the end"
+
+
+def test_a_commit_whose_lease_another_took_over_during_its_upload_writes_no_marker(
+    s3_endpoint, bucket: str, tmp_path: Path, monkeypatch
+):
+    """The lease was checked once before the upload: a writer cut off from the store mid-upload for a term
+    went on, once it was back, to write its marker over the folder the machine that took the lease over had
+    committed meanwhile (its marker, the other's files: a folder no reader can use), and exited 0."""
+    from kantai_batch.errors import SourceUnavailableError
+    from kantai_batch.rundir import RunDir
+
+    monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
+    run = RunDir(tmp_path / "mirror", s3.S3Uri.parse(f"s3://{bucket}/runs/taken"))
+    uploaded, taken = s3.upload_file, threading.Event()
+
+    def taken_over_meanwhile(path, uri):
+        if not taken.is_set():
+            taken.set()
+            boto3.client("s3").put_object(Bucket=bucket, Key="runs/taken/.corpus.lease", Body=b'{"token": "x"}')
+            time.sleep(2.0)  # the holder's next renewal finds it another's
+        uploaded(path, uri)
+
+    monkeypatch.setattr(s3, "upload_file", taken_over_meanwhile)
+    with pytest.raises(SourceUnavailableError, match="lost its lease"):
+        with run.committed(run.corpus) as out:
+            (out / "train.txt").write_text("mine\n", encoding="utf-8")
+    assert run.marker(run.corpus) is None, "no marker written over another's commit"
