@@ -75,6 +75,11 @@ def tokenize_part(job: Job, run: RunDir, tokenizer, *, index: int, count: int, w
     )
     parts = _complete_parts(run, inputs, count)
     if len(parts) < count:
+        if _committed_from(run, inputs):
+            # A retried pod of a set committed (and cleared) meanwhile: its part would stay for good.
+            run.discard(run.tokens_part(index, count))
+            log.info("tokenize: tokens/ is committed from these inputs already; part %d of %d removed", index, count)
+            return None
         log.info("tokenize: %d of %d parts are in; the process that completes them commits tokens/", len(parts), count)
         return None
     if not run.claim(run.tokens_parts / f"_COMMIT-{_set_name(parts)}", _claim_note()):
@@ -83,10 +88,20 @@ def tokenize_part(job: Job, run: RunDir, tokenizer, *, index: int, count: int, w
     return _commit(job, run, tokenizer, inputs, count, workers, claimed=parts)
 
 
+def _committed_from(run: RunDir, inputs: str) -> bool:
+    return (run.marker(run.tokens) or {}).get("inputs_sha256") == inputs
+
+
 def _refuse_other_counts(run: RunDir, inputs: str, count: int) -> None:
-    """Parts of these inputs in another number would never complete this set: a submission of another size."""
+    """Parts of these inputs in another number would never complete this set: a submission of another size.
+    Where tokens/ is committed from these inputs already, they are a finished set's leftovers: removed."""
+    committed = None
     for name, marker in run.committed_subfolders(run.tokens_parts).items():
         if marker.get("inputs_sha256") == inputs and marker.get("parts") != count:
+            committed = _committed_from(run, inputs) if committed is None else committed
+            if committed:
+                run.discard(run.tokens_parts / name)
+                continue
             raise JobConfigError(
                 f"tokenize: {run.uri(run.tokens_parts)} holds {name}, a part of these inputs in {marker['parts']} "
                 f"parts, not {count}: run {marker['parts']} parts, or delete that folder to start over"

@@ -12,7 +12,7 @@ from datasets import load_from_disk
 
 from helpers import TINY, invoke, kantian_text, prepared_run, tiny
 from kantai_batch import tokenize_parts
-from kantai_batch.manifest import MARKER, read_marker
+from kantai_batch.manifest import MARKER, is_complete, read_marker
 from kantai_batch.rundir import RunDir
 
 # More paragraphs than one run of packed rows (1,000), so the parts really cut the train split.
@@ -189,3 +189,24 @@ def test_a_part_of_another_job_written_after_the_claim_is_not_committed(
     result = _part(str(run_dir), 1, 2, expect=4)
     assert "part 0 of 2" in result.stderr and "was replaced since the set was claimed" in result.stderr
     assert not (run_dir / "tokens").exists(), "tokens of block_size 32 committed with a part of block_size 16"
+
+
+def test_a_part_retried_after_its_set_was_committed_leaves_nothing_behind(prepared: Path, tmp_path: Path):
+    """A pod killed after committing its part, retried once the other pod committed tokens/ from the set
+    (and cleared the parts): its part stayed for good, and a later parts run of another size on these
+    inputs was refused (exit 2, a failed Job)."""
+    run_dir = _copy_without_tokens(prepared, tmp_path / "run")
+    _part(str(run_dir), 1, 2)
+    _part(str(run_dir), 0, 2)  # completes the set: tokens/ committed, tokens-parts/ cleared
+    assert is_complete(run_dir / "tokens")
+    _part(str(run_dir), 1, 2)  # the retried pod
+    parts = run_dir / "tokens-parts"
+    assert not parts.exists() or not [p for p in parts.iterdir() if p.is_dir()], "no part left behind"
+
+
+def test_a_finished_sets_leftover_part_is_removed_not_a_reason_to_refuse_another_size(prepared: Path, tmp_path: Path):
+    leftover = _copy_without_tokens(prepared, tmp_path / "leftover")
+    _part(str(leftover), 1, 2)
+    shutil.copytree(prepared / "tokens", leftover / "tokens")
+    _part(str(leftover), 0, 4)
+    assert not (leftover / "tokens-parts" / "part-00001-of-00002").exists()
