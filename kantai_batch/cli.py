@@ -719,7 +719,23 @@ def _exit_on_sigterm() -> None:
     # Only there: elsewhere the default ends the process at once, even inside native code (a rank
     # waiting in a collective, a tokenizer training in Rust), where a Python handler would wait for it.
     if os.getpid() == 1 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        signal.signal(signal.SIGTERM, _exit_unwinding)
+
+
+# How long the unwinding after SIGTERM may take before the process ends anyway.
+_UNWIND_S = 20.0
+
+
+def _exit_unwinding(signum: int, frame: Any) -> None:
+    """Raise SystemExit(128 + signum) where the main thread is. Raised inside a finalizer (a ``__del__``
+    the garbage collector runs, a weakref callback) Python prints it as ignored and the command goes on
+    as if no signal came, until the grace period's SIGKILL: a backstop ends the process then."""
+    import threading
+
+    backstop = threading.Timer(_UNWIND_S, os._exit, (128 + signum,))
+    backstop.daemon = True
+    backstop.start()
+    sys.exit(128 + signum)
 
 
 def _exit_code(exc: SystemExit) -> int:

@@ -282,3 +282,28 @@ def test_what_the_machine_refuses_is_one_line_naming_where(tmp_path, corpus_file
         run=run_dir, tmp=tempfile.gettempdir()
     )
     assert not (run_dir / "corpus").exists(), "nothing half-written is committed"
+
+
+def test_sigterm_as_pid_1_ends_the_command_even_when_it_lands_in_a_finalizer(tmp_path):
+    # As PID 1 SIGTERM raises SystemExit wherever the main thread is; inside a __del__ Python drops it.
+    script = tmp_path / "pid1.py"
+    script.write_text(
+        "import os, signal, time\n"
+        "from kantai_batch import cli\n"
+        "os.getpid = lambda: 1\n"
+        "cli._UNWIND_S = 1.0\n"
+        "cli._exit_on_sigterm()\n"
+        "class Finalized:\n"
+        "    def __del__(self):\n"
+        "        signal.raise_signal(signal.SIGTERM)\n"
+        "        time.sleep(0.01)\n"
+        "Finalized()\n"
+        "time.sleep(10)\n"
+        "print('went on')\n"
+    )
+    from helpers import ROOT
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143, done.stdout + done.stderr
+    assert "went on" not in done.stdout
