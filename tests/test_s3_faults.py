@@ -574,19 +574,32 @@ def test_a_holder_whose_renewal_hangs_stops_writing_before_another_can_take_the_
             held.require()
 
 
-def _store_down_for_put_if(monkeypatch) -> threading.Event:
-    """While the returned event is set, every conditional write fails as an unreachable store does."""
-    from kantai_batch.errors import SourceUnavailableError
+class _Store:
+    """While ``down`` is set, every conditional write fails as an unreachable store does; ``written``
+    counts those that got through."""
 
-    down, answered = threading.Event(), s3.put_if
+    def __init__(self, monkeypatch) -> None:
+        from kantai_batch.errors import SourceUnavailableError
 
-    def flaky(uri, body, **condition):
-        if down.is_set():
-            raise SourceUnavailableError(f"{uri}: cannot write: Could not connect to the endpoint URL")
-        return answered(uri, body, **condition)
+        self.down, self.written, answered = threading.Event(), 0, s3.put_if
 
-    monkeypatch.setattr(s3, "put_if", flaky)
-    return down
+        def flaky(uri, body, **condition):
+            if self.down.is_set():
+                raise SourceUnavailableError(f"{uri}: cannot write: Could not connect to the endpoint URL")
+            etag = answered(uri, body, **condition)
+            self.written += etag is not None
+            return etag
+
+        monkeypatch.setattr(s3, "put_if", flaky)
+
+    def back(self) -> None:
+        """The store answers again: return once a renewal got through (later on a loaded machine)."""
+        before = self.written
+        self.down.clear()
+        deadline = time.monotonic() + 30
+        while self.written == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.written > before, "no renewal got through once the store was back"
 
 
 _AWAY_TERM = "3"
@@ -602,25 +615,24 @@ def test_a_lease_unrenewed_while_the_store_was_away_is_the_holders_again_unless_
 
     # A term a loaded machine renews within (each request gets a twelfth of it).
     monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
-    down = _store_down_for_put_if(monkeypatch)
+    store = _Store(monkeypatch)
     folder, key = s3.S3Uri.parse(f"s3://{bucket}/runs/away"), "runs/away/.lease"
     with lease.held(folder, ".lease", "the phase") as held:
-        down.set()
+        store.down.set()
         time.sleep(2.5)  # past two thirds of the term without a renewal
         with pytest.raises(SourceUnavailableError, match="lost its lease"):
             held.require()  # refused while the store is away: another may be taking it over
-        down.clear()
-        time.sleep(2.0)  # a renewal gets through: its own write was still there
+        store.back()  # a renewal gets through: its own write was still there
         held.require()
     assert not _keys(key, bucket), "released at the end"
 
     with lease.held(folder, ".lease", "the phase") as held:
-        down.set()
+        store.down.set()
         time.sleep(2.5)
         # Meanwhile another machine took it over (it reached the store).
         boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=b'{"holder": "another", "token": "x"}')
-        down.clear()
-        time.sleep(2.0)
+        store.down.clear()
+        time.sleep(2.0)  # renewals, refused: the write there is another's
         with pytest.raises(SourceUnavailableError, match="lost its lease"):
             held.require()
     assert json.loads(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())["token"] == "x"
@@ -631,14 +643,13 @@ def test_a_commit_survives_the_store_away_for_a_while_during_its_work(s3_endpoin
 
     # A term a loaded machine renews within (each request gets a twelfth of it).
     monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
-    down = _store_down_for_put_if(monkeypatch)
+    store = _Store(monkeypatch)
     run = RunDir(tmp_path / "mirror", s3.S3Uri.parse(f"s3://{bucket}/runs/blip"))
     with run.committed(run.corpus) as out:
         (out / "train.txt").write_text("hours of work\n", encoding="utf-8")
-        down.set()
+        store.down.set()
         time.sleep(3.5)  # longer than a term: a store restarting, a network partition healing
-        down.clear()
-        time.sleep(2.0)
+        store.back()
     assert set(run.marker(run.corpus)["files"]) == {"train.txt"}
     assert not _keys("runs/blip/.corpus.lease", bucket), "released"
 
@@ -773,7 +784,9 @@ def test_a_renewal_whose_answer_was_lost_keeps_the_lease_its_own(s3_endpoint, bu
     monkeypatch.setattr(s3, "put_if", answer_lost)
     folder = s3.S3Uri.parse(f"s3://{bucket}/runs/answer-lost")
     with lease.held(folder, ".lease", "the phase") as held:
-        time.sleep(2.5)  # the lost answer, then another renewal
+        deadline = time.monotonic() + 30  # the lost answer, then another renewal (later on a loaded machine)
+        while len(writes) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert len(writes) >= 3
         held.require()
     assert not _keys("runs/answer-lost/.lease", bucket), "released at the end"
@@ -790,15 +803,23 @@ def test_a_commit_whose_lease_another_took_over_during_its_upload_writes_no_mark
 
     monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
     run = RunDir(tmp_path / "mirror", s3.S3Uri.parse(f"s3://{bucket}/runs/taken"))
-    uploaded, taken = s3.upload_file, threading.Event()
+    uploaded, taken, refused, read = s3.upload_file, threading.Event(), threading.Event(), s3.read_with_etag
+
+    def read_back(uri, **bounds):  # the renewer, its conditional renewal refused, reads whose the lease is
+        found = read(uri, **bounds)
+        if taken.is_set():
+            refused.set()
+        return found
 
     def taken_over_meanwhile(path, uri):
         if not taken.is_set():
-            taken.set()
             boto3.client("s3").put_object(Bucket=bucket, Key="runs/taken/.corpus.lease", Body=b'{"token": "x"}')
-            time.sleep(2.0)  # the holder's next renewal finds it another's
+            taken.set()
+            assert refused.wait(30), "the holder's next renewal finds it another's"
+            time.sleep(0.2)  # and marks it lost, with no request between
         uploaded(path, uri)
 
+    monkeypatch.setattr(s3, "read_with_etag", read_back)
     monkeypatch.setattr(s3, "upload_file", taken_over_meanwhile)
     with pytest.raises(SourceUnavailableError, match="lost its lease"):
         with run.committed(run.corpus) as out:
