@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -29,13 +31,9 @@ def _commit_corpus(run: RunDir, text: str) -> None:
         write_json_atomic(out / "stats.json", {"other": True})
 
 
-def test_a_second_machine_committing_the_same_folder_is_refused_while_the_first_writes(
-    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    # Long enough that a loaded machine renews in time (each renewal request gets a third of it).
-    monkeypatch.setenv("KANTAI_LEASE_S", "6")
-    remote = S3Uri.parse(f"s3://{bucket}/run")
-    first, second = RunDir(tmp_path / "machine-a", remote), RunDir(tmp_path / "machine-b", remote)
+@contextlib.contextmanager
+def _first_writing(first: RunDir) -> Iterator[None]:
+    """While the block runs, ``first`` is inside its commit of the corpus (train.txt "A"), lease held."""
     writing, done = threading.Event(), threading.Event()
 
     def commit_first() -> None:
@@ -48,12 +46,22 @@ def test_a_second_machine_committing_the_same_folder_is_refused_while_the_first_
     thread.start()
     assert writing.wait(30)
     try:
-        with pytest.raises(SourceUnavailableError, match="being written by"):
-            with second.committed(second.corpus) as out:
-                (out / "train.txt").write_text("B\n", encoding="utf-8")
+        yield
     finally:
         done.set()
         thread.join()
+
+
+def test_a_second_machine_committing_the_same_folder_is_refused_while_the_first_writes(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # Long enough that a loaded machine renews in time (each renewal request gets a third of it).
+    monkeypatch.setenv("KANTAI_LEASE_S", "6")
+    remote = S3Uri.parse(f"s3://{bucket}/run")
+    first, second = RunDir(tmp_path / "machine-a", remote), RunDir(tmp_path / "machine-b", remote)
+    with _first_writing(first), pytest.raises(SourceUnavailableError, match="being written by"):
+        with second.committed(second.corpus) as out:
+            (out / "train.txt").write_text("B\n", encoding="utf-8")
     committed = json.loads(boto3.client("s3").get_object(Bucket=bucket, Key=f"run/corpus/{MARKER}")["Body"].read())
     body = boto3.client("s3").get_object(Bucket=bucket, Key="run/corpus/train.txt")["Body"].read()
     assert set(committed["files"]) == {"train.txt"} and body == b"A\n"
@@ -106,26 +114,12 @@ def test_the_same_phase_started_twice_on_one_machine_is_refused_at_once(
     monkeypatch.setenv("KANTAI_LEASE_S", "6")
     remote = S3Uri.parse(f"s3://{bucket}/run")
     first, second = RunDir(tmp_path / "mirror", remote), RunDir(tmp_path / "mirror", remote)
-    writing, done = threading.Event(), threading.Event()
-
-    def commit_first() -> None:
-        with first.committed(first.corpus) as out:
-            (out / "train.txt").write_text("A\n", encoding="utf-8")
-            writing.set()
-            done.wait(30)
-
-    thread = threading.Thread(target=commit_first)
-    thread.start()
-    assert writing.wait(30)
-    began = time.monotonic()
-    try:
+    with _first_writing(first):
+        began = time.monotonic()
         with pytest.raises(SourceUnavailableError, match="is being written by process"):
             with second.committed(second.corpus):
                 pass
-    finally:
-        done.set()
-        thread.join()
-    assert time.monotonic() - began < 3, "waited for the lease's term"
+        assert time.monotonic() - began < 3, "waited for the lease's term"
 
 
 def test_a_model_lease_left_with_a_term_longer_than_the_launch_waits_is_refused_at_once(bucket: str, tmp_path: Path):
