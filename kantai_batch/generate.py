@@ -70,7 +70,8 @@ class Generator:
 
         use_template = bool(as_message and self.answers)
         ids, rendered = self._prompt_ids(prompt, use_template)
-        config = self._generation_config(sampling, len(ids), self._stops(use_template))
+        stops = self._stops(use_template)
+        config = self._generation_config(sampling, len(ids), stops)
         if sampling.seed is not None:
             set_seed(sampling.seed)
         inputs = torch.tensor([ids], device=self.model.device)
@@ -81,7 +82,7 @@ class Generator:
                 position_ids=position_ids(self.model.config, len(ids)).to(self.model.device),
                 generation_config=config,
             )
-        return self._generation(prompt, rendered, output[:, len(ids) :].tolist(), use_template)
+        return self._generation(prompt, rendered, output[:, len(ids) :].tolist(), use_template, set(stops))
 
     def _prompt_ids(self, prompt: str, use_template: bool) -> tuple[list[int], str]:
         """The prompt's token ids (as the chat template renders it, with ``use_template``) and its text."""
@@ -156,13 +157,14 @@ class Generator:
             ),
         )
 
-    def _generation(self, prompt: str, rendered: str, rows: list[list[int]], use_template: bool) -> Generation:
+    def _generation(
+        self, prompt: str, rendered: str, rows: list[list[int]], use_template: bool, stops: set[int]
+    ) -> Generation:
         """The generated ``rows`` (new tokens only) as texts and continuations."""
         tok = self.tokenizer
         # A prompt continued as given may run into a reply: the separator stays visible between the two.
         extra = [] if use_template else getattr(tok, "extra_special_tokens", None) or []
         shown = set(tok.convert_tokens_to_ids(extra))
-        stops = set(self._stops(use_template))
         texts, continuations, counts = [], [], []
         for row in rows:
             # Up to the first stop: dropped as special tokens, a <s> or separator inside glued words together.
