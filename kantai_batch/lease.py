@@ -13,7 +13,8 @@ killed outright changes no more and is taken over after one term, so the retried
 of failing. Clocks are never compared. A holder that finds its lease gone to another, or cannot renew
 it for most of a term, marks it lost: ``Lease.require`` then stops the work before it writes again. A
 holder that merely could not reach the store keeps renewing, conditionally on its own last write: once
-one gets through, nobody took the lease over meanwhile, and it is the holder's again.
+one gets through, nobody took the lease over meanwhile, and it is the holder's again. ``require`` tries
+such a renewal itself before refusing, so a store back just before a commit does not fail the phase.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ class Lease:
         self.token = secrets.token_hex(8)
         self.holder = f"process {os.getpid()} on {socket.gethostname()}"
         self.lost = threading.Event()
+        # Another process's write found where ours was: lost for good, unlike a lease the clock marked lost.
+        self._taken = threading.Event()
+        # One renewal at a time: the renewer's, or one a writer tries itself (``require``) at most once a slot.
+        self._renewing = threading.Lock()
+        self._tried_at = -math.inf
         self._etag: str | None = None
         # When the write behind ``_etag`` was sent (the store took it after that): a waiting writer takes
         # the lease over a whole term after it, so this process must not count on it past most of a term.
@@ -85,6 +91,9 @@ class Lease:
             # The renewer may be stuck in a request that has not failed yet: the clock decides, not it.
             log.error("lease: %s unrenewed for most of its term; another machine may take it over", self.uri)
             self.lost.set()
+        if self.lost.is_set() and not self._taken.is_set():
+            # A store back just before a commit would otherwise fail the phase until the renewer's next tick.
+            self._renew_now()
         if self.lost.is_set():
             raise SourceUnavailableError(
                 f"{self.what}: this process lost its lease {self.uri} (renewals failed, or another machine holds "
@@ -145,31 +154,9 @@ class Lease:
         slot = self.term / _RENEWALS
         while not self._stop.wait(slot):
             try:
-                # Each request gives up within its slot: one stalled in its 60 s timeouts would outlast the term.
-                sent = time.monotonic()
-                etag = s3.put_if(self.uri, self._body(), match=self._etag, within_s=slot)
-                if etag is None:
-                    # A renewal the store took whose answer was lost (the connection dropped as it came back):
-                    # the client's retry then finds the ETag changed, by our own write. Still ours.
-                    etag = self._own_write(slot)
-                # Not our last write any more: deleted, or another's. Once marked lost, a missing lease may
-                # be one another writer took over and released meanwhile: not ours to create again.
-                if etag is None and not self._stop.is_set() and not self.lost.is_set():
-                    sent = time.monotonic()
-                    etag = s3.put_if(self.uri, self._body(), within_s=slot)  # deleted (by hand, a lifecycle rule)
-                if etag is not None:  # kept even when stopping: the release deletes only this write
-                    self._etag, self._renewed_at = etag, sent
-                    if self.lost.is_set():
-                        # Our own last write was still there: no other machine took the lease over while the
-                        # store was out of reach (taking it over replaces that write), so it is ours again.
-                        log.warning("lease: renewed %s again once the store answered; nobody took it", self.uri)
-                        self.lost.clear()
-                    continue
-                if self._stop.is_set():
-                    return
-                log.error("lease: %s is another process's now", self.uri)
-                self.lost.set()
-                return
+                with self._renewing:
+                    if not self._renew_once(slot):
+                        return
             except KantaiError as exc:  # the store out of reach for a moment: the next renewal may get through
                 log.warning("lease: could not renew %s: %s", self.uri, exc)
                 if self._overdue() and not self.lost.is_set():
@@ -177,6 +164,52 @@ class Lease:
                     self.lost.set()
                 # Renewals go on: a store back within the term finds our write unchanged and the lease ours
                 # (a phase's hours of work are not lost to a minute's outage); ``require`` refuses meanwhile.
+
+    def _renew_now(self) -> None:
+        """One renewal by a writer that found the lease lost by the clock; the writing threads of an upload
+        share it (one try a slot), so a store still away costs them one bounded request, not one each."""
+        slot = self.term / _RENEWALS
+        # Not while the renewer's own request is in flight: that one may hang for its slot, and its outcome is
+        # what this one would learn.
+        if not self._renewing.acquire(blocking=False):
+            return
+        try:
+            if not self.lost.is_set() or self._taken.is_set() or time.monotonic() - self._tried_at < slot:
+                return
+            self._tried_at = time.monotonic()
+            self._renew_once(slot)
+        except KantaiError as exc:
+            log.warning("lease: could not renew %s: %s", self.uri, exc)
+        finally:
+            self._renewing.release()
+
+    def _renew_once(self, slot: float) -> bool:
+        """Renew the lease where it is still this process's last write; False once it is another's."""
+        # Each request gives up within its slot: one stalled in its 60 s timeouts would outlast the term.
+        sent = time.monotonic()
+        etag = s3.put_if(self.uri, self._body(), match=self._etag, within_s=slot)
+        if etag is None:
+            # A renewal the store took whose answer was lost (the connection dropped as it came back): the
+            # client's retry then finds the ETag changed, by our own write. Still ours.
+            etag = self._own_write(slot)
+        # Not our last write any more: deleted, or another's. Once marked lost, a missing lease may be one
+        # another writer took over and released meanwhile: not ours to create again.
+        if etag is None and not self._stop.is_set() and not self.lost.is_set():
+            sent = time.monotonic()
+            etag = s3.put_if(self.uri, self._body(), within_s=slot)  # deleted (by hand, a lifecycle rule)
+        if etag is not None:  # kept even when stopping: the release deletes only this write
+            self._etag, self._renewed_at = etag, sent
+            if self.lost.is_set():
+                # Our own last write was still there: no other machine took the lease over while the store
+                # was out of reach (taking it over replaces that write), so it is ours again.
+                log.warning("lease: renewed %s again once the store answered; nobody took it", self.uri)
+                self.lost.clear()
+            return True
+        if not self._stop.is_set():
+            log.error("lease: %s is another process's now", self.uri)
+            self._taken.set()
+            self.lost.set()
+        return False
 
     def _own_write(self, within_s: float) -> str | None:
         """The ETag of the lease object where it is this process's own write (its token), else None."""

@@ -638,6 +638,27 @@ def test_a_lease_unrenewed_while_the_store_was_away_is_the_holders_again_unless_
     assert json.loads(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())["token"] == "x"
 
 
+def test_a_writer_whose_lease_the_clock_marked_lost_renews_it_itself_once_the_store_is_back(
+    s3_endpoint, bucket: str, monkeypatch
+):
+    """A store back between two thirds of a term and the renewer's next tick, just before a commit, failed
+    the phase with exit 4 although nobody else had written the lease (found by an outage fuzz)."""
+    from kantai_batch import lease
+
+    monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
+    store = _Store(monkeypatch)
+    folder = s3.S3Uri.parse(f"s3://{bucket}/runs/back")
+    with lease.held(folder, ".lease", "the phase") as held:
+        store.down.set()
+        assert held.lost.wait(10), "the renewer marks the lease lost once it is overdue"
+        store.down.clear()  # back, a slot before the renewer tries again
+        written = store.written
+        held.require()
+        assert store.written == written + 1, "the writer renewed it itself"
+        assert not held.lost.is_set()
+    assert not _keys("runs/back/.lease", bucket), "released"
+
+
 def test_a_commit_survives_the_store_away_for_a_while_during_its_work(s3_endpoint, bucket: str, tmp_path, monkeypatch):
     from kantai_batch.rundir import RunDir
 
