@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import invoke
+from helpers import ROOT, invoke
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,8 @@ def page_url(support_run: Path) -> Iterator[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, "KANTAI_LOG_LEVEL": "error"},
+        # This checkout's code, not the copy the environment has installed.
+        env={**os.environ, "KANTAI_LOG_LEVEL": "error", "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     try:
         line = server.stdout.readline()
@@ -186,7 +187,11 @@ def test_sigterm_stops_the_page_cleanly_with_exit_0(pid1_handler: bool):
     # As the image's PID 1, cli installs a SIGTERM handler exiting 143; serve_page must take over from it.
     prelude = "import signal, sys; signal.signal(signal.SIGTERM, lambda s, f: sys.exit(143))\n" if pid1_handler else ""
     server = subprocess.Popen(
-        [sys.executable, "-c", prelude + _SERVE_STUB], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", prelude + _SERVE_STUB],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's code, not an installed copy
     )
     try:
         assert "serving stub on http://127.0.0.1:" in server.stdout.readline()

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, RobertaForCausalLM
 
+from helpers import ROOT, invoke
 from helpers import SUPPORT_JOB as JOB
-from helpers import invoke
 from kantai_batch.manifest import MARKER
 
 pytestmark = pytest.mark.slow
@@ -122,7 +122,8 @@ def test_line_by_line_clm_batches_never_target_padding(support_run: Path):
 
 
 def _chat_env() -> dict[str, str]:
-    return {**os.environ, "KANTAI_LOG_LEVEL": "error", "PYTHONUNBUFFERED": "1"}
+    # This checkout's code, not the copy the environment has installed.
+    return {**os.environ, "KANTAI_LOG_LEVEL": "error", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
 
 
 def test_chat_answers_each_line_of_stdin(support_run: Path):

@@ -136,3 +136,113 @@ def test_a_model_lease_left_with_a_term_longer_than_the_launch_waits_is_refused_
             pass
     assert time.monotonic() - began < 60, "not waited out"
     assert not s3.exists(S3Uri.parse(f"s3://{bucket}/run/model/{MARKER}"))
+
+
+def test_a_folder_this_process_committed_after_reading_it_is_recorded_as_committed(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """What a writer records as read (its fingerprint, lineage, tokens.json) stood for the folder's earlier
+    commit after the same process had replaced it: a later phase of that process named the old corpus."""
+    monkeypatch.setenv("KANTAI_LEASE_S", "6")
+    run = RunDir(tmp_path / "mirror", S3Uri.parse(f"s3://{bucket}/run"))
+    _commit_corpus(run, "first\n")
+    run.require(run.corpus, "corpus", "prepare")
+    _commit_corpus(run, "second\n")
+    assert run.marker_as_read(run.corpus) == run.marker(run.corpus), "the commit it made, not the one it read"
+
+
+def test_pretrain_refuses_a_model_lease_its_other_ranks_could_not_wait_out(
+    bucket: str, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Pretrain's model commit waited out a stale lease's whole term (the lease's own, not bounded by
+    train.collective_timeout_s) while the launch's other ranks sat at their barrier and timed out."""
+    from helpers import prepared_run
+
+    run_dir = f"s3://{bucket}/run"
+    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "machine"))
+    prepared_run(run_dir, corpus_file)  # type: ignore[arg-type]
+    monkeypatch.setenv("KANTAI_LEASE_S", "2")
+    record = {"holder": "process 1 on gone", "token": "old", "term_s": 40}
+    boto3.client("s3").put_object(Bucket=bucket, Key="run/.model.lease", Body=json.dumps(record).encode())
+    settings = tiny("train.max_steps=2", "train.collective_timeout_s=60")
+    result = invoke("pretrain", "--run-dir", run_dir, "--no-tracking", *settings, expect=4)
+    assert "leased by process 1 on gone for 40 s" in result.stderr and "(60 s)" in result.stderr
+    assert not s3.exists(S3Uri.parse(f"{run_dir}/model/{MARKER}"))
+
+
+def test_a_folder_committed_again_just_before_its_download_is_recorded_as_downloaded(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The manifest listed before the download was recorded as the one read: where another machine
+    re-committed the folder in between, the files read were the newer ones and the writer's fingerprint
+    named the older."""
+    from kantai_batch import manifest
+
+    monkeypatch.setenv("KANTAI_LEASE_S", "6")
+    remote = S3Uri.parse(f"s3://{bucket}/run")
+    other, run = RunDir(tmp_path / "machine-b", remote), RunDir(tmp_path / "machine-a", remote)
+    _commit_corpus(other, "first\n")
+    download = manifest.download
+
+    def committed_again_first(prefix, dest):
+        _commit_corpus(other, "second\n")
+        return download(prefix, dest)
+
+    monkeypatch.setattr(manifest, "download", committed_again_first)
+    local = run.require(run.corpus, "corpus", "prepare")
+    assert (local / "train.txt").read_text(encoding="utf-8") == "second\n"
+    assert run.marker_as_read(run.corpus) == manifest.read_marker(local), "recorded as downloaded"
+
+
+def test_a_tokenizer_records_the_corpus_it_was_trained_on_not_one_committed_meanwhile(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Another machine re-commits the corpus after train-tokenizer mirrored it: the tokenizer's marker must
+    name the corpus it was trained on, so that `run` trains it again on the new one."""
+    source = tmp_path / "c1.txt"
+    source.write_text(kantian_text(300, seed=1), encoding="utf-8")
+    run_dir = f"s3://{bucket}/run"
+    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "machine-a"))
+    invoke("prepare", "--run-dir", run_dir, "--corpus", str(source), *tiny())
+
+    import kantai_batch.continued as continued
+
+    real_init = continued.init_model_dir
+
+    def corpus_replaced_then(job):  # after train-tokenizer mirrored the corpus
+        _commit_corpus(RunDir(tmp_path / "machine-b", S3Uri.parse(run_dir)), kantian_text(300, seed=2))
+        return real_init(job)
+
+    monkeypatch.setattr(continued, "init_model_dir", corpus_replaced_then)
+    invoke("train-tokenizer", "--run-dir", run_dir, *tiny())
+    monkeypatch.undo()
+
+    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "machine-c"))
+    fresh = RunDir.from_uri(run_dir)
+    recorded = fresh.marker(fresh.tokenizer)["inputs_sha256"]
+    now = fingerprint_of(load_job(None, tiny_sets()), "train-tokenizer", fresh)
+    assert recorded != now, "run would keep a tokenizer trained on the old corpus"
+
+
+def test_checkpoints_record_the_tokens_they_were_trained_on_not_ones_committed_meanwhile(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Another machine re-commits tokens/ while this pretrain trains on its mirrored copy: the lineage its
+    checkpoints carry must name the samples trained on, or a later training on the new tokens resumes them."""
+    from kantai_batch.fingerprint import checkpoint_lineage
+
+    monkeypatch.setenv("KANTAI_LEASE_S", "6")
+    remote = S3Uri.parse(f"s3://{bucket}/run")
+    other, run = RunDir(tmp_path / "machine-b", remote), RunDir(tmp_path / "machine-a", remote)
+
+    def commit_tokens(text: str) -> None:
+        with other.committed(other.tokens) as out:
+            (out / "tokens.json").write_text(text, encoding="utf-8")
+
+    commit_tokens("first\n")
+    run.require(run.tokens, "tokens", "tokenize")
+    job = load_job(None, tiny_sets())
+    trained_on = checkpoint_lineage(job, run)
+    commit_tokens("second\n")
+    assert checkpoint_lineage(job, run) == trained_on, "the tokens read, not the store's now"
+    assert checkpoint_lineage(job, RunDir(tmp_path / "machine-c", remote)) != trained_on

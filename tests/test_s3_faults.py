@@ -846,3 +846,206 @@ def test_a_commit_whose_lease_another_took_over_during_its_upload_writes_no_mark
         with run.committed(run.corpus) as out:
             (out / "train.txt").write_text("mine\n", encoding="utf-8")
     assert run.marker(run.corpus) is None, "no marker written over another's commit"
+
+
+def _leases_held(monkeypatch) -> list:
+    """The leases this process acquires from now on, in order (to wait on what their holders learn)."""
+    from kantai_batch import lease
+
+    held, acquire = [], lease.Lease.acquire
+
+    def recorded(self) -> None:
+        acquire(self)
+        held.append(self)
+
+    monkeypatch.setattr(lease.Lease, "acquire", recorded)
+    return held
+
+
+def _take_over(bucket: str, key: str, held) -> None:
+    """Another machine writes the lease; return once its holder has marked it lost (its next renewal)."""
+    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=b'{"holder": "another", "token": "x"}')
+    assert held.lost.wait(30), "the holder's next renewal finds it another's"
+
+
+def test_a_lease_lost_while_the_store_was_away_is_not_created_again_after_another_machine_let_it_go(
+    s3_endpoint, bucket: str, monkeypatch
+):
+    """A holder cut off from the store for a term, whose lease another machine took over, used and released
+    meanwhile, found it missing once back and created it afresh as if it had been deleted by hand: it then
+    went on to write over the folder the other machine had committed."""
+    from kantai_batch import lease
+    from kantai_batch.errors import SourceUnavailableError
+
+    monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
+    store = _Store(monkeypatch)
+    folder, key = s3.S3Uri.parse(f"s3://{bucket}/runs/let-go"), "runs/let-go/.lease"
+    with lease.held(folder, ".lease", "the phase") as held:
+        store.down.set()
+        assert held.lost.wait(10), "the renewer marks the lease lost once it is overdue"
+        # Meanwhile another machine took it over, committed, and released it.
+        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=b'{"holder": "another", "token": "x"}')
+        boto3.client("s3").delete_object(Bucket=bucket, Key=key)
+        store.down.clear()
+        # The renewer's first renewal with the store back decides: the lease found another's (gone), or
+        # created again and the holder's (the failure this guards against).
+        deadline = time.monotonic() + 30
+        while not held._taken.is_set() and held.lost.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(SourceUnavailableError, match="lost its lease"):
+            held.require()
+    assert not _keys(key, bucket), "not created again"
+
+
+def test_an_upload_writes_no_further_file_once_its_lease_is_another_machines(
+    s3_endpoint, bucket: str, tmp_path: Path, monkeypatch
+):
+    """The lease was checked only before the upload and its marker: files uploaded after another machine
+    took the lease over were written over that machine's folder, one by one."""
+    from kantai_batch import manifest
+    from kantai_batch.errors import SourceUnavailableError
+    from kantai_batch.rundir import RunDir
+
+    monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
+    monkeypatch.setattr(manifest, "_TRANSFER_THREADS", 1)  # one file at a time: which came after is known
+    held = _leases_held(monkeypatch)
+    run = RunDir(tmp_path / "mirror", s3.S3Uri.parse(f"s3://{bucket}/runs/per-file"))
+    uploaded, sent = s3.upload_file, []
+
+    def taken_over_after_the_first(path, uri):
+        uploaded(path, uri)
+        sent.append(uri.key)
+        if len(sent) == 1:
+            _take_over(bucket, "runs/per-file/.corpus.lease", held[0])
+
+    monkeypatch.setattr(s3, "upload_file", taken_over_after_the_first)
+    with pytest.raises(SourceUnavailableError, match="lost its lease"):
+        with run.committed(run.corpus) as out:
+            for name in ("a.txt", "b.txt", "c.txt"):
+                (out / name).write_text(f"{name}\n", encoding="utf-8")
+    assert len(sent) == 1, f"written after the lease was another's: {sent[1:]}"
+
+
+def test_a_commit_whose_lease_is_taken_before_it_clears_old_keys_deletes_none_of_the_new_holders(
+    s3_endpoint, bucket: str, tmp_path: Path, monkeypatch
+):
+    """Over a folder with no marker the upload first deletes the keys it does not write: listed just as
+    another machine took the lease over and began its own upload there, they were that machine's files."""
+    from kantai_batch.errors import SourceUnavailableError
+    from kantai_batch.rundir import RunDir
+
+    monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
+    held = _leases_held(monkeypatch)
+    run = RunDir(tmp_path / "mirror", s3.S3Uri.parse(f"s3://{bucket}/runs/clear"))
+    listed = s3.list_keys
+
+    def taken_over_while_listing(prefix):
+        if prefix.key == "runs/clear/corpus" and not held[0].lost.is_set():
+            _take_over(bucket, "runs/clear/.corpus.lease", held[0])
+            boto3.client("s3").put_object(Bucket=bucket, Key="runs/clear/corpus/theirs.txt", Body=b"theirs\n")
+        return listed(prefix)
+
+    monkeypatch.setattr(s3, "list_keys", taken_over_while_listing)
+    with pytest.raises(SourceUnavailableError, match="lost its lease"):
+        with run.committed(run.corpus) as out:
+            (out / "train.txt").write_text("mine\n", encoding="utf-8")
+    assert _keys("runs/clear/corpus/", bucket) == {"theirs.txt"}, "nothing of theirs deleted"
+
+
+@pytest.mark.parametrize("taken_during", ["upload_file", "delete_keys"])
+def test_a_recommit_whose_lease_is_taken_midway_writes_nothing_over_the_committed_folder(
+    s3_endpoint, bucket: str, tmp_path: Path, monkeypatch, taken_during: str
+):
+    """Over a committed folder the upload stages its files, points the marker at them, then copies them to
+    their usual keys. Taken over while staging, the writer pointed the marker at its staging folder anyway;
+    taken over after the switch, its copies went on over the keys the new holder commits."""
+    from kantai_batch.errors import SourceUnavailableError
+    from kantai_batch.rundir import RunDir
+
+    monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
+    run = RunDir(tmp_path / "mirror", s3.S3Uri.parse(f"s3://{bucket}/runs/recommit"))
+    with run.committed(run.corpus) as out:
+        (out / "train.txt").write_text("old\n", encoding="utf-8")
+    stored = lambda key: boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()  # noqa: E731
+    before = json.loads(stored(f"runs/recommit/corpus/{MARKER}"))
+
+    held = _leases_held(monkeypatch)
+    real, copied = getattr(s3, taken_during), []
+
+    def taken_over_meanwhile(*args, **kwargs):
+        if not held[0].lost.is_set():
+            _take_over(bucket, "runs/recommit/.corpus.lease", held[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(s3, taken_during, taken_over_meanwhile)
+    monkeypatch.setattr(s3, "copy", lambda source, dest: copied.append(dest.key))
+    with pytest.raises(SourceUnavailableError, match="lost its lease"):
+        with run.committed(run.corpus) as out:
+            (out / "train.txt").write_text("new\n", encoding="utf-8")
+    assert not copied, "copied over the keys after the lease was another's"
+    if taken_during == "upload_file":
+        assert json.loads(stored(f"runs/recommit/corpus/{MARKER}")) == before, "the marker switched anyway"
+
+
+def test_a_lease_release_gives_up_within_a_renewal_slot_when_the_store_stops_answering(
+    s3_endpoint, bucket: str, monkeypatch
+):
+    """The release read the lease with the default client (up to 10 attempts of 60 s and more): a store that
+    stopped answering as a phase ended held the finished phase for its whole outage."""
+    import socket
+
+    from kantai_batch import lease
+
+    held = lease.Lease(s3.S3Uri.parse(f"s3://{bucket}/runs/release"), ".lease", "the phase", 6.0)
+    held.acquire()
+    silent = socket.create_server(("127.0.0.1", 0))  # takes connections (the kernel's backlog), answers nothing
+    ended = threading.Event()
+
+    def release() -> None:
+        held.release()
+        ended.set()
+
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        s3.client.cache_clear()
+        threading.Thread(target=release, daemon=True).start()
+        # Its renewer's request and its own read each give up within a slot (2 s).
+        assert ended.wait(20), "the release still waits for the store"
+    finally:
+        silent.close()
+        monkeypatch.undo()
+        s3.client.cache_clear()
+
+
+def test_a_checkpoint_upload_that_outlasted_its_lease_prunes_nothing(
+    s3_endpoint, bucket: str, tmp_path: Path, monkeypatch
+):
+    """The lease was checked before the upload only: a checkpoint whose upload outlasted the lease went on
+    to prune the store's older checkpoints, which the machine holding the lease now resumes from."""
+    from kantai_batch.checkpoints import CheckpointMarkerCallback
+    from kantai_batch.errors import SourceUnavailableError
+    from kantai_batch.rundir import RunDir
+
+    run = RunDir(tmp_path / "mirror", s3.S3Uri.parse(f"s3://{bucket}/runs/prune"))
+    for step in (10, 20, 30):
+        saved = run.checkpoint(step)
+        saved.mkdir(parents=True)
+        (saved / "model.safetensors").write_bytes(b"weights")
+        checkpoint = run.seal_checkpoint(step, processes=1)
+        if step < 30:
+            run.publish(checkpoint)
+    lost, published = threading.Event(), RunDir.publish
+
+    def still_ours() -> None:
+        if lost.is_set():
+            raise SourceUnavailableError("lost its lease")
+
+    def published_then_lost(self, folder, still_ours=None):
+        published(self, folder, still_ours)
+        lost.set()  # the upload took longer than the lease's term
+
+    monkeypatch.setattr(RunDir, "publish", published_then_lost)
+    with pytest.raises(SourceUnavailableError, match="lost its lease"):
+        CheckpointMarkerCallback(run, keep=1, still_ours=still_ours)._publish(checkpoint)
+    stored = {key.split("/")[0] for key in _keys("runs/prune/checkpoints/", bucket)}
+    assert stored == {"checkpoint-10", "checkpoint-20", "checkpoint-30"}, "none pruned"
