@@ -93,7 +93,7 @@ WAIT_JOB = misses=0; for _ in $$(seq 1 100000); do \
 	  case "$$state" in *Failed*) echo "job $(1) failed: make logs RUN_ID=$(RUN_ID)" >&2; exit 1;; \
 	  *Complete*) echo "job $(1) complete"; break;; esac; sleep 30; done
 
-.PHONY: help install browser container-tools demo bench test test-fast lint clean image image-cpu cpu-base push \
+.PHONY: help install browser container-tools demo bench test test-fast test-floors lint clean image image-cpu cpu-base push \
 	local-pretrain render submit-prepare \
 	submit-tokenizer submit-tokenize submit-pretrain submit-evaluate submit-register submit-pipeline schedule status logs \
 	gpu-wheels gpu-check gpu-check-dry-run
@@ -104,6 +104,7 @@ help:
 	@echo "make bench     the job's training throughput vs the recipe [CORPUS=... BENCH_ARGS=...]"
 	@echo "make test      run the test suite (installs Chromium for the chat page test when root)"
 	@echo "make test-fast the tests not marked slow: no training, torchrun, images, S3/MLflow servers or browser"
+	@echo "make test-floors the tests marked floors, in $(FLOORS_VENV) with every dependency at pyproject.toml's lower bound"
 	@echo "make gpu-wheels  the wheels a bare GPU machine lacks, for CPython 3.12 manylinux x86_64, in .whl/"
 	@echo "make gpu-check   on a GPU machine: gpu tests, bf16 throughput and MFU (block 128/512, compile, ZeRO-2) and a profile of the compiled step"
 	@echo "make lint      ruff check and format check"
@@ -159,6 +160,14 @@ test: install browser container-tools
 # neither Chromium nor the container tools.
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The lower bounds pyproject.toml declares, tested (CI's `make test` takes the newest releases):
+# tools/floors.py pins every dependency (and the deepspeed extra's) to its floor, torch to constraints.txt's
+# CPU wheel, installs the project into $(FLOORS_VENV) with them (again only when pyproject.toml changed)
+# and runs the tests marked `floors` there; it fails on a floor pip cannot install beside the others.
+FLOORS_VENV ?= .venv-floors
+test-floors: install
+	$(BIN)/python tools/floors.py --python $(PYTHON) --venv $(FLOORS_VENV) $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
 
 lint: install
 	$(BIN)/ruff check kantai_batch tests

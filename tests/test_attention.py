@@ -36,6 +36,7 @@ def test_an_unknown_attention_is_a_config_error():
         load_job(None, [*TINY, "train.attention=flash"])
 
 
+@pytest.mark.floors
 @pytest.mark.parametrize("job_file", [None, SUPPORT_JOB], ids=["masked LM", "causal LM"])
 @pytest.mark.parametrize("padded", [False, True], ids=["full blocks", "padded lines"])
 def test_eager_and_sdpa_give_the_same_loss_and_gradients(job_file: str | None, padded: bool):

@@ -94,6 +94,7 @@ def mixed_folder(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return folder, texts
 
 
+@pytest.mark.floors
 def test_a_folder_of_mixed_encodings_decodes_every_file_right(tmp_path: Path, mixed_folder):
     folder, texts = mixed_folder
     _prepare(tmp_path / "run", folder)
@@ -150,6 +151,7 @@ def test_a_folder_with_nothing_to_read_is_an_error_naming_it(tmp_path: Path):
     assert not (tmp_path / "run" / "corpus").exists()
 
 
+@pytest.mark.floors
 @pytest.mark.parametrize("ending", [".gz", ".bz2", ".xz", ".zst"])
 def test_compressed_files_are_streamed(tmp_path: Path, ending: str):
     text = kantian_text(200).replace("\n", "\r\n").encode("cp1252")
@@ -374,6 +376,7 @@ def test_a_file_named_twice_in_a_list_is_read_once(tmp_path: Path, mixed_folder)
     assert names == ["e-cp1252.txt", "a-utf8.txt", "b-utf8-bom.txt", "d-latin1.txt", "c-utf16.txt"]
 
 
+@pytest.mark.floors
 def test_a_zst_file_of_repetitive_text_is_read_in_bounded_memory(tmp_path: Path):
     """zstandard hands back all that the compressed bytes it is given hold: a megabyte of them was the whole
     of 100 MB of repeated lines at once."""

@@ -115,6 +115,7 @@ def test_grouped_blocks_frame_every_paragraph(prepared: Path):
 LITERALS = "The tag <s> strikes text out; BERT fills a <mask>, skips <pad> and stops at </s> here."
 
 
+@pytest.mark.floors
 @pytest.mark.parametrize("mode", ["packed", "grouped", "line_by_line"])
 def test_special_token_strings_in_the_text_are_text(prepared: Path, mode: str):
     job = load_job(None, [*TINY, f"data.mode={mode}"])

@@ -23,7 +23,8 @@ STEPS = ("train.per_device_batch_size=4", "train.save_steps=10", "train.logging_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-2 alone is among the `floors` tests (make test-floors): DeepSpeed and accelerate at their lower bounds.
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.floors), 3])
 def test_zero_trains_on_two_ranks_resumes_and_saves_a_whole_model(tmp_path: Path, corpus_file: Path, stage: int):
     run_dir = prepared_run(tmp_path / "run", corpus_file)
     config = ROOT / "jobs" / "deepspeed" / f"zero{stage}.json"
@@ -92,6 +93,7 @@ def test_deepspeed_across_nodes_with_s3_checkpoints_is_refused(tmp_path: Path):
     require_shared_checkpoints(job, RunDir(tmp_path), nodes=2)
 
 
+@pytest.mark.floors
 def test_the_deepspeed_gradient_norm_is_not_read_back_every_step(monkeypatch: pytest.MonkeyPatch):
     # The Trainer turns DeepSpeed's norm into a float every step, which waits for the step on a GPU;
     # the log line reads it instead. Other norms go the Trainer's way.

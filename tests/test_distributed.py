@@ -35,6 +35,7 @@ def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "model" / "train_summary.json").read_text())
 
 
+@pytest.mark.floors
 def test_two_ranks_run_every_phase_once(tmp_path: Path, corpus_file: Path):
     run_dir = tmp_path / "run"
     done = torchrun(

@@ -25,6 +25,7 @@ def _generate_json(model: Path, *args: str) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.floors
 def test_run_trains_a_causal_lm_with_its_own_tokenizer(support_run: Path):
     for phase in ("corpus", "tokenizer", "model", "eval"):
         assert (support_run / phase / MARKER).is_file(), phase
@@ -57,6 +58,7 @@ def test_the_model_learned_to_answer(support_run: Path):
     assert any(word in answer.split() for word in ("sorry", "thanks", "we", "apologise")), reply
 
 
+@pytest.mark.floors
 def test_generate_continues_the_prompt_and_respects_max_new_tokens(support_run: Path):
     prompt = "My ORDER was cancelled!!"
     raw = _generate_json(support_run / "model", "--raw", "--max-new-tokens", "5", "--temperature", "0", prompt)
@@ -66,6 +68,7 @@ def test_generate_continues_the_prompt_and_respects_max_new_tokens(support_run: 
     assert answered["text"].startswith(f"{prompt} <reply> ") and answered["new_tokens"] <= 7
 
 
+@pytest.mark.floors
 def test_generate_is_reproducible_with_a_seed_and_varies_without(support_run: Path):
     model = support_run / "model"
     sampled = ("--temperature", "1.5", "--top-k", "0", "--top-p", "1", "--max-new-tokens", "12")
@@ -229,6 +232,7 @@ def _read(generator, module, prompt: str, sampling=None, **options) -> list[list
     return seen
 
 
+@pytest.mark.floors
 def test_greedy_generation_reads_the_positions_training_read(support_run: Path):
     import torch
 

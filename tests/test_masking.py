@@ -219,6 +219,7 @@ def test_steady_throughput_leaves_out_compilations(monkeypatch: pytest.MonkeyPat
     assert summary["steady_tokens_per_second"] == pytest.approx(100.0)
 
 
+@pytest.mark.floors
 @pytest.mark.slow
 def test_a_resumed_run_trains_on_exactly_the_uninterrupted_batches(
     tmp_path: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch

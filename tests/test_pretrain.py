@@ -28,12 +28,14 @@ def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "model" / "train_summary.json").read_text())
 
 
+@pytest.mark.floors
 def test_run_commits_every_phase(trained_run: Path):
     for phase in ("corpus", "tokenizer", "model", "eval"):
         assert (trained_run / phase / MARKER).is_file(), phase
     assert not list(trained_run.glob(".*partial*")), "no scratch folders are left behind"
 
 
+@pytest.mark.floors
 def test_summary_reports_the_training(trained_run: Path):
     summary = _summary(trained_run)
     assert summary["global_step"] == 40
@@ -56,6 +58,7 @@ def test_the_attention_kernel_trains_but_is_not_saved_with_the_model(trained_run
     assert RobertaForMaskedLM.from_pretrained(trained_run / "model").config._attn_implementation == "sdpa"
 
 
+@pytest.mark.floors
 def test_model_loads_in_the_stock_fill_mask_pipeline(trained_run: Path):
     model_dir = trained_run / "model"
     assert (model_dir / "model.safetensors").is_file()
@@ -83,6 +86,7 @@ def test_checkpoints_are_marked_and_limited(trained_run: Path):
     assert all((trained_run / "checkpoints" / name / MARKER).is_file() for name in checkpoints)
 
 
+@pytest.mark.floors
 def test_mlflow_has_params_loss_curve_eval_metrics_and_model(trained_run: Path):
     run_id = _summary(trained_run)["mlflow_run_id"]
     client = mlflow.MlflowClient()
@@ -145,6 +149,7 @@ def test_rerun_skips_complete_phases(trained_run: Path, corpus_file: Path):
     assert after == before
 
 
+@pytest.mark.floors
 def test_evaluate_reproduces_the_training_eval_and_writes_metrics(trained_run: Path):
     result = invoke("evaluate", "--run-dir", str(trained_run), "--json", *tiny())
     metrics = json.loads(result.stdout)

@@ -22,6 +22,7 @@ def tracking_server(mlflow_server: str, monkeypatch: pytest.MonkeyPatch, tmp_pat
     return mlflow_server
 
 
+@pytest.mark.floors
 def test_register_pull_and_fill_mask_round_trip(
     tracking_server: str, trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -73,6 +74,7 @@ def test_register_pull_and_fill_mask_round_trip(
     assert json.loads(by_version) == original
 
 
+@pytest.mark.floors
 def test_a_causal_model_registers_and_generates(tracking_server: str, support_run: Path):
     prompt = "my order never arrived"
     local = json.loads(

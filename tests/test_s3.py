@@ -44,6 +44,7 @@ def _upload_corpus(bucket: str, corpus_file: Path) -> str:
     return f"s3://{bucket}/corpora/kantian.txt"
 
 
+@pytest.mark.floors
 def test_full_run_with_an_s3_run_dir(bucket: str, corpus_file: Path, tmp_path: Path, monkeypatch):
     corpus = _upload_corpus(bucket, corpus_file)
     run_dir = f"s3://{bucket}/runs/first"
@@ -185,6 +186,7 @@ def test_missing_bucket_and_key_are_one_line_errors(s3_endpoint: str, corpus_fil
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.floors
 def test_unreachable_endpoint_fails_after_bounded_retries(tmp_path: Path, monkeypatch, s3_endpoint: str):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
     s3.client.cache_clear()

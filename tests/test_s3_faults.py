@@ -475,6 +475,7 @@ def test_a_second_machine_training_one_s3_run_dir_is_refused_while_the_first_ren
     assert not _keys(f"runs/leased/{PRETRAIN_LEASE}", bucket)
 
 
+@pytest.mark.floors
 def test_a_lease_is_held_renewed_taken_back_or_lost_and_won_by_one_of_two_takers(s3_endpoint, bucket: str, monkeypatch):
     import threading
 

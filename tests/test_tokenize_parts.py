@@ -55,6 +55,7 @@ def _assert_same_tokens(made: Path, reference: Path) -> None:
     assert read_marker(made / "tokens")["files"] == read_marker(reference / "tokens")["files"]
 
 
+@pytest.mark.floors
 @pytest.mark.parametrize("count", [2, 4])
 def test_the_parts_commit_the_tokens_one_process_makes_once_all_are_in(prepared: Path, tmp_path: Path, count: int):
     run_dir = _copy_without_tokens(prepared, tmp_path / "run")

@@ -17,6 +17,7 @@ def tokenizer_run(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -
     return prepared_run(tmp_path_factory.mktemp("tok"), corpus_file)
 
 
+@pytest.mark.floors
 def test_writes_the_recipe_files_and_a_loadable_tokenizer(tokenizer_run: Path):
     folder = tokenizer_run / "tokenizer"
     for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "_COMPLETE"):
@@ -26,6 +27,7 @@ def test_writes_the_recipe_files_and_a_loadable_tokenizer(tokenizer_run: Path):
     assert 256 < len(vocab) <= 1000
 
 
+@pytest.mark.floors
 def test_auto_tokenizer_gets_roberta_post_processing(tokenizer_run: Path):
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_run / "tokenizer"))
     assert tokenizer.model_max_length == 512
@@ -35,6 +37,7 @@ def test_auto_tokenizer_gets_roberta_post_processing(tokenizer_run: Path):
     assert tokenizer.pad_token_id == 1 and tokenizer.mask_token_id == 4
 
 
+@pytest.mark.floors
 def test_mask_token_absorbs_the_space_before_it(tokenizer_run: Path):
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_run / "tokenizer"))
     tokens = lambda text: tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"])  # noqa: E731

@@ -31,6 +31,7 @@ def _tokenize(source: Path, target: Path, *args: str) -> Path:
     return target
 
 
+@pytest.mark.floors
 @pytest.mark.parametrize("mode", ["packed", "line_by_line"])
 def test_tokenize_writes_both_splits_as_the_start_up_tokenization_did(prepared: Path, tmp_path: Path, mode: str):
     run_dir = _tokenize(prepared, tmp_path / "run", *tiny(f"data.mode={mode}"))
@@ -52,6 +53,7 @@ def test_tokenize_writes_both_splits_as_the_start_up_tokenization_did(prepared: 
         assert stats["splits"]["train"]["tokens"] == 32 * stats["splits"]["train"]["samples"]
 
 
+@pytest.mark.floors
 def test_two_workers_make_the_same_samples_as_one(prepared: Path, tmp_path: Path):
     one = _tokenize(prepared, tmp_path / "one", *tiny(), "--workers", "1")
     two = _tokenize(prepared, tmp_path / "two", *tiny(), "--workers", "2")
