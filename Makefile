@@ -170,8 +170,8 @@ test-floors: install
 	$(BIN)/python tools/floors.py --python $(PYTHON) --venv $(FLOORS_VENV) $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
 
 lint: install
-	$(BIN)/ruff check kantai_batch tests
-	$(BIN)/ruff format --check kantai_batch tests
+	$(BIN)/ruff check kantai_batch tests tools
+	$(BIN)/ruff format --check kantai_batch tests tools
 
 clean:
 	rm -rf runs build .pytest_cache
