@@ -68,31 +68,37 @@ def test_a_second_machine_committing_the_same_folder_is_refused_while_the_first_
     assert not s3.exists(remote.child(".corpus.lease")), "released"
 
 
+def _corpus_replaced_during(phases: list[str], module, name: str, run_dir: str, tmp_path: Path, monkeypatch) -> None:
+    """Prepare, then run ``phases`` on machine a; as the last of them calls ``module.name``, machine b
+    commits another corpus. Later calls see machine c (a fresh mirror)."""
+    source = tmp_path / "c1.txt"
+    source.write_text(kantian_text(300, seed=1), encoding="utf-8")
+    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "machine-a"))
+    invoke("prepare", "--run-dir", run_dir, "--corpus", str(source), *tiny())
+    for phase in phases[:-1]:
+        invoke(phase, "--run-dir", run_dir, *tiny())
+    real = getattr(module, name)
+
+    def corpus_replaced_then(*args, **kwargs):
+        _commit_corpus(RunDir(tmp_path / "machine-b", S3Uri.parse(run_dir)), kantian_text(300, seed=2))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, corpus_replaced_then)
+    invoke(phases[-1], "--run-dir", run_dir, *tiny())
+    monkeypatch.undo()
+    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "machine-c"))
+
+
 def test_tokens_record_the_corpus_they_were_made_from_not_one_committed_meanwhile(
     bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """Another machine re-commits the corpus after this tokenize mirrored it: the tokens' marker and
     tokens.json must name the corpus tokenized, so that `run` redoes them and pretrain refuses them."""
-    source = tmp_path / "c1.txt"
-    source.write_text(kantian_text(300, seed=1), encoding="utf-8")
-    run_dir = f"s3://{bucket}/run"
-    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "machine-a"))
-    invoke("prepare", "--run-dir", run_dir, "--corpus", str(source), *tiny())
-    invoke("train-tokenizer", "--run-dir", run_dir, *tiny())
-
     import kantai_batch.tokens as tokens
 
-    real_load = tokens.load_tokenizer
-
-    def load_then_corpus_replaced(path):  # after tokenize mirrored corpus and tokenizer
-        _commit_corpus(RunDir(tmp_path / "machine-b", S3Uri.parse(run_dir)), kantian_text(300, seed=2))
-        return real_load(path)
-
-    monkeypatch.setattr(tokens, "load_tokenizer", load_then_corpus_replaced)
-    invoke("tokenize", "--run-dir", run_dir, *tiny())
-    monkeypatch.undo()
-
-    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "machine-c"))
+    run_dir = f"s3://{bucket}/run"
+    # After tokenize mirrored corpus and tokenizer.
+    _corpus_replaced_during(["train-tokenizer", "tokenize"], tokens, "load_tokenizer", run_dir, tmp_path, monkeypatch)
     fresh = RunDir.from_uri(run_dir)
     recorded = fresh.marker(fresh.tokens)["inputs_sha256"]
     assert recorded != fingerprint_of(load_job(None, tiny_sets()), "tokenize", fresh), "run would skip tokenize"
@@ -199,25 +205,11 @@ def test_a_tokenizer_records_the_corpus_it_was_trained_on_not_one_committed_mean
 ):
     """Another machine re-commits the corpus after train-tokenizer mirrored it: the tokenizer's marker must
     name the corpus it was trained on, so that `run` trains it again on the new one."""
-    source = tmp_path / "c1.txt"
-    source.write_text(kantian_text(300, seed=1), encoding="utf-8")
-    run_dir = f"s3://{bucket}/run"
-    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "machine-a"))
-    invoke("prepare", "--run-dir", run_dir, "--corpus", str(source), *tiny())
-
     import kantai_batch.continued as continued
 
-    real_init = continued.init_model_dir
-
-    def corpus_replaced_then(job):  # after train-tokenizer mirrored the corpus
-        _commit_corpus(RunDir(tmp_path / "machine-b", S3Uri.parse(run_dir)), kantian_text(300, seed=2))
-        return real_init(job)
-
-    monkeypatch.setattr(continued, "init_model_dir", corpus_replaced_then)
-    invoke("train-tokenizer", "--run-dir", run_dir, *tiny())
-    monkeypatch.undo()
-
-    monkeypatch.setenv("KANTAI_CACHE_DIR", str(tmp_path / "machine-c"))
+    run_dir = f"s3://{bucket}/run"
+    # After train-tokenizer mirrored the corpus.
+    _corpus_replaced_during(["train-tokenizer"], continued, "init_model_dir", run_dir, tmp_path, monkeypatch)
     fresh = RunDir.from_uri(run_dir)
     recorded = fresh.marker(fresh.tokenizer)["inputs_sha256"]
     now = fingerprint_of(load_job(None, tiny_sets()), "train-tokenizer", fresh)
