@@ -135,7 +135,8 @@ def _commit(
     inputs: str,
     count: int,
     workers: int | None,
-    claimed: dict[int, dict[str, Any]] | None = None,
+    *,
+    claimed: dict[int, dict[str, Any]],
 ) -> Path:
     """Commit ``RUN/tokens/`` from the complete parts (``claimed``: the set claimed, by index), then remove them."""
     from datasets import concatenate_datasets, load_from_disk
@@ -146,7 +147,7 @@ def _commit(
         # Only a part re-committed since it was listed (a rerun of its index) goes missing here; that
         # rerun completes a new set and commits it, so this is not the input error that fails the Job.
         raise SourceUnavailableError(f"tokenize: a part changed while tokens/ was committed from it: {exc}") from None
-    for index, folder in enumerate(folders if claimed is not None else ()):
+    for index, folder in enumerate(folders):
         # The folder at a part's path now may be another job's (part folders are named by index and count
         # alone): only the claimed set's samples may be committed under its fingerprint.
         if (run.marker_as_read(folder) or {}).get("files") != claimed[index].get("files"):

@@ -166,7 +166,8 @@ def test_a_part_that_changes_under_the_committer_is_a_retryable_error(prepared: 
     (run.tokens_part(1, 2) / "train").mkdir(parents=True)  # being rewritten: no marker yet
     job = load_job(None, list(TINY))
     with pytest.raises(SourceUnavailableError, match="a part changed while tokens/ was committed from it"):
-        tokenize_parts._commit(job, run, load_tokenizer(run.tokenizer), "inputs", 2, None)
+        claimed = {0: run.marker(run.tokens_part(0, 2)), 1: {}}
+        tokenize_parts._commit(job, run, load_tokenizer(run.tokenizer), "inputs", 2, None, claimed=claimed)
     assert not (run_dir / "tokens").exists()
 
 
