@@ -153,25 +153,30 @@ class Lease:
     def _renew_until_stopped(self) -> None:
         slot = self.term / _RENEWALS
         while not self._stop.wait(slot):
-            try:
-                with self._renewing:
+            # Held while judging a failure too: a writer's own renewal landing between the clock check and
+            # marking the lease lost would be undone.
+            with self._renewing:
+                try:
                     if not self._renew_once(slot):
                         return
-            except KantaiError as exc:  # the store out of reach for a moment: the next renewal may get through
-                log.warning("lease: could not renew %s: %s", self.uri, exc)
-                if self._overdue() and not self.lost.is_set():
-                    log.error("lease: %s unrenewed for most of its term; another machine may take it over", self.uri)
-                    self.lost.set()
-                # Renewals go on: a store back within the term finds our write unchanged and the lease ours
-                # (a phase's hours of work are not lost to a minute's outage); ``require`` refuses meanwhile.
+                except KantaiError as exc:  # the store out of reach for a moment: the next one may get through
+                    log.warning("lease: could not renew %s: %s", self.uri, exc)
+                    if self._overdue() and not self.lost.is_set():
+                        log.error(
+                            "lease: %s unrenewed for most of its term; another machine may take it over", self.uri
+                        )
+                        self.lost.set()
+                    # Renewals go on: a store back within the term finds our write unchanged and the lease ours
+                    # (a phase's hours of work are not lost to a minute's outage); ``require`` refuses meanwhile.
 
     def _renew_now(self) -> None:
         """One renewal by a writer that found the lease lost by the clock; the writing threads of an upload
         share it (one try a slot), so a store still away costs them one bounded request, not one each."""
         slot = self.term / _RENEWALS
-        # Not while the renewer's own request is in flight: that one may hang for its slot, and its outcome is
-        # what this one would learn.
-        if not self._renewing.acquire(blocking=False):
+        # A renewal in flight (the renewer's, or another writing thread's) is waited for, up to a slot: the
+        # store back during its retry, it finds the lease ours again, and refusing before it answers failed
+        # the phase. One that outlasts the slot is the store still away: refused, as before.
+        if not self._renewing.acquire(timeout=slot):
             return
         try:
             if not self.lost.is_set() or self._taken.is_set() or time.monotonic() - self._tried_at < slot:

@@ -660,6 +660,39 @@ def test_a_writer_whose_lease_the_clock_marked_lost_renews_it_itself_once_the_st
     assert not _keys("runs/back/.lease", bucket), "released"
 
 
+def test_a_writer_whose_lease_the_clock_marked_lost_waits_for_the_renewal_in_flight(
+    s3_endpoint, bucket: str, monkeypatch
+):
+    """The store back while the renewer's own request was in flight (its retry after a timeout or a refused
+    connection): the commit refused with exit 4 at once, and that request renewed the lease a moment later."""
+    from kantai_batch import lease
+
+    monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
+    store = _Store(monkeypatch)
+    stall, in_flight, answered = threading.Event(), threading.Event(), threading.Event()
+    flaky = s3.put_if
+
+    def slow(uri, body, **condition):
+        if stall.is_set() and threading.current_thread().name == "kantai-lease":
+            stall.clear()
+            in_flight.set()
+            answered.wait(10)  # the request in flight meanwhile: the store comes back before its retry
+        return flaky(uri, body, **condition)
+
+    monkeypatch.setattr(s3, "put_if", slow)
+    folder = s3.S3Uri.parse(f"s3://{bucket}/runs/inflight")
+    with lease.held(folder, ".lease", "the phase") as held:
+        store.down.set()
+        assert held.lost.wait(10), "the renewer marks the lease lost once it is overdue"
+        stall.set()
+        assert in_flight.wait(10), "the renewer tries again"
+        store.down.clear()
+        threading.Timer(0.2, answered.set).start()
+        held.require()  # waits for the renewal in flight, which finds the lease still its own
+        assert not held.lost.is_set()
+    assert not _keys("runs/inflight/.lease", bucket), "released"
+
+
 def test_a_commit_survives_the_store_away_for_a_while_during_its_work(s3_endpoint, bucket: str, tmp_path, monkeypatch):
     from kantai_batch.rundir import RunDir
 
