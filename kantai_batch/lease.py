@@ -79,6 +79,9 @@ class Lease:
         # When the write behind ``_etag`` was sent (the store took it after that): a waiting writer takes
         # the lease over a whole term after it, so this process must not count on it past most of a term.
         self._renewed_at = 0.0
+        # The renewals sent since the last one answered, by nonce, and when: one the store took unheard is
+        # found on a later try, and the lease was renewed when that one was sent, not when it is found.
+        self._unanswered: dict[str, float] = {}
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew_until_stopped, name="kantai-lease", daemon=True)
 
@@ -100,10 +103,10 @@ class Lease:
                 "it now); stopped without writing more: run it again once the other writer is done"
             )
 
-    def _body(self) -> bytes:
+    def _body(self, renewal: str | None = None) -> bytes:
         # A fresh nonce in each write: its ETag is what a waiting writer watches change.
         record: dict[str, Any] = {"holder": self.holder, "token": self.token, "term_s": self.term}
-        return json.dumps({**record, "renewal": secrets.token_hex(4)}).encode("utf-8")
+        return json.dumps({**record, "renewal": renewal or secrets.token_hex(4)}).encode("utf-8")
 
     def acquire(self) -> None:
         seen: str | None = None
@@ -191,19 +194,21 @@ class Lease:
     def _renew_once(self, slot: float) -> bool:
         """Renew the lease where it is still this process's last write; False once it is another's."""
         # Each request gives up within its slot: one stalled in its 60 s timeouts would outlast the term.
-        sent = time.monotonic()
-        etag = s3.put_if(self.uri, self._body(), match=self._etag, within_s=slot)
-        if etag is None:
-            # A renewal the store took whose answer was lost (the connection dropped as it came back): the
-            # client's retry then finds the ETag changed, by our own write. Still ours.
-            etag = self._own_write(slot)
+        etag, renewal = self._send(slot, match=self._etag)
+        if etag is None and (own := self._own_write(slot)) is not None:
+            # A renewal the store took whose answer was lost: this one (the connection dropped as it came
+            # back, and the client's retry found the ETag changed, by our own write), or an earlier one that
+            # failed as far as we knew. Still ours.
+            etag, renewal = own
         # Not our last write any more: deleted, or another's. Once marked lost, a missing lease may be one
         # another writer took over and released meanwhile: not ours to create again.
         if etag is None and not self._stop.is_set() and not self.lost.is_set():
-            sent = time.monotonic()
-            etag = s3.put_if(self.uri, self._body(), within_s=slot)  # deleted (by hand, a lifecycle rule)
+            etag, renewal = self._send(slot)  # deleted (by hand, a lifecycle rule)
         if etag is not None:  # kept even when stopping: the release deletes only this write
-            self._etag, self._renewed_at = etag, sent
+            # Counted from when the write found was sent: from now, an earlier one's would let us write on
+            # for up to a slot after another machine may take the lease over. Not among them: acquire's.
+            self._etag, self._renewed_at = etag, self._unanswered.get(renewal or "", self._renewed_at)
+            self._unanswered.clear()
             if self.lost.is_set():
                 # Our own last write was still there: no other machine took the lease over while the store
                 # was out of reach (taking it over replaces that write), so it is ours again.
@@ -216,11 +221,17 @@ class Lease:
             self.lost.set()
         return False
 
-    def _own_write(self, within_s: float) -> str | None:
-        """The ETag of the lease object where it is this process's own write (its token), else None."""
+    def _send(self, slot: float, match: str | None = None) -> tuple[str | None, str]:
+        """One renewal write (conditional on ``match``, else on the lease being absent): its ETag, its nonce."""
+        renewal = secrets.token_hex(4)
+        self._unanswered[renewal] = time.monotonic()  # the store takes it after this
+        return s3.put_if(self.uri, self._body(renewal), match=match, within_s=slot), renewal
+
+    def _own_write(self, within_s: float) -> tuple[str, str | None] | None:
+        """The ETag and renewal nonce of the lease object where it is this process's own write (its token)."""
         found = s3.read_with_etag(self.uri, within_s=within_s)
-        if found is not None and _parsed(found[0]).get("token") == self.token:
-            return found[1]
+        if found is not None and (record := _parsed(found[0])).get("token") == self.token:
+            return found[1], record.get("renewal")
         return None
 
     def release(self) -> None:

@@ -847,6 +847,41 @@ def test_a_renewal_whose_answer_was_lost_keeps_the_lease_its_own(s3_endpoint, bu
     assert not _keys("runs/answer-lost/.lease", bucket), "released at the end"
 
 
+def test_a_renewal_that_finds_an_earlier_renewal_of_its_own_counts_the_lease_renewed_no_later_than_that(
+    s3_endpoint, bucket: str, monkeypatch
+):
+    """A renewal the store took but whose answer never came (the connection dropped, the retries gave up)
+    left the holder behind on the ETag: the next renewal, refused, found that earlier write its own and
+    counted the lease renewed *now* – a slot later than the store last saw it change, so the holder could
+    go on writing for that slot after another machine was entitled to take the lease over."""
+    from kantai_batch import lease
+    from kantai_batch.errors import SourceUnavailableError
+
+    monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
+    answered, sent_at, calls = s3.put_if, {}, []
+
+    def first_renewal_unanswered(uri, body, **condition):
+        calls.append(uri)
+        sent = time.monotonic()
+        etag = answered(uri, body, **condition)
+        if etag is not None:
+            sent_at[etag] = sent
+        if len(calls) == 2:  # the first renewal: written, then no answer
+            raise SourceUnavailableError("the store stopped answering")
+        return etag
+
+    monkeypatch.setattr(s3, "put_if", first_renewal_unanswered)
+    with lease.held(s3.S3Uri.parse(f"s3://{bucket}/runs/earlier"), ".lease", "the phase") as held:
+        acquired = held._etag
+        deadline = time.monotonic() + 30
+        while held._etag == acquired and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with held._renewing:
+            assert held._etag != acquired, "renewed after the unanswered renewal"
+            assert sent_at[held._etag] >= held._renewed_at, "counted renewed no later than the store's write"
+        held.require()
+
+
 def test_a_commit_whose_lease_another_took_over_during_its_upload_writes_no_marker(
     s3_endpoint, bucket: str, tmp_path: Path, monkeypatch
 ):
