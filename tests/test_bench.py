@@ -185,9 +185,11 @@ def test_with_seconds_run_mlm_fills_the_time_like_the_job(tmp_path: Path, corpus
     for row in (job, run_mlm):
         assert row["train"]["max_seconds"] == 4 and row["train"]["epochs"] is None
         # run_mlm's own plan, 3 epochs of the tiny corpus, takes about 1 s here: the budget ended it, not its
-        # epochs. The planned last step may end it a step short of 4 s (steps are slow on a loaded machine).
+        # epochs. A loaded machine moves the end either way, by more than a median step: a plan checked over
+        # 10 steps it slowed ends the schedule early with no check left to undo it, and a last step it slowed
+        # ends late (3.41 s and 4.77 s of 4 s on 2 loaded cores, with 0.03 s steps).
         assert row["stopped_by"] == "max_seconds", row["stopped_by"]
-        assert 4 - 2 * row["step_time_s"] - 0.5 <= row["training_seconds"] <= 4 + 2 * row["step_time_s"] + 0.5
+        assert 3 <= row["training_seconds"] <= 6
 
 
 @pytest.mark.slow
