@@ -464,7 +464,7 @@ def test_fill_mask_with_two_masks_gives_a_list_per_mask(trained_run: Path):
 
 
 def test_a_tracking_server_gone_during_training_costs_warnings_not_the_training(tmp_path: Path, corpus_file: Path):
-    """The server stops after the first checkpoint: training goes on, the model is committed, the phase
+    """The server stops late in training: training goes on, the model is committed, the phase
     ends 0 once MLflow's retries of the queued metrics are over (not after its retries of every file of
     the model and of the run's end, then a traceback and exit 1), with one-line warnings for what could
     not be logged."""
@@ -479,7 +479,8 @@ def test_a_tracking_server_gone_during_training_costs_warnings_not_the_training(
         proc = subprocess.Popen(_cli("pretrain", "--run-dir", str(run_dir), *job), env=env, cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
         deadline = time.monotonic() + 240
-        while not (run_dir / "checkpoints" / "checkpoint-10" / MARKER).exists():
+        # Late, so the training left after the kill is a few steps: the time it takes grows with the machine's load.
+        while not (run_dir / "checkpoints" / "checkpoint-50" / MARKER).exists():
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline, "no checkpoint within 240 s"
             time.sleep(0.2)
