@@ -144,15 +144,16 @@ def pretrain_run(job: Job, run: RunDir, *, enabled: bool, resuming: bool, lineag
         record = {"run_id": active.info.run_id, "job_sha256": job_sha, "lineage_sha256": lineage}
         write_json_atomic(run.mlflow_run, record)
         run.push_file(run.mlflow_run)
+        params = _job_params(job)
         if run_id is None:
-            from transformers.utils import flatten_dict
-
-            mlflow.log_params(flatten_dict(job.model_dump(mode="json"), parent_key="job"))
+            mlflow.log_params(params)
             mlflow.set_tags(lineage_tags(job, run))
         if run_id is None or recorded.get("job_sha256") != job_sha:
             # A continued run's params stay the first session's (MLflow keeps a param's first value);
             # job.yaml is the job it trains by now (longer bounds, another save interval).
             mlflow.log_text(job_yaml, "job.yaml")
+        if run_id is not None and recorded.get("job_sha256") != job_sha:
+            _tag_changed_params(active, params)
         log.info(
             "mlflow: %s run %s in %s",
             "continuing" if run_id else "started",
@@ -184,6 +185,30 @@ def _end_run(run_id: str, status: str) -> None:
             "mlflow: run %s could not be marked %s in %s (%s); it shows RUNNING there",
             run_id, status, mlflow.get_tracking_uri(), first_line(exc),
         )  # fmt: skip
+
+
+# A continued run's tag per param a later session changed: its value now, beside the first one MLflow keeps.
+_NOW_TAG = "kantai.now."
+
+
+def _job_params(job: Job) -> dict[str, Any]:
+    from transformers.utils import flatten_dict
+
+    return flatten_dict(job.model_dump(mode="json"), parent_key="job")
+
+
+def _tag_changed_params(active: Any, params: dict[str, Any]) -> None:
+    """Someone reading the run's params sees the job it trains by now: each param whose value differs from
+    the first session's gets a ``kantai.now.<param>`` tag; one changed back loses it."""
+    import mlflow
+
+    first, tags = active.data.params, active.data.tags
+    # MLflow keeps a param as the text of its value: compared as such (an int 40 is "40").
+    changed = {f"{_NOW_TAG}{key}": str(value) for key, value in params.items() if first.get(key) != str(value)}
+    if changed:
+        mlflow.set_tags(changed)
+    for stale in (tag for tag in tags if tag.startswith(_NOW_TAG) and tag not in changed):
+        mlflow.delete_tag(stale)
 
 
 def lineage_tags(job: Job, run: RunDir) -> dict[str, str]:

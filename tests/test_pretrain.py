@@ -124,6 +124,25 @@ def test_a_resumed_run_logs_each_step_once_and_no_param_again_also_told_to_go_on
     assert (_summary(run_dir)["resumed_from_step"], _summary(run_dir)["mlflow_run_id"]) == (30, run_id)
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(5, 41, 5))
     assert "max_steps: 40" in mlflow.artifacts.load_text(f"runs:/{run_id}/job.yaml")
+    params, tags = client.get_run(run_id).data.params, client.get_run(run_id).data.tags
+    assert params["job.train.max_steps"] == "30", "the first session's, which MLflow keeps"
+    assert {k: v for k, v in tags.items() if k.startswith("kantai.now.")} == {"kantai.now.job.train.max_steps": "40"}
+
+
+def test_a_param_a_later_session_changed_back_loses_its_now_tag(tmp_path: Path):
+    from kantai_batch.tracking import _tag_changed_params
+
+    mlflow.set_experiment("now-tags")
+    with mlflow.start_run() as first:
+        mlflow.log_params({"job.train.max_steps": 30, "job.train.seed": 1})
+    for session, expected in (
+        ({"job.train.max_steps": 40, "job.train.seed": 1}, {"kantai.now.job.train.max_steps": "40"}),
+        ({"job.train.max_steps": 30, "job.train.seed": 2}, {"kantai.now.job.train.seed": "2"}),
+    ):
+        with mlflow.start_run(run_id=first.info.run_id) as active:
+            _tag_changed_params(active, session)
+        tags = mlflow.MlflowClient().get_run(first.info.run_id).data.tags
+        assert {k: v for k, v in tags.items() if k.startswith("kantai.now.")} == expected
 
 
 def test_a_resumed_training_saves_and_logs_at_the_intervals_its_job_gives_now(tmp_path: Path, corpus_file: Path):
