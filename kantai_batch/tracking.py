@@ -201,10 +201,16 @@ def _tag_changed_params(active: Any, params: dict[str, Any]) -> None:
     """Someone reading the run's params sees the job it trains by now: each param whose value differs from
     the first session's gets a ``kantai.now.<param>`` tag; one changed back loses it."""
     import mlflow
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
     first, tags = active.data.params, active.data.tags
-    # MLflow keeps a param as the text of its value: compared as such (an int 40 is "40").
-    changed = {f"{_NOW_TAG}{key}": str(value) for key, value in params.items() if first.get(key) != str(value)}
+    # MLflow keeps a param as the text of its value (an int 40 is "40"), and of a long one (a corpus of many
+    # files) only its head: compared as such, else every long param read as changed.
+    changed = {
+        f"{_NOW_TAG}{key}": str(value)
+        for key, value in params.items()
+        if first.get(key) != str(value)[:MAX_PARAM_VAL_LENGTH]
+    }
     if changed:
         mlflow.set_tags(changed)
     for stale in (tag for tag in tags if tag.startswith(_NOW_TAG) and tag not in changed):

@@ -133,12 +133,14 @@ def test_a_param_a_later_session_changed_back_loses_its_now_tag(tmp_path: Path):
     from kantai_batch.tracking import _tag_changed_params
 
     mlflow.set_experiment("now-tags")
+    sources = [f"s3://corpora/kant/book-{i:04d}.txt" for i in range(400)]  # a param MLflow keeps the head of
     with mlflow.start_run() as first:
-        mlflow.log_params({"job.train.max_steps": 30, "job.train.seed": 1})
+        mlflow.log_params({"job.train.max_steps": 30, "job.train.seed": 1, "job.corpus.source": sources})
     for session, expected in (
         ({"job.train.max_steps": 40, "job.train.seed": 1}, {"kantai.now.job.train.max_steps": "40"}),
         ({"job.train.max_steps": 30, "job.train.seed": 2}, {"kantai.now.job.train.seed": "2"}),
     ):
+        session["job.corpus.source"] = sources
         with mlflow.start_run(run_id=first.info.run_id) as active:
             _tag_changed_params(active, session)
         tags = mlflow.MlflowClient().get_run(first.info.run_id).data.tags
