@@ -209,9 +209,10 @@ class Lease:
             # for up to a slot after another machine may take the lease over. Not among them: acquire's.
             self._etag, self._renewed_at = etag, self._unanswered.get(renewal or "", self._renewed_at)
             self._unanswered.clear()
-            if self.lost.is_set():
+            if self.lost.is_set() and not self._overdue():
                 # Our own last write was still there: no other machine took the lease over while the store
-                # was out of reach (taking it over replaces that write), so it is ours again.
+                # was out of reach (taking it over replaces that write), so it is ours again. One found that
+                # was sent most of a term ago is not: the next renewal, conditional on it, makes it so.
                 log.warning("lease: renewed %s again once the store answered; nobody took it", self.uri)
                 self.lost.clear()
             return True

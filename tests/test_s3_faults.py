@@ -885,6 +885,38 @@ def test_a_renewal_that_finds_an_earlier_renewal_of_its_own_counts_the_lease_ren
         held.require()
 
 
+def test_an_earlier_renewal_of_its_own_found_most_of_a_term_late_leaves_the_lease_lost_until_renewed(
+    s3_endpoint, bucket: str, monkeypatch
+):
+    """The store away for most of a term after taking a renewal unheard: the renewal that found that write
+    once the store was back called the lease "renewed again" and ours, though by the write's own send time
+    another machine was about to be entitled to take it over; only a renewal conditional on it makes it so."""
+    from kantai_batch import lease
+    from kantai_batch.errors import SourceUnavailableError
+
+    held = lease.Lease(s3.S3Uri.parse(f"s3://{bucket}/runs/late"), ".lease", "the phase", term=3.0)
+    held._renewed_at, held._etag = time.monotonic(), s3.put_if(held.uri, held._body())
+    slot, answered = held.term / lease._RENEWALS, s3.put_if
+
+    def taken_unheard(uri, body, **condition):
+        answered(uri, body, **condition)
+        raise SourceUnavailableError("the store stopped answering")
+
+    monkeypatch.setattr(s3, "put_if", taken_unheard)
+    with pytest.raises(SourceUnavailableError):
+        held._renew_once(slot)
+    sent = time.monotonic()  # after the write taken unheard was sent
+    monkeypatch.setattr(s3, "put_if", answered)
+    time.sleep(held.term * (lease._RENEWALS - 1) / lease._RENEWALS - (time.monotonic() - sent) + 0.1)
+    held.lost.set()  # as the renewer marks it, the store still away
+
+    assert held._renew_once(slot), "the write found is this process's own"
+    assert held.lost.is_set(), "counted from a send most of a term ago: not ours again yet"
+    assert held._renew_once(slot), "renewed, conditional on the write found"
+    assert not held.lost.is_set() and not held._overdue()
+    held.require()
+
+
 def test_a_commit_whose_lease_another_took_over_during_its_upload_writes_no_marker(
     s3_endpoint, bucket: str, tmp_path: Path, monkeypatch
 ):
