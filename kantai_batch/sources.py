@@ -18,9 +18,11 @@ import http.client
 import io
 import logging
 import os
+import re
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -324,7 +326,18 @@ class _CutOff(OSError):
 def _download(url: str, dest: Path, what: str) -> Path:
     from tqdm.auto import tqdm
 
-    request = urllib.request.Request(url, headers={"User-Agent": "kantai-batch"})
+    # A URL without a host, with an unclosed IPv6 bracket, a bad port or a space is the user's to fix: urllib raised
+    # a traceback for some, and three retries then exit 4 (a retry may help) for the others.
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, _ = parts.hostname, parts.port  # .port checks the port's digits and range
+        request = urllib.request.Request(url, headers={"User-Agent": "kantai-batch"})
+    except ValueError as exc:
+        raise JobConfigError(f"{what} {url}: not a valid URL ({first_line(exc)})") from None
+    if not host:
+        raise JobConfigError(f"{what} {url}: not a valid URL (no host)")
+    if re.search(r"[\x00-\x20\x7f]", url):
+        raise JobConfigError(f"{what} {url}: not a valid URL (a space or control character; percent-encode it)")
     for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
         try:
             with urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT_S) as response, dest.open("wb") as out:

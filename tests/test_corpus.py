@@ -200,6 +200,23 @@ def test_http_404_names_the_url_and_the_local_alternative(tmp_path: Path, http_r
     assert f"{base}/missing.txt" in error and "HTTP 404" in error and "--corpus PATH" in error
 
 
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("https://[::1/kant.txt", "not a valid URL (Invalid IPv6 URL)"),
+        ("http://", "not a valid URL (no host)"),
+        ("http://localhost:99999/kant.txt", "not a valid URL (Port out of range 0-65535)"),
+        ("http://example.com/my kant.txt", "not a valid URL (a space or control character; percent-encode it)"),
+    ],
+)
+def test_a_malformed_url_is_a_job_error_not_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url, says):
+    """An unclosed IPv6 bracket was a traceback; no host or a space was retried three times, then exit 4."""
+    monkeypatch.setattr("kantai_batch.sources.time.sleep", lambda _: pytest.fail("retried"))
+    result = _prepare(tmp_path / "run", url, expect=2)
+    assert result.stderr.strip() == f"kantai-batch: error: corpus {url}: {says}"
+    assert not (tmp_path / "run" / "corpus").exists()
+
+
 def test_unreachable_url_fails_after_bounded_retries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ):
