@@ -116,11 +116,11 @@ def require_compatible_tokenizer(job: Job, tokenizer) -> None:
 def continued_model(job: Job, source: Path, tokenizer):
     """The model at ``source`` loaded into the job's architecture (its dropout settings included)."""
     from kantai_batch.data import tokenizer_digest
-    from kantai_batch.errors import unusable_as
     from kantai_batch.model import (
         ARCHITECTURE_KEYS,
         load_model_config,
         load_model_tokenizer,
+        load_weights,
         resolved_vocab_size,
         roberta_config,
     )
@@ -144,5 +144,4 @@ def continued_model(job: Job, source: Path, tokenizer):
             f"train.init_from {job.train.init_from} has another architecture than the job ({', '.join(changed)}); "
             "change the job's model section or set train.init_from to null to train from scratch"
         )
-    with unusable_as(f"model {source}"):
-        return model_class(job.task).from_pretrained(str(source), config=wanted)
+    return load_weights(model_class(job.task), source, config=wanted)

@@ -309,5 +309,37 @@ _BPE_FILES = ("vocab.json", "merges.txt")
 
 def load_lm(folder: Path, task: str):
     """The weights of a saved model of ``task``, or a one-line error naming the folder."""
-    with unusable_as(f"model {folder}"):
-        return model_class(task).from_pretrained(str(folder))
+    return load_weights(model_class(task), folder)
+
+
+def load_weights(cls, folder: Path, **kwargs):
+    """``cls.from_pretrained(folder)`` holding every weight config.json describes, or a one-line error.
+
+    transformers fills a tensor the weights file lacks, or holds in another shape than config.json says,
+    with random values and only logs a report: every prediction and score would be noise, with exit 0.
+    """
+    from transformers.utils import logging as hf_logging
+
+    # The report is a table over many lines; what it says is raised below as one.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with unusable_as(f"model {folder}"):
+            model, info = cls.from_pretrained(
+                str(folder), output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    remedy = "it is damaged or of another model than config.json describes; save or pull the model again"
+    if info["mismatched_keys"]:
+        key, saved, wanted = sorted(info["mismatched_keys"])[0]
+        raise InputDataError(
+            f"model {folder}: {key} is {list(saved)} in the weights but {list(wanted)} by config.json "
+            f"({len(info['mismatched_keys'])} tensors differ); {remedy}"
+        )
+    for found, says in (("missing_keys", "lacks"), ("unexpected_keys", "holds tensors config.json has no place for:")):
+        if info[found]:
+            keys = sorted(info[found])
+            more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+            raise InputDataError(f"model {folder}: the weights file {says} {keys[0]}{more}; {remedy}")
+    return model

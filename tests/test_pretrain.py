@@ -476,6 +476,33 @@ def test_corrupt_weights_are_a_one_line_error(trained_run: Path, tmp_path: Path)
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"num_hidden_layers": 3}, "the weights file lacks roberta.encoder.layer.2."),
+        ({"num_hidden_layers": 1}, "the weights file holds tensors config.json has no place for: roberta.encoder"),
+        ({"vocab_size": 320}, "lm_head.bias is [{vocab}] in the weights but [320] by config.json (2 tensors differ)"),
+    ],
+    ids=["missing", "unexpected", "mismatched"],
+)  # fmt: skip
+def test_weights_that_do_not_match_the_config_are_a_one_line_error(
+    trained_run: Path, tmp_path: Path, change: dict, says: str
+):
+    """transformers started the tensors the weights lacked at random, logged a table and the command
+    answered from noise with exit 0; a mismatched shape was an error pointing at that table."""
+    broken = tmp_path / "model"
+    shutil.copytree(trained_run / "model", broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, **change}))
+    metrics = (trained_run / "eval" / "metrics.json").read_bytes()
+    for args in (["fill-mask", "--model", str(broken), "A <mask>."],
+                 ["evaluate", "--run-dir", str(trained_run), "--model", str(broken), *tiny()]):  # fmt: skip
+        result = invoke(*args, expect=3)
+        error = result.stderr.strip().splitlines()[-1]
+        assert error.startswith(f"kantai-batch: error: model {broken}: {says.format(vocab=config['vocab_size'])}")
+    assert (trained_run / "eval" / "metrics.json").read_bytes() == metrics
+
+
 def test_fill_mask_with_two_masks_gives_a_list_per_mask(trained_run: Path):
     result = invoke(
         "fill-mask", "--model", str(trained_run / "model"), "--top-k", "2", "--json", "<mask> reason <mask>."
