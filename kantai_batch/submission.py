@@ -23,6 +23,7 @@ import yaml
 
 from kantai_batch.errors import JobConfigError
 from kantai_batch.phases import NAMES
+from kantai_batch.s3 import S3Uri
 
 # A Job per phase of the phase table, then registering the model (not a run-dir phase).
 PHASES = (*NAMES, "register")
@@ -70,11 +71,16 @@ class Submission:
                 f"run id {self.run_id!r} must be 1-20 lowercase letters, digits or '-', "
                 "starting and ending with a letter or digit"
             )
-        if self.run_dir is not None and not self.run_dir.startswith("s3://"):
-            # Each pod's disk is its own (and gone with it): a later phase's pod would find nothing.
-            raise JobConfigError(
-                f"run dir {self.run_dir!r} must be s3://bucket/prefix: the phases run in pods that share nothing else"
-            )
+        if self.run_dir is not None:
+            # Each pod's disk is its own (and gone with it): a later phase's pod would find nothing. Without a
+            # bucket (s3://, s3:///x) every pod failed on it, after the manifests were applied.
+            try:
+                S3Uri.parse(self.run_dir)
+            except JobConfigError:
+                raise JobConfigError(
+                    f"run dir {self.run_dir!r} must be s3://bucket/prefix: the phases run in pods that share nothing "
+                    "else"
+                ) from None
         if self.image is not None:
             name, tag = split_image(self.image)
             if tag == "" or not (name or tag):

@@ -159,6 +159,9 @@ def test_bad_submissions_are_one_line_config_errors(tmp_path: Path):
         Submission(overlay=K8S / "overlays" / "gpu", run_id="r", nodes=0)
     with pytest.raises(JobConfigError, match=r"run dir 'runs/local' must be s3://bucket/prefix"):
         Submission(overlay=K8S / "overlays" / "gpu", run_id="r", run_dir="runs/local")
+    for bucketless in ("s3://", "s3:///run"):
+        with pytest.raises(JobConfigError, match=rf"run dir '{bucketless}' must be s3://bucket/prefix"):
+            Submission(overlay=K8S / "overlays" / "gpu", run_id="r", run_dir=bucketless)
     with pytest.raises(JobConfigError, match=r"tokenize pods \(0\) must be at least 1"):
         Submission(overlay=K8S / "overlays" / "gpu", run_id="r", tokenize_pods=0)
     with pytest.raises(JobConfigError, match="no kustomization.yaml"):
