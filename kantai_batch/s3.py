@@ -115,10 +115,15 @@ def client(within_s: float | None = None):
             made.meta.events.register_last("before-call.s3", _no_expect_continue)
         return made
     except ValueError as exc:
-        if "endpoint" in str(exc).lower():
+        # urllib's answer to an endpoint with an unclosed IPv6 bracket names neither the endpoint nor the setting.
+        if any(word in str(exc).lower() for word in ("endpoint", "url")):
             raise JobConfigError(
                 f"the S3 endpoint (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or the AWS config file) must be a URL "
                 f"such as http://host:9000: {first_line(exc)}"
+            ) from None
+        if "region" in str(exc).lower():
+            raise JobConfigError(
+                f"the S3 region (AWS_REGION, AWS_DEFAULT_REGION or the AWS config file) is invalid: {first_line(exc)}"
             ) from None
         raise JobConfigError(
             f"S3 client settings (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE or the AWS config file) are invalid: "
