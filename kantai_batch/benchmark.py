@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kantai_batch.errors import InputDataError, JobConfigError, KantaiError, SourceUnavailableError, first_line
+from kantai_batch.formats import decoded_text
 from kantai_batch.job import Job
 from kantai_batch.manifest import file_sha256
 from kantai_batch.rundir import RunDir
@@ -53,7 +54,7 @@ def benchmark_for(job: Job, run: RunDir, name: str, scratch: Path) -> Benchmark:
     from kantai_batch.registry import model_tags
 
     if job.eval.benchmark:
-        text = _decoded(job.eval.benchmark, job, scratch / "benchmark.txt")
+        text = decoded_text(job.eval.benchmark, job.corpus.encoding, scratch / "benchmark.txt", "benchmark")
         return Benchmark(text, file_sha256(text), job.eval.benchmark, freeze=False)
     frozen = model_tags(name)
     if FROZEN_URI in frozen:
@@ -180,31 +181,6 @@ def _loss_sum(model, tokenizer, samples, task: str, job: Job) -> tuple[float, in
             total += F.cross_entropy(logits[scored], labels[scored], reduction="sum").item()
             count += int(scored.sum())
     return total, count
-
-
-def _decoded(source: str, job: Job, dest: Path) -> Path:
-    """Every file ``source`` names, decoded and cleaned as prepare does plain text, into one text."""
-    from kantai_batch.decoding import detect_encoding, write_text
-    from kantai_batch.formats import SUFFIXES
-    from kantai_batch.sources import decompressed, expand, fetched
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_suffix(".part")
-    paragraphs = 0
-    with dest.open("w", encoding="utf-8", newline="\n") as out:
-        for item in expand((source,), "benchmark", SUFFIXES["text"]):
-            with fetched(item.name, "benchmark") as path:
-                opened = lambda: decompressed(path, item.name)  # noqa: B023, E731 - used within this iteration
-                decoding = detect_encoding(opened, job.corpus.encoding, f"benchmark {item.name}")
-                with opened() as raw:
-                    count = write_text(raw, decoding, part)
-                if count:
-                    out.write(("\n" if paragraphs else "") + part.read_text(encoding="utf-8"))
-                    paragraphs += count
-    part.unlink(missing_ok=True)
-    if paragraphs == 0:
-        raise InputDataError(f"benchmark {source} has no text")
-    return dest
 
 
 def _download(uri: str, scratch: Path) -> Path:

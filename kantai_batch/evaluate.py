@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from kantai_batch.data import build_split, load_samples, tokens_mismatch
-from kantai_batch.decoding import detect_encoding, write_text
 from kantai_batch.distributed import is_main_process, local_main_first
-from kantai_batch.errors import InputDataError
 from kantai_batch.fingerprint import fingerprint_of
+from kantai_batch.formats import decoded_text
 from kantai_batch.hardware import resolve_attention, resolve_precision
 from kantai_batch.job import Job
 from kantai_batch.manifest import file_sha256, write_json_atomic
@@ -38,7 +37,6 @@ from kantai_batch.model import (
 from kantai_batch.objective import ACCURACY, accuracy_metric, collator, eval_predictions, task_of
 from kantai_batch.probes import format_quality, probe_record, quality_report, read_probes, require_fitting
 from kantai_batch.rundir import EVAL_METRICS, RunDir
-from kantai_batch.sources import decompressed, fetched
 from kantai_batch.trainer import perplexity, training_arguments
 
 log = logging.getLogger(__name__)
@@ -71,13 +69,9 @@ def evaluate(job: Job, run: RunDir, *, model_dir: Path | None = None, corpus: st
         if corpus is None:
             samples, corpus_name = _held_out(shaped, run, tokenizer), str(run.eval_text)
         else:
-            with fetched(corpus, "corpus") as source:
-                opened = lambda: decompressed(source, corpus)  # noqa: E731 - a .gz text scores like the text
-                decoding = detect_encoding(opened, job.corpus.encoding, f"corpus {corpus}")
-                text, corpus_name = Path(scratch) / "eval.txt", corpus
-                with opened() as raw:
-                    if write_text(raw, decoding, text) == 0:
-                        raise InputDataError(f"corpus {corpus} has no text")
+            # Any source prepare reads (a folder, a glob, an s3:// prefix too), each file read as plain text.
+            text = decoded_text(corpus, job.corpus.encoding, Path(scratch) / "eval.txt", "corpus")
+            corpus_name = corpus
             # Scores of other text than the held-out split: `run` must find them not the run's own, and redo them.
             inputs = hashlib.sha256(f"{inputs} {file_sha256(text)}".encode()).hexdigest()
             samples = build_split(text, shaped, tokenizer, fix_masks=task == "mlm", what="eval corpus", name=corpus)

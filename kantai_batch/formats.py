@@ -17,8 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kantai_batch.decoding import Decoding, clean_line, open_text, paragraphs, read_lines
+from kantai_batch.decoding import Decoding, clean_line, detect_encoding, open_text, paragraphs, read_lines, write_text
 from kantai_batch.errors import InputDataError, first_line
+from kantai_batch.sources import decompressed, expand, fetched
 
 # The file names a folder or an s3:// prefix contributes for each format (below any compression
 # extension); a file named explicitly, or matched by a glob, is read whatever its name.
@@ -177,3 +178,25 @@ def parquet_examples(path: Path, *, field: str, name: str, skipped: Counter[str]
 def _shown(names: list[str]) -> str:
     shown = ", ".join(repr(name)[:40] for name in names[:_FIELDS_SHOWN]) or "none"
     return shown + (", ..." if len(names) > _FIELDS_SHOWN else "")
+
+
+def decoded_text(source: str, configured: str, dest: Path, what: str) -> Path:
+    """Every file ``source`` names (a file, folder, glob, URL, s3:// object or prefix), decoded and cleaned as
+    prepare does plain text, into one text; ``configured`` is ``corpus.encoding``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_suffix(".part")
+    written = 0
+    with dest.open("w", encoding="utf-8", newline="\n") as out:
+        for item in expand((source,), what, SUFFIXES["text"]):
+            with fetched(item.name, what) as path:
+                opened = lambda: decompressed(path, item.name)  # noqa: B023, E731 - used within this iteration
+                decoding = detect_encoding(opened, configured, f"{what} {item.name}")
+                with opened() as raw:
+                    count = write_text(raw, decoding, part)
+                if count:
+                    out.write(("\n" if written else "") + part.read_text(encoding="utf-8"))
+                    written += count
+    part.unlink(missing_ok=True)
+    if written == 0:
+        raise InputDataError(f"{what} {source} has no text")
+    return dest

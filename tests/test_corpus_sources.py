@@ -341,6 +341,25 @@ def test_evaluate_reads_a_compressed_corpus_like_the_plain_one(trained_run: Path
     assert scores[0]["eval_loss"] == scores[1]["eval_loss"] and scores[0]["samples"] == scores[1]["samples"] > 0
 
 
+def test_evaluate_reads_a_folder_or_glob_as_the_help_offers(trained_run: Path, tmp_path: Path):
+    """evaluate --corpus took a file only: a folder was "not a file" (exit 3), a glob that matched files
+    "does not exist" (exit 4, which a scheduler retries)."""
+    from helpers import tiny
+
+    folder = tmp_path / "held-out"
+    folder.mkdir()
+    (folder / "a.txt").write_text(kantian_text(20, seed=7))
+    (folder / "b.txt").write_text(kantian_text(20, seed=8))
+    whole = tmp_path / "whole.txt"
+    whole.write_text((folder / "a.txt").read_text() + "\n" + (folder / "b.txt").read_text())
+    scores = []
+    for corpus in (whole, folder, folder / "*.txt"):
+        args = ["--run-dir", str(tmp_path / "run"), "--model", str(trained_run / "model"), "--corpus", str(corpus)]
+        scores.append(json.loads(invoke("evaluate", *args, "--json", *tiny()).stdout))
+    assert scores[0]["eval_loss"] == scores[1]["eval_loss"] == scores[2]["eval_loss"]
+    assert scores[0]["samples"] == scores[1]["samples"] == scores[2]["samples"] > 0
+
+
 def test_zst_without_zstandard_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(sys.modules, "zstandard", None)  # what an environment without the package sees
     source = tmp_path / "kant.txt.zst"
