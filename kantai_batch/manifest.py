@@ -70,6 +70,24 @@ def read_marker(folder: Path) -> dict[str, Any]:
     return found
 
 
+def require_listed(folder: Path, found: dict[str, Any]) -> None:
+    """Raise unless each file the manifest ``found`` lists is in ``folder`` at its recorded size: a file deleted
+    or cut short by hand otherwise failed whatever read it (a model "cannot be loaded") without saying what to
+    redo. Sizes only: checksums would read every byte of a model or the tokens at each phase."""
+    for name, entry in (found.get("files") or {}).items():
+        path = folder / name
+        recorded = entry.get("size") if isinstance(entry, dict) else None
+        if not path.is_file():
+            state = "is missing"
+        elif recorded is not None and (size := path.stat().st_size) != recorded:
+            state = f"holds {size:,} bytes, not the {recorded:,} recorded"
+        else:
+            continue
+        raise InputDataError(
+            f"{folder}: {name}, listed by its manifest, {state}: delete {folder} to redo what wrote it"
+        )
+
+
 def write_marker(folder: Path, **extra: Any) -> None:
     """Record every file in ``folder`` with its size and checksum; written last, atomically."""
     files = {}

@@ -191,6 +191,7 @@ class RunDir:
                 f"{what} {remote or folder} is missing or incomplete: run `kantai-batch {phase}` first"
             )
         if remote is None:
+            manifest.require_listed(folder, found)
             self._read[folder] = found
             return folder
         local = manifest.mirror(remote, folder, found)

@@ -360,6 +360,28 @@ def test_a_damaged_marker_is_a_one_line_error_naming_it(tmp_path: Path, corpus_f
     assert (run_dir / "corpus" / "train.txt").is_file(), "nothing is removed on its account"
 
 
+@pytest.mark.parametrize("damage", ["deleted", "cut short"])
+def test_a_file_gone_from_a_complete_folder_is_a_one_line_error_saying_what_to_redo(
+    damage: str, tmp_path: Path, corpus_file: Path
+):
+    """A file its manifest lists, deleted or cut short by a hand: the next phase read what was left (a model
+    "cannot be loaded", a tokenizer trained on half the text) without saying the folder is to be redone."""
+    run_dir = tmp_path / "run"
+    invoke("prepare", "--run-dir", str(run_dir), "--corpus", str(corpus_file))
+    train = run_dir / "corpus" / "train.txt"
+    if damage == "deleted":
+        train.unlink()
+    else:
+        train.write_bytes(train.read_bytes()[:100])
+    failed = invoke("train-tokenizer", "--run-dir", str(run_dir), *tiny(), expect=3)  # input data
+    state = "is missing" if damage == "deleted" else "holds 100 bytes, not the "
+    assert failed.stderr.startswith(
+        f"kantai-batch: error: {run_dir / 'corpus'}: train.txt, listed by its manifest, {state}"
+    )
+    assert failed.stderr.count("\n") == 1 and f"delete {run_dir / 'corpus'} to redo" in failed.stderr
+    assert not (run_dir / "tokenizer").exists()
+
+
 def test_a_corpus_that_is_not_a_file_is_unusable_not_unreachable(tmp_path: Path):
     fifo = tmp_path / "pipe.txt"
     os.mkfifo(fifo)

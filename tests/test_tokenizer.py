@@ -62,7 +62,8 @@ def test_needs_a_prepared_corpus(tmp_path: Path):
 
 def test_corrupt_tokenizer_is_a_one_line_error(tmp_path: Path, corpus_file: Path):
     run_dir = prepared_run(tmp_path, corpus_file)
-    (run_dir / "tokenizer" / "tokenizer.json").write_text("{not json")
+    damaged = run_dir / "tokenizer" / "tokenizer.json"
+    damaged.write_text("{not json".ljust(damaged.stat().st_size))  # at its recorded size: read, not refused unread
     result = invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", expect=3)
     assert f"tokenizer {run_dir / 'tokenizer'} cannot be loaded" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -13,7 +13,7 @@ from datasets import load_from_disk
 from helpers import TINY, invoke, prepared_run, tiny
 from kantai_batch.data import build_split, tokens_mismatch
 from kantai_batch.job import load_job
-from kantai_batch.manifest import MARKER
+from kantai_batch.manifest import MARKER, file_sha256
 from kantai_batch.model import load_tokenizer
 from kantai_batch.pipeline import run_pipeline
 from kantai_batch.rundir import RunDir
@@ -110,11 +110,14 @@ def test_tokens_damaged_on_disk_are_a_one_line_error(prepared: Path, tmp_path: P
     shutil.copytree(prepared, run_dir)
     if command == "evaluate":
         invoke("pretrain", "--run-dir", str(run_dir), "--no-tracking", *tiny(*STEPS))
-    if damaged == "json":
-        (run_dir / "tokens" / "tokens.json").write_text('{"splits": {"tra')
-    else:
-        shard = next((run_dir / "tokens" / damaged).glob("data-*.arrow"))
-        shard.write_bytes(shard.read_bytes()[:100])
+    # Damaged in place, at the size the manifest records (a file cut short is refused before it is read).
+    damaged_file = (
+        run_dir / "tokens" / "tokens.json"
+        if damaged == "json"
+        else next((run_dir / "tokens" / damaged).glob("data-*.arrow"))
+    )
+    size = damaged_file.stat().st_size
+    damaged_file.write_bytes(b'{"splits": {"tra'.ljust(size) if damaged == "json" else bytes(size))
     untracked = ["--no-tracking"] if command == "pretrain" else []
     result = invoke(command, "--run-dir", str(run_dir), *untracked, *tiny(*STEPS), expect=3)
     error = result.stderr.strip().splitlines()[-1]  # after the model's loading bar, for evaluate
@@ -206,6 +209,10 @@ def test_evaluate_tokenizes_the_split_itself_only_for_samples_that_do_not_fit(
     stats = json.loads(stats_file.read_text())
     stats["splits"]["eval"]["settings"]["seed"] = 7  # as if made with other masks
     stats_file.write_text(json.dumps(stats))
+    marker_file = run_dir / "tokens" / MARKER  # and committed so: a file changed behind its manifest is refused
+    marker = json.loads(marker_file.read_text())
+    marker["files"]["tokens.json"] = {"size": stats_file.stat().st_size, "sha256": file_sha256(stats_file)}
+    marker_file.write_text(json.dumps(marker))
     with caplog.at_level(logging.INFO, logger="kantai_batch.evaluate"):
         result = invoke("evaluate", "--run-dir", str(run_dir), "--json", *tiny())
     assert "do not fit this model (seed 7 -> 42); tokenizing the eval split" in caplog.text
