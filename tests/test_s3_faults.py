@@ -392,6 +392,7 @@ def test_an_impossible_bucket_name_is_a_config_error_with_the_reason(s3_endpoint
 @pytest.mark.parametrize(
     ("name", "value", "says"),
     [
+        ("AWS_ENDPOINT_URL_S3", "localhost:8333", "the S3 endpoint (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or the AWS"),
         ("AWS_ENDPOINT_URL_S3", "http://[::1", "the S3 endpoint (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or the AWS"),
         ("AWS_DEFAULT_REGION", "us east", "the S3 region (AWS_REGION, AWS_DEFAULT_REGION or the AWS config file)"),
     ],
@@ -409,18 +410,7 @@ def test_a_bad_endpoint_or_region_names_its_setting_not_the_retry_settings(
         s3.client.cache_clear()
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1 and says in message and "AWS_MAX_ATTEMPTS" not in message
-
-
-def test_an_endpoint_that_is_no_url_names_the_endpoint_setting(s3_endpoint, bucket: str, monkeypatch, fresh_cache):
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "localhost:8333")
-    s3.client.cache_clear()
-    try:
-        result = invoke("prepare", "--run-dir", f"s3://{bucket}/runs/x", "--corpus", "unused.txt", expect=2)
-    finally:
-        monkeypatch.undo()
-        s3.client.cache_clear()
-    message = result.stderr.strip()
-    assert len(message.splitlines()) == 1 and "AWS_ENDPOINT_URL_S3" in message and "localhost:8333" in message
+    assert value in message or value == "http://[::1", "the value it refused, where botocore's answer names it"
 
 
 @pytest.mark.parametrize("body", [b"", b"[1, 2]", b'{"completed_at": "x"}'])
