@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +22,7 @@ from importlib import resources
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from kantai_batch.errors import KantaiError, first_line
+from kantai_batch.errors import JobConfigError, KantaiError, first_line
 from kantai_batch.generate import Generator
 from kantai_batch.job import Sampling
 
@@ -71,6 +72,8 @@ def bind(host: str, port: int) -> ThreadingHTTPServer:
     Closing it is the caller's (``with bind(...) as server``)."""
     try:
         return ThreadingHTTPServer((host, port), BaseHTTPRequestHandler)
+    except socket.gaierror as exc:  # a --host no resolver knows: the command's to fix, unlike a port in use
+        raise JobConfigError(f"chat --host {host}: {exc.strerror or first_line(exc)}") from None
     except OSError as exc:
         raise KantaiError(f"chat cannot serve on {host}:{port}: {exc.strerror or first_line(exc)}") from None
 

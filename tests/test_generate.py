@@ -179,6 +179,14 @@ def test_chat_serve_on_a_port_in_use_fails_by_name_before_loading_the_model(tmp_
     assert result.stderr.strip() == message
 
 
+def test_chat_serve_on_a_host_no_resolver_knows_is_a_config_error(tmp_path: Path):
+    result = invoke(
+        "chat", "--serve", "--host", "no-such-host.invalid", "--model", str(tmp_path / "no-model"), expect=2
+    )
+    assert result.stderr.strip().startswith("kantai-batch: error: chat --host no-such-host.invalid: ")
+    assert result.stderr.count("\n") == 1
+
+
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [
