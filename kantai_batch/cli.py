@@ -573,9 +573,10 @@ def promote(uri: str, alias: str) -> None:
 def models(name: str, as_json: bool) -> None:
     """The versions of registered model NAME: aliases, benchmark loss, corpus checksum."""
     from kantai_batch.promotion import format_table, model_table
-    from kantai_batch.registry import registered_name
+    from kantai_batch.registry import registered_name, require_model_name
 
     name = registered_name(name)  # a models:/ URI, as pull and promote take, names its model
+    require_model_name(name, "NAME")  # an empty one reached MLflow, which called it a missing value (exit 3)
     results = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
         rows = model_table(name)

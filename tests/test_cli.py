@@ -307,3 +307,12 @@ def test_sigterm_as_pid_1_ends_the_command_even_when_it_lands_in_a_finalizer(tmp
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 143, done.stdout + done.stderr
     assert "went on" not in done.stdout
+
+
+def test_models_with_an_empty_name_is_a_config_error_before_asking_mlflow(tmp_path, monkeypatch):
+    """It reached MLflow, whose "Missing value for required parameter 'name'" was exit 3, as for a model
+    that is not there, where `register --name ''` is exit 2."""
+    monkeypatch.chdir(tmp_path)  # MLflow's default local store would be made here
+    result = invoke("models", "", expect=2)
+    assert result.stderr.strip().startswith("kantai-batch: error: NAME ") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
