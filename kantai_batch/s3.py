@@ -86,7 +86,7 @@ def client(within_s: float | None = None):
     import boto3
     import botocore.session
     from botocore.config import Config
-    from botocore.exceptions import InvalidConfigError, InvalidRetryConfigurationError
+    from botocore.exceptions import InvalidChecksumConfigError, InvalidConfigError, InvalidRetryConfigurationError
 
     try:
         # Our bounds apply only where the environment or the AWS config file sets none of its own.
@@ -128,6 +128,11 @@ def client(within_s: float | None = None):
         raise JobConfigError(
             f"S3 client settings (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE or the AWS config file) are invalid: "
             f"{first_line(exc)}"
+        ) from None
+    except InvalidChecksumConfigError as exc:  # not an InvalidConfigError: it read as the store unreachable (exit 4)
+        raise JobConfigError(
+            "S3 checksum settings (AWS_REQUEST_CHECKSUM_CALCULATION, AWS_RESPONSE_CHECKSUM_VALIDATION or the AWS "
+            f"config file) are invalid: {first_line(exc)}"
         ) from None
     except (InvalidConfigError, InvalidRetryConfigurationError) as exc:
         raise JobConfigError(

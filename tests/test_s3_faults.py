@@ -395,12 +395,14 @@ def test_an_impossible_bucket_name_is_a_config_error_with_the_reason(s3_endpoint
         ("AWS_ENDPOINT_URL_S3", "localhost:8333", "the S3 endpoint (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or the AWS"),
         ("AWS_ENDPOINT_URL_S3", "http://[::1", "the S3 endpoint (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or the AWS"),
         ("AWS_DEFAULT_REGION", "us east", "the S3 region (AWS_REGION, AWS_DEFAULT_REGION or the AWS config file)"),
+        ("AWS_REQUEST_CHECKSUM_CALCULATION", "bogus", "S3 checksum settings (AWS_REQUEST_CHECKSUM_CALCULATION,"),
     ],
 )
-def test_a_bad_endpoint_or_region_names_its_setting_not_the_retry_settings(
+def test_a_bad_endpoint_region_or_checksum_setting_names_itself_not_the_retry_settings(
     name, value, says, s3_endpoint, bucket: str, monkeypatch, fresh_cache
 ):
-    """Both were reported as "S3 client settings (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE ...) are invalid"."""
+    """Endpoint and region were reported as "S3 client settings (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE ...) are
+    invalid"; a checksum setting as the store out of reach (exit 4)."""
     monkeypatch.setenv(name, value)
     s3.client.cache_clear()
     try:
