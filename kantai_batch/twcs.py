@@ -142,18 +142,24 @@ class TwcsReader:
     def _conversations(self, db: sqlite3.Connection) -> Iterator[str]:
         """Each customer tweet joined with every brand reply to it, in the file's order of the replies."""
         db.execute("CREATE TABLE customer (tweet_id INTEGER PRIMARY KEY, text TEXT NOT NULL)")
-        db.execute("CREATE TABLE reply (seq INTEGER PRIMARY KEY, to_id INTEGER NOT NULL, text TEXT NOT NULL)")
+        # A reply's own id is UNIQUE so that a row exported twice is one reply, not two conversations; NULL
+        # (an id that is not one) is never equal to another, so such a reply is still kept.
+        db.execute(
+            "CREATE TABLE reply (seq INTEGER PRIMARY KEY, tweet_id INTEGER UNIQUE, to_id INTEGER NOT NULL, "
+            "text TEXT NOT NULL)"
+        )
         customers: list[tuple[int, str]] = []
-        replies: list[tuple[int, str]] = []
+        replies: list[tuple[int | None, int, str]] = []
 
         def flush() -> None:
             before = db.total_changes
             db.executemany("INSERT OR IGNORE INTO customer VALUES (?, ?)", customers)
             # A tweet id seen before keeps its first text; the later rows are dropped, and counted.
-            repeated = len(customers) - (db.total_changes - before)
+            before_replies = db.total_changes
+            db.executemany("INSERT OR IGNORE INTO reply (tweet_id, to_id, text) VALUES (?, ?, ?)", replies)
+            repeated = len(customers) - (before_replies - before) + len(replies) - (db.total_changes - before_replies)
             if repeated:
                 self.counts.rows_dropped["repeated_tweet_id"] += repeated
-            db.executemany("INSERT INTO reply (to_id, text) VALUES (?, ?)", replies)
             customers.clear()
             replies.clear()
 
@@ -170,7 +176,10 @@ class TwcsReader:
             text = self._text(row)
             if text is None:
                 continue
-            (customers if inbound else replies).append((tweet_id, text))
+            if inbound:
+                customers.append((tweet_id, text))
+            else:
+                replies.append((_tweet_id(row["tweet_id"]), tweet_id, text))
             if len(customers) + len(replies) >= _SQLITE_BATCH:
                 flush()
         flush()

@@ -324,3 +324,16 @@ def test_a_repeated_customer_tweet_id_is_counted_and_the_first_text_stands(tmp_p
     counts = _twcs_stats(tmp_path / "run")
     assert counts["rows_read"] == 81 and counts["rows_dropped"] == {"repeated_tweet_id": 1}, counts
     assert not any("second tweet" in example for example in _examples(tmp_path / "run"))
+
+
+def test_a_reply_exported_twice_is_one_reply_not_two_conversations(tmp_path: Path):
+    rows = support_conversations(40)
+    # Every brand reply twice, as a concatenated or re-run export has it; dedupe off, as a user keeping
+    # the canned replies' repeats would set it. A second reply under its own id is a second reply.
+    second = ["9001", "Brand", "False", rows[1][3], "@cust0 and a second answer from us about it", "", rows[0][0]]
+    source = twcs_csv(tmp_path / "twcs.csv", [*rows, *rows[1::2], second])
+    _prepare(tmp_path / "run", source, "corpus.conversation=true", "corpus.min_words=5", "corpus.dedupe=false")
+    counts = _twcs_stats(tmp_path / "run")
+    assert counts["rows_dropped"] == {"repeated_tweet_id": 40}, counts
+    examples = _examples(tmp_path / "run")
+    assert len(examples) == 41 and sum("second answer" in example for example in examples) == 1
