@@ -250,6 +250,11 @@ class TwcsReader:
                 shown += f", ... ({len(names)} in all)"
             if not any(names):
                 shown = "its first line, the header, is empty"  # a text file given as twcs, most likely
+            delimiter = _other_delimiter(names)
+            if delimiter:
+                # A spreadsheet's export in a locale whose list separator is not a comma: the columns are
+                # all there, read as one, so "no text column" alone would point the user at the wrong thing.
+                shown = f"its header is one column, {_printable(names[0])}...: delimited by {delimiter!r}, not commas"
             raise InputDataError(
                 f"{name} has no {' or '.join(missing)} column ({shown}); "
                 f"corpus.format twcs expects {', '.join(COLUMNS)}"
@@ -281,6 +286,16 @@ def _tweet_id(value: str) -> int | None:
     tweet_id = int(match.group(1)) if match else None
     # Twitter's ids are 64-bit; a longer one is garbage, and more than SQLite's INTEGER holds.
     return tweet_id if tweet_id is not None and tweet_id < 2**63 else None
+
+
+def _other_delimiter(names: list[str]) -> str | None:
+    """The delimiter a one-column header is split by, where it holds the twcs columns split by one."""
+    if len(names) != 1:
+        return None
+    for delimiter in (";", "\t", "|"):
+        if "text" in (part.strip().strip('"') for part in names[0].split(delimiter)):
+            return delimiter
+    return None
 
 
 def _printable(name: str) -> str:

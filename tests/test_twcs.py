@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import tracemalloc
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import invoke, support_conversations, twcs_csv
+from helpers import TWCS_HEADER, invoke, support_conversations, twcs_csv
 from kantai_batch.job import load_job
 from kantai_batch.manifest import MARKER
 from kantai_batch.rundir import RunDir
@@ -337,3 +338,15 @@ def test_a_reply_exported_twice_is_one_reply_not_two_conversations(tmp_path: Pat
     assert counts["rows_dropped"] == {"repeated_tweet_id": 40}, counts
     examples = _examples(tmp_path / "run")
     assert len(examples) == 41 and sum("second answer" in example for example in examples) == 1
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_a_file_delimited_by_another_character_says_so(tmp_path: Path, delimiter: str):
+    # What a spreadsheet in a German or French locale saves as "CSV", or a tab-separated export.
+    buffer = io.StringIO(newline="")
+    csv.writer(buffer, delimiter=delimiter, lineterminator="\n").writerows([TWCS_HEADER, *support_conversations(5)])
+    source = tmp_path / "twcs.csv"
+    source.write_text(buffer.getvalue(), encoding="utf-8")
+    message = _prepare(tmp_path / "run", source, "corpus.conversation=true", expect=3).stderr.strip()
+    assert len(message.splitlines()) == 1 and str(source) in message
+    assert f"delimited by {delimiter!r}, not commas" in message, message
