@@ -57,6 +57,20 @@ _BOMS = (
     (codecs.BOM_UTF16_LE, "utf_16"),
     (codecs.BOM_UTF16_BE, "utf_16"),
 )
+# The magic numbers of what a download often is instead of the text itself (Kaggle serves twcs.csv as a
+# zip), read before the scan: detection would fail only after reading all of it, and then advise forcing
+# an encoding, which turns the compressed bytes into rows of garbage.
+_PACKED = (
+    (b"PK\x03\x04", "a zip archive", "unzip it and pass the file inside"),
+    (b"PK\x05\x06", "an empty zip archive", "unzip it and pass the file inside"),
+    (b"\x1f\x8b", "gzip-compressed", "add .gz to its name, and it is read as it streams"),
+    *(
+        (b"BZh" + bytes([level]), "bzip2-compressed", "add .bz2 to its name, and it is read as it streams")
+        for level in b"123456789"
+    ),
+    (b"\xfd7zX", "xz-compressed", "add .xz to its name, and it is read as it streams"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "add .zst to its name, and it is read as it streams"),
+)
 _EXAMPLES = 5
 # A file with stray invalid bytes is still UTF-8 when it holds this many multi-byte characters' worth
 # of valid sequences per invalid one; decoding it so replaces (and reports) just the stray bytes.
@@ -133,6 +147,9 @@ def detect_encoding(open_bytes: Opener, configured: str, name: str) -> Decoding:
             if head.startswith(bom):
                 # A byte-order mark is a declaration: a few bad bytes later do not overrule it.
                 return Decoding(encoding, detected=True, confidence=1.0, method="bom")
+        for magic, packed, advice in _PACKED:
+            if head.startswith(magic):
+                raise InputDataError(f"{name} is {packed}, not text: {advice}")
         scan = _Scan()
         scan.feed(head)
         for chunk in iter(lambda: handle.read(_CHUNK_BYTES), b""):

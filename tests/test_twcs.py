@@ -350,3 +350,19 @@ def test_a_file_delimited_by_another_character_says_so(tmp_path: Path, delimiter
     message = _prepare(tmp_path / "run", source, "corpus.conversation=true", expect=3).stderr.strip()
     assert len(message.splitlines()) == 1 and str(source) in message
     assert f"delimited by {delimiter!r}, not commas" in message, message
+
+
+def test_the_kaggle_zip_or_a_gzip_without_its_suffix_is_named_for_what_it_is(tmp_path: Path):
+    import gzip
+    import zipfile
+
+    plain = twcs_csv(tmp_path / "twcs.csv", support_conversations(40))
+    # Kaggle's download is archive.zip holding twcs/twcs.csv; the advice was to force an encoding.
+    kaggle = tmp_path / "archive.zip"
+    with zipfile.ZipFile(kaggle, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.write(plain, "twcs/twcs.csv")
+    packed = tmp_path / "packed.csv"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    for source, expected in ((kaggle, "is a zip archive, not text: unzip it"), (packed, "add .gz to its name")):
+        message = _prepare(tmp_path / "run", source, "corpus.conversation=true", expect=3).stderr.strip()
+        assert len(message.splitlines()) == 1 and f"{source} is" in message and expected in message, message
