@@ -62,7 +62,10 @@ def repl(generator: Generator, sampling: Sampling, *, stdin: TextIO, stdout: Tex
             # A prompt too long for the model ends that turn, not the session.
             stdout.write(f"error: {exc}\n")
         else:
-            stdout.write(generation.continuations[0] + "\n")
+            answer = generation.continuations[0]
+            # Piped, each answer is one line: a line break the model sampled (a byte-level vocabulary has
+            # them) would read as the next prompt's answer.
+            stdout.write((answer if interactive else " ".join(answer.splitlines())) + "\n")
         stdout.flush()
 
 

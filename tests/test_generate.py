@@ -145,6 +145,20 @@ def test_chat_answers_each_line_of_stdin(support_run: Path):
     assert single["text"].endswith(answers[0]), "the REPL answers as generate does"
 
 
+def test_piped_chat_keeps_each_answer_on_one_line():
+    """A sampled line break (4 of 150 answers at temperature 100) split an answer over two output lines."""
+    import io
+    from types import SimpleNamespace
+
+    from kantai_batch.chat import repl
+
+    answers = iter(["first\nsecond\r\nthird", "one line"])
+    out = io.StringIO()
+    repl(lambda prompt, sampling: SimpleNamespace(continuations=[next(answers)]), None,  # type: ignore[arg-type]
+         stdin=io.StringIO("a prompt\nanother\n"), stdout=out)  # fmt: skip
+    assert out.getvalue().splitlines() == ["first second third", "one line"]
+
+
 def test_chat_in_a_terminal_prompts_answers_and_leaves_on_ctrl_d(support_run: Path):
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(
