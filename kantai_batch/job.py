@@ -608,7 +608,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or first_line(exc)
         raise JobConfigError(f"job file {path} is not valid YAML{where}: {problem}") from None
     if data is None:
-        return {}
+        # Empty (or all comments): more likely a file cut short than a wish for the defaults,
+        # which leaving out --job gives.
+        raise JobConfigError(f"job file {path} has no settings (leave out --job for the embedded defaults)")
     if not isinstance(data, dict):
         raise JobConfigError(f"job file {path} must be a mapping of sections, got {type(data).__name__}")
     return data

@@ -38,6 +38,8 @@ def is_registry_uri(uri: str) -> bool:
 
 def registered_name(uri: str) -> str:
     """The model's name in ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` (a bare NAME as it is)."""
+    if not is_registry_uri(uri):
+        return uri
     return uri.removeprefix("models:/").split("/", 1)[0].split("@", 1)[0]
 
 

@@ -309,10 +309,12 @@ def test_sigterm_as_pid_1_ends_the_command_even_when_it_lands_in_a_finalizer(tmp
     assert "went on" not in done.stdout
 
 
-def test_models_with_an_empty_name_is_a_config_error_before_asking_mlflow(tmp_path, monkeypatch):
-    """It reached MLflow, whose "Missing value for required parameter 'name'" was exit 3, as for a model
-    that is not there, where `register --name ''` is exit 2."""
+@pytest.mark.parametrize("name", ["", "a/b"])
+def test_models_with_a_bad_name_is_a_config_error_before_asking_mlflow(tmp_path, monkeypatch, name: str):
+    """'' reached MLflow, whose "Missing value for required parameter 'name'" was exit 3, as for a model
+    that is not there, where `register --name ''` is exit 2; 'a/b' showed model 'a', as if it were
+    models:/a/b."""
     monkeypatch.chdir(tmp_path)  # MLflow's default local store would be made here
-    result = invoke("models", "", expect=2)
-    assert result.stderr.strip().startswith("kantai-batch: error: NAME ") and result.stderr.count("\n") == 1
+    result = invoke("models", name, expect=2)
+    assert result.stderr.strip().startswith(f"kantai-batch: error: NAME {name!r} ") and result.stderr.count("\n") == 1
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()

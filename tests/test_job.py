@@ -102,7 +102,12 @@ def test_bad_yaml_is_one_line_naming_file_and_line(tmp_path: Path):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("- a\n- b\n", "must be a mapping of sections"), ("model:\n  hidden: 3\n", "model.hidden: unknown key")],
+    [
+        ("- a\n- b\n", "must be a mapping of sections"),
+        ("model:\n  hidden: 3\n", "model.hidden: unknown key"),
+        ("", "has no settings (leave out --job for the embedded defaults)"),
+        ("# train:\n#   max_steps: 3\n", "has no settings"),
+    ],
 )
 def test_job_file_shape_errors(tmp_path: Path, content: str, message: str):
     job_file = tmp_path / "job.yaml"
