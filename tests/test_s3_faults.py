@@ -21,7 +21,7 @@ import pytest
 
 import seaweed
 from helpers import ROOT, free_port, invoke, prepared_run, s3_environment, seaweed_server, tiny
-from kantai_batch import s3
+from kantai_batch import lease, s3
 from kantai_batch.manifest import MARKER, file_sha256
 
 pytestmark = pytest.mark.slow
@@ -54,10 +54,20 @@ def _complete_checkpoints() -> list[int]:
 
 
 def _pretrain(cache: Path, tmp_path: Path, **env: str) -> subprocess.Popen:
-    """``pretrain`` as its own process (a pod), with its own local disk."""
+    """``pretrain`` as its own process (a pod), with its own local disk.
+
+    A pod that stops while the store is down cannot release its lease: the next waits a term for it,
+    10 s here rather than the default minute."""
     return subprocess.Popen(
         [sys.executable, "-m", "kantai_batch", "pretrain", "--run-dir", f"s3://{BUCKET}/{RUN}", "--no-tracking", *JOB],
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "KANTAI_CACHE_DIR": str(cache), **env},
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            "KANTAI_CACHE_DIR": str(cache),
+            lease.TERM_ENV: "10",
+            **env,
+        },  # fmt: skip
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -462,7 +472,6 @@ def test_a_second_machine_training_one_s3_run_dir_is_refused_while_the_first_ren
 ):
     """The file lock holds on one machine's disk: a second machine trained the same s3:// run dir beside the
     first, each setting aside and pruning the other's checkpoints."""
-    from kantai_batch import lease
     from kantai_batch.rundir import PRETRAIN_LEASE
 
     run_dir = f"s3://{bucket}/runs/leased"
@@ -493,7 +502,6 @@ def test_a_second_machine_training_one_s3_run_dir_is_refused_while_the_first_ren
 def test_a_lease_is_held_renewed_taken_back_or_lost_and_won_by_one_of_two_takers(s3_endpoint, bucket: str, monkeypatch):
     import threading
 
-    from kantai_batch import lease
     from kantai_batch.errors import SourceUnavailableError
 
     monkeypatch.setenv("KANTAI_LEASE_S", "0.9")
@@ -539,8 +547,6 @@ def test_a_lease_is_held_renewed_taken_back_or_lost_and_won_by_one_of_two_takers
 def test_a_lease_is_waited_on_for_its_holders_term_when_that_is_the_longer(s3_endpoint, bucket: str, monkeypatch):
     """A process told a shorter KANTAI_LEASE_S than the holder's waited only its own term, shorter than
     the holder's renewal interval, and took a live holder's lease over."""
-    from kantai_batch import lease
-
     monkeypatch.setenv("KANTAI_LEASE_S", "0.3")
     folder = s3.S3Uri.parse(f"s3://{bucket}/runs/terms")
     body = json.dumps({"holder": "a slower machine", "token": "x", "term_s": 2.5}).encode()
@@ -569,7 +575,6 @@ def test_a_holder_whose_renewal_hangs_stops_writing_before_another_can_take_the_
 ):
     """The renewer set the lease lost only once a renewal failed: one stuck in a request for longer than
     the term left ``require`` passing while a waiting machine took the lease over and trained."""
-    from kantai_batch import lease
     from kantai_batch.errors import SourceUnavailableError
 
     monkeypatch.setenv("KANTAI_LEASE_S", "0.9")
@@ -625,7 +630,6 @@ def test_a_lease_unrenewed_while_the_store_was_away_is_the_holders_again_unless_
 ):
     """Renewals failing for most of a term marked the lease lost for good: a phase's whole work was thrown
     away at its commit although no other machine had written the lease."""
-    from kantai_batch import lease
     from kantai_batch.errors import SourceUnavailableError
 
     # A term a loaded machine renews within (each request gets a twelfth of it).
@@ -658,8 +662,6 @@ def test_a_writer_whose_lease_the_clock_marked_lost_renews_it_itself_once_the_st
 ):
     """A store back between two thirds of a term and the renewer's next tick, just before a commit, failed
     the phase with exit 4 although nobody else had written the lease (found by an outage fuzz)."""
-    from kantai_batch import lease
-
     monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
     store = _Store(monkeypatch)
     folder = s3.S3Uri.parse(f"s3://{bucket}/runs/back")
@@ -679,8 +681,6 @@ def test_a_writer_whose_lease_the_clock_marked_lost_waits_for_the_renewal_in_fli
 ):
     """The store back while the renewer's own request was in flight (its retry after a timeout or a refused
     connection): the commit refused with exit 4 at once, and that request renewed the lease a moment later."""
-    from kantai_batch import lease
-
     monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
     store = _Store(monkeypatch)
     stall, in_flight, answered = threading.Event(), threading.Event(), threading.Event()
@@ -782,7 +782,6 @@ def test_a_training_that_lost_its_lease_seals_and_publishes_no_checkpoint(tmp_pa
 
 
 def test_a_lease_term_the_other_processes_could_not_wait_out_is_a_config_error(monkeypatch):
-    from kantai_batch import lease
     from kantai_batch.errors import JobConfigError
 
     monkeypatch.setenv("KANTAI_LEASE_S", "60")
@@ -844,8 +843,6 @@ def test_a_renewal_whose_answer_was_lost_keeps_the_lease_its_own(s3_endpoint, bu
     """The store took a renewal but the connection dropped before its answer: the client's retry found the
     ETag changed (by that very write) and the holder called its own lease "another process's", stopping
     the phase with exit 4 and leaving the lease for the rerun to wait a term on."""
-    from kantai_batch import lease
-
     monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
     answered, writes = s3.put_if, []
 
@@ -872,7 +869,6 @@ def test_a_renewal_that_finds_an_earlier_renewal_of_its_own_counts_the_lease_ren
     left the holder behind on the ETag: the next renewal, refused, found that earlier write its own and
     counted the lease renewed *now* – a slot later than the store last saw it change, so the holder could
     go on writing for that slot after another machine was entitled to take the lease over."""
-    from kantai_batch import lease
     from kantai_batch.errors import SourceUnavailableError
 
     monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
@@ -906,7 +902,6 @@ def test_an_earlier_renewal_of_its_own_found_most_of_a_term_late_leaves_the_leas
     """The store away for most of a term after taking a renewal unheard: the renewal that found that write
     once the store was back called the lease "renewed again" and ours, though by the write's own send time
     another machine was about to be entitled to take it over; only a renewal conditional on it makes it so."""
-    from kantai_batch import lease
     from kantai_batch.errors import SourceUnavailableError
 
     held = lease.Lease(s3.S3Uri.parse(f"s3://{bucket}/runs/late"), ".lease", "the phase", term=3.0)
@@ -969,8 +964,6 @@ def test_a_commit_whose_lease_another_took_over_during_its_upload_writes_no_mark
 
 def _leases_held(monkeypatch) -> list:
     """The leases this process acquires from now on, in order (to wait on what their holders learn)."""
-    from kantai_batch import lease
-
     held, acquire = [], lease.Lease.acquire
 
     def recorded(self) -> None:
@@ -993,7 +986,6 @@ def test_a_lease_lost_while_the_store_was_away_is_not_created_again_after_anothe
     """A holder cut off from the store for a term, whose lease another machine took over, used and released
     meanwhile, found it missing once back and created it afresh as if it had been deleted by hand: it then
     went on to write over the folder the other machine had committed."""
-    from kantai_batch import lease
     from kantai_batch.errors import SourceUnavailableError
 
     monkeypatch.setenv("KANTAI_LEASE_S", _AWAY_TERM)
@@ -1112,8 +1104,6 @@ def test_a_lease_release_gives_up_within_a_renewal_slot_when_the_store_stops_ans
     """The release read the lease with the default client (up to 10 attempts of 60 s and more): a store that
     stopped answering as a phase ended held the finished phase for its whole outage."""
     import socket
-
-    from kantai_batch import lease
 
     held = lease.Lease(s3.S3Uri.parse(f"s3://{bucket}/runs/release"), ".lease", "the phase", 6.0)
     held.acquire()
