@@ -142,6 +142,16 @@ class PretrainTrainer(Trainer):
             output.metrics[key.removesuffix(TOKEN_LOSS) + "loss"] = output.metrics.pop(key)
         return output
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # A checkpoint holds a tied tensor once, under its source's name: transformers 5's Trainer
+        # called the RoBERTa head's decoder "missing keys" at every resume, though loading in place
+        # left it tied to the embeddings it shares. Only a key that is really missing is reported.
+        tied = getattr(self.accelerator.unwrap_model(self.model), "all_tied_weights_keys", None) or {}
+        missing = [key for key in load_result.missing_keys if key not in tied]
+        if len(missing) < len(load_result.missing_keys):
+            self.accelerator.unwrap_model(self.model).tie_weights()
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
     def _scored_positions_only(self, head, args):
         if self._scored is None:
             return None

@@ -729,3 +729,45 @@ def test_an_infinite_gradient_norm_stops_training_but_not_under_fp16_loss_scalin
     control = stop.on_log(SimpleNamespace(fp16=False), state, control, logs={"loss": 4.2, "grad_norm": math.inf})
     assert stop.diverged and stop.divergence == {"step": 7, "loss": 4.2, "grad_norm": math.inf}
     assert control.should_training_stop and not control.should_save
+
+
+def test_resuming_loads_the_tied_head_without_calling_it_missing(tmp_path: Path, monkeypatch):
+    """transformers 5's Trainer warned "There were missing keys in the checkpoint model loaded:
+    ['lm_head.decoder.weight', 'lm_head.decoder.bias']" at every resume: a checkpoint holds tied tensors
+    once. The head must still share the loaded embeddings, and a key really missing is still named."""
+    import safetensors.torch
+    import torch
+    import transformers.trainer
+    from transformers import RobertaConfig
+
+    from kantai_batch.job import load_job
+    from kantai_batch.trainer import PretrainTrainer, training_arguments
+
+    config = RobertaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=40, pad_token_id=1)  # fmt: skip
+    torch.manual_seed(0)
+    saved = RobertaForMaskedLM(config)
+    checkpoint = tmp_path / "checkpoint-1"
+    saved.save_pretrained(checkpoint)
+    warnings: list[str] = []
+    monkeypatch.setattr(transformers.trainer.logger, "warning", lambda message, *a, **k: warnings.append(message))
+
+    def resumed() -> RobertaForMaskedLM:
+        torch.manual_seed(1)
+        model = RobertaForMaskedLM(config)
+        args = training_arguments(load_job(None, ["train.precision=fp32"]), tmp_path / "out")
+        PretrainTrainer(task="mlm", model=model, args=args)._load_from_checkpoint(str(checkpoint))
+        return model
+
+    model = resumed()
+    assert not [message for message in warnings if "missing keys" in message], warnings
+    embeddings = model.roberta.embeddings.word_embeddings.weight
+    assert model.lm_head.decoder.weight is embeddings
+    assert torch.equal(embeddings, saved.roberta.embeddings.word_embeddings.weight)
+
+    weights = safetensors.torch.load_file(checkpoint / "model.safetensors")
+    del weights["roberta.encoder.layer.0.output.dense.bias"]
+    safetensors.torch.save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    resumed()
+    (missing,) = [message for message in warnings if "missing keys" in message]
+    assert "roberta.encoder.layer.0.output.dense.bias" in missing and "lm_head" not in missing, missing
