@@ -174,6 +174,13 @@ def peak_memory_bytes() -> int:
 
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
+    try:
+        # Linux's rusage keeps the high-water mark a forked process inherits from its parent (a launcher
+        # or a bench with torch loaded) across exec; VmHWM is this process's own.
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is kilobytes on Linux and bytes on macOS.
     return int(peak if sys.platform == "darwin" else peak * 1024)

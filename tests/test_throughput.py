@@ -6,7 +6,9 @@ import collections
 import copy
 import json
 import math
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, RobertaConfig, RobertaForMaskedLM
 
-from helpers import SUPPORT_JOB, invoke, prepared_run, support_conversations, tiny, twcs_csv
+from helpers import ROOT, SUPPORT_JOB, invoke, prepared_run, support_conversations, tiny, twcs_csv
 from kantai_batch.errors import JobConfigError
 from kantai_batch.hardware import cpu_supports_bf16, fastest_run, resolve_precision, training_flops_per_token
 from kantai_batch.job import load_job
@@ -457,3 +459,19 @@ def test_on_a_gpu_steps_are_timed_by_the_devices_events_not_the_host_clock(monke
         host_timed.on_step_end(args, state, None)
     host_timed.on_train_end(args, state, None)
     assert host_timed.summary()["step_time_s"] == pytest.approx(0.001)
+
+
+def test_peak_memory_on_a_cpu_is_the_process_own_not_its_parents(tmp_path: Path):
+    """A rank or a bench worker is forked from a launcher that has torch loaded: its rusage reported
+    the parent's peak when that was higher than its own."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import subprocess, sys\n"
+        "held = b'x' * (1 << 30)  # written: 1 GiB resident in the parent\n"
+        "child = 'from kantai_batch.throughput import peak_memory_bytes; print(peak_memory_bytes())'\n"
+        "print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True).stdout)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 2**20 < int(done.stdout) < 800 << 20, f"{int(done.stdout) / 2**20:.0f} MiB"
