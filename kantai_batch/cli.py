@@ -72,6 +72,12 @@ class _Group(click.Group):
             click.echo(f"kantai-batch: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except OSError as exc:
+            if isinstance(exc, BrokenPipeError) and _reader_gone():
+                # `kantai-batch … | head`: what the reader wanted, it read. Quiet, with the status of a
+                # process ended by SIGPIPE, as `yes | head` gives; stdout goes to /dev/null so the
+                # interpreter's last flush does not complain either.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                ctx.exit(128 + signal.SIGPIPE)
             # The machine refused (permissions, a full disk): name the path, no traceback.
             where = f"{exc.filename}: " if exc.filename else ""
             reason = exc.strerror or first_line(exc)
@@ -82,6 +88,18 @@ class _Group(click.Group):
                 reason += f" (writing to {' or '.join([*places, f'the temporary folder {tempfile.gettempdir()}'])})"
             click.echo(f"kantai-batch: error: {where}{reason}", err=True)
             ctx.exit(1)
+
+
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader closed it."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real stdout (a test's capture), or no poll
+        return False
 
 
 def _usage_error(exc: click.ClickException) -> None:

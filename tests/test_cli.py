@@ -318,3 +318,15 @@ def test_models_with_a_bad_name_is_a_config_error_before_asking_mlflow(tmp_path,
     result = invoke("models", name, expect=2)
     assert result.stderr.strip().startswith(f"kantai-batch: error: NAME {name!r} ") and result.stderr.count("\n") == 1
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path):
+    """`kantai-batch inspect | head -1` printed "kantai-batch: error: Broken pipe" and exit 1, as if
+    something had failed: a closed pipe ends it quietly with SIGPIPE's status, as `yes | head` does."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "kantai_batch", "inspect"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    proc.stdout.close()  # before its first line: the reader is gone
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert "error" not in stderr and "Exception ignored" not in stderr, stderr
