@@ -131,6 +131,14 @@ def cli(log_level: str) -> None:
     # pods usually cannot reach.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # DeepSpeed, which the Trainer imports whenever it is installed, warns "Setting accelerator to CPU. If
+    # you have GPU or other accelerator, we were unable to detect it." on every machine without a GPU:
+    # on a laptop, which has none to detect, that reads like a fault. Its other messages stay.
+    logging.getLogger("DeepSpeed").addFilter(_not_the_cpu_fallback)
+
+
+def _not_the_cpu_fallback(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU.")
 
 
 def emit(text: str) -> None:

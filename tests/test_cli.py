@@ -330,3 +330,12 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path):
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 141, stderr
     assert "error" not in stderr and "Exception ignored" not in stderr, stderr
+
+
+def test_deepspeeds_cpu_fallback_warning_is_not_shown():
+    """Every CPU training printed DeepSpeed's "Setting accelerator to CPU. If you have GPU or other
+    accelerator, we were unable to detect it.", although the job does not use DeepSpeed."""
+    script = "from kantai_batch.cli import cli; cli(['inspect', '--json'], standalone_mode=False); import deepspeed"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Setting accelerator to CPU" not in done.stdout + done.stderr
