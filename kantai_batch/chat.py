@@ -15,6 +15,7 @@ import json
 import logging
 import signal
 import socket
+import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -69,12 +70,22 @@ def repl(generator: Generator, sampling: Sampling, *, stdin: TextIO, stdout: Tex
         stdout.flush()
 
 
+class _PageServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        # A page closed or reloaded while its answer was generated: socketserver printed a traceback
+        # for what is an everyday event on a chat page.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("chat: %s left before its answer was sent", client_address[0])
+            return
+        super().handle_error(request, client_address)
+
+
 def bind(host: str, port: int) -> ThreadingHTTPServer:
     """The page's socket, bound before the model loads, so a port in use fails at once and by name.
 
     Closing it is the caller's (``with bind(...) as server``)."""
     try:
-        return ThreadingHTTPServer((host, port), BaseHTTPRequestHandler)
+        return _PageServer((host, port), BaseHTTPRequestHandler)
     except socket.gaierror as exc:  # a --host no resolver knows: the command's to fix, unlike a port in use
         raise JobConfigError(f"chat --host {host}: {exc.strerror or first_line(exc)}") from None
     except OSError as exc:

@@ -14,6 +14,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -225,3 +226,39 @@ def test_a_line_of_another_encoding_ends_its_turn_not_the_session():
     stdout = io.StringIO()
     repl(Echo(), Sampling(), stdin=stdin, stdout=stdout)
     assert stdout.getvalue().splitlines() == ["re: hello", "error: the prompt holds half a character", "re: bye"]
+
+
+def test_a_client_gone_before_its_answer_costs_no_traceback(capsys: pytest.CaptureFixture):
+    """A page closed (or reloaded) while its answer was generated: writing the answer met a reset
+    connection, and socketserver printed "Exception occurred during processing of request" and a
+    traceback, for what is an everyday event on a chat page."""
+    import struct
+    import threading
+    import time
+
+    from kantai_batch import chat
+    from kantai_batch.job import Sampling
+
+    def slow(prompt: str, sampling: Sampling) -> SimpleNamespace:
+        time.sleep(0.5)  # the client leaves meanwhile
+        return SimpleNamespace(prompt=prompt, texts=[prompt + " ok"], continuations=[" ok"], new_tokens=[1])
+
+    with chat.bind("127.0.0.1", 0) as server:
+        server.RequestHandlerClass = chat._handler(generator=slow, defaults=Sampling())
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            body = b'{"prompt": "hello"}'
+            request = b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            with socket.create_connection(server.server_address[:2], timeout=30) as conn:
+                conn.sendall(request)
+                # Closed with a reset, as a browser tab that goes away may: the server's write fails.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            time.sleep(1.5)
+            with socket.create_connection(server.server_address[:2], timeout=30) as conn:
+                conn.sendall(request)
+                reply = b"".join(iter(lambda: conn.recv(4096), b"")).decode()
+        finally:
+            server.shutdown()
+    assert reply.startswith("HTTP/1.0 200") and '"answer": " ok"' in reply, "the page still serves"
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr and "Exception occurred" not in stderr, stderr
